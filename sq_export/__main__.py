@@ -1,0 +1,3 @@
+from sq_export.cli import main
+
+raise SystemExit(main())

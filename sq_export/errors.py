@@ -1,0 +1,42 @@
+"""Errors the CLI turns into one line and an exit code.
+
+Exit codes (documented in the README):
+  0  success
+  1  the job ran and found a problem: graph-check violations, an accuracy tolerance not met
+  2  bad input: a missing/corrupt model, text, ONNX file or option; an unsupported architecture
+  3  a backend is missing: TensorRT, a GPU
+  4  refused to avoid a wrong artifact: smoothing would change float outputs, a norm cannot be folded exactly
+Every error names what was wrong and what to do. Nothing here imports torch.
+"""
+
+
+class SqExportError(Exception):
+    exit_code = 1
+
+
+class BadInput(SqExportError):
+    exit_code = 2
+
+
+class UnsupportedModel(BadInput):
+    pass
+
+
+class GraphCheckFailed(SqExportError):
+    exit_code = 1
+
+
+class AccuracyCheckFailed(SqExportError):
+    exit_code = 1
+
+
+class BackendMissing(SqExportError):
+    exit_code = 3
+
+
+class NotFoldable(SqExportError):
+    exit_code = 4
+
+
+class SmoothingChangedOutputs(SqExportError):
+    exit_code = 4
