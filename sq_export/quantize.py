@@ -1,0 +1,93 @@
+"""Stage 3, quantize: symmetric INT8 fake quantization that computes exactly what the exported Q/DQ graph does.
+
+- weights: per output channel (default) or per tensor, scale = max|W|/127, zero-point 0, range [-128, 127];
+- activations: `static` per-tensor scale from calibration (O3, the only form TensorRT runs), `dynamic-tensor`
+  (O2) or `dynamic-token` (O1) computed on the fly (PyTorch measurement only), or `none` (W8A16);
+- rounding half to even, as ONNX QuantizeLinear (torch.fake_quantize_* and torch.round both do).
+
+QLinear keeps its weight as [in, out] (MatMul's [K, N]), so the ONNX export is W → Q(axis=1) → DQ(axis=1) →
+MatMul with no Transpose between DQ and MatMul, the layout TensorRT's Q/DQ fusion wants.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sq_export.modeling import is_conv1d
+
+ACT_MODES = ("static", "dynamic-tensor", "dynamic-token", "none")
+QMIN, QMAX = -128, 127
+
+
+def scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
+    return torch.as_tensor(amax, dtype=torch.float32).clamp(min=1e-8) / 127.0
+
+
+def fake_quant_dynamic(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    amax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
+    s = amax.clamp(min=1e-8) / 127.0
+    return torch.round(x / s).clamp(QMIN, QMAX) * s
+
+
+class QLinear(nn.Module):
+    """W8A8 replacement for nn.Linear / transformers' Conv1D."""
+
+    def __init__(self, linear: nn.Module, act: str = "static", act_scale: float | None = None, per_channel: bool = True):
+        super().__init__()
+        if act not in ACT_MODES:
+            raise ValueError(act)
+        if act == "static" and act_scale is None:
+            raise ValueError("static activation quantization needs a calibrated scale")
+        w_kn = linear.weight.detach() if is_conv1d(linear) else linear.weight.detach().t()
+        self.w_kn = nn.Parameter(w_kn.contiguous().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        amax = w_kn.abs().amax(dim=0) if per_channel else w_kn.abs().amax().expand(w_kn.shape[1])
+        self.register_buffer("w_scale", scale_from_amax(amax).contiguous())
+        self.register_buffer("w_zero", torch.zeros(w_kn.shape[1], dtype=torch.int32))
+        self.act = act
+        self.act_scale = None if act_scale is None else float(max(float(act_scale), 1e-8))
+        self.in_features, self.out_features = w_kn.shape
+
+    def quantized_weight(self) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(self.w_kn, self.w_scale, self.w_zero, 1, QMIN, QMAX)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act == "static":
+            return torch.fake_quantize_per_tensor_affine(x, self.act_scale, 0, QMIN, QMAX)
+        if self.act == "dynamic-tensor":
+            return fake_quant_dynamic(x, per_token=False)
+        if self.act == "dynamic-token":
+            return fake_quant_dynamic(x, per_token=True)
+        return x
+
+    def forward(self, x):
+        y = torch.matmul(self.quant_input(x), self.quantized_weight())
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        s = f"in={self.in_features}, out={self.out_features}, act={self.act}"
+        return s + (f", act_scale={self.act_scale:.4g}" if self.act_scale is not None else "")
+
+
+def static_scales(act_max: dict[str, torch.Tensor], names) -> dict[str, float]:
+    """Per-tensor static scales (O3): max over channels of max|x|, / 127."""
+    return {n: float(scale_from_amax(act_max[n].max())) for n in names}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@torch.no_grad()
+def quantize_model(model, names, act: str = "static", scales: dict[str, float] | None = None, per_channel=True, skip=()):
+    """Swap each named Linear for a QLinear in place. Returns the names actually quantized."""
+    done = []
+    for n in names:
+        if n in skip:
+            continue
+        lin = model.get_submodule(n)
+        replace_module(model, n, QLinear(lin, act, (scales or {}).get(n), per_channel))
+        done.append(n)
+    return done

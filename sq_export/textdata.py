@@ -1,0 +1,88 @@
+"""Text for calibration and evaluation: the shipped Wikipedia splits by default, any UTF-8 text file otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sq_export.errors import BadInput
+
+CALIB_DIR = Path(__file__).resolve().parent.parent / "calibration"
+DEFAULT_CALIB = CALIB_DIR / "calib.txt"
+DEFAULT_HELDOUT = CALIB_DIR / "heldout.txt"
+CALIB_SEED = 0
+
+
+def _packaged(name: str) -> Path:
+    # Installed non-editable: the splits travel as package data under sq_export/_calibration.
+    p = Path(__file__).resolve().parent / "_calibration" / name
+    return p
+
+
+def default_text(kind: str) -> Path:
+    p = DEFAULT_CALIB if kind == "calib" else DEFAULT_HELDOUT
+    if p.is_file():
+        return p
+    q = _packaged(p.name)
+    if q.is_file():
+        return q
+    raise BadInput(f"the shipped {kind} text {p} is missing: pass a text file explicitly")
+
+
+def read_text(path: str | Path | None, kind: str = "calib") -> str:
+    """Read a UTF-8 text file; refuse missing, empty, or binary files with one clear line."""
+    p = default_text(kind) if path is None else Path(path)
+    what = "calibration text" if kind == "calib" else "evaluation text"
+    if not p.exists():
+        raise BadInput(f"{what} {p} not found: pass an existing UTF-8 text file")
+    if not p.is_file():
+        raise BadInput(f"{what} {p} is not a file")
+    data = p.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise BadInput(f"{what} {p} looks binary (NUL bytes): pass a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{what} {p} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not text.strip():
+        raise BadInput(f"{what} {p} is empty: pass a file with text in it")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> np.ndarray:
+    """The whole text as the tokenizer returns it (one BOS at the start if the tokenizer adds one)."""
+    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def calibration_samples(ids: np.ndarray, samples: int, seq_len: int, seed: int = CALIB_SEED) -> np.ndarray:
+    """`samples` windows of `seq_len` tokens at seeded random offsets: [samples, seq_len] int64.
+
+    Same text, options and seed give the same windows on every machine (numpy's PCG64).
+    """
+    if samples < 1 or seq_len < 2:
+        raise BadInput(f"--samples must be >= 1 and --calib-seq-len >= 2 (got {samples}, {seq_len})")
+    n = len(ids)
+    if n < seq_len:
+        raise BadInput(
+            f"calibration text has {n} tokens, fewer than one sample of --calib-seq-len {seq_len}: "
+            "use more text or a shorter --calib-seq-len"
+        )
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n - seq_len + 1, size=samples)
+    return np.stack([ids[s : s + seq_len] for s in starts])
+
+
+def eval_chunks_npz(tokenizer, text_path, seq_len: int, max_tokens: int | None) -> dict:
+    """The evaluation chunks as a token file for the engine side (sq_export.engine reads it)."""
+    from sq_export.ppl import chunk_tokens
+
+    chunks = chunk_tokens(tokenize(tokenizer, read_text(text_path, "eval")), seq_len, max_tokens)
+    L = max(len(c) for c in chunks)
+    ids = np.zeros((len(chunks), L), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, c in enumerate(chunks):
+        ids[i, : len(c)] = c
+        mask[i, : len(c)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "lengths": np.array([len(c) for c in chunks], dtype=np.int64)}
