@@ -1,0 +1,39 @@
+"""sq-export calibrate MODEL -o DIR: DIR/act_scales.safetensors (per-input-channel max|x| of every quantized Linear)."""
+
+from sq_export.commands import _common as c
+
+HELP = "record per-channel max|x| at every quantized Linear input on calibration text"
+
+
+def add_parser(sub):
+    p = sub.add_parser("calibrate", help=HELP, description=HELP + ". Example: sq-export calibrate smollm2 --samples 64 -o out/")
+    c.add_model(p)
+    c.add_calib(p)
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for act_scales.safetensors (created if missing)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args):
+    import time
+    from pathlib import Path
+
+    from sq_export.calibrate import ACT_SCALES_FILE, run_calibration, save_act_scales
+    from sq_export.fileio import check_output_path
+
+    out = Path(args.output)
+    check_output_path(out / "x") if out.is_dir() else check_output_path(out)
+    model, tok, fam, path = c.load(args)
+    t = time.perf_counter()
+    scales, meta = run_calibration(model, fam, tok, args.calib_text, args.samples, args.calib_seq_len, args.calib_batch)
+    secs = meta.pop("seconds")
+    out.mkdir(exist_ok=True)
+    dest = out / ACT_SCALES_FILE
+    save_act_scales(dest, scales, {"model_type": model.config.model_type, **meta})
+    summary = {"act_scales": str(dest), "linears": len(scales), "seconds": round(time.perf_counter() - t, 1), "calibration_seconds": secs, **meta}
+    if args.json:
+        c.emit_json(summary)
+    else:
+        print(f"wrote {dest}: {len(scales)} Linears, {args.samples} x {args.calib_seq_len} tokens in {secs:.0f}s")
+    return 0

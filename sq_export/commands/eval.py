@@ -1,0 +1,101 @@
+"""sq-export eval MODEL|MODEL.onnx: perplexity (PyTorch fake-quant, or ONNX Runtime for .onnx)."""
+
+from sq_export.commands import _common as c
+
+HELP = "perplexity of a model (PyTorch, fp / naive / SmoothQuant W8A8) or an exported .onnx (ONNX Runtime)"
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "eval",
+        help=HELP,
+        description=HELP + ".\nExamples:\n  sq-export eval smollm2 --mode sq --json\n  sq-export eval out/sq.onnx --tokenizer smollm2",
+    )
+    c.add_model(p, "; or an exported .onnx")
+    p.add_argument("--text", metavar="FILE", help="evaluation text (default: the shipped held-out split)")
+    p.add_argument("--seq-len", type=int, default=512, metavar="L", help="chunk length (default 512)")
+    p.add_argument("--max-tokens", type=int, default=32768, metavar="N", help="evaluate the first N tokens (default 32768; 0 = all)")
+    p.add_argument("--act", default="static", choices=["static", "dynamic-tensor", "dynamic-token", "none"], help="activation quantization: static per-tensor (O3, TensorRT), dynamic per-tensor (O2), dynamic per-token (O1), none (W8A16)")
+    p.add_argument("--tokenizer", metavar="MODEL", help="for .onnx: where the tokenizer is (default: the source recorded in the ONNX)")
+    c.add_recipe(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args):
+    import time
+
+    from sq_export.errors import BadInput
+    from sq_export.textdata import read_text, tokenize
+
+    if args.seq_len < 2:
+        raise BadInput(f"--seq-len {args.seq_len} must be at least 2")
+    max_tokens = args.max_tokens or None
+    t0 = time.perf_counter()
+    if args.model.endswith(".onnx"):
+        res = eval_onnx(args, max_tokens)
+    else:
+        from sq_export.evaluate import torch_perplexity
+        from sq_export.recipe import prepare
+
+        recipe = c.recipe_from(args)
+        recipe.validate()
+        text = read_text(args.text, "eval")
+        model, tok, fam, _ = c.load(args)
+        ids = tokenize(tok, text)
+        prep = prepare(model, tok, fam, recipe)
+        t = time.perf_counter()
+        r = torch_perplexity(model, ids, args.seq_len, max_tokens)
+        res = {
+            **r,
+            "backend": "pytorch",
+            "mode": args.mode,
+            "act": args.act if args.mode != "fp" else None,
+            "alpha": prep.alpha,
+            "family": fam.name,
+            "quantized_layers_total": len(prep.quantized),
+            "fp16_layers": [],
+            "eval_seconds": round(time.perf_counter() - t, 1),
+            **{k: round(v, 1) for k, v in prep.times.items()},
+        }
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        c.emit_json(res)
+    else:
+        print(f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens ({res.get('backend')}, mode {res.get('mode')}, act {res.get('act')}, alpha {res.get('alpha')})")
+    return 0
+
+
+def eval_onnx(args, max_tokens):
+    from pathlib import Path
+
+    from sq_export.errors import BadInput
+    from sq_export.evaluate import onnx_perplexity
+    from sq_export.export import read_metadata
+    from sq_export.modeling import load_model
+    from sq_export.textdata import read_text, tokenize
+
+    if not Path(args.model).is_file():
+        raise BadInput(f"ONNX file {args.model} not found")
+    meta = read_metadata(args.model)
+    src = args.tokenizer or meta.get("source_model")
+    if not src:
+        raise BadInput(f"{args.model} does not record its source model: pass --tokenizer MODEL")
+    from transformers import AutoTokenizer
+
+    from sq_export.modeling import resolve_model_path
+
+    p = resolve_model_path(src)
+    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
+    ids = tokenize(tok, read_text(args.text, "eval"))
+    r = onnx_perplexity(args.model, ids, args.seq_len, max_tokens)
+    return {
+        **r,
+        "backend": "onnxruntime",
+        "mode": meta.get("mode"),
+        "act": meta.get("act"),
+        "alpha": None if meta.get("alpha") in (None, "None") else float(meta["alpha"]),
+        "quantized_layers_total": int(meta.get("quantized_layers_total", 0)),
+        "fp16_layers": [x for x in meta.get("fp16_layers", "").split(",") if x],
+    }

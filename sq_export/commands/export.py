@@ -1,0 +1,57 @@
+"""sq-export export MODEL -o model.onnx: calibrate, smooth, quantize and export one Q/DQ ONNX graph."""
+
+from sq_export.commands import _common as c
+
+HELP = "export an ONNX graph: W8A8 Q/DQ (naive or SmoothQuant) or plain float"
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "export",
+        help=HELP,
+        description=HELP
+        + ".\nExamples:\n  sq-export export smollm2 -o out/sq.onnx                 # TensorRT 10+ (int8 weights)\n"
+        "  sq-export export smollm2 --weights qdq -o out/sq86.onnx # TensorRT 8.6 (float W -> Q -> DQ)\n"
+        "  sq-export export smollm2 --mode fp -o out/fp.onnx",
+    )
+    c.add_model(p, " (or a smoothed folder from `smooth`, with --act-scales of the smoothed model)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
+    c.add_recipe(p)
+    p.add_argument("--weights", choices=["int8", "qdq"], default="int8", help="int8: INT8 initializers -> DQ (half the bytes; TensorRT 10+); qdq: float W -> Q -> DQ (TensorRT 8.6)")
+    p.add_argument("--target", choices=["tensorrt", "ort"], default="tensorrt", help="ort: activation Q/DQ as uint8/128 (same grid) so ONNX Runtime runs integer kernels")
+    p.add_argument("--dtype", choices=["fp32"], default="fp32", help="float parts' type (fp16 graphs: not yet, see README)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args):
+    import time
+
+    from sq_export.export import export_onnx
+    from sq_export.fileio import check_output_path
+    from sq_export.recipe import prepare
+
+    check_output_path(args.output)
+    recipe = c.recipe_from(args)
+    recipe.validate()
+    t = time.perf_counter()
+    model, tok, fam, path = c.load(args)
+    prep = prepare(model, tok, fam, recipe)
+    meta = {
+        "source_model": args.model,
+        "family": fam.name,
+        "mode": args.mode,
+        "act": "static" if args.mode != "fp" else None,
+        "alpha": prep.alpha,
+        "quantized_layers_total": len(prep.quantized),
+        "fp16_layers": "",
+        "calibration": f"{args.samples}x{args.calib_seq_len}" if not args.act_scales else args.act_scales,
+    }
+    res = export_onnx(model, fam, args.output, weights=args.weights, target=args.target, meta=meta)
+    res.update({"mode": args.mode, "alpha": prep.alpha, "quantized_layers": len(prep.quantized), "seconds": round(time.perf_counter() - t, 1)})
+    if args.json:
+        c.emit_json(res)
+    else:
+        print(f"wrote {res['onnx']} ({res['bytes'] / 1e6:.1f} MB, {res['nodes']} nodes, {len(prep.quantized)} quantized Linears, mode {args.mode})")
+    return 0
