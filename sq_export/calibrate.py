@@ -69,7 +69,8 @@ def save_act_scales(path: str | Path, scales: dict[str, torch.Tensor], meta: dic
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in sorted(scales.items())}
-    md = {"format": "sq_export.act_scales/1", **{k: json.dumps(v) for k, v in (meta or {}).items()}}
+    # one metadata key: safetensors writes its metadata map in arbitrary order, which would break byte identity
+    md = {"sq_export": json.dumps({"format": "act_scales/1", **(meta or {})}, sort_keys=True)}
     with atomic_file(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=md)
 
