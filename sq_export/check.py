@@ -1,0 +1,204 @@
+"""`sq-export check`: is smoothing folded, and are Q/DQ where TensorRT needs them? Optionally fold (--fix).
+
+    report = run_check("model.onnx")                       # CheckReport; report.violations empty == clean
+    report = run_check("model.onnx", fix_out="fixed.onnx")   # fold smoothing, write atomically, re-check the file
+
+Raises sq_export.errors.BadInput (exit 2) for a missing / non-ONNX / truncated file, for --fix onto the input path,
+and for a graph with neither norms nor Q/DQ. Violations are data, not exceptions (the CLI exits 1 on them).
+Torch-free. Large models (> 2 GB, external data) load lazily through onnx_ir; the fixed model is written with
+external data beside it when its initializers exceed 1.5 GB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from sq_export.errors import BadInput
+from sq_export.fileio import atomic_file
+from sq_export.passes._graph import RULES, Violation, find_norms, nodes_of
+from sq_export.passes.fold_smoothing import Fold, fold_graph
+from sq_export.passes.lint_qdq import lint_graph
+from sq_export.passes.verify_folded import find_unfolded
+
+EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class CheckReport:
+    source: str
+    violations: list[Violation]
+    summary: dict
+    folds: list[Fold] = dataclasses.field(default_factory=list)
+    not_folded: list[Violation] = dataclasses.field(default_factory=list)  # SQ003: what --fix could not fold
+    violations_before_fix: list[Violation] | None = None
+    fixed_path: str | None = None
+    target: str = "trt"
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "ok": self.ok,
+            "target": self.target,
+            "violations": [v.to_dict() for v in self.violations],
+            "summary": self.summary,
+            "folds": [f.to_dict() for f in self.folds],
+            "not_folded": [v.to_dict() for v in self.not_folded],
+            "violations_before_fix": None if self.violations_before_fix is None
+            else [v.to_dict() for v in self.violations_before_fix],
+            "fixed_path": self.fixed_path,
+        }
+
+    def format_text(self) -> str:
+        s = self.summary
+        norms = ", ".join(f"{k} {v}" for k, v in sorted(s["norms"].items())) or "none"
+        lines = [
+            f"check {self.source} (target {self.target})",
+            f"  {s['nodes']} nodes; norms: {norms}; {s['quantize_linear']} QuantizeLinear, "
+            f"{s['dequantize_linear']} DequantizeLinear; {s['matmul_quantized']} of {s['matmul_total']} "
+            f"MatMul/Gemm quantized ({s['matmul_float']} float)",
+        ]
+        if self.fixed_path is not None:
+            before = len(self.violations_before_fix or [])
+            lines.append(f"  --fix: folded {len(self.folds)} smoothing Mul/Div into norms "
+                         f"({sum(f.duplicated for f in self.folds)} norms duplicated for other readers); "
+                         f"{before} violations before, wrote {self.fixed_path}")
+            for f in self.folds:
+                lines.append(f"    folded {f.node} into {f.norm}")
+            for v in self.not_folded:
+                lines.append(f"    not folded: {v}")
+        if self.ok:
+            lines.append("  OK: no violations")
+        else:
+            lines.append(f"  FAIL: {len(self.violations)} violation(s)")
+            for v in self.violations:
+                lines.append(f"    {v.rule} {v.node}: {v.message}")
+            for rule in sorted({v.rule for v in self.violations}):
+                lines.append(f"  {rule}: {RULES.get(rule, '')}")
+        return "\n".join(lines)
+
+
+# ----- loading ---------------------------------------------------------------------------------------------------
+def load_model(path_or_model) -> tuple[ir.Model, str]:
+    """IR model + a display name; BadInput for anything that is not a readable ONNX model."""
+    if isinstance(path_or_model, ir.Model):
+        return path_or_model, path_or_model.graph.name or "<model>"
+    if isinstance(path_or_model, onnx.ModelProto):
+        try:
+            model = ir.from_proto(path_or_model)
+        except Exception as e:
+            raise BadInput(f"<model>: not a valid ONNX model ({type(e).__name__}: {e})") from e
+        return _validated(model, "<model>"), "<model>"
+    path = Path(path_or_model)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file")
+    if path.is_dir():
+        raise BadInput(f"{path}: is a folder, expected an .onnx file")
+    if not os.access(path, os.R_OK):
+        raise BadInput(f"{path}: not readable (permissions)")
+    try:
+        model = ir.load(path)
+    except Exception as e:  # DecodeError, truncated protobuf, missing external data ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInput(f"{path}: not a readable ONNX model ({msg}); is it truncated or another format?") from e
+    return _validated(model, str(path)), str(path)
+
+
+def _validated(model: ir.Model, name: str) -> ir.Model:
+    if not model.opset_imports or len(model.graph) == 0 or not model.graph.outputs:
+        raise BadInput(f"{name}: not an ONNX model (no opset, nodes or outputs); is it truncated or another format?")
+    return model
+
+
+def _checker(path_or_model, model: ir.Model) -> list[Violation]:
+    try:
+        if isinstance(path_or_model, (str, os.PathLike)):
+            onnx.checker.check_model(os.fspath(path_or_model))
+        else:
+            proto = ir.to_proto(model)
+            if proto.ByteSize() < 2**31 - 1:
+                onnx.checker.check_model(proto)
+    except Exception as e:  # ValidationError and friends
+        msg = str(e).strip().splitlines()
+        return [Violation("ONNX001", model.graph.name or "<graph>", msg[0] if msg else type(e).__name__)]
+    return []
+
+
+def summarize(model: ir.Model, violations: list[Violation]) -> dict:
+    g = model.graph
+    mms = [n for n in g if n.op_type in ("MatMul", "Gemm")]
+    quantized = sum(1 for n in mms if any(
+        v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+        or (v is not None and v.producer() is not None and v.producer().op_type == "Transpose"
+            and v.producer().inputs[0] is not None and v.producer().inputs[0].producer() is not None
+            and v.producer().inputs[0].producer().op_type == "DequantizeLinear")
+        for v in n.inputs[:2]))
+    return {
+        "nodes": len(g),
+        "norms": dict(Counter(n.kind for n in find_norms(g))),
+        "quantize_linear": len(nodes_of(g, "QuantizeLinear")),
+        "dequantize_linear": len(nodes_of(g, "DequantizeLinear")),
+        "matmul_total": len(mms),
+        "matmul_quantized": quantized,
+        "matmul_float": len(mms) - quantized,
+        "violations_by_rule": dict(sorted(Counter(v.rule for v in violations).items())),
+    }
+
+
+def check_model(model: ir.Model, target: str = "trt") -> list[Violation]:
+    return find_unfolded(model.graph) + lint_graph(model.graph, target)
+
+
+def save_model(model: ir.Model, path: str | os.PathLike) -> None:
+    """Atomic write; external data (`<name>.data` beside it) above 1.5 GB of initializers."""
+    final = Path(path)
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    with atomic_file(final, suffix=".onnx") as tmp:
+        if size > EXTERNAL_DATA_THRESHOLD:
+            # the data file gets its final name (ir.save writes it atomically); the .onnx appears last
+            ir.save(model, tmp, external_data=final.name + ".data")
+        else:
+            # small enough for one file: never keep references into the *input's* external data file
+            ir.external_data.load_to_model(model)
+            ir.save(model, tmp)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def run_check(path_or_model, fix_out: str | os.PathLike | None = None, target: str = "trt") -> CheckReport:
+    if target not in ("trt", "ort"):
+        raise BadInput(f"--target must be trt or ort, not {target!r}")
+    if fix_out is not None and isinstance(path_or_model, (str, os.PathLike)) and \
+            _same_file(Path(path_or_model), Path(fix_out)):
+        raise BadInput(f"--fix output {fix_out} is the input file: write the fixed graph to another path")
+    model, name = load_model(path_or_model)
+    g = model.graph
+    if not find_norms(g) and not nodes_of(g, "QuantizeLinear") and not nodes_of(g, "DequantizeLinear"):
+        raise BadInput(f"nothing to check: {name} has no norm (LayerNormalization / RMSNorm pattern) and no "
+                       f"QuantizeLinear/DequantizeLinear; is this the quantized export?")
+    violations = _checker(path_or_model, model) + check_model(model, target)
+    if fix_out is None:
+        return CheckReport(name, violations, summarize(model, violations), target=target)
+
+    folds, refused = fold_graph(g)
+    save_model(model, fix_out)
+    fixed, _ = load_model(fix_out)
+    after = _checker(fix_out, fixed) + check_model(fixed, target)
+    return CheckReport(str(fix_out), after, summarize(fixed, after), folds=folds, not_folded=refused,
+                       violations_before_fix=violations, fixed_path=str(fix_out), target=target)

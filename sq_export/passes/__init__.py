@@ -1,0 +1,71 @@
+"""ONNX graph passes for SmoothQuant W8A8 Q/DQ graphs (torch-free: numpy, onnx, onnx-ir).
+
+Simple functions on onnx.ModelProto (an onnx_ir.Model or a path also works as input; the input is never modified:
+protos are converted, IR models are copied via proto round trip first). The onnx-ir pass classes are exported too
+for use with `onnx_ir.passes.Sequential` on already-loaded IR models (large external-data models: load once with
+`onnx_ir.load(path)`, run the passes, `onnx_ir.save`).
+
+    verify_folded(model) -> list[Violation]           SQ001, SQ002
+    fold_smoothing(model) -> (ModelProto, list[Fold]) the --fix
+    lint_qdq(model, target="trt") -> list[Violation]  QDQ001..QDQ012
+    weights_to_int8(model) -> ModelProto              W -> Q -> DQ  ==>  int8 W -> DQ
+    activations_to_uint8(model) -> ModelProto         activation int8/0  ==>  uint8/128 (ONNX Runtime target)
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+
+from sq_export.passes._graph import RULES, Norm, Violation, find_norms, to_ir, to_proto
+from sq_export.passes.fold_smoothing import Fold, FoldSmoothingPass
+from sq_export.passes.lint_qdq import LintQDQPass
+from sq_export.passes.ort_uint8 import ActivationsToUint8Pass
+from sq_export.passes.verify_folded import VerifyFoldedPass
+from sq_export.passes.weights_int8 import WeightsToInt8Pass, quantize_like_onnx
+
+__all__ = [
+    "RULES", "Violation", "Fold", "Norm", "find_norms",
+    "verify_folded", "fold_smoothing", "lint_qdq", "weights_to_int8", "activations_to_uint8",
+    "VerifyFoldedPass", "FoldSmoothingPass", "LintQDQPass", "WeightsToInt8Pass", "ActivationsToUint8Pass",
+    "quantize_like_onnx", "to_ir", "to_proto",
+]
+
+
+
+
+def _read(model) -> ir.Model:
+    return to_ir(model)
+
+
+def _copy(model) -> ir.Model:
+    """An IR model the pass may change, without touching the caller's object."""
+    if isinstance(model, ir.Model):
+        return ir.from_proto(ir.to_proto(model))
+    return to_ir(model)  # from_proto / load already build a fresh IR model
+
+
+def verify_folded(model) -> list[Violation]:
+    p = VerifyFoldedPass()
+    p(_read(model))
+    return p.violations
+
+
+def fold_smoothing(model) -> tuple[onnx.ModelProto, list[Fold]]:
+    p = FoldSmoothingPass()
+    res = p(_copy(model))
+    return to_proto(res.model), p.folds
+
+
+def lint_qdq(model, target: str = "trt") -> list[Violation]:
+    p = LintQDQPass(target)
+    p(_read(model))
+    return p.violations
+
+
+def weights_to_int8(model) -> onnx.ModelProto:
+    return to_proto(WeightsToInt8Pass()(_copy(model)).model)
+
+
+def activations_to_uint8(model) -> onnx.ModelProto:
+    return to_proto(ActivationsToUint8Pass()(_copy(model)).model)
