@@ -1,0 +1,106 @@
+"""ONNX export of every family: Q/DQ placement passes the graph check, ONNX Runtime computes what the PyTorch
+fake quantization computes, the file is deterministic, and the float graph equals PyTorch."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import FAMILIES, make_tiny, token_batches
+from sq_export.calibrate import calibrate
+from sq_export.check import run_check
+from sq_export.evaluate import ort_session
+from sq_export.export import export_onnx, read_metadata
+from sq_export.quantize import quantize_model, static_scales
+from sq_export.smooth import apply_smoothing, smoothed_act_max
+
+
+def _quantized(family, mode="sq"):
+    model, fam = make_tiny(family)
+    batches = token_batches()
+    am = calibrate(model, fam, batches)
+    if mode == "sq":
+        am = smoothed_act_max(am, fam, apply_smoothing(model, fam, am, fam.default_alpha))
+    names = fam.quantized_linears()
+    if mode != "fp":
+        quantize_model(model, names, "static", static_scales(am, names))
+    return model, fam
+
+
+def _ort_logits(path, ids):
+    s = ort_session(path)
+    return s.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+
+
+def _torch_logits(model, ids):
+    with torch.no_grad():
+        x = torch.as_tensor(ids)
+        return model(input_ids=x, attention_mask=torch.ones_like(x)).logits.numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("weights", ["int8", "qdq"])
+def test_sq_export_checks_clean_and_matches_fake_quant(family, weights, tmp_path):
+    model, fam = _quantized(family)
+    p = tmp_path / "m.onnx"
+    export_onnx(model, fam, p, weights=weights, meta={"mode": "sq"})
+    onnx.checker.check_model(str(p), full_check=True)
+    rep = run_check(str(p))
+    assert rep.ok, rep.format_text()
+    g = onnx.load(str(p))
+    ops = [n.op_type for n in g.graph.node]
+    n_lin = len(fam.quantized_linears())
+    # one DQ per weight plus one per distinct activation tensor (q/k/v and gate/up share theirs)
+    n_act = n_lin - sum(len(gr.linears) - 1 for gr in fam.groups())
+    assert ops.count("DequantizeLinear") == n_lin + n_act
+    assert ops.count("QuantizeLinear") == n_act + (n_lin if weights == "qdq" else 0)
+    int8_inits = [i for i in g.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(int8_inits) == (n_lin if weights == "int8" else 0)
+    if fam.name in ("opt", "bloom", "gpt2"):
+        assert "LayerNormalization" in ops and "ReduceMean" not in ops
+    ids = token_batches(n=2, seq=24, seed=3)
+    ref = _torch_logits(model, ids)
+    got = _ort_logits(p, ids)
+    # same INT8 grid and rounding: only float-order differences (and the rare rounding tie they flip)
+    assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
+    assert np.mean(np.abs(got - ref)) < 1e-3 * np.abs(ref).max()
+    assert read_metadata(p)["weights"] == weights
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_fp_export_equals_pytorch_and_int8_weights_halve_size(family, tmp_path):
+    model, fam = _quantized(family, "fp")
+    export_onnx(model, fam, tmp_path / "fp.onnx")
+    ids = token_batches(n=2, seq=24, seed=4)
+    ref = _torch_logits(model, ids)
+    assert np.abs(_ort_logits(tmp_path / "fp.onnx", ids) - ref).max() < 1e-4 * max(1, np.abs(ref).max())
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "fp.onnx")).graph.node)
+
+
+def test_export_is_byte_identical(tmp_path):
+    paths = []
+    for i in range(2):
+        model, fam = _quantized("llama")
+        paths.append(tmp_path / f"m{i}.onnx")
+        export_onnx(model, fam, paths[-1], meta={"mode": "sq"})
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_ort_target_same_numbers(tmp_path):
+    model, fam = _quantized("opt")
+    export_onnx(model, fam, tmp_path / "trt.onnx")
+    export_onnx(model, fam, tmp_path / "ort.onnx", target="ort")
+    ids = token_batches(n=2, seq=16, seed=5)
+    a, b = _ort_logits(tmp_path / "trt.onnx", ids), _ort_logits(tmp_path / "ort.onnx", ids)
+    assert np.abs(a - b).max() < 1e-3 * np.abs(a).max()
+    assert run_check(str(tmp_path / "ort.onnx"), target="ort").ok
+
+
+def test_dynamic_shapes(tmp_path):
+    model, fam = _quantized("gpt2")
+    export_onnx(model, fam, tmp_path / "m.onnx")
+    for b, s in ((1, 5), (3, 40)):
+        ids = token_batches(n=b, seq=s, seed=b)
+        assert _ort_logits(tmp_path / "m.onnx", ids).shape == (b, s, 256)
