@@ -1,0 +1,85 @@
+"""sq-export build MODEL.onnx -o model.engine: a TensorRT engine (and model.engine.json) from an exported graph.
+
+Torch-free: runs under a bare TensorRT Python (e.g. the lent GPU's $TRTPY). TensorRT is imported in `run`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "build a TensorRT engine (INT8 Q/DQ or FP16) from an exported ONNX graph"
+
+EXAMPLES = """examples:
+  sq-export build out/sq.onnx -o out/sq.engine                         # INT8 (explicit Q/DQ), batch 1:1:4, seq 1:128:512
+  sq-export build out/fp16.onnx -o out/fp16.engine --precision fp16 --seq 1:256:1024
+  sq-export build out/sq.onnx -o out/sq.engine --timing-cache out/tc.bin --tactic-sources CUBLAS CUBLAS_LT
+TensorRT 8.x: INT8+FP16 builder flags, weights must be float -> Q -> DQ (export with --weights qdq), int64 inputs
+become int32. TensorRT 10+: strongly typed network (the graph's dtypes decide; FP16 engines need an FP16 graph)."""
+
+
+def add_parser(sub):
+    import argparse
+
+    p = sub.add_parser(
+        "build",
+        help=HELP,
+        description=HELP + ".",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("onnx", metavar="MODEL.onnx", help="graph from `sq-export export` (inputs input_ids, attention_mask)")
+    p.add_argument("-o", "--output", required=True, metavar="ENGINE", help="engine file to write (plus ENGINE.json)")
+    p.add_argument("--precision", choices=["int8", "fp16"], default="int8", help="int8: Q/DQ graph (default); fp16: float graph")
+    p.add_argument("--batch", default="1:1:4", metavar="MIN:OPT:MAX", help="batch range of the profile (default 1:1:4)")
+    p.add_argument("--seq", default="1:128:512", metavar="MIN:OPT:MAX", help="sequence-length range (default 1:128:512)")
+    p.add_argument("--timing-cache", metavar="FILE", help="tactic timing cache to read and update (speeds up rebuilds)")
+    p.add_argument(
+        "--tactic-sources",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="TensorRT tactic sources to enable, e.g. CUBLAS CUBLAS_LT CUDNN (default: none, i.e. TensorRT's own kernels;"
+        " the lent GPU's kit has no real cuBLAS/cuDNN)",
+    )
+    p.add_argument("--workspace", type=float, default=None, metavar="GIB", help="builder workspace limit in GiB")
+    p.add_argument("--json", action="store_true", help="print the sidecar as JSON on the last line")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from sq_export.engine.build import build_engine, parse_range
+
+    import contextlib
+
+    batch = parse_range(args.batch, "batch")
+    seq = parse_range(args.seq, "seq")
+    # With --json, stdout carries only the JSON line: Polygraphy/TensorRT log lines go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        side = build_engine(
+            args.onnx,
+            args.output,
+            precision=args.precision,
+            batch=batch,
+            seq=seq,
+            timing_cache=args.timing_cache,
+            tactic_sources=args.tactic_sources,
+            workspace_gb=args.workspace,
+        )
+    if args.json:
+        sys.stdout.write(json.dumps(side, sort_keys=True) + "\n")
+        return 0
+    lp = side["layer_precisions"]
+    counts = ", ".join(f"{k}: {v}" for k, v in lp.get("precision_counts", {}).items()) or lp.get("reason", "-")
+    print(
+        f"wrote {side['engine']} ({side['engine_bytes'] / 2**20:.1f} MiB) in {side['build_seconds']:.1f}s: "
+        f"TensorRT {side['tensorrt_version']} on {side['gpu'] or 'GPU'}, {side['precision']}, "
+        f"{'strongly typed' if side['plan']['strongly_typed'] else 'flags ' + '+'.join(k for k in ('int8', 'fp16') if side['plan'][k + '_flag'])}"
+    )
+    print(f"  profile batch {':'.join(map(str, side['profile']['batch']))}, seq {':'.join(map(str, side['profile']['seq']))}")
+    print(f"  layers: {counts}")
+    for note in side["plan"]["notes"]:
+        print(f"  note: {note}")
+    print(f"  sidecar: {side['engine']}.json")
+    return 0

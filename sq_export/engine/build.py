@@ -1,0 +1,253 @@
+"""Build a TensorRT engine from an exported ONNX graph with Polygraphy's loaders.
+
+    build_engine("sq.onnx", "sq.engine", precision="int8")  ->  sidecar dict (also written to sq.engine.json)
+
+The TensorRT version decides the flags (sq_export.engine.trt_compat.plan_build): 8.x sets the INT8+FP16 builder
+flags for explicit Q/DQ quantization, 10+ parses a strongly typed network. The engine and its sidecar are
+written atomically. Per-layer precisions come from TensorRT's engine inspector; 8.6 compiles transformer blocks
+into opaque Myelin layers, whose precision is recorded as "unavailable (Myelin)".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from sq_export.engine.run import polygraphy_logging
+from sq_export.engine.trt_compat import graph_facts, import_tensorrt, plan_build, require_gpu
+from sq_export.errors import BadInput, SqExportError
+from sq_export.fileio import atomic_file, check_output_path, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = (1, 1, 4)
+DEFAULT_SEQ = (1, 128, 512)
+# The lent GPU's kit carries stand-ins for cuBLAS/cuDNN, so by default no external tactic library is used:
+# TensorRT's own INT8/FP16 GEMM kernels do the work. Pass names (e.g. ["CUBLAS", "CUBLAS_LT"]) where the real
+# libraries are installed.
+DEFAULT_TACTIC_SOURCES: list[str] = []
+
+
+class EngineBuildFailed(SqExportError):
+    """TensorRT parsed the graph but could not build an engine (exit 1)."""
+
+    exit_code = 1
+
+
+def parse_range(text: str, what: str) -> tuple[int, int, int]:
+    """'1:128:512' -> (1, 128, 512); a single number N -> (N, N, N)."""
+    parts = str(text).split(":")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise BadInput(f"--{what} must be MIN:OPT:MAX integers (or one integer), not {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise BadInput(f"--{what} must be MIN:OPT:MAX, not {text!r}")
+    return check_range(tuple(vals), what)
+
+
+def check_range(r, what: str) -> tuple[int, int, int]:
+    try:
+        mn, opt, mx = (int(x) for x in r)
+    except (TypeError, ValueError):
+        raise BadInput(f"{what} must be (min, opt, max) integers, not {r!r}") from None
+    if not (1 <= mn <= opt <= mx):
+        raise BadInput(f"{what} must satisfy 1 <= min <= opt <= max, got {mn}:{opt}:{mx}")
+    return mn, opt, mx
+
+
+def tactic_source_values(trt, names) -> list:
+    """Names ('CUBLAS', 'cublas_lt', ...) -> trt.TacticSource members; BadInput for unknown names."""
+    members = dict(trt.TacticSource.__members__)
+    out = []
+    for n in names:
+        key = str(n).strip().upper().replace("-", "_")
+        if key not in members:
+            raise BadInput(f"unknown tactic source {n!r}: this TensorRT knows {', '.join(members)}")
+        out.append(members[key])
+    return out
+
+
+def _precision_of_format(fmt: str) -> str | None:
+    f = (fmt or "").lower()
+    for key, name in (("int8", "INT8"), ("fp8", "FP8"), ("fp16", "FP16"), ("half", "FP16"), ("bf16", "BF16"),
+                      ("fp32", "FP32"), ("float", "FP32"), ("int32", "INT32"), ("int64", "INT64"), ("bool", "BOOL")):
+        if key in f:
+            return name
+    return None
+
+
+def layer_precisions(engine, trt) -> dict:
+    """What TensorRT's engine inspector says about each layer: type, I/O formats, tactic, precision."""
+    try:
+        insp = engine.create_engine_inspector()
+        info = json.loads(insp.get_engine_information(trt.LayerInformationFormat.JSON))
+    except Exception as e:
+        return {"available": False, "reason": f"engine inspector failed: {type(e).__name__}: {e}", "layers": []}
+    layers = []
+    for L in info.get("Layers", []):
+        if not isinstance(L, dict):  # profiling verbosity below DETAILED: names only
+            layers.append({"name": str(L), "precision": "unavailable (no detailed profiling information)"})
+            continue
+        ltype = str(L.get("LayerType", ""))
+        ins = [str(t.get("Format/Datatype", "")) for t in L.get("Inputs", []) if isinstance(t, dict)]
+        outs = [str(t.get("Format/Datatype", "")) for t in L.get("Outputs", []) if isinstance(t, dict)]
+        if "myelin" in ltype.lower() or "myelin" in str(L.get("TacticName", "")).lower():
+            prec = "unavailable (Myelin)"
+        else:
+            precs = [p for p in (_precision_of_format(f) for f in ins + outs) if p]
+            prec = "INT8" if "INT8" in precs else (precs[0] if precs else "unknown")
+        layers.append(
+            {
+                "name": str(L.get("Name", ""))[:200],
+                "type": ltype,
+                "precision": prec,
+                "inputs": ins[:4],
+                "outputs": outs[:4],
+                "tactic": str(L.get("TacticName", ""))[:120],
+            }
+        )
+    counts: dict = {}
+    for L in layers:
+        counts[L["precision"]] = counts.get(L["precision"], 0) + 1
+    return {"available": True, "n_layers": len(layers), "precision_counts": counts, "layers": layers}
+
+
+def io_tensors(engine, trt) -> dict:
+    out = {}
+    for i in range(engine.num_io_tensors):
+        n = engine.get_tensor_name(i)
+        out[n] = {
+            "mode": "input" if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else "output",
+            "dtype": str(engine.get_tensor_dtype(n)).replace("DataType.", ""),
+            "shape": [int(d) for d in engine.get_tensor_shape(n)],
+        }
+    return out
+
+
+def build_engine(
+    onnx_path,
+    engine_path,
+    precision: str = "int8",
+    batch=DEFAULT_BATCH,
+    seq=DEFAULT_SEQ,
+    timing_cache=None,
+    tactic_sources=None,
+    workspace_gb=None,
+) -> dict:
+    """Build `onnx_path` into a TensorRT engine at `engine_path` (+ `engine_path`.json sidecar); returns the sidecar.
+
+    batch/seq: (min, opt, max) of the dynamic [batch, seq] dims of every 2-D input (input_ids, attention_mask,
+    position_ids). tactic_sources: None -> none (TensorRT's own kernels; cuBLAS/cuDNN off), or a list of names.
+    timing_cache: a file read before and updated after the build. workspace_gb: workspace memory pool limit.
+    """
+    onnx_path = Path(onnx_path)
+    engine_path = Path(engine_path)
+    batch = check_range(batch, "batch")
+    seq = check_range(seq, "seq")
+    if workspace_gb is not None and not (float(workspace_gb) > 0):
+        raise BadInput(f"workspace must be > 0 GiB, got {workspace_gb}")
+    if not onnx_path.is_file():
+        raise BadInput(f"ONNX file {onnx_path} does not exist")
+    if not os.access(onnx_path, os.R_OK):
+        raise BadInput(f"ONNX file {onnx_path} is not readable (permission denied)")
+    check_output_path(engine_path)
+    facts = graph_facts(onnx_path)
+    bad_inputs = {n: s for n, s in facts.input_shapes.items() if len(s) != 2}
+    if bad_inputs:
+        raise BadInput(
+            "every graph input must be [batch, seq] (input_ids, attention_mask, position_ids); these are not: "
+            + ", ".join(f"{n} {s}" for n, s in bad_inputs.items())
+        )
+
+    trt = import_tensorrt()
+    gpu = require_gpu()
+    plan = plan_build(trt.__version__, precision, facts)
+    for note in plan.notes:
+        log.info("build plan: %s", note)
+
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, EngineFromBytes, NetworkFromOnnxPath, Profile
+    from polygraphy.exception import PolygraphyException
+
+    profile = Profile()
+    for name in facts.inputs:
+        profile.add(name, min=(batch[0], seq[0]), opt=(batch[1], seq[1]), max=(batch[2], seq[2]))
+    names = DEFAULT_TACTIC_SOURCES if tactic_sources is None else list(tactic_sources)
+    sources = tactic_source_values(trt, names)
+    cfg_kwargs = dict(plan.config_kwargs())
+    cfg_kwargs.update(
+        profiles=[profile],
+        tactic_sources=sources,
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
+    )
+    if timing_cache is not None:
+        cfg_kwargs["load_timing_cache"] = str(timing_cache)
+    if workspace_gb is not None:
+        cfg_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(float(workspace_gb) * (1 << 30))}
+    network = NetworkFromOnnxPath(str(onnx_path), **plan.network_kwargs())
+    builder = EngineBytesFromNetwork(
+        network,
+        config=CreateConfig(**cfg_kwargs),
+        save_timing_cache=str(timing_cache) if timing_cache is not None else None,
+    )
+
+    t0 = time.perf_counter()
+    try:
+        with polygraphy_logging("ERROR"):
+            serialized = builder()
+    except PolygraphyException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        if "pars" in str(e).lower():
+            raise BadInput(
+                f"TensorRT {trt.__version__} could not parse {onnx_path} ({first[:200]}); rerun with -v for the "
+                "parser log"
+            ) from None
+        raise EngineBuildFailed(
+            f"TensorRT {trt.__version__} could not build {onnx_path} at {precision} ({first[:200]}); rerun with -v "
+            "for the builder log"
+        ) from None
+    build_s = time.perf_counter() - t0
+    if serialized is None:
+        raise EngineBuildFailed(f"TensorRT {trt.__version__} returned no engine for {onnx_path}")
+
+    with atomic_file(engine_path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(serialized)
+    n_bytes = engine_path.stat().st_size
+
+    # Inspect the engine we just wrote (deserializing also proves it loads).
+    try:
+        with polygraphy_logging("ERROR"):
+            engine = EngineFromBytes(serialized)()
+        layers = layer_precisions(engine, trt)
+        io = io_tensors(engine, trt)
+        del engine
+    except PolygraphyException as e:
+        layers = {"available": False, "reason": f"could not deserialize to inspect: {str(e)[:200]}", "layers": []}
+        io = {}
+    del serialized
+
+    sidecar = {
+        "engine": str(engine_path),
+        "onnx": str(onnx_path),
+        "tensorrt_version": trt.__version__,
+        "gpu": gpu.get("name"),
+        "precision": precision,
+        "plan": plan.as_dict(),
+        "graph": facts.as_dict(),
+        "profile": {"batch": list(batch), "seq": list(seq), "inputs": list(facts.inputs)},
+        "tactic_sources": [str(s).replace("TacticSource.", "") for s in sources],
+        "timing_cache": str(timing_cache) if timing_cache is not None else None,
+        "workspace_gb": workspace_gb,
+        "build_seconds": round(build_s, 3),
+        "engine_bytes": n_bytes,
+        "io": io,
+        "layer_precisions": layers,
+    }
+    write_text_atomic(str(engine_path) + ".json", json.dumps(sidecar, indent=2) + "\n")
+    return sidecar

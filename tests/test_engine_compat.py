@@ -1,0 +1,124 @@
+"""TensorRT build plans per version (pure functions: no TensorRT, no GPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sq_export.engine.trt_compat import GraphFacts, graph_facts, parse_version, plan_build
+from sq_export.errors import BackendMissing, BadInput
+
+INPUTS = {"input_ids": "INT64", "attention_mask": "INT64"}
+
+
+def facts(qdq=True, int8_init=False, dtype="fp32", **kw):
+    return GraphFacts(
+        inputs=dict(INPUTS),
+        input_shapes={k: ["batch", "seq"] for k in INPUTS},
+        outputs={"logits": "FLOAT16" if dtype == "fp16" else "FLOAT"},
+        n_quantize=4 if qdq else 0,
+        n_dequantize=6 if qdq else 0,
+        int8_weight_dq=("w0_q", "w1_q") if int8_init else (),
+        float_dtype=dtype,
+        qdq_scale_dtypes=("FLOAT",) if qdq else (),
+        opset=17,
+        **kw,
+    )
+
+
+def test_parse_version():
+    assert parse_version("8.6.0") == (8, 6, 0)
+    assert parse_version("10.3.0.26") == (10, 3, 0)
+    assert parse_version("11.0.0.post1") == (11, 0, 0)
+    assert parse_version("9.2") == (9, 2, 0)
+    with pytest.raises(BadInput):
+        parse_version("abc")
+
+
+def test_trt86_int8_uses_int8_and_fp16_flags():
+    p = plan_build("8.6.0", "int8", facts())
+    assert not p.strongly_typed
+    assert p.int8_flag and p.fp16_flag
+    assert p.config_kwargs() == {"fp16": True, "int8": True}
+    assert p.network_kwargs() == {}
+    assert p.int64_inputs_become_int32
+    assert any("INT32" in n for n in p.notes)
+
+
+def test_trt86_refuses_int8_weight_initializers():
+    with pytest.raises(BadInput, match="--weights qdq"):
+        plan_build("8.6.0", "int8", facts(int8_init=True))
+
+
+def test_trt86_fp16_from_fp32_graph():
+    p = plan_build("8.6.0", "fp16", facts(qdq=False))
+    assert p.fp16_flag and not p.int8_flag and not p.strongly_typed
+    assert p.config_kwargs() == {"fp16": True}
+
+
+def test_trt86_no_bf16():
+    with pytest.raises(BadInput, match="BF16"):
+        plan_build("8.6.0", "int8", facts(dtype="bf16"))
+
+
+@pytest.mark.parametrize("version", ["10.0.1", "10.3.0.26", "11.0.0"])
+def test_trt10_plus_strongly_typed_int8(version):
+    p = plan_build(version, "int8", facts(int8_init=True, dtype="fp16"))
+    assert p.strongly_typed
+    assert not p.int8_flag and not p.fp16_flag
+    assert p.config_kwargs() == {}
+    assert p.network_kwargs() == {"strongly_typed": True}
+    assert not p.int64_inputs_become_int32
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.0.0"])
+def test_trt10_plus_fp32_graph_is_said(version):
+    p = plan_build(version, "int8", facts(dtype="fp32"))
+    assert p.strongly_typed
+    assert any("FP32" in n and "strongly typed" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.0.0"])
+def test_trt10_plus_fp16_needs_fp16_graph(version):
+    with pytest.raises(BadInput, match="--dtype fp16"):
+        plan_build(version, "fp16", facts(qdq=False, dtype="fp32"))
+    p = plan_build(version, "fp16", facts(qdq=False, dtype="fp16"))
+    assert p.strongly_typed and p.config_kwargs() == {}
+
+
+@pytest.mark.parametrize("version", ["8.6.0", "10.3.0", "11.0.0"])
+def test_precision_must_match_graph(version):
+    with pytest.raises(BadInput, match="no"):
+        plan_build(version, "int8", facts(qdq=False))
+    with pytest.raises(BadInput, match="--precision int8"):
+        plan_build(version, "fp16", facts(qdq=True))
+    with pytest.raises(BadInput):
+        plan_build(version, "int4", facts())
+
+
+def test_too_old_tensorrt():
+    with pytest.raises(BackendMissing):
+        plan_build("8.2.1", "int8", facts())
+
+
+def test_graph_facts_from_files(tmp_path):
+    from test_engine_models import tiny_lm
+
+    f = graph_facts(tiny_lm(tmp_path / "q.onnx", quant=True))
+    assert f.has_qdq and f.int8_weight_dq == () and f.float_dtype == "fp32"
+    assert f.inputs == INPUTS and f.input_shapes["input_ids"] == ["batch", "seq"] and f.opset == 17
+    f8 = graph_facts(tiny_lm(tmp_path / "q8.onnx", quant=True, weights="int8"))
+    assert f8.int8_weight_dq == ("w_q",)
+    with pytest.raises(BadInput, match="--weights qdq"):
+        plan_build("8.6.0", "int8", f8)
+    assert plan_build("10.3.0", "int8", f8).strongly_typed
+    fh = graph_facts(tiny_lm(tmp_path / "h.onnx", dtype="fp16"))
+    assert not fh.has_qdq and fh.float_dtype == "fp16" and fh.outputs["logits"] == "FLOAT16"
+
+
+def test_graph_facts_bad_files(tmp_path):
+    with pytest.raises(BadInput, match="does not exist"):
+        graph_facts(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\x01not an onnx file at all" * 10)
+    with pytest.raises(BadInput):
+        graph_facts(junk)

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""FP16 vs INT8 (explicit Q/DQ) TensorRT engines of the same model: GPU time per forward and engine size.
+
+    source /opt/trt86/env.sh
+    PYTHONPATH=. $TRTPY tools/bench_trt.py FP16_READY.onnx INT8_QDQ.onnx [--shape 4x256] [--large 8x512]
+                                          [--runs 50] [--warmup 10] [--workdir DIR] [--json FILE] [--tokens FILE]
+
+Builds both engines with sq_export.engine.build.build_engine (one profile: batch 1..max, seq 1..max, optimized
+for --shape), then for each engine and each shape (--shape and --large): token inputs are copied to the GPU
+once, one TrtRunner.infer(copy_outputs_to_host=False) binds them, and every timed run is one
+execute_async_v3 between two CUDA events on the runner's stream (GPU time only, no copies). Reports the median
+(and p10/p90) over --runs after --warmup, Polygraphy's host-inclusive last_inference_time() median for
+reference, the INT8/FP16 speed ratio and the engine size ratio. Torch-free; Python 3.10+.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sq_export.engine.build import build_engine  # noqa: E402
+from sq_export.engine.run import input_dtypes, load_engine, load_tokens, polygraphy_logging  # noqa: E402
+from sq_export.engine.trt_compat import graph_facts, import_tensorrt, require_gpu  # noqa: E402
+from sq_export.fileio import write_text_atomic  # noqa: E402
+
+
+def parse_shape(s: str) -> tuple[int, int]:
+    b, _, t = s.lower().partition("x")
+    return int(b), int(t)
+
+
+def vocab_hint(onnx_path) -> int | None:
+    """Rows of the embedding table (a 2-D initializer gathered by input_ids), so random ids stay in range."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == "input_ids" and n.input[0] in inits:
+            dims = list(inits[n.input[0]].dims)
+            if len(dims) == 2:
+                return int(dims[0])
+    return None
+
+
+class CudaEvents:
+    """CUDA events through the CUDA runtime Polygraphy loads (polygraphy.cuda.wrapper().handle)."""
+
+    def __init__(self):
+        from polygraphy import cuda
+
+        self.lib = cuda.wrapper().handle
+
+    def _check(self, rc, what):
+        if rc != 0:
+            raise RuntimeError(f"{what} failed with CUDA error {rc}")
+
+    def create(self):
+        ev = ctypes.c_void_p()
+        self._check(self.lib.cudaEventCreate(ctypes.byref(ev)), "cudaEventCreate")
+        return ev
+
+    def record(self, ev, stream_ptr):
+        self._check(self.lib.cudaEventRecord(ev, ctypes.c_void_p(stream_ptr)), "cudaEventRecord")
+
+    def elapsed_ms(self, start, end):
+        self._check(self.lib.cudaEventSynchronize(end), "cudaEventSynchronize")
+        ms = ctypes.c_float()
+        self._check(self.lib.cudaEventElapsedTime(ctypes.byref(ms), start, end), "cudaEventElapsedTime")
+        return float(ms.value)
+
+    def destroy(self, ev):
+        self.lib.cudaEventDestroy(ev)
+
+
+def make_tokens(shape, vocab, tokens_file=None, seed=0):
+    b, t = shape
+    if tokens_file:
+        tok = load_tokens(tokens_file)
+        reps = int(np.ceil(b / tok.n_chunks))
+        ids = np.tile(tok.input_ids, (reps, int(np.ceil(t / tok.seq_len))))[:b, :t]
+    else:
+        ids = np.random.default_rng(seed).integers(0, vocab or 100, size=(b, t), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones((b, t), np.int64)}
+
+
+def time_engine(engine_path, shapes, runs, warmup, vocab, tokens_file=None) -> list[dict]:
+    from polygraphy import cuda
+    from polygraphy.backend.trt import TrtRunner
+
+    ev = CudaEvents()
+    rows = []
+    with polygraphy_logging("ERROR"), TrtRunner(load_engine(engine_path)) as runner:
+        dtypes = input_dtypes(runner)
+        for shape in shapes:
+            host = make_tokens(shape, vocab, tokens_file)
+            dev = {}
+            for name, dt in dtypes.items():
+                arr = np.ascontiguousarray(host[name], dtype=dt)
+                d = cuda.DeviceArray(shape=arr.shape, dtype=arr.dtype)
+                d.copy_from(arr)
+                dev[name] = d
+            host_times = []
+            for _ in range(max(1, warmup)):
+                runner.infer(dev, copy_outputs_to_host=False)
+            for _ in range(min(runs, 20)):
+                runner.infer(dev, copy_outputs_to_host=False)
+                host_times.append(runner.last_inference_time() * 1e3)
+            start, end = ev.create(), ev.create()
+            gpu = []
+            for _ in range(runs):
+                ev.record(start, runner.stream.ptr)
+                if not runner.context.execute_async_v3(runner.stream.ptr):
+                    raise RuntimeError("execute_async_v3 failed")
+                ev.record(end, runner.stream.ptr)
+                gpu.append(ev.elapsed_ms(start, end))
+            ev.destroy(start), ev.destroy(end)
+            for d in dev.values():
+                d.free()
+            gpu.sort()
+            med = statistics.median(gpu)
+            rows.append(
+                {
+                    "shape": list(shape),
+                    "tokens": shape[0] * shape[1],
+                    "gpu_ms_median": med,
+                    "gpu_ms_p10": gpu[len(gpu) // 10],
+                    "gpu_ms_p90": gpu[(9 * len(gpu)) // 10],
+                    "host_inclusive_ms_median": statistics.median(host_times),
+                    "tokens_per_s": shape[0] * shape[1] / (med / 1e3),
+                    "runs": runs,
+                }
+            )
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("fp16_onnx", help="float graph for the FP16 engine (TensorRT 10+: an FP16 graph)")
+    ap.add_argument("int8_onnx", help="SmoothQuant Q/DQ graph for the INT8 engine (TensorRT 8.x: --weights qdq form)")
+    ap.add_argument("--shape", default="4x256", help="BATCHxSEQ the profile is optimized for and timed (default 4x256)")
+    ap.add_argument("--large", default="8x512", help="a larger BATCHxSEQ also timed; sets the profile max (default 8x512)")
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--tokens", help="token file to take ids from (default: random ids below the vocabulary size)")
+    ap.add_argument("--workdir", default=os.environ.get("OUT", "."), help="where engines go (default $OUT or .)")
+    ap.add_argument("--json", default=None, help="JSON report path (default WORKDIR/bench_trt.json)")
+    ap.add_argument("--reuse", action="store_true", help="reuse engines already in WORKDIR")
+    a = ap.parse_args(argv)
+
+    trt = import_tensorrt()
+    gpu = require_gpu()
+    shape, large = parse_shape(a.shape), parse_shape(a.large)
+    batch = (1, shape[0], max(shape[0], large[0]))
+    seq = (1, shape[1], max(shape[1], large[1]))
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    vocab = vocab_hint(a.int8_onnx) or vocab_hint(a.fp16_onnx)
+    report = {
+        "tensorrt_version": trt.__version__,
+        "gpu": gpu.get("name"),
+        "profile": {"batch": list(batch), "seq": list(seq)},
+        "engines": {},
+    }
+    for prec, onnx_path in (("fp16", a.fp16_onnx), ("int8", a.int8_onnx)):
+        eng = work / f"bench_{prec}.engine"
+        if a.reuse and eng.exists() and Path(str(eng) + ".json").exists():
+            side = json.loads(Path(str(eng) + ".json").read_text())
+        else:
+            facts = graph_facts(onnx_path)
+            print(f"building {prec} engine from {onnx_path} ({facts.float_dtype}, Q/DQ: {facts.has_qdq}) ...", flush=True)
+            side = build_engine(onnx_path, eng, precision=prec, batch=batch, seq=seq)
+            print(f"  {side['build_seconds']:.1f}s, {side['engine_bytes'] / 2**20:.1f} MiB", flush=True)
+        t0 = time.perf_counter()
+        rows = time_engine(eng, [shape, large] if large != shape else [shape], a.runs, a.warmup, vocab, a.tokens)
+        report["engines"][prec] = {
+            "onnx": str(onnx_path),
+            "engine": str(eng),
+            "engine_bytes": side["engine_bytes"],
+            "build_seconds": side.get("build_seconds"),
+            "layer_precision_counts": side.get("layer_precisions", {}).get("precision_counts"),
+            "timings": rows,
+            "timing_seconds": round(time.perf_counter() - t0, 1),
+        }
+
+    f16, i8 = report["engines"]["fp16"], report["engines"]["int8"]
+    report["size_ratio_int8_over_fp16"] = i8["engine_bytes"] / f16["engine_bytes"]
+    report["speedup_int8_over_fp16"] = {
+        "x".join(map(str, r16["shape"])): r16["gpu_ms_median"] / r8["gpu_ms_median"]
+        for r16, r8 in zip(f16["timings"], i8["timings"])
+    }
+
+    print(f"\nTensorRT {trt.__version__} on {gpu.get('name')}; median of {a.runs} runs after {a.warmup} warm-up (GPU time, CUDA events)")
+    hdr = f"{'shape':>10} {'FP16 ms':>9} {'INT8 ms':>9} {'INT8 speedup':>13} {'FP16 tok/s':>12} {'INT8 tok/s':>12} {'host-incl. FP16/INT8 ms':>24}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r16, r8 in zip(f16["timings"], i8["timings"]):
+        s = "x".join(map(str, r16["shape"]))
+        print(
+            f"{s:>10} {r16['gpu_ms_median']:9.3f} {r8['gpu_ms_median']:9.3f} {r16['gpu_ms_median'] / r8['gpu_ms_median']:12.2f}x "
+            f"{r16['tokens_per_s']:12.0f} {r8['tokens_per_s']:12.0f} "
+            f"{r16['host_inclusive_ms_median']:11.3f}/{r8['host_inclusive_ms_median']:.3f}"
+        )
+    print(
+        f"engine size: FP16 {f16['engine_bytes'] / 2**20:.1f} MiB, INT8 {i8['engine_bytes'] / 2**20:.1f} MiB "
+        f"(INT8/FP16 = {report['size_ratio_int8_over_fp16']:.2f})"
+    )
+    out = Path(a.json) if a.json else work / "bench_trt.json"
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from sq_export.errors import SqExportError
+
+    try:
+        sys.exit(main())
+    except SqExportError as e:
+        print(f"bench_trt: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
