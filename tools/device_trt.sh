@@ -102,7 +102,7 @@ if [ -n "$TOKENS" ] && [ "${#MODELS[@]}" -gt 0 ]; then
       [ -n "${ENGINES[$i]}" ] && all+=("${ENGINES[$i]}")
     done
     step "compare all against ${MODELS[0]}, with perplexity"
-    sqx compare "${all[@]}" --tokens "$TOKENS" --batches 4 --perplexity --min-cosine -1 --min-top1 0 --json \
+    sqx compare "${all[@]}" --tokens "$TOKENS" --batches "${BATCHES:-4}" --perplexity --min-cosine -1 --min-top1 0 --json \
       > "$OUT/compare_all.json" 2> "$OUT/compare_all.log"
     rc=$?
     table "$OUT/compare_all.json" | tee -a "$OUT/compare_all.log"
