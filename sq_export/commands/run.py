@@ -1,0 +1,83 @@
+"""sq-export run MODEL -o OUT: calibrate → smooth → export → check → build → eval → report, resumable."""
+
+from sq_export.commands import _common as c
+
+HELP = "the whole pipeline into one folder: calibrate, smooth, export (fp/naive/sq), check, build, eval, report"
+
+STAGES = ("calibrate", "smooth", "export", "check", "build", "eval", "report")
+
+EXAMPLES = """examples:
+  sq-export run smollm2 -o out/                          # everything; OUT/report.md at the end
+  sq-export run smollm2 -o out/                          # again: every stage up to date, skipped
+  sq-export run smollm2 -o out/ --alpha 0.7              # redo smooth and later stages, keep the calibration
+  sq-export run smollm2 -o out/ --until export           # stop after the ONNX files
+  sq-export run smollm2 -o out/ --force --samples 64 --calib-seq-len 256 --max-tokens 2048
+
+OUT holds act_scales.safetensors, smoothed/, model.{fp,naive,sq}.onnx, check.json, model.*.engine (TensorRT only),
+eval.json, report.md, report.json, plots/*.png and manifest.json (per stage: inputs/outputs with sha256, options,
+tool versions, wall time). A stage is skipped when its inputs, options and outputs are unchanged; Ctrl-C leaves no
+partial file at a final path, and the next run resumes with the interrupted stage.
+exit codes: 0 ok, 1 check found violations, 2 bad input, 3 backend missing, 4 refused (smoothing changed outputs)"""
+
+
+def add_parser(sub):
+    import argparse
+
+    p = sub.add_parser("run", help=HELP, description=HELP + ".", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_model(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for every artifact (created if missing; resumed if it holds a run)")
+    p.add_argument("--force", action="store_true", help="redo every stage even when up to date")
+    p.add_argument("--until", choices=STAGES, metavar="STAGE", help=f"stop after STAGE ({', '.join(STAGES)})")
+    p.add_argument("--text", metavar="FILE", help="evaluation text (default: the shipped held-out split)")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="evaluate the first N tokens (default 4096; 0 = all)")
+    p.add_argument("--seq-len", type=int, default=512, metavar="L", help="evaluation chunk length (default 512)")
+    p.add_argument("--weights", choices=["int8", "qdq"], default="int8", help="int8: INT8 initializers -> DQ (TensorRT 10+); qdq: float W -> Q -> DQ (TensorRT 8.6)")
+    p.add_argument("--report-linear", metavar="NAME", help="Linear whose input channels the report plots (default: the middle layer's q_proj-equivalent)")
+    c.add_recipe(p, modes=False)
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args):
+    import sys
+    from pathlib import Path
+
+    from sq_export import progress
+    from sq_export.pipeline import RunOptions, run_pipeline
+
+    recipe = c.recipe_from(args)
+    opts = RunOptions(
+        alpha=args.alpha,
+        act_scales=args.act_scales,
+        per_channel=recipe.per_channel,
+        weights=args.weights,
+        calib=recipe.calib,
+        eval_text=args.text,
+        max_tokens=args.max_tokens or None,
+        seq_len=args.seq_len,
+        report_linear=args.report_linear,
+        force=args.force,
+        until=args.until,
+    )
+
+    def echo(msg):
+        if not progress.QUIET:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"run: {msg}", file=sys.stderr)  # above the progress bar, not through it
+
+    m = run_pipeline(args.model, args.output, opts, echo=echo)
+    last = m["last_run"]
+    ev = (m["stages"].get("eval") or {}).get("summary", {}).get("perplexity", {}).get("pytorch", {})
+    summary = {"output": args.output, "status": last["status"], "ran": last["ran"], "skipped": last["skipped"], "perplexity_pytorch": ev}
+    if args.json:
+        c.emit_json(summary)
+    else:
+        out = Path(args.output)
+        print(f"{last['status']}: ran {', '.join(last['ran']) or 'nothing'}; up to date/skipped {', '.join(last['skipped']) or 'nothing'}")
+        if ev and "report" in m["stages"] and last["until"] in ("eval", "report"):
+            print("perplexity (PyTorch): " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        if (out / "report.md").is_file() and last["until"] == "report":
+            print(f"report: {out / 'report.md'}")
+    return 0

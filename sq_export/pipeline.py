@@ -1,0 +1,760 @@
+"""`sq-export run`: the whole pipeline into one folder, resumable and deterministic.
+
+    manifest = run_pipeline("smollm2", "out/", RunOptions(alpha=0.85))
+
+Stages, in order (each writes into OUT):
+
+  calibrate  act_scales.safetensors                        per-channel max|x| at every quantized Linear input
+  smooth     smoothed/ (HF folder), channel_stats.safetensors  float-equivalence checked; per-channel stats for the report
+  export     model.fp.onnx, model.naive.onnx, model.sq.onnx  same recipe options for all three
+  check      check.json                                    sq_export.check.run_check on the quantized graphs; violations fail (exit 1)
+  build      model.*.engine (+ .json), build.json            TensorRT when importable, else recorded as skipped with the reason
+  eval       eval.json                                     perplexity: PyTorch fp/naive/sq, ONNX Runtime per ONNX, TensorRT per engine;
+                                                           per-Linear SQNR (naive vs SQ) on a calibration batch
+  report     report.md, report.json, plots/*.png           sq_export.report
+
+Each stage's record in OUT/manifest.json holds its inputs and outputs (path + sha256), its options, tool versions,
+wall time and a small summary. A stage is skipped when its record is complete and its inputs' hashes, its options and
+its outputs' hashes are all unchanged (`force` redoes everything; `until` stops after a stage). A stage writes into a
+staging folder inside OUT; only when it completes are its files moved to their final paths and the manifest is
+rewritten (atomically), so an interrupted stage leaves no file at a final path and the next run redoes just that
+stage. The model is loaded once per run, lazily (a run whose stages are all up to date loads nothing), and copied
+(deepcopy) before smoothing or quantizing.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sq_export.errors import BadInput, GraphCheckFailed, SqExportError
+from sq_export.export import export_onnx
+from sq_export.fileio import check_output_path, write_text_atomic
+from sq_export.recipe import CalibOptions
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "sq_export.run/1"
+STAGES = ("calibrate", "smooth", "export", "check", "build", "eval", "report")
+MODES = ("fp", "naive", "sq")
+
+MANIFEST = "manifest.json"
+ACT_SCALES = "act_scales.safetensors"
+SMOOTHED = "smoothed"
+CHANNEL_STATS = "channel_stats.safetensors"
+ONNX = {m: f"model.{m}.onnx" for m in MODES}
+ENGINES = {m: f"model.{m}.engine" for m in MODES}
+CHECK = "check.json"
+BUILD = "build.json"
+EVAL = "eval.json"
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass
+class RunOptions:
+    alpha: float | None = None  # None: the family's default
+    act_scales: str | None = None  # use saved act scales instead of calibrating
+    per_channel: bool = True
+    weights: str = "int8"  # int8 | qdq (see `sq-export export --weights`)
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    eval_text: str | None = None
+    max_tokens: int | None = 4096
+    seq_len: int = 512
+    report_linear: str | None = None  # default: first Linear of the first smoothing group of layer n//2
+    force: bool = False
+    until: str | None = None
+
+    def validate(self) -> None:
+        from sq_export.smooth import validate_alpha
+
+        if self.alpha is not None:
+            validate_alpha(self.alpha)
+        if self.weights not in ("int8", "qdq"):
+            raise BadInput(f"--weights {self.weights} unknown: int8 (TensorRT 10+) or qdq (TensorRT 8.6)")
+        if self.until is not None and self.until not in STAGES:
+            raise BadInput(f"--until {self.until} unknown: choose one of {', '.join(STAGES)}")
+        if self.seq_len < 2:
+            raise BadInput(f"--seq-len {self.seq_len} must be at least 2")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise BadInput(f"--max-tokens {self.max_tokens} must be at least 2 (or 0 for all)")
+        c = self.calib
+        if c.samples < 1 or c.seq_len < 2 or c.batch_size < 1:
+            raise BadInput("--samples and --calib-batch must be >= 1 and --calib-seq-len >= 2")
+
+
+class _StageFailed(Exception):
+    """Raised by a stage after its outputs were committed: record the stage as failed, then raise `error`."""
+
+    def __init__(self, summary: dict, error: SqExportError):
+        super().__init__(str(error))
+        self.summary = summary
+        self.error = error
+
+
+class _Skip(Exception):
+    """A stage that cannot run here (TensorRT missing): recorded as skipped with the reason."""
+
+
+# ----- hashing -------------------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dir_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def tool_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    import sq_export
+
+    v = {
+        "sq_export": sq_export.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    return v
+
+
+# ----- the run -------------------------------------------------------------------------------------------------
+class Pipeline:
+    def __init__(self, model: str, out_dir, options: RunOptions, echo=None):
+        from sq_export.modeling import resolve_model_path
+
+        options.validate()
+        self.opts = options
+        self.model_arg = str(model)
+        self.model_path = resolve_model_path(self.model_arg)
+        self.out = Path(out_dir)
+        self.echo = echo or (lambda msg: None)
+        self._hashes: dict = {}
+        self._versions = None
+        # lazily built state (one model load per run)
+        self._loaded = None
+        self._act = None
+        self._smoothed = None  # (model, factors)
+        self._factors = None
+        self._quantized: dict = {}
+        self._prepare_out()
+        self.manifest = self._read_manifest()
+
+    # --- folder, manifest ---
+    def _prepare_out(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise BadInput(f"-o {self.out} is a file: give a folder for the run's artifacts")
+        check_output_path(self.out)  # the parent must exist and be writable
+        self.out.mkdir(exist_ok=True)
+        check_output_path(self.out / MANIFEST)
+        # leftovers of a killed run (SIGKILL skips cleanup): staging folders and atomic-write temp files
+        for p in self.out.iterdir():
+            n = p.name
+            if n.startswith(STAGING_PREFIX) or (n.startswith(".") and (".tmp" in n or n.endswith(".old"))):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def _read_manifest(self) -> dict:
+        p = self.out / MANIFEST
+        fresh = {"schema": SCHEMA, "stages": {}}
+        if not p.is_file():
+            return fresh
+        try:
+            m = json.loads(p.read_text())
+        except (OSError, ValueError):
+            log.warning("%s is unreadable; every stage will run again", p)
+            return fresh
+        if not isinstance(m, dict) or m.get("schema") != SCHEMA or not isinstance(m.get("stages"), dict):
+            log.warning("%s has another schema; every stage will run again", p)
+            return fresh
+        return m
+
+    def _write_manifest(self) -> None:
+        write_text_atomic(self.out / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+
+    def versions(self) -> dict:
+        if self._versions is None:
+            self._versions = tool_versions()
+        v = dict(self._versions)
+        import sys
+
+        if "tensorrt" in sys.modules:  # imported by the build stage, if at all
+            v["tensorrt"] = getattr(sys.modules["tensorrt"], "__version__", None)
+        return v
+
+    # --- hashing with a per-run cache ---
+    def rel(self, p: Path) -> str:
+        p = Path(p)
+        try:
+            return p.resolve().relative_to(self.out.resolve()).as_posix()
+        except ValueError:
+            return str(p.resolve())
+
+    def digest(self, p: Path) -> dict:
+        p = Path(p)
+        if not p.exists():
+            raise BadInput(f"{p} is missing")
+        if p.is_dir():
+            files = _dir_files(p)
+            key = (str(p.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+            if key not in self._hashes:
+                h = hashlib.sha256()
+                size = 0
+                for f in files:
+                    h.update(f"{f.relative_to(p).as_posix()}\0{self._file_hash(f)}\n".encode())
+                    size += f.stat().st_size
+                self._hashes[key] = {"sha256": h.hexdigest(), "bytes": size, "files": len(files)}
+            return {"path": self.rel(p), **self._hashes[key]}
+        return {"path": self.rel(p), "sha256": self._file_hash(p), "bytes": p.stat().st_size}
+
+    def _file_hash(self, p: Path) -> str:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = sha256_file(p)
+        return self._hashes[key]
+
+    def _intact(self, outputs: dict) -> bool:
+        for o in outputs.values():
+            p = self.out / o["path"]
+            if not p.exists():
+                return False
+            d = self.digest(p)
+            if d["sha256"] != o["sha256"]:
+                return False
+        return True
+
+    # --- lazily built state ---
+    def loaded(self):
+        if self._loaded is None:
+            from sq_export.families import family_for
+            from sq_export.modeling import env_threads, load_model
+
+            env_threads()
+            from sq_export import progress
+
+            if progress.QUIET:
+                import transformers
+
+                transformers.utils.logging.disable_progress_bar()
+            t = time.perf_counter()
+            model, tok, _ = load_model(self.model_arg, with_tokenizer=True)
+            if tok is None:
+                raise BadInput(f"model {self.model_arg} has no tokenizer: the pipeline needs one for calibration and eval")
+            self._loaded = (model, tok, family_for(model))
+            self.echo(f"loaded {self.model_arg} in {time.perf_counter() - t:.1f}s")
+        return self._loaded
+
+    def alpha(self) -> float:
+        _, _, fam = self.loaded()
+        return fam.default_alpha if self.opts.alpha is None else float(self.opts.alpha)
+
+    def recipe(self):
+        from sq_export.recipe import Recipe
+
+        o = self.opts
+        return Recipe(mode="sq", alpha=o.alpha, per_channel=o.per_channel, act_scales=o.act_scales, calib=o.calib)
+
+    def act_max(self) -> dict:
+        if self._act is None:
+            from sq_export.calibrate import load_act_scales, validate_act_scales
+
+            model, _, fam = self.loaded()
+            self._act = load_act_scales(self.out / ACT_SCALES)
+            validate_act_scales(self._act, model, fam, f"act scales {self.out / ACT_SCALES}")
+        return self._act
+
+    def smoothed(self):
+        """(smoothed float model, factors): from the smooth stage of this run, or recomputed (same arithmetic)."""
+        if self._smoothed is None:
+            from sq_export.smooth import apply_smoothing
+
+            model, _, fam = self.loaded()
+            m = copy.deepcopy(model)
+            factors = apply_smoothing(m, fam, self.act_max(), self.alpha())
+            self._smoothed = (m, factors)
+            self._factors = factors
+        return self._smoothed
+
+    def factors(self) -> dict:
+        if self._factors is None:
+            self.smoothed()
+        return self._factors
+
+    def quantized(self, mode: str):
+        """The PyTorch model of `mode` as `prepare` builds it (fp: the float model itself)."""
+        if mode == "fp":
+            return self.loaded()[0]
+        if mode not in self._quantized:
+            from sq_export.quantize import quantize_model, static_scales
+            from sq_export.smooth import smoothed_act_max
+
+            model, _, fam = self.loaded()
+            names = fam.quantized_linears()
+            if mode == "naive":
+                m = copy.deepcopy(model)
+                act = self.act_max()
+            else:
+                m, factors = self.smoothed()
+                act = smoothed_act_max(self.act_max(), fam, factors)
+                self._smoothed = None  # quantized in place: the float smoothed copy is not needed any more
+            quantize_model(m, names, "static", static_scales(act, names), self.opts.per_channel)
+            self._quantized[mode] = m
+        return self._quantized[mode]
+
+    def calib_text(self) -> Path:
+        from sq_export.textdata import default_text
+
+        return Path(self.opts.calib.calib_text) if self.opts.calib.calib_text else default_text("calib")
+
+    def eval_text(self) -> Path:
+        from sq_export.textdata import default_text
+
+        return Path(self.opts.eval_text) if self.opts.eval_text else default_text("eval")
+
+    # --- the stage driver ---
+    def run(self) -> dict:
+        from sq_export import progress
+
+        until = self.opts.until or STAGES[-1]
+        stages = STAGES[: STAGES.index(until) + 1]
+        self.manifest.update(
+            {
+                "schema": SCHEMA,
+                "model": {"arg": self.model_arg, **self.digest(self.model_path)},
+                "out": str(self.out.resolve()),
+                "stage_order": list(STAGES),
+            }
+        )
+        last = {"started": now_iso(), "finished": None, "until": until, "force": self.opts.force, "ran": [], "skipped": [], "status": "running"}
+        self.manifest["last_run"] = last
+        bar = progress.bar(total=len(stages), desc="run", unit="stage")
+        try:
+            for name in stages:
+                bar.set_description(f"run: {name}")
+                status = self._stage(name)
+                (last["ran"] if status == "ran" else last["skipped"]).append(name)
+                bar.update(1)
+            last["status"] = "complete" if until == STAGES[-1] else f"stopped after {until}"
+        except KeyboardInterrupt:
+            last["status"] = "interrupted"
+            raise
+        except BaseException:
+            last["status"] = "failed"
+            raise
+        finally:
+            bar.close()
+            last["finished"] = now_iso()
+            self._write_manifest()
+        return self.manifest
+
+    def _stage(self, name: str) -> str:
+        spec = getattr(self, f"_spec_{name}")
+        fn = getattr(self, f"_run_{name}")
+        stages = self.manifest["stages"]
+        try:
+            inputs_paths, options = spec()
+        except _Skip as s:
+            stages[name] = {"status": "skipped", "reason": str(s), "inputs": {}, "options": {}, "outputs": {},
+                            "versions": self.versions(), "wall_s": 0.0, "finished": now_iso(), "summary": {}}
+            self._write_manifest()
+            self.echo(f"{name}: skipped ({s})")
+            return "skipped"
+        inputs = {k: self.digest(p) for k, p in inputs_paths.items()}
+        options = json.loads(json.dumps(options))  # the form it takes in the manifest (tuples → lists ...)
+        rec = stages.get(name)
+        if (
+            not self.opts.force
+            and isinstance(rec, dict)
+            and rec.get("status") in ("ran", "skipped")
+            and rec.get("outputs")
+            and rec.get("inputs") == inputs
+            and rec.get("options") == options
+            and self._intact(rec["outputs"])
+        ):
+            rec["status"] = "skipped"
+            rec["reason"] = "up to date: inputs, options and outputs unchanged"
+            self._write_manifest()
+            self.echo(f"{name}: up to date, skipped")
+            return "skipped"
+
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}-", dir=self.out))
+        t0 = time.perf_counter()
+        failure = None
+        try:
+            try:
+                summary = fn(staging) or {}
+            except _StageFailed as f:
+                summary, failure = f.summary, f.error
+            produced = self._commit(staging)
+        except BaseException as e:
+            stages[name] = {
+                "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                "reason": f"{type(e).__name__}: {e}"[:500],
+                "inputs": inputs, "options": options, "outputs": {}, "versions": self.versions(),
+                "wall_s": round(time.perf_counter() - t0, 3), "finished": now_iso(), "summary": {},
+            }
+            self._write_manifest()
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        wall = time.perf_counter() - t0
+        stages[name] = {
+            "status": "failed" if failure else "ran",
+            "reason": str(failure) if failure else None,
+            "inputs": inputs,
+            "options": options,
+            "outputs": {n: self.digest(self.out / n) for n in produced},
+            "versions": self.versions(),
+            "wall_s": round(wall, 3),
+            "finished": now_iso(),
+            "summary": summary,
+        }
+        self._write_manifest()
+        self.echo(f"{name}: {'FAILED' if failure else 'done'} in {wall:.1f}s")
+        if failure:
+            raise failure
+        return "ran"
+
+    def _commit(self, staging: Path) -> list[str]:
+        """Move everything the stage wrote to its final path (each move atomic); folders replace folders."""
+        names = sorted(p.name for p in staging.iterdir() if not p.name.startswith("."))
+        for n in names:
+            src, dst = staging / n, self.out / n
+            if src.is_dir():
+                if dst.exists():
+                    old = Path(tempfile.mkdtemp(prefix=f".{n}.", suffix=".old", dir=self.out))
+                    os.replace(dst, old / "x")
+                    os.replace(src, dst)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(src, dst)
+            else:
+                if dst.is_dir():
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+        return names
+
+    def _stage_outputs(self, name: str) -> list[str]:
+        rec = self.manifest["stages"].get(name) or {}
+        return list((rec.get("outputs") or {}).keys()) if rec.get("status") in ("ran", "skipped") else []
+
+    # ----- calibrate -----
+    def _spec_calibrate(self):
+        c = self.opts.calib
+        if self.opts.act_scales:
+            return {"model": self.model_path, "act_scales": Path(self.opts.act_scales)}, {"act_scales": "given"}
+        return (
+            {"model": self.model_path, "calib_text": self.calib_text()},
+            {"samples": c.samples, "calib_seq_len": c.seq_len, "calib_batch": c.batch_size},
+        )
+
+    def _run_calibrate(self, staging: Path) -> dict:
+        from sq_export.calibrate import load_act_scales, run_calibration, save_act_scales, validate_act_scales
+
+        model, tok, fam = self.loaded()
+        c = self.opts.calib
+        if self.opts.act_scales:
+            scales = load_act_scales(self.opts.act_scales)
+            validate_act_scales(scales, model, fam, f"act scales {self.opts.act_scales}")
+            meta = {"source": Path(self.opts.act_scales).name}
+        else:
+            scales, meta = run_calibration(model, fam, tok, c.calib_text, c.samples, c.seq_len, c.batch_size)
+            meta.pop("seconds", None)  # no times in artifacts
+        save_act_scales(staging / ACT_SCALES, scales, {"model_type": model.config.model_type, **meta})
+        self._act = None  # reload from the file: later stages use exactly what was written
+        self._smoothed = self._factors = None
+        self._quantized.clear()
+        return {"linears": len(scales), **meta}
+
+    # ----- smooth -----
+    def _spec_smooth(self):
+        return (
+            {"model": self.model_path, "act_scales": self.out / ACT_SCALES, "calib_text": self.calib_text()},
+            {"alpha": self.opts.alpha, "check_seq_len": min(128, self.opts.calib.seq_len)},
+        )
+
+    def _run_smooth(self, staging: Path) -> dict:
+        import torch
+        from safetensors.torch import save_file
+
+        from sq_export.modeling import weight_oi
+        from sq_export.recipe import check_batch
+        from sq_export.smooth import smooth_checked, smoothed_act_max
+
+        model, tok, fam = self.loaded()
+        alpha = self.alpha()
+        act = self.act_max()
+        m = copy.deepcopy(model)
+        factors, delta = smooth_checked(m, fam, act, alpha, check_batch(tok, self.recipe()))
+        dest = staging / SMOOTHED
+        dest.mkdir()
+        m.config.sq_export = {"smoothed": True, "alpha": alpha, "family": fam.name}
+        m.save_pretrained(dest, safe_serialization=True)
+        del m.config.sq_export
+        tok.save_pretrained(dest)
+        save_file({k: v.contiguous() for k, v in sorted(factors.items())}, str(dest / "smoothing_factors.safetensors"))
+
+        # per-channel statistics of every quantized Linear, before and after, for the report
+        after = smoothed_act_max(act, fam, factors)
+        names = fam.quantized_linears()
+        stats = {}
+        with torch.no_grad():
+            for n in names:
+                stats[f"act_before/{n}"] = act[n].float().clone().contiguous()
+                stats[f"act_after/{n}"] = after[n].float().clone().contiguous()
+                stats[f"w_before/{n}"] = weight_oi(model.get_submodule(n)).abs().amax(dim=0).float().contiguous()
+                stats[f"w_after/{n}"] = weight_oi(m.get_submodule(n)).abs().amax(dim=0).float().contiguous()
+        n_layers = fam.num_layers()
+        prefix = fam.layer_prefix(n_layers // 2)
+        groups = fam.groups()
+        mid = [g for g in groups if g.source.startswith(prefix)]
+        default_linear = (mid or groups)[0].linears[0]
+        smoothed_names = sorted({n for g in groups for n in g.linears})
+        meta = {
+            "format": "channel_stats/1",
+            "alpha": alpha,
+            "family": fam.name,
+            "model_type": model.config.model_type,
+            "num_layers": n_layers,
+            "default_linear": default_linear,
+            "linears": names,
+            "smoothed_linears": smoothed_names,
+        }
+        save_file(dict(sorted(stats.items())), str(staging / CHANNEL_STATS), metadata={"sq_export": json.dumps(meta, sort_keys=True)})
+        self._smoothed = (m, factors)
+        self._factors = factors
+        self._quantized.pop("sq", None)
+        return {"alpha": alpha, "groups": len(factors), "max_abs_logit_change": delta, "default_report_linear": default_linear}
+
+    # ----- export -----
+    def _spec_export(self):
+        return (
+            {"model": self.model_path, "act_scales": self.out / ACT_SCALES, "smoothed": self.out / SMOOTHED},
+            {"alpha": self.opts.alpha, "weights": self.opts.weights, "weight_granularity": "channel" if self.opts.per_channel else "tensor",
+             "act": "static", "target": "tensorrt"},
+        )
+
+    def _run_export(self, staging: Path) -> dict:
+        _, _, fam = self.loaded()
+        c = self.opts.calib
+        summary = {}
+        for mode in MODES:
+            m = self.quantized(mode)
+            n_q = 0 if mode == "fp" else len(fam.quantized_linears())
+            meta = {
+                "source_model": self.model_arg,
+                "family": fam.name,
+                "mode": mode,
+                "act": "static" if mode != "fp" else None,
+                "alpha": self.alpha() if mode == "sq" else None,
+                "quantized_layers_total": n_q,
+                "fp16_layers": "",
+                "calibration": f"{c.samples}x{c.seq_len}" if not self.opts.act_scales else Path(self.opts.act_scales).name,
+            }
+            res = export_onnx(m, fam, staging / ONNX[mode], weights=self.opts.weights, target="tensorrt", meta=meta)
+            summary[mode] = {"bytes": res["bytes"], "nodes": res["nodes"], "quantized_linears": n_q}
+        return summary
+
+    # ----- check -----
+    def _spec_check(self):
+        return {m: self.out / ONNX[m] for m in ("naive", "sq")}, {"target": "trt", "graphs": ["naive", "sq"]}
+
+    def _run_check(self, staging: Path) -> dict:
+        from sq_export.check import run_check
+
+        reports = {}
+        for m in ("naive", "sq"):
+            r = run_check(self.out / ONNX[m], target="trt")
+            d = r.to_json()
+            d["source"] = ONNX[m]
+            reports[ONNX[m]] = d
+        ok = all(d["ok"] for d in reports.values())
+        doc = {"ok": ok, "graphs": reports}
+        (staging / CHECK).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        summary = {"ok": ok, "violations": {k: len(d["violations"]) for k, d in reports.items()}}
+        if not ok:
+            bad = [f"{k}: {v['rule']} {v['node']}" for k, d in reports.items() for v in d["violations"]][:3]
+            n = sum(summary["violations"].values())
+            raise _StageFailed(summary, GraphCheckFailed(f"check found {n} violation(s) ({'; '.join(bad)}); see {self.out / CHECK}"))
+        return summary
+
+    # ----- build -----
+    def _trt(self):
+        from sq_export.engine.trt_compat import import_tensorrt, require_gpu
+        from sq_export.errors import BackendMissing
+
+        try:
+            trt = import_tensorrt()
+        except BackendMissing as e:
+            import re
+
+            m = re.search(r"\((.*?)\)", str(e))
+            raise _Skip(f"TensorRT not installed ({m.group(1) if m else str(e)[:200]})") from None
+        try:
+            gpu = require_gpu()
+        except BackendMissing as e:
+            raise _Skip(f"no usable GPU for TensorRT {trt.__version__} ({str(e)[:200]})") from None
+        return trt, gpu
+
+    def build_profile(self):
+        L = self.opts.seq_len
+        return {"batch": [1, 1, 4], "seq": [1, min(128, L), max(L, 2)]}
+
+    def _spec_build(self):
+        trt, gpu = self._trt()
+        return (
+            {m: self.out / ONNX[m] for m in MODES},
+            {"tensorrt": trt.__version__, "gpu": gpu.get("name"), **self.build_profile()},
+        )
+
+    def _run_build(self, staging: Path) -> dict:
+        from sq_export.engine.build import build_engine
+
+        prof = self.build_profile()
+        out = {}
+        for mode in MODES:
+            precision = "fp16" if mode == "fp" else "int8"
+            dest = staging / ENGINES[mode]
+            try:
+                side = build_engine(self.out / ONNX[mode], dest, precision=precision, batch=prof["batch"], seq=prof["seq"])
+            except BadInput as e:
+                if mode != "fp":
+                    raise
+                out[mode] = {"built": False, "reason": str(e)}  # e.g. TensorRT 10+: an FP32 graph gives no FP16 engine
+                continue
+            side["engine"] = ENGINES[mode]
+            side["onnx"] = ONNX[mode]
+            write_text_atomic(str(dest) + ".json", json.dumps(side, indent=2) + "\n")
+            out[mode] = {"built": True, "engine": ENGINES[mode], "bytes": side["engine_bytes"], "build_seconds": side["build_seconds"],
+                         "precision": precision, "tensorrt_version": side["tensorrt_version"]}
+        (staging / BUILD).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        return out
+
+    def engines(self) -> dict:
+        """{mode: engine path} of engines the build stage produced (and that are up to date)."""
+        produced = set(self._stage_outputs("build"))
+        return {m: self.out / ENGINES[m] for m in MODES if ENGINES[m] in produced}
+
+    # ----- eval -----
+    def _spec_eval(self):
+        inputs = {"model": self.model_path, "act_scales": self.out / ACT_SCALES, "smoothed": self.out / SMOOTHED,
+                  "eval_text": self.eval_text(), "calib_text": self.calib_text()}
+        inputs.update({f"onnx_{m}": self.out / ONNX[m] for m in MODES})
+        inputs.update({f"engine_{m}": p for m, p in self.engines().items()})
+        return inputs, {
+            "max_tokens": self.opts.max_tokens,
+            "seq_len": self.opts.seq_len,
+            "alpha": self.opts.alpha,
+            "weight_granularity": "channel" if self.opts.per_channel else "tensor",
+            "sqnr_batch": [2, min(128, self.opts.calib.seq_len)],
+        }
+
+    def _run_eval(self, staging: Path) -> dict:
+        import numpy as np
+
+        from sq_export.evaluate import onnx_perplexity, torch_perplexity
+        from sq_export.recipe import check_batch
+        from sq_export.report import layer_sqnr
+        from sq_export.textdata import read_text, tokenize
+
+        model, tok, fam = self.loaded()
+        o = self.opts
+        ids = tokenize(tok, read_text(o.eval_text, "eval"))
+        ppl: dict = {"pytorch": {}, "onnxruntime": {}}
+        secs: dict = {"pytorch": {}, "onnxruntime": {}}
+        tokens = None
+        for mode in MODES:
+            t = time.perf_counter()
+            r = torch_perplexity(self.quantized(mode), ids, o.seq_len, o.max_tokens, desc=f"eval pytorch {mode}")
+            ppl["pytorch"][mode], tokens = r["perplexity"], r["tokens"]
+            secs["pytorch"][mode] = round(time.perf_counter() - t, 2)
+        for mode in MODES:
+            t = time.perf_counter()
+            r = onnx_perplexity(str(self.out / ONNX[mode]), ids, o.seq_len, o.max_tokens)
+            ppl["onnxruntime"][mode] = r["perplexity"]
+            secs["onnxruntime"][mode] = round(time.perf_counter() - t, 2)
+        engines = self.engines()
+        if engines:
+            from sq_export.engine.run import Tokens, engine_perplexity
+            from sq_export.ppl import chunk_tokens
+
+            chunks = chunk_tokens(ids, o.seq_len, o.max_tokens)
+            L = max(len(c) for c in chunks)
+            arr = np.zeros((len(chunks), L), dtype=np.int64)
+            for i, c in enumerate(chunks):
+                arr[i, : len(c)] = c
+            lengths = np.array([len(c) for c in chunks], dtype=np.int64)
+            toks = Tokens(arr, (np.arange(L)[None] < lengths[:, None]).astype(np.int64), lengths, path="<eval text>")
+            ppl["tensorrt"], secs["tensorrt"] = {}, {}
+            for mode, p in engines.items():
+                t = time.perf_counter()
+                ppl["tensorrt"][mode] = engine_perplexity(p, toks)["perplexity"]
+                secs["tensorrt"][mode] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        batch = check_batch(tok, self.recipe())
+        sqnr = layer_sqnr(model, {"naive": self.quantized("naive"), "sq": self.quantized("sq")}, fam.quantized_linears(), batch)
+        sqnr = [{"linear": n, **v} for n, v in sqnr.items()]  # a list: model order survives sort_keys
+        secs["sqnr"] = round(time.perf_counter() - t, 2)
+        doc = {
+            "tokens": tokens,
+            "seq_len": o.seq_len,
+            "max_tokens": o.max_tokens,
+            "eval_text": self.eval_text().name,
+            "perplexity": ppl,
+            "layer_sqnr_db": sqnr,
+            "sqnr_batch": list(batch.shape),
+        }
+        (staging / EVAL).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return {"tokens": tokens, "perplexity": ppl, "seconds": secs}
+
+    # ----- report -----
+    def _prior_records_digest(self) -> str:
+        """What the report shows of the earlier stages' records (not this run's ran/skipped status)."""
+        keep = {}
+        for n in STAGES[:-1]:
+            r = self.manifest["stages"].get(n)
+            if r:
+                keep[n] = {k: r.get(k) for k in ("inputs", "options", "outputs", "wall_s", "summary")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+    def _spec_report(self):
+        inputs = {"act_scales": self.out / ACT_SCALES, "channel_stats": self.out / CHANNEL_STATS, "eval": self.out / EVAL,
+                  "check": self.out / CHECK}
+        if BUILD in self._stage_outputs("build"):
+            inputs["build"] = self.out / BUILD
+        return inputs, {"linear": self.opts.report_linear, "stages_digest": self._prior_records_digest()}
+
+    def _run_report(self, staging: Path) -> dict:
+        from sq_export.report import write_report
+
+        return write_report(self.out, self.manifest, staging, linear=self.opts.report_linear)
+
+
+def run_pipeline(model, out_dir, options: RunOptions | None = None, echo=None) -> dict:
+    """Run (or resume) the pipeline into `out_dir`; return the manifest (also in OUT/manifest.json)."""
+    return Pipeline(model, out_dir, options or RunOptions(), echo=echo).run()
+
+
+def options_dict(o: RunOptions) -> dict:
+    return asdict(o)

@@ -1,0 +1,239 @@
+"""`sq-export run` on tiny Llama and OPT folders: artifacts, manifest, skipping, --force, --until, --alpha reruns,
+interruption and resume, determinism."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sq_export.cli import main
+
+SMALL = ["--samples", "4", "--calib-seq-len", "32", "--max-tokens", "256", "--seq-len", "64"]
+ARTIFACTS = ["act_scales.safetensors", "smoothed", "channel_stats.safetensors", "model.fp.onnx", "model.naive.onnx",
+             "model.sq.onnx", "check.json", "eval.json", "report.md", "report.json", "manifest.json"]
+PLOTS = ["act_channels.png", "weight_channels.png", "sqnr.png", "perplexity.png"]
+STAGES = ["calibrate", "smooth", "export", "check", "build", "eval", "report"]
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    # The eval split is a slice of the calibration file far from the calibration slice, so the tests do not depend
+    # on calibration/heldout.txt being present in the checkout.
+    from sq_export.textdata import DEFAULT_CALIB
+
+    d = tmp_path_factory.mktemp("pipeline_text")
+    full = DEFAULT_CALIB.read_text()
+    (d / "calib.txt").write_text(full[:20000])
+    (d / "eval.txt").write_text(full[400000:408000])
+    return d
+
+
+def run(model, out, texts, *extra):
+    argv = ["-q", "run", str(model), "-o", str(out), *SMALL, "--calib-text", str(texts / "calib.txt"),
+            "--text", str(texts / "eval.txt"), *map(str, extra)]
+    return main(argv)
+
+
+def manifest(out):
+    return json.loads((Path(out) / "manifest.json").read_text())
+
+
+def snapshot(out):
+    """{relative path: (mtime_ns, bytes)} of every file under OUT except the manifest (rewritten on every run)."""
+    out = Path(out)
+    return {p.relative_to(out).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def assert_complete(out):
+    out = Path(out)
+    for a in ARTIFACTS:
+        assert (out / a).exists(), a
+    for p in PLOTS:
+        assert (out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp/staging leftovers"
+    m = manifest(out)
+    assert m["schema"] == "sq_export.run/1" and m["last_run"]["status"] == "complete"
+    for s in STAGES:
+        rec = m["stages"][s]
+        assert set(rec) >= {"status", "inputs", "options", "outputs", "versions", "wall_s"}
+        assert set(rec["versions"]) >= {"torch", "transformers", "onnx", "onnxruntime", "sq_export"}
+        for o in rec["outputs"].values():
+            assert (out / o["path"]).exists() and len(o["sha256"]) == 64
+    # no TensorRT here: the build stage is recorded as skipped, with the reason
+    b = m["stages"]["build"]
+    assert b["status"] == "skipped" and "TensorRT" in b["reason"] and not b["outputs"]
+    ev = json.loads((out / "eval.json").read_text())
+    for backend in ("pytorch", "onnxruntime"):
+        assert set(ev["perplexity"][backend]) == {"fp", "naive", "sq"}
+        assert all(1.0 < v < 1e4 for v in ev["perplexity"][backend].values())
+    # ONNX Runtime runs the same graphs PyTorch fake-quantizes: close perplexities
+    for mode in ("fp", "naive", "sq"):
+        assert ev["perplexity"]["onnxruntime"][mode] == pytest.approx(ev["perplexity"]["pytorch"][mode], rel=2e-3)
+    assert json.loads((out / "check.json").read_text())["ok"] is True
+    md = (out / "report.md").read_text()
+    assert md.startswith("# SmoothQuant W8A8 report") and "**Perplexity**" in md.splitlines()[2]
+    for p in PLOTS:
+        assert f"plots/{p}" in md
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["channels"]["act_max_before"]["ratio"] > 5 * rep["channels"]["act_max_after"]["ratio"]  # outliers flattened
+    assert rep["headline"]["mean_sqnr_db"]["sq"] > rep["headline"]["mean_sqnr_db"]["naive"]
+    return m
+
+
+@pytest.fixture(scope="module")
+def llama_run(tiny_dirs, texts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_llama") / "out"
+    assert run(tiny_dirs("llama"), out, texts) == 0
+    return out
+
+
+def test_full_run_then_rerun_skips_then_force_redoes(llama_run, tiny_dirs, texts):
+    out = llama_run
+    m = assert_complete(out)
+    assert m["last_run"]["ran"] == [s for s in STAGES if s != "build"]
+    assert m["stages"]["report"]["outputs"].keys() >= {"report.md", "report.json", "plots"}
+    before = snapshot(out)
+
+    assert run(tiny_dirs("llama"), out, texts) == 0
+    m = manifest(out)
+    assert m["last_run"]["ran"] == [] and m["last_run"]["skipped"] == STAGES
+    assert all(m["stages"][s]["status"] == "skipped" for s in STAGES)
+    assert "up to date" in m["stages"]["export"]["reason"]
+    assert snapshot(out) == before  # nothing rewritten: same mtimes, same bytes
+
+    assert run(tiny_dirs("llama"), out, texts, "--force") == 0
+    m = manifest(out)
+    assert m["last_run"]["ran"] == [s for s in STAGES if s != "build"]
+    after = snapshot(out)
+    assert after["model.sq.onnx"][0] != before["model.sq.onnx"][0]  # rewritten ...
+    for f in ("model.sq.onnx", "model.naive.onnx", "model.fp.onnx", "act_scales.safetensors"):
+        assert after[f][1] == before[f][1]  # ... with the same bytes
+
+
+def test_deterministic_across_folders_and_alpha_change(llama_run, tiny_dirs, texts, tmp_path):
+    out = tmp_path / "b"
+    assert run(tiny_dirs("llama"), out, texts, "--until", "export") == 0
+    for f in ("act_scales.safetensors", "channel_stats.safetensors", "model.fp.onnx", "model.naive.onnx", "model.sq.onnx",
+              "smoothed/model.safetensors"):
+        assert (out / f).read_bytes() == (llama_run / f).read_bytes(), f
+    m = manifest(out)
+    assert m["last_run"]["status"] == "stopped after export" and list(m["stages"]) == ["calibrate", "smooth", "export"]
+    assert not (out / "check.json").exists() and not (out / "report.md").exists()
+    act_before = snapshot(out)["act_scales.safetensors"]
+
+    assert run(tiny_dirs("llama"), out, texts, "--alpha", "0.5") == 0
+    m = manifest(out)
+    assert m["last_run"]["skipped"] == ["calibrate", "build"]
+    assert m["last_run"]["ran"] == ["smooth", "export", "check", "eval", "report"]
+    assert snapshot(out)["act_scales.safetensors"] == act_before  # calibration untouched
+    assert (out / "model.sq.onnx").read_bytes() != (llama_run / "model.sq.onnx").read_bytes()
+    assert (out / "model.naive.onnx").read_bytes() == (llama_run / "model.naive.onnx").read_bytes()
+    assert json.loads((out / "report.json").read_text())["alpha"] == 0.5
+
+
+def test_interrupted_stage_leaves_no_final_file_and_resumes(tiny_dirs, texts, tmp_path, monkeypatch):
+    import sq_export.pipeline as pl
+
+    real = pl.export_onnx
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # one ONNX written (in staging), then Ctrl-C in the middle of the stage
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pl, "export_onnx", flaky)
+    out = tmp_path / "c"
+    assert run(tiny_dirs("llama"), out, texts) == 130
+    assert not list(out.glob("model.*")), "no file at a final path of the interrupted stage"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temp/staging leftovers"
+    m = manifest(out)
+    assert m["stages"]["export"]["status"] == "interrupted" and m["last_run"]["status"] == "interrupted"
+    assert m["stages"]["smooth"]["status"] == "ran" and "check" not in m["stages"]
+
+    monkeypatch.setattr(pl, "export_onnx", real)
+    assert run(tiny_dirs("llama"), out, texts, "--until", "check") == 0
+    m = manifest(out)
+    assert m["last_run"]["skipped"] == ["calibrate", "smooth"] and m["last_run"]["ran"] == ["export", "check"]
+    assert all((out / f"model.{x}.onnx").is_file() for x in ("fp", "naive", "sq"))
+
+    # a check violation fails the run (exit 1), keeps check.json for reading, and the stage reruns next time
+    import sq_export.check as ck
+    from sq_export.passes._graph import Violation
+
+    real_check = ck.run_check
+
+    def bad_check(path, **k):
+        r = real_check(path, **k)
+        r.violations.append(Violation("SQ001", "fake_node", "injected by the test"))
+        return r
+
+    monkeypatch.setattr(ck, "run_check", bad_check)
+    (out / "check.json").unlink()  # a missing output makes its stage run again
+    assert run(tiny_dirs("llama"), out, texts, "--until", "check") == 1
+    assert json.loads((out / "check.json").read_text())["ok"] is False
+    assert manifest(out)["stages"]["check"]["status"] == "failed"
+    monkeypatch.setattr(ck, "run_check", real_check)
+    assert run(tiny_dirs("llama"), out, texts, "--until", "check") == 0  # a failed stage is not "up to date"
+    assert manifest(out)["last_run"]["ran"] == ["check"]
+
+
+def test_opt_full_run_and_rerun(tiny_dirs, texts, tmp_path):
+    out = tmp_path / "opt"
+    assert run(tiny_dirs("opt"), out, texts) == 0
+    assert_complete(out)
+    before = snapshot(out)
+    assert run(tiny_dirs("opt"), out, texts) == 0
+    assert manifest(out)["last_run"]["ran"] == []
+    assert snapshot(out) == before
+
+
+def test_run_help_and_bad_options(capsys, tmp_path, tiny_dirs):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--until STAGE" in out and "examples:" in out and "--force" in out
+    assert main(["-q", "run", str(tiny_dirs("llama")), "-o", str(tmp_path / "x"), "--alpha", "1.5"]) == 2
+    assert main(["-q", "run", str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_build_stage_wiring_with_a_fake_tensorrt(llama_run, tiny_dirs, texts, tmp_path, monkeypatch):
+    """No TensorRT here: stand-ins for its public functions check how build and eval use engines."""
+    import shutil
+    import types
+
+    import sq_export.engine.build as eb
+    import sq_export.engine.run as er
+    import sq_export.engine.trt_compat as tc
+    from sq_export.errors import BadInput
+
+    out = tmp_path / "trt"
+    shutil.copytree(llama_run, out)
+    built = []
+
+    def fake_build(onnx, dest, precision="int8", batch=None, seq=None, **k):
+        if precision == "fp16":
+            raise BadInput("TensorRT 10.0.0 builds strongly typed networks ... this graph is FP32")
+        built.append((Path(onnx).name, precision, tuple(seq)))
+        Path(dest).write_bytes(b"engine:" + Path(onnx).read_bytes()[:64])
+        return {"engine": str(dest), "engine_bytes": Path(dest).stat().st_size, "build_seconds": 0.1, "tensorrt_version": "10.0.0"}
+
+    monkeypatch.setattr(tc, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0.0"))
+    monkeypatch.setattr(tc, "require_gpu", lambda: {"name": "FakeGPU"})
+    monkeypatch.setattr(eb, "build_engine", fake_build)
+    monkeypatch.setattr(er, "engine_perplexity", lambda path, toks, *a, **k: {"perplexity": 100.0 + toks.n_chunks})
+    assert run(tiny_dirs("llama"), out, texts) == 0
+    m = manifest(out)
+    assert m["last_run"]["ran"] == ["build", "eval", "report"]
+    assert sorted(built) == [("model.naive.onnx", "int8", (1, 64, 64)), ("model.sq.onnx", "int8", (1, 64, 64))]
+    assert set(m["stages"]["build"]["outputs"]) == {"build.json", "model.naive.engine", "model.naive.engine.json", "model.sq.engine", "model.sq.engine.json"}
+    assert "fp16" not in json.dumps(built) and "strongly typed" in json.loads((out / "build.json").read_text())["fp"]["reason"]
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["perplexity"]["tensorrt"] == {"naive": 104.0, "sq": 104.0}  # 256 tokens in chunks of 64
+    md = (out / "report.md").read_text()
+    assert "| model | PyTorch | ONNX Runtime | TensorRT |" in md and "104.000 |" in md
+    assert run(tiny_dirs("llama"), out, texts) == 0
+    assert manifest(out)["last_run"]["ran"] == []  # engines up to date too
