@@ -139,6 +139,7 @@ def build_engine(
     timing_cache=None,
     tactic_sources=None,
     workspace_gb=None,
+    opt_level=None,
 ) -> dict:
     """Build `onnx_path` into a TensorRT engine at `engine_path` (+ `engine_path`.json sidecar); returns the sidecar.
 
@@ -187,6 +188,8 @@ def build_engine(
     )
     if timing_cache is not None:
         cfg_kwargs["load_timing_cache"] = str(timing_cache)
+    if opt_level is not None:
+        cfg_kwargs["builder_optimization_level"] = int(opt_level)
     if workspace_gb is not None:
         cfg_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(float(workspace_gb) * (1 << 30))}
     network = NetworkFromOnnxPath(str(onnx_path), **plan.network_kwargs())
