@@ -136,6 +136,7 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
         torch_export(model, family, raw)
         mp = onnx.load(str(raw))
     # TorchScript's CSE already gives a tensor feeding several QLinears (q/k/v) one shared Q/DQ pair.
+    mp = passes.tidy_qdq_constants(mp)
     if weights == "int8":
         mp = passes.weights_to_int8(mp)
     if target == "ort":

@@ -104,3 +104,18 @@ def test_dynamic_shapes(tmp_path):
     for b, s in ((1, 5), (3, 40)):
         ids = token_batches(n=b, seq=s, seed=b)
         assert _ort_logits(tmp_path / "m.onnx", ids).shape == (b, s, 256)
+
+
+def test_qdq_constants_are_tidy_for_tensorrt(tmp_path):
+    """TensorRT 8.6 refuses an int8 zero-point feeding Identity nodes (seen on the H100 with SmolLM2)."""
+    model, fam = _quantized("llama")
+    export_onnx(model, fam, tmp_path / "m.onnx", weights="qdq")
+    g = onnx.load(str(tmp_path / "m.onnx"))
+    consumers = {}
+    for n in g.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    int8 = {i.name for i in g.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    assert int8 and all(consumers.get(name) in (["QuantizeLinear"], ["DequantizeLinear"]) for name in int8)
+    init_names = {i.name for i in g.graph.initializer}
+    assert not any(n.op_type == "Identity" and n.input[0] in init_names for n in g.graph.node)

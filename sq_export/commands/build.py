@@ -42,6 +42,7 @@ def add_parser(sub):
         help="TensorRT tactic sources to enable, e.g. CUBLAS CUBLAS_LT CUDNN (default: none, i.e. TensorRT's own kernels;"
         " the lent GPU's kit has no real cuBLAS/cuDNN)",
     )
+    p.add_argument("--fp16-norms", action="store_true", help="let TensorRT 8.x run norm math in FP16 (default: pinned to FP32; FP16 overflows on real residual streams)")
     p.add_argument("--opt-level", type=int, default=None, metavar="0-5", help="TensorRT builder optimization level (lower builds faster; default TensorRT's, 3)")
     p.add_argument("--workspace", type=float, default=None, metavar="GIB", help="builder workspace limit in GiB")
     p.add_argument("--json", action="store_true", help="print the sidecar as JSON on the last line")
@@ -68,6 +69,7 @@ def run(args) -> int:
             tactic_sources=args.tactic_sources,
             workspace_gb=args.workspace,
             opt_level=args.opt_level,
+            fp32_norms=not args.fp16_norms,
         )
     if args.json:
         sys.stdout.write(json.dumps(side, sort_keys=True) + "\n")

@@ -140,6 +140,7 @@ def build_engine(
     tactic_sources=None,
     workspace_gb=None,
     opt_level=None,
+    fp32_norms=True,
 ) -> dict:
     """Build `onnx_path` into a TensorRT engine at `engine_path` (+ `engine_path`.json sidecar); returns the sidecar.
 
@@ -193,6 +194,22 @@ def build_engine(
     if workspace_gb is not None:
         cfg_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(float(workspace_gb) * (1 << 30))}
     network = NetworkFromOnnxPath(str(onnx_path), **plan.network_kwargs())
+    pinned = {"layers": 0, "nodes": 0}
+    if fp32_norms and not plan.strongly_typed:
+        # FP16 cannot hold mean(x²) of real residual streams: keep the norms' math in FP32 (engine/fp32_norms.py)
+        from polygraphy.backend.trt import PostprocessNetwork
+
+        from sq_export.engine.fp32_norms import norm_node_names, pin_layers_fp32
+
+        names = norm_node_names(onnx_path)
+        pinned["nodes"] = len(names)
+
+        def _pin(net):
+            pinned["layers"] = pin_layers_fp32(net, trt, names)
+
+        if names:
+            network = PostprocessNetwork(network, _pin)
+            cfg_kwargs["precision_constraints"] = "prefer"
     builder = EngineBytesFromNetwork(
         network,
         config=CreateConfig(**cfg_kwargs),
@@ -247,6 +264,8 @@ def build_engine(
         "tactic_sources": [str(s).replace("TacticSource.", "") for s in sources],
         "timing_cache": str(timing_cache) if timing_cache is not None else None,
         "workspace_gb": workspace_gb,
+        "builder_optimization_level": opt_level,
+        "fp32_norm_layers": pinned,
         "build_seconds": round(build_s, 3),
         "engine_bytes": n_bytes,
         "io": io,

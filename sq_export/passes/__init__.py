@@ -10,6 +10,7 @@ for use with `onnx_ir.passes.Sequential` on already-loaded IR models (large exte
     lint_qdq(model, target="trt") -> list[Violation]  QDQ001..QDQ012
     weights_to_int8(model) -> ModelProto              W -> Q -> DQ  ==>  int8 W -> DQ
     activations_to_uint8(model) -> ModelProto         activation int8/0  ==>  uint8/128 (ONNX Runtime target)
+    tidy_qdq_constants(model) -> ModelProto           no Identity on constants, one zero-point per Q/DQ (TensorRT 8.6)
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from sq_export.passes._graph import RULES, Norm, Violation, find_norms, to_ir, t
 from sq_export.passes.fold_smoothing import Fold, FoldSmoothingPass
 from sq_export.passes.lint_qdq import LintQDQPass
 from sq_export.passes.ort_uint8 import ActivationsToUint8Pass
+from sq_export.passes.tidy_qdq_constants import TidyQDQConstantsPass
 from sq_export.passes.verify_folded import VerifyFoldedPass
 from sq_export.passes.weights_int8 import WeightsToInt8Pass, quantize_like_onnx
 
 __all__ = [
     "RULES", "Violation", "Fold", "Norm", "find_norms",
-    "verify_folded", "fold_smoothing", "lint_qdq", "weights_to_int8", "activations_to_uint8",
-    "VerifyFoldedPass", "FoldSmoothingPass", "LintQDQPass", "WeightsToInt8Pass", "ActivationsToUint8Pass",
+    "verify_folded", "fold_smoothing", "lint_qdq", "weights_to_int8", "activations_to_uint8", "tidy_qdq_constants",
+    "VerifyFoldedPass", "FoldSmoothingPass", "LintQDQPass", "WeightsToInt8Pass", "ActivationsToUint8Pass", "TidyQDQConstantsPass",
     "quantize_like_onnx", "to_ir", "to_proto",
 ]
 
@@ -69,3 +71,7 @@ def weights_to_int8(model) -> onnx.ModelProto:
 
 def activations_to_uint8(model) -> onnx.ModelProto:
     return to_proto(ActivationsToUint8Pass()(_copy(model)).model)
+
+
+def tidy_qdq_constants(model) -> onnx.ModelProto:
+    return to_proto(TidyQDQConstantsPass()(_copy(model)).model)
