@@ -40,6 +40,10 @@ def load_model(model: str, *, with_tokenizer: bool = True):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
+    from sq_export import progress
+
+    if progress.QUIET:
+        transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(model)
     kw = dict(dtype=torch.float32, attn_implementation="eager")
     try:
