@@ -86,7 +86,7 @@ def layer_precisions(engine, trt) -> dict:
     """What TensorRT's engine inspector says about each layer: type, I/O formats, tactic, precision."""
     try:
         insp = engine.create_engine_inspector()
-        info = json.loads(insp.get_engine_information(trt.LayerInformationFormat.JSON))
+        info = json.loads(insp.get_engine_information(trt.LayerInformationFormat.JSON), strict=False)  # 8.6 emits raw control characters in layer names
     except Exception as e:
         return {"available": False, "reason": f"engine inspector failed: {type(e).__name__}: {e}", "layers": []}
     layers = []
