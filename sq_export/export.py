@@ -102,6 +102,15 @@ def _byte_size_ok(model_proto) -> bool:
         return False
 
 
+def _drop_unused_initializers(model_proto) -> None:
+    """Initializers left behind by the passes (e.g. zero-points of folded weight Q nodes) are removed."""
+    used = {i for n in model_proto.graph.node for i in n.input} | {o.name for o in model_proto.graph.output}
+    keep = [t for t in model_proto.graph.initializer if t.name in used]
+    if len(keep) != len(model_proto.graph.initializer):
+        del model_proto.graph.initializer[:]
+        model_proto.graph.initializer.extend(keep)
+
+
 def set_metadata(model_proto, meta: dict) -> None:
     del model_proto.metadata_props[:]
     for k in sorted(meta):
@@ -141,6 +150,7 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
         mp = passes.weights_to_int8(mp)
     if target == "ort":
         mp = passes.activations_to_uint8(mp)
+    _drop_unused_initializers(mp)
     mp.producer_name = "sq_export"
     mp.doc_string = ""
     mp.graph.doc_string = ""

@@ -119,3 +119,31 @@ def test_qdq_constants_are_tidy_for_tensorrt(tmp_path):
     assert int8 and all(consumers.get(name) in (["QuantizeLinear"], ["DequantizeLinear"]) for name in int8)
     init_names = {i.name for i in g.graph.initializer}
     assert not any(n.op_type == "Identity" and n.input[0] in init_names for n in g.graph.node)
+
+
+def test_compare_cli_with_text_on_real_exports(tmp_path, capsys):
+    """`sq-export compare A.onnx B.onnx --text FILE`: tokenized with the recorded source model's tokenizer."""
+    import json as _json
+
+    from conftest import save_tiny
+    from sq_export.cli import main
+
+    d = tmp_path / "tiny"
+    save_tiny("llama", d)
+    for mode in ("fp", "sq"):
+        assert main(["-q", "export", str(d), "--mode", mode, "--samples", "2", "--calib-seq-len", "32", "-o", str(tmp_path / f"{mode}.onnx")]) == 0
+    capsys.readouterr()
+    rc = main(["-q", "compare", str(tmp_path / "fp.onnx"), str(tmp_path / "sq.onnx"), "--seq-len", "64", "--max-tokens", "256", "--perplexity", "--min-cosine", "0.5", "--min-top1", "0.5", "--json"])
+    out = capsys.readouterr().out
+    rep = _json.loads(out.strip().splitlines()[-1])
+    assert rc == 0, out
+    assert "sq.onnx" in _json.dumps(rep) and "perplexity" in _json.dumps(rep)
+
+
+@pytest.mark.parametrize("weights", ["int8", "qdq"])
+def test_no_unused_initializers(weights, tmp_path):
+    model, fam = _quantized("llama")
+    export_onnx(model, fam, tmp_path / "m.onnx", weights=weights)
+    g = onnx.load(str(tmp_path / "m.onnx")).graph
+    used = {i for n in g.node for i in n.input}
+    assert [t.name for t in g.initializer if t.name not in used] == []

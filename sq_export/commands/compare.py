@@ -34,6 +34,10 @@ def add_parser(sub):
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help=".onnx graphs and/or .engine files; the first is the reference")
     p.add_argument("--tokens", metavar="FILE", help="token file (.npz: input_ids, attention_mask[, lengths]) from `sq-export tokens`")
+    p.add_argument("--text", metavar="FILE", help="without --tokens: tokenize this text (default: the held-out split) with the first .onnx's source model tokenizer")
+    p.add_argument("--tokenizer", metavar="MODEL", help="with --text: where the tokenizer is (default: the source model recorded in the first .onnx)")
+    p.add_argument("--seq-len", type=int, default=256, metavar="L", help="with --text: chunk length (default 256)")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="with --text: tokens to take (default 4096)")
     p.add_argument("--batches", type=int, default=4, metavar="N", help="batches to compare (default 4; 0 = the whole file)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="chunks per batch (default 1; engines: within the profile)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance, element-wise with --rtol (default: unchecked)")
@@ -54,7 +58,17 @@ def tokens_from_args(args):
 
     if getattr(args, "tokens", None):
         return load_tokens(args.tokens)
-    raise BadInput("compare needs --tokens FILE (a .npz of input_ids, attention_mask[, lengths]; `sq-export tokens` writes one)")
+    src = args.tokenizer or next((m for m in args.models if m.endswith(".onnx")), None)
+    if src is None:
+        raise BadInput("comparing engines only: pass --tokens FILE (`sq-export tokens` writes one) or --tokenizer MODEL")
+    try:  # the torch side's tokenizer (transformers); absent where only TensorRT is installed
+        from sq_export.commands.tokens import load_tokenizer
+        from sq_export.engine.run import Tokens
+        from sq_export.textdata import eval_chunks_npz
+    except ImportError as e:
+        raise BadInput(f"no tokenizer here ({e.name} missing): prepare the tokens elsewhere with `sq-export tokens` and pass --tokens") from None
+    d = eval_chunks_npz(load_tokenizer(src), args.text, args.seq_len, args.max_tokens or None)
+    return Tokens(d["input_ids"], d["attention_mask"], d["lengths"], path=f"text:{args.text or 'held-out split'}")
 
 
 def run(args) -> int:
