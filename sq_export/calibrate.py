@@ -25,8 +25,11 @@ ACT_SCALES_FILE = "act_scales.safetensors"
 
 
 @torch.no_grad()
-def collect_act_max(model, names: list[str], batches: np.ndarray, batch_size: int = 4, desc="calibrate") -> dict[str, torch.Tensor]:
-    """Run `batches` ([n, L] token ids) through `model`; return {linear name: max|x| per input channel}."""
+def collect_act_max(model, names: list[str], batches: np.ndarray, batch_size: int = 4, desc="calibrate", reservoir=None) -> dict[str, torch.Tensor]:
+    """Run `batches` ([n, L] token ids) through `model`; return {linear name: max|x| per input channel}.
+
+    `reservoir` (optional, e.g. sq_export.tune.RowReservoir): its `add(name, x)` also sees every input, in the
+    same pass, to keep a bounded sample of rows; the returned maxima are the same with or without it."""
     stats: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -36,6 +39,8 @@ def collect_act_max(model, names: list[str], batches: np.ndarray, batch_size: in
             m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             prev = stats.get(name)
             stats[name] = m if prev is None else torch.maximum(prev, m)
+            if reservoir is not None:
+                reservoir.add(name, x)
 
         return fn
 
@@ -57,8 +62,8 @@ def collect_act_max(model, names: list[str], batches: np.ndarray, batch_size: in
     return stats
 
 
-def calibrate(model, family, batches: np.ndarray, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    return collect_act_max(model, family.quantized_linears(), batches, batch_size)
+def calibrate(model, family, batches: np.ndarray, batch_size: int = 4, reservoir=None) -> dict[str, torch.Tensor]:
+    return collect_act_max(model, family.quantized_linears(), batches, batch_size, reservoir=reservoir)
 
 
 def text_fingerprint(batches: np.ndarray) -> str:
@@ -112,14 +117,14 @@ def validate_act_scales(scales: dict[str, torch.Tensor], model, family, source: 
             raise BadInput(f"{source}: {n} holds NaN/Inf or negative values")
 
 
-def run_calibration(model, family, tokenizer, calib_text=None, samples=512, seq_len=512, batch_size=4):
-    """Text → windows → act max. Returns (scales, meta)."""
+def run_calibration(model, family, tokenizer, calib_text=None, samples=512, seq_len=512, batch_size=4, reservoir=None):
+    """Text → windows → act max (and, with `reservoir`, a bounded row sample in the same pass). Returns (scales, meta)."""
     from sq_export.textdata import calibration_samples, read_text, tokenize
 
     ids = tokenize(tokenizer, read_text(calib_text, "calib"))
     batches = calibration_samples(ids, samples, seq_len)
     t = time.perf_counter()
-    scales = calibrate(model, family, batches, batch_size)
+    scales = calibrate(model, family, batches, batch_size, reservoir=reservoir)
     meta = {
         "samples": samples,
         "calib_seq_len": seq_len,

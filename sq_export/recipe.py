@@ -9,7 +9,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from sq_export.errors import BadInput
@@ -31,11 +30,19 @@ class CalibOptions:
 class Recipe:
     mode: str = "sq"
     act: str = "static"
-    alpha: float | None = None  # None: the family's default
+    alpha: float | str | None = None  # None: the family's default; "auto": per-group search (sq_export.tune)
     per_channel: bool = True
     act_scales: str | None = None  # a saved act_scales file instead of calibrating
     calib: CalibOptions = field(default_factory=CalibOptions)
-    linear_pairs: bool = False
+    linear_pairs: bool = False  # also smooth Linear → Linear pairs (up→down, v→o), see Family.linear_pairs
+    clip: str | None = None  # static ranges: None/"max" (default), "pNN.NN" percentile of |x|, or "mse"
+    fallback: str | None = None  # None, "auto", "N", or "name,name": Linears kept in float (FP16 in TensorRT)
+    target_ppl_increase: float = 0.02  # --fallback auto: stop when ppl ≤ float·(1+this) on calibration windows
+    max_fallback: str = "10%"  # --fallback auto: at most this many (count or % of quantized Linears)
+    reservoir_rows: int = 512  # rows per Linear input kept during calibration for auto α / clip / fallback
+
+    def needs_rows(self) -> bool:
+        return self.mode != "fp" and (self.alpha == "auto" or self.clip not in (None, "max") or self.fallback not in (None, "", "none", "0"))
 
     def validate(self):
         from sq_export.quantize import ACT_MODES
@@ -45,8 +52,17 @@ class Recipe:
             raise BadInput(f"--mode {self.mode} unknown: choose one of {', '.join(MODES)}")
         if self.act not in ACT_MODES:
             raise BadInput(f"--act {self.act} unknown: choose one of {', '.join(ACT_MODES)}")
-        if self.alpha is not None:
+        if self.alpha is not None and self.alpha != "auto":
             validate_alpha(self.alpha)
+        from sq_export.tune import max_fallback_count, parse_clip, parse_fallback
+
+        parse_clip(self.clip)
+        parse_fallback(self.fallback)
+        max_fallback_count(self.max_fallback, 100)
+        if self.mode == "fp" and (self.clip not in (None, "max") or parse_fallback(self.fallback)):
+            raise BadInput("--clip/--fallback apply to quantized modes (naive, sq), not --mode fp")
+        if self.act != "static" and self.clip not in (None, "max"):
+            raise BadInput(f"--clip sets static activation ranges; it has no effect with --act {self.act}")
 
 
 @dataclass
@@ -60,6 +76,17 @@ class Prepared:
     act_max: dict | None = None
     factors: dict | None = None
     smooth_delta: float | None = None
+    alpha_per_group: dict | None = None
+    fp16_layers: list = field(default_factory=list)
+    tune: dict = field(default_factory=dict)
+
+
+@dataclass
+class CalibStats:
+    """Calibration results that `prepare` can take instead of calibrating (tools that evaluate many recipes)."""
+
+    act_max: dict
+    reservoir: object | None = None
 
 
 def get_act_max(model, family, tokenizer, recipe: Recipe):
@@ -82,28 +109,94 @@ def check_batch(tokenizer, recipe: Recipe) -> torch.Tensor:
     return torch.as_tensor(calibration_samples(ids, 2, min(128, recipe.calib.seq_len, len(ids))))
 
 
-def prepare(model, tokenizer, family, recipe: Recipe) -> Prepared:
-    """Calibrate, smooth (mode sq) and swap Linears for QLinears (mode naive/sq), in place."""
+def get_rows(model, family, tokenizer, recipe: Recipe):
+    """act max + a bounded row sample per Linear input in one calibration pass (act scales from a file: the row
+    sample still needs one pass over the calibration windows; the file's maxima are kept)."""
+    from sq_export.calibrate import run_calibration
+    from sq_export.tune import new_reservoir
+
+    res = new_reservoir(family, recipe.reservoir_rows)
+    c = recipe.calib
+    if recipe.act_scales:
+        d, _ = get_act_max(model, family, tokenizer, recipe)
+        run_calibration(model, family, tokenizer, c.calib_text, c.samples, c.seq_len, c.batch_size, reservoir=res)
+        return d, res
+    d, _ = run_calibration(model, family, tokenizer, c.calib_text, c.samples, c.seq_len, c.batch_size, reservoir=res)
+    return d, res
+
+
+def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None = None, fallback_score=None) -> Prepared:
+    """Calibrate, smooth (mode sq) and swap Linears for QLinears (mode naive/sq), in place.
+
+    `stats`: calibration already done (must come from this unsmoothed model with the same options; prepare does
+    not change it). `fallback_score(model) -> float` (lower is better) replaces the default criterion of
+    `--fallback auto` (perplexity on a few calibration-split windows)."""
     from sq_export.quantize import quantize_model, static_scales
     from sq_export.smooth import smooth_checked, smoothed_act_max
+    from sq_export import tune
 
     recipe.validate()
     times = {}
     alpha = recipe.alpha if recipe.alpha is not None else family.default_alpha
     if recipe.mode == "fp":
         return Prepared(model, tokenizer, family, None, [], times)
-    need_calib = recipe.mode == "sq" or recipe.act == "static"
-    act_max = factors = delta = None
+    fb = tune.parse_fallback(recipe.fallback)
+    if fb and fb[0] == "names":  # refuse unknown names before the (long) calibration
+        known = set(family.quantized_linears())
+        bad = [n for n in fb[1] if n not in known]
+        if bad:
+            raise BadInput(f"--fallback: {bad[0]} is not a quantized Linear of this model (e.g. {family.quantized_linears()[0]})")
+    need_calib = recipe.mode == "sq" or recipe.act == "static" or recipe.needs_rows()
+    act_max = factors = delta = res = None
+    alpha_per_group = None
+    info = {}
     if need_calib:
         t = time.perf_counter()
-        act_max, _ = get_act_max(model, family, tokenizer, recipe)
+        if stats is not None:
+            act_max, res = stats.act_max, stats.reservoir
+            if recipe.needs_rows() and res is None:
+                raise BadInput("this recipe needs a calibration row sample (CalibStats.reservoir)")
+        elif recipe.needs_rows():
+            act_max, res = get_rows(model, family, tokenizer, recipe)
+        else:
+            act_max, _ = get_act_max(model, family, tokenizer, recipe)
         times["calibrate_s"] = time.perf_counter() - t
     if recipe.mode == "sq":
         t = time.perf_counter()
-        factors, delta = smooth_checked(model, family, act_max, alpha, check_batch(tokenizer, recipe), linear_pairs=recipe.linear_pairs)
+        if alpha == "auto":
+            alpha_per_group = tune.search_alpha(model, family, act_max, res, recipe.linear_pairs, per_channel=recipe.per_channel)
+            times["alpha_search_s"] = time.perf_counter() - t
+        a = alpha_per_group if alpha == "auto" else alpha
+        factors, delta = smooth_checked(model, family, act_max, a, check_batch(tokenizer, recipe), linear_pairs=recipe.linear_pairs)
         act_max = smoothed_act_max(act_max, family, factors, recipe.linear_pairs)
         times["smooth_s"] = time.perf_counter() - t
     names = family.quantized_linears()
-    scales = static_scales(act_max, names) if recipe.act == "static" else None
+    divs = tune.divisors(family, factors, recipe.linear_pairs)
+    scales = None
+    if recipe.act == "static":
+        clip = tune.parse_clip(recipe.clip)
+        if clip is None:
+            scales = static_scales(act_max, names)
+        else:
+            t = time.perf_counter()
+            scales, ratio = tune.clipped_scales(family, act_max, res, divs, clip, names)
+            info["clip_ratio"] = ratio
+            times["clip_s"] = time.perf_counter() - t
+    float_linears = {n: model.get_submodule(n) for n in names}
     quantized = quantize_model(model, names, recipe.act, scales, recipe.per_channel)
-    return Prepared(model, tokenizer, family, alpha if recipe.mode == "sq" else None, quantized, times, act_max, factors, delta)
+    fp16 = []
+    if fb is not None:
+        t = time.perf_counter()
+        sens = tune.local_sqnr(model, family, float_linears, res, divs) if fb[0] != "names" else None
+        score = fallback_score
+        if score is None and fb[0] == "auto":
+            wins = tune.small_eval_ids(tokenizer, recipe.calib.calib_text, recipe.calib.seq_len)
+            score = lambda m: tune.windows_perplexity(m, wins)  # noqa: E731
+        r = tune.select_fallback(model, float_linears, fb, score, target=recipe.target_ppl_increase,
+                                 max_count=tune.max_fallback_count(recipe.max_fallback, len(quantized)), sensitivity=sens)
+        fp16 = r["fp16_layers"]
+        info["fallback"] = {k: v for k, v in r.items() if k != "fp16_layers"}
+        quantized = [n for n in quantized if n not in set(fp16)]
+        times["fallback_s"] = time.perf_counter() - t
+    return Prepared(model, tokenizer, family, alpha if recipe.mode == "sq" else None, quantized, times, act_max, factors, delta,
+                    alpha_per_group, fp16, info)

@@ -27,8 +27,6 @@ COLORS = {"fp": "#4c72b0", "naive": "#dd8452", "sq": "#55a868", "before": "#c44e
 # ----- SQNR -----------------------------------------------------------------------------------------------------
 def sqnr_db(y, y_hat) -> float:
     """10·log10(‖y‖² / ‖y − ŷ‖²) in float64; inf when ŷ == y."""
-    import torch
-
     y = y.double()
     err = (y - y_hat.double()).pow(2).sum().item()
     sig = y.pow(2).sum().item()

@@ -23,17 +23,39 @@ def add_calib(p):
 def add_recipe(p, modes=True):
     if modes:
         p.add_argument("--mode", default="sq", choices=["fp", "naive", "sq"], help="fp: float; naive: W8A8 without smoothing; sq: SmoothQuant W8A8 (default)")
-    p.add_argument("--alpha", type=float, default=None, metavar="A", help="migration strength in [0,1] (default: the family's, e.g. 0.5 OPT/BLOOM, 0.85 Llama)")
+    p.add_argument("--alpha", type=_alpha, default=None, metavar="A", help="migration strength in [0,1] (default: the family's, e.g. 0.5 OPT/BLOOM, 0.85 Llama), or 'auto': per smoothing group, the alpha in 0.30..0.95 minimizing that group's static W8A8 output error on calibration rows")
+    p.add_argument("--smooth-pairs", action="store_true", help="also smooth Linear inputs that have no norm in front (down_proj via up_proj's rows, o_proj via v_proj's rows) where the family declares an exact fold")
+    p.add_argument("--clip", default=None, metavar="max|pNN.NN|mse", help="static activation range per Linear input: max|x| (default), a percentile of |x| (e.g. p99.99), or mse (the range minimizing the input's INT8 error), from a bounded row sample taken during calibration")
+    p.add_argument("--fallback", default=None, metavar="auto|N|NAME,...", help="keep Linears in float (no Q/DQ; TensorRT runs them FP16): auto (greedy by sensitivity until --target-ppl-increase or --max-fallback), N (the N lowest-SQNR Linears), or module names")
+    p.add_argument("--target-ppl-increase", default="2%", metavar="PCT", help="--fallback auto: stop once perplexity on calibration-split windows is within PCT of float (default 2%%)")
+    p.add_argument("--max-fallback", default="10%", metavar="N|PCT", help="--fallback auto: at most N Linears, or PCT of the quantized Linears (default 10%%)")
     p.add_argument("--act-scales", metavar="FILE", help="use saved act scales (act_scales.safetensors or a mit-han-lab .pt) instead of calibrating")
     p.add_argument("--weight-granularity", choices=["channel", "tensor"], default="channel", help="INT8 weight scales per output channel (default) or per tensor")
     add_calib(p)
 
 
+def _alpha(v: str):
+    if v == "auto":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{v!r} is neither a number in [0, 1] nor 'auto'") from None
+
+
+TUNING_OPTIONS = ("smooth_pairs", "clip", "fallback")
+
+
 def recipe_from(args, act="static"):
     from sq_export.recipe import CalibOptions, Recipe
+    from sq_export.tune import parse_percent
 
-    if args.alpha is not None and not (0.0 <= args.alpha <= 1.0):
+    if args.alpha is not None and args.alpha != "auto" and not (0.0 <= args.alpha <= 1.0):
         raise BadInput(f"--alpha {args.alpha} is outside [0, 1]: the migration strength must be between 0 and 1")
+    if getattr(args, "command", None) == "run" and (args.alpha == "auto" or any(getattr(args, k, None) for k in TUNING_OPTIONS)):
+        raise BadInput("--alpha auto, --smooth-pairs, --clip and --fallback are not wired into `run` yet: use `eval` / `export`")
     return Recipe(
         mode=getattr(args, "mode", "sq"),
         act=getattr(args, "act", act),
@@ -41,6 +63,11 @@ def recipe_from(args, act="static"):
         per_channel=args.weight_granularity == "channel",
         act_scales=args.act_scales,
         calib=CalibOptions(args.calib_text, args.samples, args.calib_seq_len, args.calib_batch),
+        linear_pairs=bool(getattr(args, "smooth_pairs", False)),
+        clip=getattr(args, "clip", None),
+        fallback=getattr(args, "fallback", None),
+        target_ppl_increase=parse_percent(getattr(args, "target_ppl_increase", "2%"), "--target-ppl-increase"),
+        max_fallback=getattr(args, "max_fallback", "10%"),
     )
 
 

@@ -67,6 +67,11 @@ def tokens_from_args(args):
         from sq_export.textdata import eval_chunks_npz
     except ImportError as e:
         raise BadInput(f"no tokenizer here ({e.name} missing): prepare the tokens elsewhere with `sq-export tokens` and pass --tokens") from None
+    if not args.tokenizer:
+        from sq_export.export import read_metadata
+
+        if not read_metadata(src).get("source_model"):
+            raise BadInput(f"compare needs --tokens FILE or --tokenizer MODEL: {src} records no source model to tokenize with")
     d = eval_chunks_npz(load_tokenizer(src), args.text, args.seq_len, args.max_tokens or None)
     return Tokens(d["input_ids"], d["attention_mask"], d["lengths"], path=f"text:{args.text or 'held-out split'}")
 

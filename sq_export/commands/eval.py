@@ -18,6 +18,9 @@ def add_parser(sub):
     p.add_argument("--act", default="static", choices=["static", "dynamic-tensor", "dynamic-token", "none"], help="activation quantization: static per-tensor (O3, TensorRT), dynamic per-tensor (O2), dynamic per-token (O1), none (W8A16)")
     p.add_argument("--tokenizer", metavar="MODEL", help="for .onnx: where the tokenizer is (default: the source recorded in the ONNX)")
     c.add_recipe(p)
+    from sq_export.attention import add_argument as _add_attn
+
+    _add_attn(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=run)
     return p
@@ -45,6 +48,11 @@ def run(args):
         model, tok, fam, _ = c.load(args)
         ids = tokenize(tok, text)
         prep = prepare(model, tok, fam, recipe)
+        attn_meta = {}
+        if getattr(args, "quantize_attention", False):
+            from sq_export.attention import apply_for_recipe
+
+            attn_meta = apply_for_recipe(model, fam, tok, recipe)
         t = time.perf_counter()
         r = torch_perplexity(model, ids, args.seq_len, max_tokens)
         res = {
@@ -53,11 +61,15 @@ def run(args):
             "mode": args.mode,
             "act": args.act if args.mode != "fp" else None,
             "alpha": prep.alpha,
+            "alpha_per_group": prep.alpha_per_group,
+            "smooth_pairs": recipe.linear_pairs,
+            "clip": recipe.clip or "max",
             "family": fam.name,
             "quantized_layers_total": len(prep.quantized),
-            "fp16_layers": [],
+            "fp16_layers": list(prep.fp16_layers),
             "eval_seconds": round(time.perf_counter() - t, 1),
             **{k: round(v, 1) for k, v in prep.times.items()},
+            **attn_meta,
         }
     res["seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:
@@ -73,7 +85,6 @@ def eval_onnx(args, max_tokens):
     from sq_export.errors import BadInput
     from sq_export.evaluate import onnx_perplexity
     from sq_export.export import read_metadata
-    from sq_export.modeling import load_model
     from sq_export.textdata import read_text, tokenize
 
     if not Path(args.model).is_file():
@@ -95,7 +106,7 @@ def eval_onnx(args, max_tokens):
         "backend": "onnxruntime",
         "mode": meta.get("mode"),
         "act": meta.get("act"),
-        "alpha": None if meta.get("alpha") in (None, "None") else float(meta["alpha"]),
+        "alpha": None if meta.get("alpha") in (None, "None", "") else meta["alpha"] if meta["alpha"] == "auto" else float(meta["alpha"]),
         "quantized_layers_total": int(meta.get("quantized_layers_total", 0)),
         "fp16_layers": [x for x in meta.get("fp16_layers", "").split(",") if x],
     }

@@ -20,6 +20,10 @@ def add_parser(sub):
     p.add_argument("--weights", choices=["int8", "qdq"], default="int8", help="int8: INT8 initializers -> DQ (half the bytes; TensorRT 10+); qdq: float W -> Q -> DQ (TensorRT 8.6)")
     p.add_argument("--target", choices=["tensorrt", "ort"], default="tensorrt", help="ort: activation Q/DQ as uint8/128 (same grid) so ONNX Runtime runs integer kernels")
     p.add_argument("--dtype", choices=["fp32"], default="fp32", help="float parts' type (fp16 graphs: not yet, see README)")
+    p.add_argument("--decode", action="store_true", help="KV-cache decode graph: inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value (float cache)")
+    from sq_export.attention import add_argument as _add_attn
+
+    _add_attn(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -38,6 +42,11 @@ def run(args):
     t = time.perf_counter()
     model, tok, fam, path = c.load(args)
     prep = prepare(model, tok, fam, recipe)
+    attn_meta = {}
+    if getattr(args, "quantize_attention", False):
+        from sq_export.attention import apply_for_recipe
+
+        attn_meta = apply_for_recipe(model, fam, tok, recipe)
     meta = {
         "source_model": args.model,
         "family": fam.name,
@@ -45,11 +54,25 @@ def run(args):
         "act": "static" if args.mode != "fp" else None,
         "alpha": prep.alpha,
         "quantized_layers_total": len(prep.quantized),
-        "fp16_layers": "",
+        "fp16_layers": ",".join(prep.fp16_layers),
         "calibration": f"{args.samples}x{args.calib_seq_len}" if not args.act_scales else args.act_scales,
     }
-    res = export_onnx(model, fam, args.output, weights=args.weights, target=args.target, meta=meta)
-    res.update({"mode": args.mode, "alpha": prep.alpha, "quantized_layers": len(prep.quantized), "seconds": round(time.perf_counter() - t, 1)})
+    if recipe.linear_pairs:
+        meta["smooth_pairs"] = "1"
+    if recipe.clip not in (None, "max"):
+        meta["clip"] = recipe.clip
+    if prep.alpha_per_group:
+        import json
+
+        meta["alpha_per_group"] = json.dumps(prep.alpha_per_group, sort_keys=True)
+    if attn_meta:
+        meta["quantize_attention"] = attn_meta["quantize_attention"]
+    if getattr(args, "decode", False):
+        from sq_export.decode import export_decode_onnx as write
+    else:
+        write = export_onnx
+    res = write(model, fam, args.output, weights=args.weights, target=args.target, meta=meta)
+    res.update({"mode": args.mode, "alpha": prep.alpha, "quantized_layers": len(prep.quantized), "fp16_layers": list(prep.fp16_layers), "seconds": round(time.perf_counter() - t, 1)})
     if args.json:
         c.emit_json(res)
     else:

@@ -1,0 +1,115 @@
+"""sq-export diagnose MODEL: per-Linear output SQNR, naive W8A8 vs SmoothQuant W8A8 (PyTorch), worst first."""
+
+from sq_export.commands import _common as c
+
+HELP = "per-Linear output SQNR (dB) of naive vs SmoothQuant W8A8 on a calibration window, worst first"
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "diagnose",
+        help=HELP,
+        description=HELP
+        + ".\nBoth fake-quantized models and the float model run end to end on the same calibration window(s); each "
+        "Linear's output is compared with the float model's (errors of earlier layers included, as deployed)."
+        "\nExamples:\n  sq-export diagnose smollm2 --samples 32\n  sq-export diagnose smollm2 --smooth-pairs --alpha auto -o out/diag --json",
+    )
+    c.add_model(p)
+    p.add_argument("--act", default="static", choices=["static", "dynamic-tensor", "dynamic-token"], help="activation quantization of both models (default static, what TensorRT runs)")
+    p.add_argument("--windows", type=int, default=2, metavar="N", help="calibration windows to measure on (default 2)")
+    p.add_argument("--top", type=int, default=20, metavar="K", help="rows of the text table (default 20; --json has all)")
+    p.add_argument("-o", "--output", metavar="DIR", help="write DIR/sqnr.png (bar chart) and DIR/diagnose.json")
+    c.add_recipe(p, modes=False)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args):
+    import copy
+    import dataclasses
+    import json
+    import math
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from sq_export.errors import BadInput
+    from sq_export.recipe import CalibStats, get_act_max, get_rows, prepare
+    from sq_export.report import _sqnr_plot, layer_sqnr
+
+    if args.windows < 1:
+        raise BadInput(f"--windows {args.windows} must be at least 1")
+    if args.fallback:
+        raise BadInput("diagnose measures every Linear quantized: --fallback does not apply")
+    t0 = time.perf_counter()
+    recipe = c.recipe_from(args, act=args.act)
+    recipe.mode = "sq"
+    recipe.validate()
+    model, tok, fam, _ = c.load(args)
+    from sq_export.textdata import calibration_samples, read_text, tokenize
+
+    ids = tokenize(tok, read_text(recipe.calib.calib_text, "calib"))
+    L = min(recipe.calib.seq_len, len(ids))
+    batch = torch.as_tensor(calibration_samples(ids, args.windows, L, seed=2))
+    # calibrate once (the float model is not changed by calibration), share the statistics between both recipes
+    if recipe.needs_rows():
+        act_max, res = get_rows(model, fam, tok, recipe)
+    else:
+        act_max, res = get_act_max(model, fam, tok, recipe)[0], None
+    stats = CalibStats(act_max, res)
+    naive = copy.deepcopy(model)
+    prepare(naive, tok, fam, dataclasses.replace(recipe, mode="naive", alpha=None, clip=None, linear_pairs=False), stats=stats)
+    sq = copy.deepcopy(model)
+    prep = prepare(sq, tok, fam, recipe, stats=stats)
+    names = fam.quantized_linears()
+    # Pair smoothing divides the producer's output rows (up_proj, v_proj) by s: compare SQ with the smoothed float
+    # model, whose every Linear output is what the SQ model approximates (for other Linears the two are equal).
+    from sq_export.smooth import apply_smoothing
+
+    ref_sq = model
+    if recipe.linear_pairs:
+        ref_sq = copy.deepcopy(model)
+        apply_smoothing(ref_sq, fam, act_max, prep.alpha_per_group or prep.alpha, linear_pairs=True)
+    t_naive = layer_sqnr(model, {"naive": naive}, names, batch)
+    t_sq = layer_sqnr(ref_sq, {"sq": sq}, names, batch)
+    table = {n: {**t_naive[n], **t_sq[n]} for n in names}
+
+    def key(n):
+        v = table[n].get("sq")
+        return math.inf if v is None else v
+
+    order = sorted(names, key=key)
+    rows = [{"linear": n, "naive_db": table[n]["naive"], "sq_db": table[n]["sq"]} for n in order]
+    finite = lambda m: [r[m] for r in rows if r[m] is not None]  # noqa: E731
+    res_json = {
+        "model": args.model,
+        "family": fam.name,
+        "act": args.act,
+        "alpha": prep.alpha,
+        "alpha_per_group": prep.alpha_per_group,
+        "smooth_pairs": recipe.linear_pairs,
+        "clip": recipe.clip or "max",
+        "tokens": int(batch.numel()),
+        "mean_sqnr_db": {"naive": sum(finite("naive_db")) / max(1, len(finite("naive_db"))), "sq": sum(finite("sq_db")) / max(1, len(finite("sq_db")))},
+        "rows": rows,
+    }
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        _sqnr_plot(out / "sqnr.png", {n: {"naive": table[n]["naive"], "sq": table[n]["sq"]} for n in order})
+        (out / "diagnose.json").write_text(json.dumps(res_json, indent=1, sort_keys=True) + "\n")
+        res_json["png"] = str(out / "sqnr.png")
+    res_json["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        c.emit_json(res_json)
+    else:
+        db = lambda x: "exact" if x is None else f"{x:7.2f}"  # noqa: E731
+        print(f"per-Linear output SQNR (dB), {fam.name}, act {args.act}, alpha {prep.alpha}, {batch.numel()} tokens; worst SmoothQuant first")
+        print(f"{'Linear':<48} {'naive':>7} {'sq':>7}")
+        for r in rows[: args.top]:
+            print(f"{r['linear']:<48} {db(r['naive_db'])} {db(r['sq_db'])}")
+        m = res_json["mean_sqnr_db"]
+        print(f"mean: naive {m['naive']:.2f} dB, SmoothQuant {m['sq']:.2f} dB" + (f"; chart {res_json['png']}" if args.output else ""))
+    return 0
