@@ -129,8 +129,12 @@ def read_metadata(path) -> dict:
     return {p.key.removeprefix("sq_export."): p.value for p in m.metadata_props if p.key.startswith("sq_export.")}
 
 
-def export_onnx(model, family, path, *, weights: str = "int8", target: str = "tensorrt", meta: dict | None = None) -> dict:
-    """Export `model` (already prepared: QLinears in place for naive/sq) to `path`. Returns a summary."""
+def export_onnx(model, family, path, *, weights: str = "int8", target: str = "tensorrt", meta: dict | None = None, exporter=None) -> dict:
+    """Export `model` (already prepared: QLinears in place for naive/sq) to `path`. Returns a summary.
+
+    `exporter(model, family, raw_path) -> dict | None` writes the raw torch.onnx graph (default: `torch_export`,
+    logits only; sq_export.decode passes its KV-cache graph); its dict joins the metadata and the summary.
+    """
     import onnx
 
     from sq_export import passes
@@ -142,7 +146,7 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     final = check_output_path(path)
     with tempfile.TemporaryDirectory(prefix=".sq_export.", dir=final.parent) as td:
         raw = Path(td) / "raw.onnx"
-        torch_export(model, family, raw)
+        extra = (exporter or torch_export)(model, family, raw) or {}
         mp = onnx.load(str(raw))
     # TorchScript's CSE already gives a tensor feeding several QLinears (q/k/v) one shared Q/DQ pair.
     mp = passes.tidy_qdq_constants(mp)
@@ -154,7 +158,7 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     mp.producer_name = "sq_export"
     mp.doc_string = ""
     mp.graph.doc_string = ""
-    set_metadata(mp, {**(meta or {}), "weights": weights, "target": target})
+    set_metadata(mp, {**(meta or {}), "weights": weights, "target": target, **extra})
     save_model(mp, final)
     size = final.stat().st_size + (os.path.getsize(str(final) + ".data") if os.path.exists(str(final) + ".data") else 0)
-    return {"onnx": str(final), "bytes": size, "nodes": len(mp.graph.node)}
+    return {"onnx": str(final), "bytes": size, "nodes": len(mp.graph.node), **extra}
