@@ -1,8 +1,6 @@
 """ONNX export of every family: Q/DQ placement passes the graph check, ONNX Runtime computes what the PyTorch
 fake quantization computes, the file is deterministic, and the float graph equals PyTorch."""
 
-import copy
-
 import numpy as np
 import onnx
 import pytest
