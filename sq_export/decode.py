@@ -215,7 +215,7 @@ def heldout_prompts(tokenizer, n: int = 8, prompt_tokens: int = 32, text_path=No
     return [np.asarray(tokenizer(paras[i * step])["input_ids"][:prompt_tokens], dtype=np.int64) for i in range(n)]
 
 
-def heldout_agreement(model: str = "smollm2", mode: str = "sq", prompts: int = 8, prompt_tokens: int = 32, max_new_tokens: int = 16, samples: int = 64, seq_len: int = 512, quantize_attention: bool = False) -> dict:
+def heldout_agreement(model: str = "smollm2", mode: str = "sq", prompts: int = 8, prompt_tokens: int = 32, max_new_tokens: int = 16, samples: int = 64, seq_len: int = 512, quantize_attention: bool = False, smooth_pairs: bool = False, alpha=None) -> dict:
     """Greedy-token agreement of the fake-quantized model (mode naive/sq) with the float model on held-out prompts."""
     from sq_export.families import family_for
     from sq_export.modeling import load_model
@@ -224,14 +224,14 @@ def heldout_agreement(model: str = "smollm2", mode: str = "sq", prompts: int = 8
     fp, tok, _ = load_model(model)
     q, _, _ = load_model(model)
     fam = family_for(q)
-    recipe = Recipe(mode=mode, calib=CalibOptions(None, samples, seq_len, 4))
+    recipe = Recipe(mode=mode, alpha=alpha, linear_pairs=smooth_pairs, calib=CalibOptions(None, samples, seq_len, 4))
     prep = prepare(q, tok, fam, recipe)
     if quantize_attention:
         from sq_export.attention import apply_for_recipe
 
         apply_for_recipe(q, fam, tok, recipe)
     res = token_agreement(fp, q, heldout_prompts(tok, prompts, prompt_tokens), max_new_tokens)
-    return {"model": model, "mode": mode, "alpha": prep.alpha, "quantize_attention": quantize_attention, "calibration": f"{samples}x{seq_len}", "prompt_tokens": prompt_tokens, **res}
+    return {"model": model, "mode": mode, "alpha": prep.alpha, "smooth_pairs": smooth_pairs, "quantize_attention": quantize_attention, "calibration": f"{samples}x{seq_len}", "prompt_tokens": prompt_tokens, **res}
 
 
 if __name__ == "__main__":  # python -m sq_export.decode smollm2 --mode sq --prompts 8 --new-tokens 16
@@ -247,9 +247,11 @@ if __name__ == "__main__":  # python -m sq_export.decode smollm2 --mode sq --pro
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--quantize-attention", action="store_true")
+    ap.add_argument("--smooth-pairs", action="store_true")
+    ap.add_argument("--alpha", default=None, help="a number in [0,1] or auto (default: the family's)")
     a = ap.parse_args()
     from sq_export import progress
 
     progress.QUIET = True
     torch.set_num_threads(int(os.environ.get("SQ_THREADS", "2")))
-    print(json.dumps(heldout_agreement(a.model, a.mode, a.prompts, a.prompt_tokens, a.new_tokens, a.samples, a.calib_seq_len, a.quantize_attention), sort_keys=True))
+    print(json.dumps(heldout_agreement(a.model, a.mode, a.prompts, a.prompt_tokens, a.new_tokens, a.samples, a.calib_seq_len, a.quantize_attention, a.smooth_pairs, a.alpha if a.alpha in (None, "auto") else float(a.alpha)), sort_keys=True))
