@@ -53,7 +53,10 @@ def load_model(model: str, *, with_tokenizer: bool = True):
             with open(path, "rb") as f:
                 if f.read(4) != b"GGUF":
                     raise ValueError("no GGUF magic")
+            if hasattr(transformers, "GgufConfig"):  # transformers >= 5.2x can keep GGUF blocks: ask for float32
+                kw["quantization_config"] = transformers.GgufConfig(gguf_file=path.name, dequantize=True)
             m = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
+            _forget_gguf_quantizer(m)
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if with_tokenizer else None
         else:
             m = AutoModelForCausalLM.from_pretrained(path, **kw)
@@ -73,6 +76,33 @@ def load_model(model: str, *, with_tokenizer: bool = True):
     m.eval()
     check_finite_weights(m, model)
     return m, tok, path
+
+
+def _forget_gguf_quantizer(model) -> None:
+    """A GGUF model dequantized to float32 is a plain float model: drop the loader's quantizer record so that
+    save_pretrained (the smoothed folder) works; refuse if any Linear still holds GGUF blocks."""
+    from torch import nn
+
+    q = getattr(model, "hf_quantizer", None)
+    if q is None:
+        return
+    if getattr(q.quantization_config, "dequantize", True) is False:
+        raise BadInput("this GGUF model was loaded in GGUF blocks, not float32: uninstall `kernels` or load it dequantized")
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mod.weight.dtype != torch.float32:
+            raise BadInput(f"GGUF weights of {name} are {mod.weight.dtype}, not float32: cannot smooth them")
+    model.hf_quantizer = None
+    for holder in (model, model.config):
+        if hasattr(holder, "quantization_config"):
+            try:
+                delattr(holder, "quantization_config")
+            except AttributeError:
+                setattr(holder, "quantization_config", None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
 
 
 def check_finite_weights(model, label: str) -> None:

@@ -52,3 +52,16 @@ def test_smollm2_smoothing_exact_and_static_sq_beats_naive(smol):
     assert p_sq < p_naive  # SmoothQuant helps static per-tensor INT8
     assert p_o1 < fp * 1.05  # per-token dynamic W8A8 after smoothing is near-lossless
     assert np.isfinite([fp, p_naive, p_sq, p_o1]).all()
+
+
+def test_gguf_model_saves_as_float_folder_and_reloads(smol, tmp_path):
+    """`smooth`/`run` save the smoothed GGUF model as an HF folder: the loader's GGUF quantizer must not block it."""
+    from sq_export.modeling import load_model
+
+    model, tok, _ = smol
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    again, _, _ = load_model(str(tmp_path))
+    x = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, again(input_ids=x).logits)
