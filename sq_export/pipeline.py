@@ -5,8 +5,13 @@
 Stages, in order (each writes into OUT):
 
   calibrate  act_scales.safetensors                        per-channel max|x| at every quantized Linear input
-  smooth     smoothed/ (HF folder), channel_stats.safetensors  float-equivalence checked; per-channel stats for the report
-  export     model.fp.onnx, model.naive.onnx, model.sq.onnx  same recipe options for all three
+             (+ calib_rows.safetensors)                     bounded row sample per Linear input, only when --alpha auto,
+                                                           --clip or --fallback need it (sq_export.tune)
+  smooth     smoothed/ (HF folder), channel_stats.safetensors  norm (and with --smooth-pairs Linear→Linear) smoothing,
+                                                           α fixed or searched per group (--alpha auto); float-equivalence
+                                                           checked; per-channel stats for the report
+  export     model.fp.onnx, model.naive.onnx, model.sq.onnx  naive: plain static W8A8 (the baseline); sq: the full recipe
+                                                           (sq_export.recipe.prepare: pairs, α, --clip, --fallback)
   check      check.json                                    sq_export.check.run_check on the quantized graphs; violations fail (exit 1)
   build      model.*.engine (+ .json), build.json            TensorRT when importable, else recorded as skipped with the reason
   eval       eval.json                                     perplexity: PyTorch fp/naive/sq, ONNX Runtime per ONNX, TensorRT per engine;
@@ -14,7 +19,8 @@ Stages, in order (each writes into OUT):
   report     report.md, report.json, plots/*.png           sq_export.report
 
 Each stage's record in OUT/manifest.json holds its inputs and outputs (path + sha256), its options, tool versions,
-wall time and a small summary. A stage is skipped when its record is complete and its inputs' hashes, its options and
+wall time and a small summary; the recipe options (--alpha, --smooth-pairs, --clip, --fallback ...) are part of the
+options of every stage they affect, so changing one reruns exactly those stages and the ones downstream. A stage is skipped when its record is complete and its inputs' hashes, its options and
 its outputs' hashes are all unchanged (`force` redoes everything; `until` stops after a stage). A stage writes into a
 staging folder inside OUT; only when it completes are its files moved to their final paths and the manifest is
 rewritten (atomically), so an interrupted stage leaves no file at a final path and the next run redoes just that
@@ -49,6 +55,7 @@ MODES = ("fp", "naive", "sq")
 
 MANIFEST = "manifest.json"
 ACT_SCALES = "act_scales.safetensors"
+CALIB_ROWS = "calib_rows.safetensors"
 SMOOTHED = "smoothed"
 CHANNEL_STATS = "channel_stats.safetensors"
 ONNX = {m: f"model.{m}.onnx" for m in MODES}
@@ -61,7 +68,7 @@ STAGING_PREFIX = ".staging-"
 
 @dataclass
 class RunOptions:
-    alpha: float | None = None  # None: the family's default
+    alpha: float | str | None = None  # None: the family's default; "auto": per-group search (sq_export.tune)
     act_scales: str | None = None  # use saved act scales instead of calibrating
     per_channel: bool = True
     weights: str = "int8"  # int8 | qdq (see `sq-export export --weights`)
@@ -72,18 +79,32 @@ class RunOptions:
     report_linear: str | None = None  # default: first Linear of the first smoothing group of layer n//2
     force: bool = False
     until: str | None = None
+    # accuracy options, as sq_export.recipe.Recipe (and `eval` / `export`)
+    linear_pairs: bool = False  # --smooth-pairs
+    clip: str | None = None  # None/"max", "pNN.NN", "mse"
+    fallback: str | None = None  # None, "auto", "N", "name,name"
+    target_ppl_increase: float = 0.02
+    max_fallback: str = "10%"
+    reservoir_rows: int = 512
+
+    def recipe(self, mode: str = "sq"):
+        from sq_export.recipe import Recipe
+
+        return Recipe(mode=mode, alpha=self.alpha, per_channel=self.per_channel, act_scales=self.act_scales, calib=self.calib,
+                      linear_pairs=self.linear_pairs, clip=self.clip, fallback=self.fallback,
+                      target_ppl_increase=self.target_ppl_increase, max_fallback=self.max_fallback,
+                      reservoir_rows=self.reservoir_rows)
 
     def validate(self) -> None:
-        from sq_export.smooth import validate_alpha
-
-        if self.alpha is not None:
-            validate_alpha(self.alpha)
+        self.recipe().validate()  # alpha (number in [0, 1] or "auto"), --clip, --fallback, --max-fallback
         if self.weights not in ("int8", "qdq"):
             raise BadInput(f"--weights {self.weights} unknown: int8 (TensorRT 10+) or qdq (TensorRT 8.6)")
         if self.until is not None and self.until not in STAGES:
             raise BadInput(f"--until {self.until} unknown: choose one of {', '.join(STAGES)}")
         if self.seq_len < 2:
             raise BadInput(f"--seq-len {self.seq_len} must be at least 2")
+        if self.reservoir_rows < 1:
+            raise BadInput(f"reservoir_rows {self.reservoir_rows} must be at least 1")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise BadInput(f"--max-tokens {self.max_tokens} must be at least 2 (or 0 for all)")
         c = self.calib
@@ -139,6 +160,33 @@ def tool_versions() -> dict:
     return v
 
 
+# ----- the calibration row sample -------------------------------------------------------------------------------
+def save_rows(path: Path, res) -> None:
+    """tune.RowReservoir → safetensors: {input key: rows}, plus the bound and the rows seen per key."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "calib_rows/1", "rows": res.rows, "seen": dict(sorted(res.seen.items()))}
+    save_file({k: res.data[k].contiguous() for k in sorted(res.data)}, str(path), metadata={"sq_export": json.dumps(meta, sort_keys=True)})
+
+
+def load_rows(path: Path):
+    """The RowReservoir `save_rows` wrote (the sampled rows; tune.rows_for reads them)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from sq_export.tune import RowReservoir
+
+    if not Path(path).is_file():
+        raise BadInput(f"{path} is missing: rerun (the calibrate stage writes it when --alpha auto, --clip or --fallback is set)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("sq_export", "{}"))
+    data = load_file(str(path))
+    res = RowReservoir(set(data), int(meta.get("rows", 0)) or max((v.shape[0] for v in data.values()), default=1))
+    res.data = dict(data)
+    res.seen = {k: int(v) for k, v in (meta.get("seen") or {}).items()}
+    return res
+
+
 # ----- the run -------------------------------------------------------------------------------------------------
 class Pipeline:
     def __init__(self, model: str, out_dir, options: RunOptions, echo=None):
@@ -155,9 +203,10 @@ class Pipeline:
         # lazily built state (one model load per run)
         self._loaded = None
         self._act = None
-        self._smoothed = None  # (model, factors)
-        self._factors = None
-        self._quantized: dict = {}
+        self._rows = None  # tune.RowReservoir read back from CALIB_ROWS
+        self._alpha_groups = None  # {group source: α} of --alpha auto, as the smooth stage chose it
+        self._quantized: dict = {}  # mode -> model
+        self._prepared: dict = {}  # mode -> recipe.Prepared
         self._prepare_out()
         self.manifest = self._read_manifest()
 
@@ -265,15 +314,31 @@ class Pipeline:
             self.echo(f"loaded {self.model_arg} in {time.perf_counter() - t:.1f}s")
         return self._loaded
 
-    def alpha(self) -> float:
+    def alpha(self) -> float | str:
+        """The --alpha of the run: a number (the family's default when not given) or "auto"."""
+        if self.opts.alpha == "auto":
+            return "auto"
         _, _, fam = self.loaded()
         return fam.default_alpha if self.opts.alpha is None else float(self.opts.alpha)
 
-    def recipe(self):
-        from sq_export.recipe import Recipe
+    def smooth_alpha(self) -> float | dict:
+        """What smoothing uses: the number, or with --alpha auto {group source: α} as the smooth stage chose it
+        (recorded in smoothed/config.json, an input of every later stage)."""
+        a = self.alpha()
+        if a != "auto":
+            return a
+        if self._alpha_groups is None:
+            cfg = json.loads((self.out / SMOOTHED / "config.json").read_text())
+            self._alpha_groups = (cfg.get("sq_export") or {}).get("alpha_per_group")
+            if not isinstance(self._alpha_groups, dict):
+                raise BadInput(f"{self.out / SMOOTHED} records no alpha per group: rerun with --force")
+        return self._alpha_groups
 
-        o = self.opts
-        return Recipe(mode="sq", alpha=o.alpha, per_channel=o.per_channel, act_scales=o.act_scales, calib=o.calib)
+    def recipe(self, mode: str = "sq"):
+        return self.opts.recipe(mode)
+
+    def needs_rows(self) -> bool:
+        return self.recipe().needs_rows()
 
     def act_max(self) -> dict:
         if self._act is None:
@@ -284,43 +349,40 @@ class Pipeline:
             validate_act_scales(self._act, model, fam, f"act scales {self.out / ACT_SCALES}")
         return self._act
 
-    def smoothed(self):
-        """(smoothed float model, factors): from the smooth stage of this run, or recomputed (same arithmetic)."""
-        if self._smoothed is None:
-            from sq_export.smooth import apply_smoothing
-
-            model, _, fam = self.loaded()
-            m = copy.deepcopy(model)
-            factors = apply_smoothing(m, fam, self.act_max(), self.alpha())
-            self._smoothed = (m, factors)
-            self._factors = factors
-        return self._smoothed
-
-    def factors(self) -> dict:
-        if self._factors is None:
-            self.smoothed()
-        return self._factors
+    def rows(self):
+        """The calibration row sample (tune.RowReservoir) the calibrate stage wrote (--alpha auto, --clip, --fallback)."""
+        if self._rows is None:
+            self._rows = load_rows(self.out / CALIB_ROWS)
+        return self._rows
 
     def quantized(self, mode: str):
-        """The PyTorch model of `mode` as `prepare` builds it (fp: the float model itself)."""
+        """The PyTorch model of `mode` (fp: the float model itself). naive: plain static W8A8, the baseline (no
+        smoothing, clipping or fallback); sq: the run's recipe, through sq_export.recipe.prepare as `eval` and
+        `export` build it, from this run's calibration (act scales + row sample)."""
         if mode == "fp":
             return self.loaded()[0]
         if mode not in self._quantized:
-            from sq_export.quantize import quantize_model, static_scales
-            from sq_export.smooth import smoothed_act_max
+            from dataclasses import replace
 
-            model, _, fam = self.loaded()
-            names = fam.quantized_linears()
+            from sq_export.recipe import CalibStats, prepare
+
+            model, tok, fam = self.loaded()
+            recipe = self.recipe(mode)
             if mode == "naive":
-                m = copy.deepcopy(model)
-                act = self.act_max()
-            else:
-                m, factors = self.smoothed()
-                act = smoothed_act_max(self.act_max(), fam, factors)
-                self._smoothed = None  # quantized in place: the float smoothed copy is not needed any more
-            quantize_model(m, names, "static", static_scales(act, names), self.opts.per_channel)
+                recipe = replace(recipe, alpha=None, linear_pairs=False, clip=None, fallback=None)
+            m = copy.deepcopy(model)
+            stats = CalibStats(self.act_max(), self.rows() if recipe.needs_rows() else None)
+            prep = prepare(m, tok, fam, recipe, stats=stats)
+            if mode == "sq" and prep.alpha_per_group is not None and prep.alpha_per_group != self.smooth_alpha():
+                raise SqExportError(f"--alpha auto chose {prep.alpha_per_group} here but {self.smooth_alpha()} in the smooth "
+                                    "stage (same calibration): rerun with --force")
             self._quantized[mode] = m
+            self._prepared[mode] = prep
         return self._quantized[mode]
+
+    def prepared(self, mode: str):
+        self.quantized(mode)
+        return self._prepared[mode]
 
     def calib_text(self) -> Path:
         from sq_export.textdata import default_text
@@ -462,37 +524,79 @@ class Pipeline:
     # ----- calibrate -----
     def _spec_calibrate(self):
         c = self.opts.calib
+        calib = {"samples": c.samples, "calib_seq_len": c.seq_len, "calib_batch": c.batch_size}
+        # the row sample only when a recipe option needs it ("row_sample" absent otherwise, so runs without those
+        # options keep their records); the act max of a pass is the same with or without it
+        rows = {"row_sample": self.opts.reservoir_rows} if self.needs_rows() else {}
         if self.opts.act_scales:
-            return {"model": self.model_path, "act_scales": Path(self.opts.act_scales)}, {"act_scales": "given"}
-        return (
-            {"model": self.model_path, "calib_text": self.calib_text()},
-            {"samples": c.samples, "calib_seq_len": c.seq_len, "calib_batch": c.batch_size},
-        )
+            inputs = {"model": self.model_path, "act_scales": Path(self.opts.act_scales)}
+            if rows:  # the maxima come from the file; the row sample still needs a pass over the calibration text
+                inputs["calib_text"] = self.calib_text()
+                return inputs, {"act_scales": "given", **calib, **rows}
+            return inputs, {"act_scales": "given"}
+        options = {**calib, **rows}
+        prev = (self.manifest["stages"].get("calibrate") or {}).get("options") or {}
+        if not rows and prev.get("row_sample") and {k: v for k, v in prev.items() if k != "row_sample"} == options:
+            options = prev  # the calibration that also sampled rows serves a recipe that needs none: no recalibration
+        return {"model": self.model_path, "calib_text": self.calib_text()}, options
 
     def _run_calibrate(self, staging: Path) -> dict:
         from sq_export.calibrate import load_act_scales, run_calibration, save_act_scales, validate_act_scales
+        from sq_export.tune import new_reservoir
 
         model, tok, fam = self.loaded()
         c = self.opts.calib
+        res = new_reservoir(fam, self.opts.reservoir_rows) if self.needs_rows() else None
         if self.opts.act_scales:
             scales = load_act_scales(self.opts.act_scales)
             validate_act_scales(scales, model, fam, f"act scales {self.opts.act_scales}")
             meta = {"source": Path(self.opts.act_scales).name}
+            if res is not None:
+                run_calibration(model, fam, tok, c.calib_text, c.samples, c.seq_len, c.batch_size, reservoir=res)
         else:
-            scales, meta = run_calibration(model, fam, tok, c.calib_text, c.samples, c.seq_len, c.batch_size)
+            scales, meta = run_calibration(model, fam, tok, c.calib_text, c.samples, c.seq_len, c.batch_size, reservoir=res)
             meta.pop("seconds", None)  # no times in artifacts
         save_act_scales(staging / ACT_SCALES, scales, {"model_type": model.config.model_type, **meta})
-        self._act = None  # reload from the file: later stages use exactly what was written
-        self._smoothed = self._factors = None
+        summary = {"linears": len(scales), **meta}
+        if res is not None:
+            save_rows(staging / CALIB_ROWS, res)
+            summary["row_sample"] = {"rows": res.rows, "inputs": len(res.data), "bytes": res.nbytes()}
+        elif (self.out / CALIB_ROWS).exists():
+            (self.out / CALIB_ROWS).unlink()  # a stale sample of an earlier calibration must not be read
+        # reload from the files: later stages use exactly what was written
+        self._act = self._rows = self._alpha_groups = None
         self._quantized.clear()
-        return {"linears": len(scales), **meta}
+        self._prepared.clear()
+        return summary
 
     # ----- smooth -----
+    def _recipe_options(self, *keys) -> dict:
+        """The recipe options a stage records (so changing one reruns it): smooth_pairs, clip, fallback (+ the
+        --fallback auto budget and criterion only when they apply)."""
+        o = self.opts
+        d = {}
+        if "smooth_pairs" in keys:
+            d["smooth_pairs"] = o.linear_pairs
+        if "clip" in keys:
+            d["clip"] = o.clip or "max"
+        if "fallback" in keys:
+            d["fallback"] = o.fallback or None
+            if o.fallback == "auto":
+                d.update({"target_ppl_increase": o.target_ppl_increase, "max_fallback": o.max_fallback,
+                          "fallback_windows_seq_len": o.calib.seq_len})
+        return d
+
+    def _rows_input(self) -> dict:
+        return {"calib_rows": self.out / CALIB_ROWS} if self.needs_rows() else {}
+
     def _spec_smooth(self):
-        return (
-            {"model": self.model_path, "act_scales": self.out / ACT_SCALES, "calib_text": self.calib_text()},
-            {"alpha": self.opts.alpha, "check_seq_len": min(128, self.opts.calib.seq_len)},
-        )
+        o = self.opts
+        inputs = {"model": self.model_path, "act_scales": self.out / ACT_SCALES, "calib_text": self.calib_text()}
+        options = {"alpha": o.alpha, "check_seq_len": min(128, o.calib.seq_len), **self._recipe_options("smooth_pairs")}
+        if o.alpha == "auto":  # the search reads the row sample and quantizes weights at this granularity
+            inputs.update(self._rows_input())
+            options["weight_granularity"] = "channel" if o.per_channel else "tensor"
+        return inputs, options
 
     def _run_smooth(self, staging: Path) -> dict:
         import torch
@@ -503,20 +607,36 @@ class Pipeline:
         from sq_export.smooth import smooth_checked, smoothed_act_max
 
         model, tok, fam = self.loaded()
+        o = self.opts
+        pairs = o.linear_pairs
         alpha = self.alpha()
         act = self.act_max()
+        alpha_groups = None
+        t_search = None
+        if alpha == "auto":
+            from sq_export.tune import search_alpha
+
+            t = time.perf_counter()
+            alpha_groups = search_alpha(model, fam, act, self.rows(), pairs, per_channel=o.per_channel)
+            t_search = round(time.perf_counter() - t, 2)
         m = copy.deepcopy(model)
-        factors, delta = smooth_checked(m, fam, act, alpha, check_batch(tok, self.recipe()))
+        # the same check as `smooth`/`eval`/`export`: the smoothed float model (pairs folded too) must give the
+        # original logits, or nothing is written (exit 4)
+        factors, delta = smooth_checked(m, fam, act, alpha_groups or alpha, check_batch(tok, self.recipe()), linear_pairs=pairs)
         dest = staging / SMOOTHED
         dest.mkdir()
         m.config.sq_export = {"smoothed": True, "alpha": alpha, "family": fam.name}
+        if pairs:
+            m.config.sq_export["smooth_pairs"] = True
+        if alpha_groups is not None:
+            m.config.sq_export["alpha_per_group"] = alpha_groups
         m.save_pretrained(dest, safe_serialization=True)
         del m.config.sq_export
         tok.save_pretrained(dest)
         save_file({k: v.contiguous() for k, v in sorted(factors.items())}, str(dest / "smoothing_factors.safetensors"))
 
         # per-channel statistics of every quantized Linear, before and after, for the report
-        after = smoothed_act_max(act, fam, factors)
+        after = smoothed_act_max(act, fam, factors, pairs)
         names = fam.quantized_linears()
         stats = {}
         with torch.no_grad():
@@ -530,7 +650,7 @@ class Pipeline:
         groups = fam.groups()
         mid = [g for g in groups if g.source.startswith(prefix)]
         default_linear = (mid or groups)[0].linears[0]
-        smoothed_names = sorted({n for g in groups for n in g.linears})
+        smoothed_names = sorted({n for g in fam.groups(include_linear_pairs=pairs) for n in g.linears})
         meta = {
             "format": "channel_stats/1",
             "alpha": alpha,
@@ -540,40 +660,66 @@ class Pipeline:
             "default_linear": default_linear,
             "linears": names,
             "smoothed_linears": smoothed_names,
+            "smooth_pairs": pairs,
+            "alpha_per_group": alpha_groups,
         }
         save_file(dict(sorted(stats.items())), str(staging / CHANNEL_STATS), metadata={"sq_export": json.dumps(meta, sort_keys=True)})
-        self._smoothed = (m, factors)
-        self._factors = factors
+        self._alpha_groups = alpha_groups
         self._quantized.pop("sq", None)
-        return {"alpha": alpha, "groups": len(factors), "max_abs_logit_change": delta, "default_report_linear": default_linear}
+        self._prepared.pop("sq", None)
+        summary = {"alpha": alpha, "smooth_pairs": pairs, "groups": len(factors), "max_abs_logit_change": delta,
+                   "default_report_linear": default_linear}
+        if alpha_groups is not None:
+            summary["alpha_per_group"] = alpha_groups
+            summary["alpha_search_s"] = t_search
+        return summary
 
     # ----- export -----
     def _spec_export(self):
+        inputs = {"model": self.model_path, "act_scales": self.out / ACT_SCALES, "smoothed": self.out / SMOOTHED, **self._rows_input()}
+        if self.opts.fallback == "auto":  # scored on calibration-split windows
+            inputs["calib_text"] = self.calib_text()
         return (
-            {"model": self.model_path, "act_scales": self.out / ACT_SCALES, "smoothed": self.out / SMOOTHED},
+            inputs,
             {"alpha": self.opts.alpha, "weights": self.opts.weights, "weight_granularity": "channel" if self.opts.per_channel else "tensor",
-             "act": "static", "target": "tensorrt"},
+             "act": "static", "target": "tensorrt", **self._recipe_options("smooth_pairs", "clip", "fallback")},
         )
 
     def _run_export(self, staging: Path) -> dict:
         _, _, fam = self.loaded()
         c = self.opts.calib
         summary = {}
+        o = self.opts
         for mode in MODES:
             m = self.quantized(mode)
-            n_q = 0 if mode == "fp" else len(fam.quantized_linears())
-            meta = {
+            prep = self._prepared.get(mode)
+            n_q = len(prep.quantized) if prep else 0
+            fp16 = list(prep.fp16_layers) if prep else []
+            meta = {  # the keys `sq-export export` writes (eval reads fp16_layers back)
                 "source_model": self.model_arg,
                 "family": fam.name,
                 "mode": mode,
                 "act": "static" if mode != "fp" else None,
                 "alpha": self.alpha() if mode == "sq" else None,
                 "quantized_layers_total": n_q,
-                "fp16_layers": "",
-                "calibration": f"{c.samples}x{c.seq_len}" if not self.opts.act_scales else Path(self.opts.act_scales).name,
+                "fp16_layers": ",".join(fp16),
+                "calibration": f"{c.samples}x{c.seq_len}" if not o.act_scales else Path(o.act_scales).name,
             }
-            res = export_onnx(m, fam, staging / ONNX[mode], weights=self.opts.weights, target="tensorrt", meta=meta)
+            if mode == "sq":
+                if o.linear_pairs:
+                    meta["smooth_pairs"] = "1"
+                if o.clip not in (None, "max"):
+                    meta["clip"] = o.clip
+                if prep.alpha_per_group:
+                    meta["alpha_per_group"] = json.dumps(prep.alpha_per_group, sort_keys=True)
+            res = export_onnx(m, fam, staging / ONNX[mode], weights=o.weights, target="tensorrt", meta=meta)
             summary[mode] = {"bytes": res["bytes"], "nodes": res["nodes"], "quantized_linears": n_q}
+            if mode == "sq":
+                summary[mode]["fp16_layers"] = fp16
+                if prep.tune.get("fallback"):
+                    summary[mode]["fallback"] = prep.tune["fallback"]
+                if prep.tune.get("clip_ratio"):
+                    summary[mode]["clip_ratio_min"] = min(prep.tune["clip_ratio"].values())
         return summary
 
     # ----- check -----
@@ -659,7 +805,7 @@ class Pipeline:
     # ----- eval -----
     def _spec_eval(self):
         inputs = {"model": self.model_path, "act_scales": self.out / ACT_SCALES, "smoothed": self.out / SMOOTHED,
-                  "eval_text": self.eval_text(), "calib_text": self.calib_text()}
+                  "eval_text": self.eval_text(), "calib_text": self.calib_text(), **self._rows_input()}
         inputs.update({f"onnx_{m}": self.out / ONNX[m] for m in MODES})
         inputs.update({f"engine_{m}": p for m, p in self.engines().items()})
         return inputs, {
@@ -668,6 +814,7 @@ class Pipeline:
             "alpha": self.opts.alpha,
             "weight_granularity": "channel" if self.opts.per_channel else "tensor",
             "sqnr_batch": [2, min(128, self.opts.calib.seq_len)],
+            **self._recipe_options("smooth_pairs", "clip", "fallback"),
         }
 
     def _run_eval(self, staging: Path) -> dict:
@@ -675,7 +822,7 @@ class Pipeline:
 
         from sq_export.evaluate import onnx_perplexity, torch_perplexity
         from sq_export.recipe import check_batch
-        from sq_export.report import layer_sqnr
+        from sq_export.report import naive_sq_sqnr
         from sq_export.textdata import read_text, tokenize
 
         model, tok, fam = self.loaded()
@@ -713,10 +860,23 @@ class Pipeline:
                 secs["tensorrt"][mode] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
         batch = check_batch(tok, self.recipe())
-        sqnr = layer_sqnr(model, {"naive": self.quantized("naive"), "sq": self.quantized("sq")}, fam.quantized_linears(), batch)
+        # naive vs the float model; SQ vs the float model it approximates (with --smooth-pairs the smoothed one)
+        sqnr = naive_sq_sqnr(model, self.quantized("naive"), self.quantized("sq"), fam.quantized_linears(), batch, family=fam,
+                             act_max=self.act_max(), alpha=self.smooth_alpha(), linear_pairs=o.linear_pairs)
         sqnr = [{"linear": n, **v} for n, v in sqnr.items()]  # a list: model order survives sort_keys
         secs["sqnr"] = round(time.perf_counter() - t, 2)
+        prep = self.prepared("sq")
+        recipe = {
+            "alpha": self.alpha(),
+            "alpha_per_group": prep.alpha_per_group,
+            "smooth_pairs": o.linear_pairs,
+            "clip": o.clip or "max",
+            "fallback": o.fallback or None,
+            "quantized_layers_total": len(prep.quantized),
+            "fp16_layers": list(prep.fp16_layers),
+        }
         doc = {
+            "recipe": recipe,
             "tokens": tokens,
             "seq_len": o.seq_len,
             "max_tokens": o.max_tokens,
@@ -726,7 +886,7 @@ class Pipeline:
             "sqnr_batch": list(batch.shape),
         }
         (staging / EVAL).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        return {"tokens": tokens, "perplexity": ppl, "seconds": secs}
+        return {"tokens": tokens, "perplexity": ppl, "seconds": secs, "fp16_layers": recipe["fp16_layers"]}
 
     # ----- report -----
     def _prior_records_digest(self) -> str:

@@ -7,8 +7,8 @@ Plots (matplotlib, Agg canvas, no pyplot global state):
   perplexity.png       perplexity of FP32 / naive / SQ per backend
 
 Everything is read from files in OUT (act scales, channel stats, eval.json, check.json, build.json) and the
-manifest, so the report can be redone without the model. `layer_sqnr` is called by the eval stage, which has the
-models in memory.
+manifest, so the report can be redone without the model. `naive_sq_sqnr` (per-Linear SQNR of naive and SmoothQuant
+models, each against the float model it approximates) is called by the eval stage, which has the models in memory.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def sqnr_db(y, y_hat) -> float:
 
 def layer_sqnr(float_model, qmodels: dict, names: list[str], batch) -> dict:
     """{linear: {mode: SQNR dB}}: each quantized Linear's output in the fake-quant model vs the same Linear's output
-    in the float model, both run end to end on `batch` (so errors of earlier layers are included, as deployed).
-    Smoothing leaves every Linear's float output unchanged (W·s · x/s = W·x), so one float reference serves both."""
+    in `float_model`, both run end to end on `batch` (so errors of earlier layers are included, as deployed).
+    `float_model` must be the float model the quantized ones approximate Linear by Linear: norm smoothing leaves
+    every Linear's output unchanged (W·s · x/s = W·x), pair smoothing does not (see `naive_sq_sqnr`)."""
     import torch
 
     def capture(model, store):
@@ -68,6 +69,33 @@ def layer_sqnr(float_model, qmodels: dict, names: list[str], batch) -> dict:
             v = sqnr_db(ref[n], got[n])
             out[n][mode] = round(v, 4) if math.isfinite(v) else None  # None: output exactly equal
     return out
+
+
+def smoothed_reference(model, family, act_max: dict, alpha, linear_pairs: bool):
+    """The float model whose Linear outputs a SmoothQuant model approximates. Norm smoothing keeps every Linear's
+    output (W·s · x/s = W·x): that is `model` itself. Pair smoothing (--smooth-pairs) divides the producer's output
+    rows (up_proj, v_proj) by s, so their outputs are y/s in the SQ model: then it is a copy of `model` smoothed the
+    same way (`alpha`: a number or {group source: α}, as the SQ model was smoothed)."""
+    if not linear_pairs:
+        return model
+    import copy
+
+    from sq_export.smooth import apply_smoothing
+
+    ref = copy.deepcopy(model)
+    apply_smoothing(ref, family, act_max, alpha, linear_pairs=True)
+    return ref
+
+
+def naive_sq_sqnr(float_model, naive, sq, names: list[str], batch, *, family, act_max: dict, alpha, linear_pairs: bool) -> dict:
+    """{linear: {"naive": dB, "sq": dB}} (`layer_sqnr`): naive W8A8 vs the float model, SmoothQuant W8A8 vs
+    `smoothed_reference` (the float model unless --smooth-pairs). `act_max`: the unsmoothed calibration maxima."""
+    ref = smoothed_reference(float_model, family, act_max, alpha, linear_pairs)
+    if ref is float_model:
+        return layer_sqnr(float_model, {"naive": naive, "sq": sq}, names, batch)
+    t_naive = layer_sqnr(float_model, {"naive": naive}, names, batch)
+    t_sq = layer_sqnr(ref, {"sq": sq}, names, batch)
+    return {n: {**t_naive[n], **t_sq[n]} for n in names}
 
 
 # ----- helpers --------------------------------------------------------------------------------------------------
@@ -263,6 +291,16 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
         else ", ".join(f"{m}: {'built' if v.get('built') else 'not built (' + str(v.get('reason'))[:120] + ')'}" for m, v in (build or {}).items())
     )
     calib = (stages.get("calibrate") or {}).get("options", {})
+    rc = ev.get("recipe") or {}
+    recipe = {
+        "alpha": alpha,
+        "alpha_per_group": meta.get("alpha_per_group") or rc.get("alpha_per_group"),
+        "smooth_pairs": bool(meta.get("smooth_pairs") or rc.get("smooth_pairs")),
+        "clip": rc.get("clip", "max"),
+        "fallback": rc.get("fallback"),
+        "quantized_layers_total": rc.get("quantized_layers_total"),
+        "fp16_layers": list(rc.get("fp16_layers") or []),
+    }
     headline = {
         "model": manifest.get("model", {}).get("arg"),
         "perplexity_pytorch": {"fp": fp, "naive": nv, "sq": sq},
@@ -273,6 +311,7 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
         "report_linear": lin,
         "outlier_ratio_max_over_median": {"before": ratio(act_b), "after": ratio(act_a)},
         "mean_sqnr_db": sqnr_mean,
+        "fp16_layers": recipe["fp16_layers"],
     }
     stage_rows = [
         {"stage": n, "status": (stages.get(n) or {}).get("status", "not run"), "wall_s": (stages.get(n) or {}).get("wall_s"),
@@ -285,6 +324,9 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
         "perplexity": ppl,
         "eval": {k: ev.get(k) for k in ("tokens", "seq_len", "max_tokens", "eval_text")},
         "alpha": alpha,
+        "alpha_per_group": recipe["alpha_per_group"],
+        "recipe": recipe,
+        "fp16_layers": recipe["fp16_layers"],
         "family": meta.get("family"),
         "calibration": calib,
         "channels": {
@@ -308,6 +350,20 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
     (staging / "report.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
     (staging / "report.md").write_text(_markdown(doc, manifest) + "\n")
     return {"linear": lin, "plots": doc["plots"], "recovered": recovered}
+
+
+def _recipe_line(r: dict) -> str:
+    apg = r.get("alpha_per_group") or {}
+    a = f"alpha {r.get('alpha')}" + (f" (per group {min(apg.values()):.2f}..{max(apg.values()):.2f})" if apg else "")
+    parts = [a, "norm and Linear→Linear (up→down, v→o) smoothing" if r.get("smooth_pairs") else "norm smoothing",
+             f"activation ranges {r.get('clip') or 'max'}"]
+    fp16 = r.get("fp16_layers") or []
+    if fp16:
+        parts.append(f"{len(fp16)} Linear(s) kept in float, no Q/DQ (FP16 in TensorRT; --fallback {r.get('fallback')}): "
+                     + ", ".join(f"`{n}`" for n in fp16))
+    elif r.get("fallback"):
+        parts.append(f"--fallback {r['fallback']}: every Linear stays quantized")
+    return "; ".join(parts)
 
 
 def _markdown(doc: dict, manifest: dict) -> str:
@@ -336,6 +392,7 @@ def _markdown(doc: dict, manifest: dict) -> str:
     if sz.get("model.sq.onnx") and sz.get("model.fp.onnx"):
         bullets.append(f"Size: model.sq.onnx {_mb(sz['model.sq.onnx'])} vs model.fp.onnx {_mb(sz['model.fp.onnx'])} "
                        f"({sz['model.sq.onnx'] / sz['model.fp.onnx']:.2f}×).")
+    bullets.append("Recipe: " + _recipe_line(doc["recipe"]) + ".")
     L += [f"- {b}" for b in bullets]
     L.append("")
 
@@ -377,7 +434,10 @@ def _markdown(doc: dict, manifest: dict) -> str:
     if sq:
         L.append("## Per-Linear quantization error")
         L.append("")
-        L.append("SQNR (dB) of each quantized Linear's output vs the float model, both run end to end on a calibration batch. Lowest naive SQNR first:")
+        ref = (" SmoothQuant with Linear→Linear pairs is compared with the smoothed float model (up_proj/v_proj outputs are "
+               "divided by the smoothing factors there too), naive with the original." if doc["recipe"].get("smooth_pairs") else "")
+        L.append("SQNR (dB) of each quantized Linear's output vs the float model, both run end to end on a calibration batch."
+                 + ref + " Lowest naive SQNR first:")
         L.append("")
         L.append("| Linear | naive dB | SmoothQuant dB | Δ dB |")
         L.append("|---|---:|---:|---:|")
@@ -391,6 +451,18 @@ def _markdown(doc: dict, manifest: dict) -> str:
             L.append(f"| `{k}` | {db(a)} | {db(b)} | {d} |")
         L.append("")
         L.append("![per-Linear SQNR](plots/sqnr.png)")
+        L.append("")
+
+    apg = doc["recipe"].get("alpha_per_group")
+    if apg:
+        L.append("## Alpha per smoothing group (--alpha auto)")
+        L.append("")
+        L.append("Per group, the alpha minimizing the group's static W8A8 output error on calibration rows:")
+        L.append("")
+        L.append("| group (smoothing source) | alpha |")
+        L.append("|---|---:|")
+        for src, a in apg.items():
+            L.append(f"| `{src}` | {a:.2f} |")
         L.append("")
 
     L.append("## Files")
@@ -416,6 +488,6 @@ def _markdown(doc: dict, manifest: dict) -> str:
     v = doc["versions"] or {}
     L.append("## Settings")
     L.append("")
-    L.append(f"- family {doc['family']}, alpha {doc['alpha']}; calibration {c}")
+    L.append(f"- family {doc['family']}; {_recipe_line(doc['recipe'])}; calibration {c}")
     L.append("- versions: " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())))
     return "\n".join(L)

@@ -237,3 +237,93 @@ def test_build_stage_wiring_with_a_fake_tensorrt(llama_run, tiny_dirs, texts, tm
     assert "| model | PyTorch | ONNX Runtime | TensorRT |" in md and "104.000 |" in md
     assert run(tiny_dirs("llama"), out, texts) == 0
     assert manifest(out)["last_run"]["ran"] == []  # engines up to date too
+
+
+# ----- the accuracy options (--smooth-pairs, --alpha auto, --clip, --fallback) ---------------------------------
+def _float_linears(onnx_path):
+    """Module paths of the Linears exported without Q/DQ: MatMul/Gemm reading a float initializer (lm_head excluded)."""
+    import onnx
+
+    g = onnx.load(str(onnx_path)).graph
+    inits = {i.name for i in g.initializer}
+    out = []
+    for n in g.node:
+        if n.op_type in ("MatMul", "Gemm") and any(i in inits for i in n.input) and "lm_head" not in n.name:
+            out.append(n.name)
+    return out
+
+
+def test_accuracy_options_pairs_auto_alpha_then_fallback_then_no_pairs(tiny_dirs, texts, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sq_export.export import read_metadata
+
+    d = tiny_dirs("llama")
+    out = tmp_path / "acc"
+    assert run(d, out, texts, "--smooth-pairs", "--alpha", "auto") == 0
+    m = manifest(out)
+    assert m["last_run"]["ran"] == [s for s in STAGES if s != "build"]
+    assert m["stages"]["smooth"]["options"]["smooth_pairs"] is True and m["stages"]["export"]["options"]["alpha"] == "auto"
+    assert "calib_rows.safetensors" in m["stages"]["calibrate"]["outputs"]
+    # α per group (norm groups and the up→down / v→o pairs) in the manifest, eval.json, the ONNX and the report
+    apg = m["stages"]["smooth"]["summary"]["alpha_per_group"]
+    assert len(apg) == 4 * 2 and any(k.endswith("mlp.up_proj") for k in apg) and any(k.endswith("self_attn.v_proj") for k in apg)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["alpha"] == "auto" and rep["alpha_per_group"] == apg and rep["recipe"]["smooth_pairs"] is True
+    assert json.loads(read_metadata(out / "model.sq.onnx")["alpha_per_group"]) == apg
+    assert "Alpha per smoothing group" in (out / "report.md").read_text()
+    assert json.loads((out / "check.json").read_text())["ok"] is True
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["recipe"]["alpha_per_group"] == apg and ev["recipe"]["fp16_layers"] == []
+    for mode in ("fp", "naive", "sq"):
+        assert ev["perplexity"]["onnxruntime"][mode] == pytest.approx(ev["perplexity"]["pytorch"][mode], rel=2e-3)
+    # SQ is compared with the smoothed float model: pair producers (outputs divided by s) are not ~0 dB
+    sq_db = {r["linear"]: r["sq"] for r in ev["layer_sqnr_db"]}
+    assert all(sq_db[n] > 10 for n in sq_db if n.endswith(("up_proj", "v_proj"))), sq_db
+    # the saved smoothed folder holds the pair folds and still computes the float model's function
+    orig = AutoModelForCausalLM.from_pretrained(d).eval()
+    sm = AutoModelForCausalLM.from_pretrained(out / "smoothed").eval()
+    up = "model.layers.0.mlp.up_proj"
+    assert not torch.equal(orig.get_submodule(up).weight, sm.get_submodule(up).weight)
+    x = torch.randint(4, 200, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = orig(input_ids=x).logits, sm(input_ids=x).logits
+    assert float((a - b).abs().max()) <= 1e-3 * max(1.0, float(a.abs().max()))
+    before = snapshot(out)
+
+    # --fallback 2: export and later only; exactly 2 Linears without Q/DQ in the SQ graph, check still clean
+    assert run(d, out, texts, "--smooth-pairs", "--alpha", "auto", "--fallback", "2") == 0
+    m = manifest(out)
+    assert m["last_run"]["ran"] == ["export", "check", "eval", "report"]
+    assert m["last_run"]["skipped"] == ["calibrate", "smooth", "build"]
+    fp16 = m["stages"]["export"]["summary"]["sq"]["fp16_layers"]
+    assert len(fp16) == 2 and m["stages"]["export"]["options"]["fallback"] == "2"
+    floats = _float_linears(out / "model.sq.onnx")
+    assert len(floats) == 2 and _float_linears(out / "model.naive.onnx") == []
+    for n in fp16:  # model.layers.1.mlp.down_proj -> /model/model/layers.1/mlp/down_proj/MatMul
+        path = "/" + n.replace("layers.", "layers#").replace(".", "/").replace("layers#", "layers.") + "/"
+        assert sum(path in f for f in floats) == 1, (path, floats)
+    assert read_metadata(out / "model.sq.onnx")["fp16_layers"] == ",".join(fp16)
+    assert json.loads((out / "check.json").read_text())["ok"] is True
+    assert json.loads((out / "eval.json").read_text())["recipe"]["fp16_layers"] == fp16
+    assert json.loads((out / "report.json").read_text())["fp16_layers"] == fp16
+    assert all(f"`{n}`" in (out / "report.md").read_text() for n in fp16)
+    after = snapshot(out)
+    for f in ("act_scales.safetensors", "calib_rows.safetensors", "smoothed/model.safetensors"):
+        assert after[f] == before[f], f  # not rewritten
+    assert after["model.naive.onnx"][1] == before["model.naive.onnx"][1]  # rewritten by the stage, same baseline bytes
+    assert after["model.sq.onnx"][1] != before["model.sq.onnx"][1]
+
+    # without --smooth-pairs: smooth and later rerun, calibration kept (stopping after check keeps the test short)
+    assert run(d, out, texts, "--alpha", "auto", "--fallback", "2", "--until", "check") == 0
+    m = manifest(out)
+    assert m["last_run"]["ran"] == ["smooth", "export", "check"] and m["last_run"]["skipped"] == ["calibrate"]
+    assert snapshot(out)["act_scales.safetensors"] == before["act_scales.safetensors"]
+    apg2 = m["stages"]["smooth"]["summary"]["alpha_per_group"]
+    assert len(apg2) == 4 and not any(k.endswith(("up_proj", "v_proj")) for k in apg2)
+    assert "smooth_pairs" not in read_metadata(out / "model.sq.onnx") and len(_float_linears(out / "model.sq.onnx")) == 2
+    assert json.loads((out / "check.json").read_text())["ok"] is True
+    # a recipe needing no row sample reuses the calibration that took one (no recalibration)
+    assert run(d, out, texts, "--until", "calibrate") == 0
+    assert manifest(out)["last_run"]["skipped"] == ["calibrate"]

@@ -237,7 +237,7 @@ def test_cli_rejects_bad_tuning_options(tiny_dirs, capsys):
     d = tiny_dirs("llama")
     assert _cli(capsys, "eval", d, "--clip", "p10")[0] == 2
     assert _cli(capsys, "eval", d, "--fallback", "model.nope", "--samples", "2", "--calib-seq-len", "16", "--max-tokens", "64")[0] == 2
-    assert _cli(capsys, "run", d, "-o", "/tmp/never_sq", "--smooth-pairs")[0] == 2
+    assert _cli(capsys, "run", d, "-o", "/tmp/never_sq", "--clip", "p10")[0] == 2
 
 
 def test_diagnose(tiny_dirs, small_text, tmp_path, capsys):

@@ -45,17 +45,12 @@ def _alpha(v: str):
         raise argparse.ArgumentTypeError(f"{v!r} is neither a number in [0, 1] nor 'auto'") from None
 
 
-TUNING_OPTIONS = ("smooth_pairs", "clip", "fallback")
-
-
 def recipe_from(args, act="static"):
     from sq_export.recipe import CalibOptions, Recipe
     from sq_export.tune import parse_percent
 
     if args.alpha is not None and args.alpha != "auto" and not (0.0 <= args.alpha <= 1.0):
         raise BadInput(f"--alpha {args.alpha} is outside [0, 1]: the migration strength must be between 0 and 1")
-    if getattr(args, "command", None) == "run" and (args.alpha == "auto" or any(getattr(args, k, None) for k in TUNING_OPTIONS)):
-        raise BadInput("--alpha auto, --smooth-pairs, --clip and --fallback are not wired into `run` yet: use `eval` / `export`")
     return Recipe(
         mode=getattr(args, "mode", "sq"),
         act=getattr(args, "act", act),

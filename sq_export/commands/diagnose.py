@@ -37,7 +37,7 @@ def run(args):
 
     from sq_export.errors import BadInput
     from sq_export.recipe import CalibStats, get_act_max, get_rows, prepare
-    from sq_export.report import _sqnr_plot, layer_sqnr
+    from sq_export.report import _sqnr_plot, naive_sq_sqnr
 
     if args.windows < 1:
         raise BadInput(f"--windows {args.windows} must be at least 1")
@@ -64,17 +64,9 @@ def run(args):
     sq = copy.deepcopy(model)
     prep = prepare(sq, tok, fam, recipe, stats=stats)
     names = fam.quantized_linears()
-    # Pair smoothing divides the producer's output rows (up_proj, v_proj) by s: compare SQ with the smoothed float
-    # model, whose every Linear output is what the SQ model approximates (for other Linears the two are equal).
-    from sq_export.smooth import apply_smoothing
-
-    ref_sq = model
-    if recipe.linear_pairs:
-        ref_sq = copy.deepcopy(model)
-        apply_smoothing(ref_sq, fam, act_max, prep.alpha_per_group or prep.alpha, linear_pairs=True)
-    t_naive = layer_sqnr(model, {"naive": naive}, names, batch)
-    t_sq = layer_sqnr(ref_sq, {"sq": sq}, names, batch)
-    table = {n: {**t_naive[n], **t_sq[n]} for n in names}
+    # with --smooth-pairs, SQ is compared with the smoothed float model (report.smoothed_reference says why)
+    table = naive_sq_sqnr(model, naive, sq, names, batch, family=fam, act_max=act_max,
+                          alpha=prep.alpha_per_group or prep.alpha, linear_pairs=recipe.linear_pairs)
 
     def key(n):
         v = table[n].get("sq")

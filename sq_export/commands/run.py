@@ -11,9 +11,14 @@ EXAMPLES = """examples:
   sq-export run smollm2 -o out/                          # again: every stage up to date, skipped
   sq-export run smollm2 -o out/ --alpha 0.7              # redo smooth and later stages, keep the calibration
   sq-export run smollm2 -o out/ --until export           # stop after the ONNX files
+  sq-export run smollm2 -o out/ --smooth-pairs --alpha auto --clip p99.99 --fallback auto   # the accuracy options
   sq-export run smollm2 -o out/ --force --samples 64 --calib-seq-len 256 --max-tokens 2048
 
-OUT holds act_scales.safetensors, smoothed/, model.{fp,naive,sq}.onnx, check.json, model.*.engine (TensorRT only),
+The recipe options (--alpha [auto], --smooth-pairs, --clip, --fallback ...) are those of `eval` / `export`; the naive
+graph stays the plain W8A8 baseline. Changing one reruns the stages it affects (e.g. --smooth-pairs: smooth and
+later; --fallback or --clip: export and later; the first option needing the calibration row sample: calibrate too).
+
+OUT holds act_scales.safetensors (+ calib_rows.safetensors), smoothed/, model.{fp,naive,sq}.onnx, check.json, model.*.engine (TensorRT only),
 eval.json, report.md, report.json, plots/*.png and manifest.json (per stage: inputs/outputs with sha256, options,
 tool versions, wall time). A stage is skipped when its inputs, options and outputs are unchanged; Ctrl-C leaves no
 partial file at a final path, and the next run resumes with the interrupted stage.
@@ -48,9 +53,14 @@ def run(args):
 
     recipe = c.recipe_from(args)
     opts = RunOptions(
-        alpha=args.alpha,
+        alpha=recipe.alpha,
         act_scales=args.act_scales,
         per_channel=recipe.per_channel,
+        linear_pairs=recipe.linear_pairs,
+        clip=recipe.clip,
+        fallback=recipe.fallback,
+        target_ppl_increase=recipe.target_ppl_increase,
+        max_fallback=recipe.max_fallback,
         weights=args.weights,
         calib=recipe.calib,
         eval_text=args.text,
