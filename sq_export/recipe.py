@@ -130,7 +130,8 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
 
     `stats`: calibration already done (must come from this unsmoothed model with the same options; prepare does
     not change it). `fallback_score(model) -> float` (lower is better) replaces the default criterion of
-    `--fallback auto` (perplexity on a few calibration-split windows)."""
+    `--fallback auto` (tune.KLScore: mean KL to the float model on tune.FALLBACK_WINDOWS calibration-split windows;
+    a callable with `reference(model)` / `last_ppl` is used the same way)."""
     from sq_export.quantize import quantize_model, static_scales
     from sq_export.smooth import smooth_checked, smoothed_act_max
     from sq_export import tune
@@ -190,8 +191,8 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
         sens = tune.local_sqnr(model, family, float_linears, res, divs) if fb[0] != "names" else None
         score = fallback_score
         if score is None and fb[0] == "auto":
-            wins = tune.small_eval_ids(tokenizer, recipe.calib.calib_text, recipe.calib.seq_len)
-            score = lambda m: tune.windows_perplexity(m, wins)  # noqa: E731
+            wins = tune.small_eval_ids(tokenizer, recipe.calib.calib_text, recipe.calib.seq_len, windows=tune.FALLBACK_WINDOWS)
+            score = tune.KLScore(wins)
         r = tune.select_fallback(model, float_linears, fb, score, target=recipe.target_ppl_increase,
                                  max_count=tune.max_fallback_count(recipe.max_fallback, len(quantized)), sensitivity=sens)
         fp16 = r["fp16_layers"]

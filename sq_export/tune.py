@@ -12,9 +12,10 @@ because the smoothing factor s depends on α: the smoothed input is x/s, compute
   one pass over the cached rows per α, no model forward.
 - `clip_amax`: the per-tensor range from a percentile of |x| (`p99.99`) or the range minimizing the input's
   fake-quant MSE (`mse`) on the sampled rows; never above the calibrated max.
-- `select_fallback`: rank quantized Linears by their local output SQNR (sampled rows, real QLinear), then greedily
-  put them back to float while the perplexity on a few calibration-split windows improves, until
-  the target increase over float is met or the budget is spent.
+- `select_fallback`: pre-filter quantized Linears by their local output SQNR (sampled rows, real QLinear), measure
+  each candidate's gain alone (mean KL to the float model's distributions on calibration-split windows, never the
+  held-out text), then greedily put them back to float in gain order while the KL improves, until the perplexity
+  on those windows is within the target of float or the budget is spent.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ from sq_export.errors import BadInput
 
 log = logging.getLogger(__name__)
 
-ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 .. 0.95
+# 0.30 .. 0.95. Extending it with 0.975 and 1.0 was measured worse on SmolLM2 (docs/ACCURACY.md, 2026-11-22
+# 16:37): 65/90 groups then choose α=1.0 by the local output MSE, and held-out perplexity goes from +2.90 % to +3.53 %.
+ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))
 RESERVOIR_ROWS = 512
+FALLBACK_WINDOWS = 4  # calibration-split windows (of ≤512 tokens) scoring --fallback auto
+FALLBACK_CANDIDATES = None  # lowest-SQNR Linears whose gain alone is measured; None: max_count (the budget)
 MSE_CLIP_RATIOS = tuple(0.92 ** k for k in range(40))  # 1.0 down to ~0.04 of the max
 
 
@@ -188,8 +193,9 @@ def group_error(model, group, act_max, rows: torch.Tensor, alpha: float, head_di
 
 
 @torch.no_grad()
-def search_alpha(model, family, act_max, res: RowReservoir, linear_pairs: bool, grid=ALPHA_GRID, per_channel=True) -> dict:
-    """{group source: best α} on the unsmoothed float model (call before apply_smoothing)."""
+def search_alpha(model, family, act_max, res: RowReservoir, linear_pairs: bool, grid=None, per_channel=True) -> dict:
+    """{group source: best α} on the unsmoothed float model (call before apply_smoothing). grid: ALPHA_GRID."""
+    grid = ALPHA_GRID if grid is None else tuple(grid)
     hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     out = {}
     for g in family.groups(include_linear_pairs=linear_pairs):
@@ -258,6 +264,45 @@ def small_eval_ids(tokenizer, calib_text, seq_len: int, windows: int = 4, seed: 
 
 
 @torch.no_grad()
+def float_reference(model, windows: np.ndarray) -> list[torch.Tensor]:
+    """The float model's next-token log-probabilities on `windows` (fp16, one [T-1, V] tensor per window)."""
+    out = []
+    for w in windows:
+        x = torch.as_tensor(w)[None]
+        lp = torch.log_softmax(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, :-1].float(), -1)
+        out.append(lp.half())
+    return out
+
+
+class KLScore:
+    """Fallback criterion: mean KL(float ‖ quantized) per predicted token on calibration-split windows, against
+    the float model's distributions (computed once, by `reference`). Calling it returns the KL; `ppl(model)` of the
+    last call is kept in `last_ppl` (same forwards) so the target can be checked in perplexity."""
+
+    def __init__(self, windows: np.ndarray):
+        self.windows = windows
+        self.ref = None
+        self.last_ppl = None
+
+    def reference(self, model):
+        self.ref = float_reference(model, self.windows)
+
+    @torch.no_grad()
+    def __call__(self, model) -> float:
+        kl = nll = 0.0
+        n = 0
+        for w, ref in zip(self.windows, self.ref):
+            x = torch.as_tensor(w)[None]
+            lq = torch.log_softmax(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, :-1].float(), -1)
+            lp = ref.float()
+            kl += float((lp.exp() * (lp - lq)).sum())
+            nll -= float(lq.gather(1, torch.as_tensor(w[1:])[:, None]).sum())
+            n += lp.shape[0]
+        self.last_ppl = math.exp(nll / n)
+        return kl / n
+
+
+@torch.no_grad()
 def windows_perplexity(model, windows: np.ndarray) -> float:
     from sq_export.ppl import PerplexityAccumulator
 
@@ -276,14 +321,18 @@ def _swap(model, name, mod):
 
 @torch.no_grad()
 def select_fallback(model, float_linears: dict, spec, score, *, target: float = 0.02, max_count: int | None = None,
-                    sensitivity: dict | None = None, max_tries: int | None = None) -> dict:
+                    sensitivity: dict | None = None, max_tries: int | None = None, candidates: int | None = None) -> dict:
     """Choose Linears to keep in float and put them back (in place). `float_linears`: {name: float module} for every
-    quantized Linear; `score(model)`: lower is better (perplexity on a small calibration-split set);
-    `sensitivity`: {name: SQNR dB} (lowest first is tried first).
+    quantized Linear; `score(model)`: lower is better (default: KLScore, mean KL to the float model on a few
+    calibration-split windows; any callable such as a perplexity works); `sensitivity`: {name: SQNR dB} (lowest
+    first is the pre-filter order).
 
-    spec ('auto'): greedy in sensitivity order; a candidate stays in float if it lowers the score, until
-    score ≤ fp_score·(1+target) or max_count is reached. ('n', N): the N least-SQNR Linears. ('names', [...]).
-    Returns {"fp16_layers": [...], "fp_score", "quant_score", "final_score", "tried", "history"}."""
+    spec ('auto'): (1) the `candidates` lowest-SQNR Linears (default FALLBACK_CANDIDATES or max_count) are each put back to float
+    alone and scored: gain = quantized score − that score; (2) in order of measured gain, a candidate stays in
+    float if the score (all chosen so far in float) improves, until the target is met or max_count is reached.
+    The target is checked in perplexity: fp·(1+target) against `score.last_ppl` when the score keeps one
+    (KLScore), else against the score itself. ('n', N): the N least-SQNR Linears. ('names', [...]).
+    Returns {"fp16_layers": [...], "fp_score", "quant_score", "final_score", "tried", "history", ...}."""
     kind, arg = spec
     names = list(float_linears)
     total = len(names)
@@ -303,29 +352,52 @@ def select_fallback(model, float_linears: dict, spec, score, *, target: float = 
             _swap(model, n, float_linears[n])
         return {"fp16_layers": chosen, "history": []}
     # auto
+    has_ppl = hasattr(score, "last_ppl")
+
+    def measure(m):
+        v = score(m)
+        return v, (score.last_ppl if has_ppl else v)
+
     for n in names:
         _swap(model, n, float_linears[n])
-    fp = score(model)
+    if getattr(score, "ref", 0) is None:  # KLScore not yet given the float distributions
+        score.reference(model)
+    fp, fp_ppl = measure(model)
     for n in names:
         _swap(model, n, qmods[n])
-    cur = q0 = score(model)
-    goal = fp * (1 + target)
-    chosen, history, tried = [], [], 0
-    max_tries = max_tries or 3 * max(max_count, 1)
-    for n in order:
-        if cur <= goal or len(chosen) >= max_count or tried >= max_tries:
-            break
-        tried += 1
+    q0, q0_ppl = measure(model)
+    goal = fp_ppl * (1 + target)
+    out = {"fp_score": fp, "quant_score": q0, "fp_ppl": fp_ppl, "quant_ppl": q0_ppl, "goal": goal}
+    if q0_ppl <= goal or max_count <= 0:
+        return {"fp16_layers": [], **out, "final_score": q0, "final_ppl": q0_ppl, "met": q0_ppl <= goal, "tried": 0, "history": [], "gains": {}}
+    if candidates is None:
+        candidates = FALLBACK_CANDIDATES if FALLBACK_CANDIDATES is not None else max(max_count, 1)
+    pool = order[: min(total, candidates)]
+    gains, tried = {}, 0
+    for n in pool:  # (1) measured gain of each candidate alone
         _swap(model, n, float_linears[n])
-        new = score(model)
-        if new < cur - 1e-4 * fp:
+        gains[n] = q0 - measure(model)[0]
+        tried += 1
+        _swap(model, n, qmods[n])
+    ranked = [n for n in sorted(pool, key=lambda n: -gains[n]) if gains[n] > 0]
+    cur, cur_ppl = q0, q0_ppl
+    chosen, history = [], []
+    max_tries = max_tries or 3 * max(max_count, 1)
+    tries2 = 0
+    for n in ranked:  # (2) greedy in gain order
+        if cur_ppl <= goal or len(chosen) >= max_count or tries2 >= max_tries:
+            break
+        tries2 += 1
+        _swap(model, n, float_linears[n])
+        new, new_ppl = measure(model)
+        if new < cur - 1e-4 * max(abs(q0), 1e-12):
             chosen.append(n)
-            history.append({"linear": n, "score": new})
-            cur = new
+            history.append({"linear": n, "score": new, "ppl": new_ppl, "gain_alone": gains[n]})
+            cur, cur_ppl = new, new_ppl
         else:
             _swap(model, n, qmods[n])
-    return {"fp16_layers": chosen, "fp_score": fp, "quant_score": q0,
-            "final_score": cur, "goal": goal, "met": cur <= goal, "tried": tried, "history": history}
+    return {"fp16_layers": chosen, **out, "final_score": cur, "final_ppl": cur_ppl, "met": cur_ppl <= goal,
+            "tried": tried + tries2, "candidates": len(pool), "history": history, "gains": gains}
 
 
 def timed(fn, *a, **k):

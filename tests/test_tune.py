@@ -160,6 +160,25 @@ def test_alpha_auto_searches_without_model_forwards_and_reports_per_group():
     # (prepare → Prepared.alpha "auto" + alpha_per_group: test_cli_eval_export_check_with_tuning)
 
 
+def test_alpha_grid_reaches_one_and_factors_stay_defined():
+    from sq_export.smooth import smoothing_factors
+
+    assert list(tune.ALPHA_GRID) == sorted(set(tune.ALPHA_GRID)) and tune.ALPHA_GRID[-1] == 0.95  # 1.0 measured worse
+    act = torch.tensor([0.0, 1e-9, 0.5, 300.0])
+    w = [torch.tensor([[0.0, 2.0, 1e-7, 0.1]])]  # a zero weight column and a zero activation channel
+    s = smoothing_factors(act, w, 1.0)  # α=1: weights^0 = 1, s = max|x| (clamped), no NaN/inf from the zero column
+    assert torch.isfinite(s).all() and (s > 0).all()
+    torch.testing.assert_close(s, act.clamp(min=1e-5))
+    # and α=1 is a legal, exact smoothing of a model with pairs
+    model, fam = _llama_down_outliers()
+    act_max = calibrate(model, fam, token_batches(4, 32))
+    x = torch.as_tensor(token_batches(2, 32, seed=3))
+    ref = logits_of(model, x)
+    m = copy.deepcopy(model)
+    apply_smoothing(m, fam, act_max, 1.0, linear_pairs=True)
+    assert float((logits_of(m, x) - ref).abs().max()) <= 2e-4 * max(1.0, float(ref.abs().max()))
+
+
 def test_fallback_names_count_and_auto():
     model, fam = _llama_down_outliers()
     names = fam.quantized_linears()
@@ -179,6 +198,49 @@ def test_fallback_names_count_and_auto():
     assert [h["linear"] for h in fb["history"]] == p.fp16_layers
     p = _prepare(copy.deepcopy(model), fam, fallback="auto", target_ppl_increase=1e6, _score=score)
     assert p.fp16_layers == [] and p.tune["fallback"]["met"]
+
+
+def test_fallback_auto_orders_by_measured_gain_not_sqnr():
+    """The greedy tries candidates in order of their measured gain alone; SQNR only pre-filters (candidates=)."""
+    names = [f"l{i}" for i in range(6)]
+    model = torch.nn.Module()
+    for n in names:
+        model.add_module(n, torch.nn.Identity())
+    float_linears = {n: torch.nn.Linear(1, 1) for n in names}  # "float" modules are Linear, "quantized" Identity
+    cost = {"l0": 1.0, "l1": 0.1, "l2": 5.0, "l3": 0.2, "l4": 3.0, "l5": 0.0}
+    calls = []
+
+    def score(m):
+        calls.append(1)
+        return 1.0 + sum(c for n, c in cost.items() if isinstance(m.get_submodule(n), torch.nn.Identity))
+
+    sens = {n: float(i) for i, n in enumerate(names)}  # SQNR order l0 < l1 < ... (l0 "worst")
+    r = tune.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
+                             candidates=5)
+    assert r["fp16_layers"] == ["l2", "l4"]  # by gain (5, 3), not SQNR order (l0, l1)
+    assert r["candidates"] == 5 and "l5" not in r["gains"]  # pre-filter: the 5 lowest SQNR
+    assert r["gains"]["l2"] == pytest.approx(5.0) and r["final_score"] == pytest.approx(1.0 + 1.3)
+    assert all(isinstance(model.get_submodule(n), torch.nn.Linear) == (n in r["fp16_layers"]) for n in names)
+    assert len(calls) == 2 + 5 + 2  # float + quantized, one per candidate, one per greedy step
+    # candidates=2: only l0, l1 are measured, so the big ones are never found
+    for n in names:
+        tune._swap(model, n, torch.nn.Identity())
+    r = tune.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
+                             candidates=2)
+    assert r["fp16_layers"] == ["l0", "l1"]
+
+
+def test_kl_score_is_zero_for_float_and_tracks_perplexity():
+    model, fam = _llama_down_outliers()
+    wins = token_batches(2, 32, seed=4)
+    kl = tune.KLScore(wins)
+    kl.reference(model)
+    assert abs(kl(model)) < 1e-3
+    assert kl.last_ppl == pytest.approx(tune.windows_perplexity(model, wins), rel=1e-3)
+    m = copy.deepcopy(model)
+    names = fam.quantized_linears()
+    quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
+    assert kl(m) > 1e-3 and kl.last_ppl != pytest.approx(tune.windows_perplexity(model, wins), rel=1e-3)
 
 
 def test_max_fallback_and_percent_parsing():

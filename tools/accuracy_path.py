@@ -21,32 +21,50 @@ import time
 from pathlib import Path
 
 
-def steps(default_alpha, clips):
+WIDE_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14)) + (0.975, 1.0)  # tried 2026-11-22: worse on SmolLM2
+
+
+def steps(default_alpha, clips, only=None):
     s = [
         ("FP32", dict(mode="fp")),
         ("naive W8A8 (static)", dict(mode="naive")),
         (f"SQ alpha {default_alpha}", dict(mode="sq", alpha=default_alpha)),
         ("+ smooth pairs", dict(mode="sq", alpha=default_alpha, linear_pairs=True)),
+        ("+ alpha auto (grid 0.30-1.0)", dict(mode="sq", alpha="auto", linear_pairs=True, _grid=WIDE_GRID)),
         ("+ alpha auto", dict(mode="sq", alpha="auto", linear_pairs=True)),
     ]
     for c in clips:
         s.append((f"+ clip {c}", dict(mode="sq", alpha="auto", linear_pairs=True, clip=c)))
+    if only:  # keep rows by index into this list (FP32 is always kept: the reference)
+        s = [s[0]] + [x for i, x in enumerate(s) if i and i in only]
     return s
 
 
-def run_path(base, tok, fam, stats, calib, measure, clips, fallback, fallback_score=None, target=0.02, log=print):
+def run_path(base, tok, fam, stats, calib, measure, clips, fallback, fallback_score=None, target=0.02, log=print, only=None,
+             select_score=None):
+    """select_score: the --fallback auto criterion (default: fallback_score); fallback_score also scores the
+    clip rows on calibration windows to pick the clip setting the fallback row builds on."""
     from sq_export.recipe import Recipe, prepare
+    from sq_export import tune
 
     rows = []
     cache_alpha = {}
-    for name, kw in steps(fam.default_alpha, clips) + [("+ fallback", None)]:
+    for name, kw in steps(fam.default_alpha, clips, only) + ([("+ fallback", None)] if fallback else []):
         if kw is None:  # fallback on top of the best clipping choice by the calibration-split score (not held-out)
             kw = dict(rows[-1]["_kw"]) if not clips else dict(min((r for r in rows if "clip" in r["_kw"] or r["step"] == "+ alpha auto"), key=lambda r: r["calib_score"])["_kw"])
+            kw.pop("_grid", None)
             kw["fallback"] = fallback
             name = f"+ fallback {fallback}" + (f" (on clip {kw.get('clip') or 'max'})" if clips else "")
         m = copy.deepcopy(base)
         t = time.perf_counter()
-        p = prepare(m, tok, fam, Recipe(calib=calib, target_ppl_increase=target, **kw), stats=stats, fallback_score=fallback_score)
+        rkw = {k: v for k, v in kw.items() if not k.startswith("_")}
+        saved = tune.ALPHA_GRID
+        tune.ALPHA_GRID = kw.get("_grid", saved)
+        try:
+            p = prepare(m, tok, fam, Recipe(calib=calib, target_ppl_increase=target, **rkw), stats=stats,
+                        fallback_score=select_score or fallback_score)
+        finally:
+            tune.ALPHA_GRID = saved
         prep_s = time.perf_counter() - t
         t = time.perf_counter()
         val = measure(m)
@@ -59,7 +77,7 @@ def run_path(base, tok, fam, stats, calib, measure, clips, fallback, fallback_sc
             r["alpha_hist"] = {str(a): vals.count(a) for a in sorted(set(vals))}
             cache_alpha = p.alpha_per_group
         if "fallback" in p.tune:
-            r["fallback"] = p.tune["fallback"]
+            r["fallback"] = {k: v for k, v in p.tune["fallback"].items() if k != "gains"}
         if "clip_ratio" in p.tune:
             cr = p.tune["clip_ratio"]
             r["clip_ratio_median"] = sorted(cr.values())[len(cr) // 2]
@@ -100,9 +118,15 @@ def smollm2(a):
     print(f"load {load_s:.0f}s, calibration {a.samples}x{a.calib_seq_len} + row sample ({res.nbytes() / 1e6:.0f} MB) {calib_s:.0f}s", flush=True)
     wins = tune.small_eval_ids(tok, None, a.calib_seq_len, windows=a.fallback_windows)
     score = lambda m: tune.windows_perplexity(m, wins)  # noqa: E731
+    select = None
+    if a.fallback_score == "kl":
+        select = tune.KLScore(wins)
+        select.reference(base)  # smoothing is exact in float: the base model's distributions serve every row
     measure = lambda m: torch_perplexity(m, ids, a.seq_len, a.max_tokens, desc="eval")["perplexity"]  # noqa: E731
     calib = CalibOptions(None, a.samples, a.calib_seq_len)
-    rows, alphas = run_path(base, tok, fam, CalibStats(act_max, res), calib, measure, a.clips.split(",") if a.clips else [], "auto", score, a.target / 100)
+    only = {int(x) for x in a.steps.split(",")} if a.steps else None
+    rows, alphas = run_path(base, tok, fam, CalibStats(act_max, res), calib, measure, a.clips.split(",") if a.clips else [],
+                            a.fallback, score, a.target / 100, only=only, select_score=select)
     return {"model": a.model, "load_s": load_s, "calib_s": calib_s, "rows": rows, "alpha_per_group": alphas,
             "md": table(rows, f"perplexity ({a.max_tokens} held-out tokens)", lambda v: f"{v:.3f}")}
 
@@ -162,7 +186,12 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=512, help="row sample per Linear input")
     ap.add_argument("--clips", default="mse,p99.99", help="clipping steps to add (comma list; '' for none)")
-    ap.add_argument("--fallback-windows", type=int, default=2, help="calibration-split windows scoring --fallback auto")
+    ap.add_argument("--fallback-candidates", type=int, help="lowest-SQNR Linears measured alone (default: the budget)")
+    ap.add_argument("--fallback-windows", type=int, default=4, help="calibration-split windows scoring --fallback auto")
+    ap.add_argument("--fallback-score", choices=("kl", "ppl"), default="kl",
+                    help="--fallback auto criterion: mean KL to the float model (default, as the CLI) or perplexity")
+    ap.add_argument("--fallback", default="auto", help="fallback row spec ('' for none)")
+    ap.add_argument("--steps", help="row indices to run (0 FP32, 1 naive, 2 SQ, 3 pairs, 4 auto grid to 1.0, 5 auto, 6.. clips)")
     ap.add_argument("--target", type=float, default=2.0, help="--target-ppl-increase in percent")
     ap.add_argument("--tiny", help="comma list of tiny families (opt,bloom,...) instead of --model")
     ap.add_argument("--json")
@@ -170,6 +199,10 @@ def main():
     import torch
 
     torch.manual_seed(0)
+    if a.fallback_candidates:
+        from sq_export import tune
+
+        tune.FALLBACK_CANDIDATES = a.fallback_candidates
     outs = [tiny(a, f) for f in a.tiny.split(",")] if a.tiny else [smollm2(a)]
     for o in outs:
         print(f"\n### {o['model']}\n\n{o['md']}\n", flush=True)
