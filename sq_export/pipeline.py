@@ -45,7 +45,7 @@ from pathlib import Path
 from sq_export.errors import BadInput, GraphCheckFailed, SqExportError
 from sq_export.export import export_onnx
 from sq_export.fileio import check_output_path, write_text_atomic
-from sq_export.recipe import CalibOptions
+from sq_export.recipe import CalibOptions, onnx_metadata
 
 log = logging.getLogger(__name__)
 
@@ -695,23 +695,10 @@ class Pipeline:
             prep = self._prepared.get(mode)
             n_q = len(prep.quantized) if prep else 0
             fp16 = list(prep.fp16_layers) if prep else []
-            meta = {  # the keys `sq-export export` writes (eval reads fp16_layers back)
-                "source_model": self.model_arg,
-                "family": fam.name,
-                "mode": mode,
-                "act": "static" if mode != "fp" else None,
-                "alpha": self.alpha() if mode == "sq" else None,
-                "quantized_layers_total": n_q,
-                "fp16_layers": ",".join(fp16),
-                "calibration": f"{c.samples}x{c.seq_len}" if not o.act_scales else Path(o.act_scales).name,
-            }
-            if mode == "sq":
-                if o.linear_pairs:
-                    meta["smooth_pairs"] = "1"
-                if o.clip not in (None, "max"):
-                    meta["clip"] = o.clip
-                if prep.alpha_per_group:
-                    meta["alpha_per_group"] = json.dumps(prep.alpha_per_group, sort_keys=True)
+            calibration = f"{c.samples}x{c.seq_len}" if not o.act_scales else Path(o.act_scales).name
+            sq = mode == "sq"  # naive is the plain baseline: no pairs, no clipping
+            meta = onnx_metadata(self.model_arg, fam, mode, prep, calibration,
+                                 linear_pairs=sq and o.linear_pairs, clip=o.clip if sq else None)
             res = export_onnx(m, fam, staging / ONNX[mode], weights=o.weights, target="tensorrt", meta=meta)
             summary[mode] = {"bytes": res["bytes"], "nodes": res["nodes"], "quantized_linears": n_q}
             if mode == "sq":

@@ -201,3 +201,28 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
         times["fallback_s"] = time.perf_counter() - t
     return Prepared(model, tokenizer, family, alpha if recipe.mode == "sq" else None, quantized, times, act_max, factors, delta,
                     alpha_per_group, fp16, info)
+
+
+def onnx_metadata(source_model: str, family, mode: str, prep: Prepared | None, calibration: str, *,
+                  linear_pairs: bool = False, clip: str | None = None) -> dict:
+    """The sq_export.* metadata an exported graph carries (`export` and `run` write it; `eval`, `generate` and
+    `compare` read source_model, mode, alpha and fp16_layers back). `prep` is None for a float graph."""
+    import json
+
+    meta = {
+        "source_model": source_model,
+        "family": family.name,
+        "mode": mode,
+        "act": "static" if mode != "fp" else None,
+        "alpha": prep.alpha if prep else None,
+        "quantized_layers_total": len(prep.quantized) if prep else 0,
+        "fp16_layers": ",".join(prep.fp16_layers) if prep else "",
+        "calibration": calibration,
+    }
+    if linear_pairs:
+        meta["smooth_pairs"] = "1"
+    if clip not in (None, "max"):
+        meta["clip"] = clip
+    if prep and prep.alpha_per_group:
+        meta["alpha_per_group"] = json.dumps(prep.alpha_per_group, sort_keys=True)
+    return meta

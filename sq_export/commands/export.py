@@ -34,7 +34,7 @@ def run(args):
 
     from sq_export.export import export_onnx
     from sq_export.fileio import check_output_path
-    from sq_export.recipe import prepare
+    from sq_export.recipe import onnx_metadata, prepare
 
     check_output_path(args.output)
     recipe = c.recipe_from(args)
@@ -47,24 +47,8 @@ def run(args):
         from sq_export.attention import apply_for_recipe
 
         attn_meta = apply_for_recipe(model, fam, tok, recipe)
-    meta = {
-        "source_model": args.model,
-        "family": fam.name,
-        "mode": args.mode,
-        "act": "static" if args.mode != "fp" else None,
-        "alpha": prep.alpha,
-        "quantized_layers_total": len(prep.quantized),
-        "fp16_layers": ",".join(prep.fp16_layers),
-        "calibration": f"{args.samples}x{args.calib_seq_len}" if not args.act_scales else args.act_scales,
-    }
-    if recipe.linear_pairs:
-        meta["smooth_pairs"] = "1"
-    if recipe.clip not in (None, "max"):
-        meta["clip"] = recipe.clip
-    if prep.alpha_per_group:
-        import json
-
-        meta["alpha_per_group"] = json.dumps(prep.alpha_per_group, sort_keys=True)
+    calibration = f"{args.samples}x{args.calib_seq_len}" if not args.act_scales else args.act_scales
+    meta = onnx_metadata(args.model, fam, args.mode, prep, calibration, linear_pairs=recipe.linear_pairs, clip=recipe.clip)
     if attn_meta:
         meta["quantize_attention"] = attn_meta["quantize_attention"]
     if getattr(args, "decode", False):
