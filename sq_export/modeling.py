@@ -111,6 +111,24 @@ def check_finite_weights(model, label: str) -> None:
             raise BadInput(f"model {label}: parameter {name} holds NaN/Inf; the weights are corrupt")
 
 
+def load_tokenizer(model: str):
+    """The tokenizer of MODEL (folder, .gguf, alias), or of the source model an exported .onnx records."""
+    from transformers import AutoTokenizer
+
+    if model.endswith(".onnx"):
+        from sq_export.export import read_metadata
+
+        src = read_metadata(model).get("source_model")
+        if not src:
+            raise BadInput(f"{model} does not record its source model: pass the model folder instead")
+        model = src
+    p = resolve_model_path(model)
+    try:
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
+    except Exception as e:
+        raise BadInput(f"could not load a tokenizer from {model}: {type(e).__name__}") from e
+
+
 # --- Linears: nn.Linear has weight [out, in]; transformers' Conv1D (GPT-2) has weight [in, out]. ----------
 
 

@@ -62,7 +62,7 @@ def tokens_from_args(args):
     if src is None:
         raise BadInput("comparing engines only: pass --tokens FILE (`sq-export tokens` writes one) or --tokenizer MODEL")
     try:  # the torch side's tokenizer (transformers); absent where only TensorRT is installed
-        from sq_export.commands.tokens import load_tokenizer
+        from sq_export.modeling import load_tokenizer
         from sq_export.engine.run import Tokens
         from sq_export.textdata import eval_chunks_npz
     except ImportError as e:

@@ -93,13 +93,9 @@ def eval_onnx(args, max_tokens):
     src = args.tokenizer or meta.get("source_model")
     if not src:
         raise BadInput(f"{args.model} does not record its source model: pass --tokenizer MODEL")
-    from transformers import AutoTokenizer
+    from sq_export.modeling import load_tokenizer
 
-    from sq_export.modeling import resolve_model_path
-
-    p = resolve_model_path(src)
-    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
-    ids = tokenize(tok, read_text(args.text, "eval"))
+    ids = tokenize(load_tokenizer(src), read_text(args.text, "eval"))
     r = onnx_perplexity(args.model, ids, args.seq_len, max_tokens)
     return {
         **r,

@@ -29,16 +29,13 @@ def add_parser(sub):
 
 
 def _tokenizer_for_onnx(args, meta):
-    from transformers import AutoTokenizer
-
     from sq_export.errors import BadInput
-    from sq_export.modeling import resolve_model_path
+    from sq_export.modeling import load_tokenizer
 
     src = args.tokenizer or meta.get("source_model")
     if not src:
         raise BadInput(f"{args.model} does not record its source model: pass --tokenizer MODEL")
-    p = resolve_model_path(src)
-    return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
+    return load_tokenizer(src)
 
 
 def run(args):

@@ -20,26 +20,6 @@ def add_parser(sub):
     return p
 
 
-def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    from sq_export.errors import BadInput
-    from sq_export.modeling import resolve_model_path
-
-    if model.endswith(".onnx"):
-        from sq_export.export import read_metadata
-
-        src = read_metadata(model).get("source_model")
-        if not src:
-            raise BadInput(f"{model} does not record its source model: pass the model folder instead")
-        model = src
-    p = resolve_model_path(model)
-    try:
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
-    except Exception as e:
-        raise BadInput(f"could not load a tokenizer from {model}: {type(e).__name__}") from e
-
-
 def run(args):
     import io
 
@@ -49,6 +29,8 @@ def run(args):
     from sq_export.textdata import eval_chunks_npz
 
     check_output_path(args.output)
+    from sq_export.modeling import load_tokenizer
+
     tok = load_tokenizer(args.model)
     d = eval_chunks_npz(tok, args.text, args.seq_len, args.max_tokens or None)
     buf = io.BytesIO()
