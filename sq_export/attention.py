@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sq_export.calibrate import run_decoder
 from sq_export.errors import UnsupportedModel
 from sq_export.quantize import QMAX, QMIN
 
@@ -151,11 +152,7 @@ def calibrate_attention(model, family, batches, batch_size: int = 4) -> dict[str
     for n, m in mods.items():
         setattr(m, _STATE, {"collect": stats[n]})
     try:
-        ids = torch.as_tensor(np.asarray(batches))
-        body = getattr(model, "base_model", model)
-        for i in range(0, len(ids), batch_size):
-            b = ids[i : i + batch_size]
-            body(input_ids=b, attention_mask=torch.ones_like(b), use_cache=False)
+        run_decoder(model, batches, batch_size)
     finally:
         for m in mods.values():
             setattr(m, _STATE, None)

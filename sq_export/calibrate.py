@@ -25,6 +25,18 @@ ACT_SCALES_FILE = "act_scales.safetensors"
 
 
 @torch.no_grad()
+def run_decoder(model, batches, batch_size: int = 4, desc: str | None = None) -> None:
+    """Forward `batches` ([n, L] token ids) through the decoder alone, for the hooks that observe it: the LM head's
+    logits are not needed and cost ~20% of a small model's forward."""
+    ids = torch.as_tensor(np.asarray(batches))
+    body = getattr(model, "base_model", model)
+    starts = range(0, len(ids), batch_size)
+    for i in progress.bar(starts, desc=desc, unit="batch") if desc else starts:
+        b = ids[i : i + batch_size]
+        body(input_ids=b, attention_mask=torch.ones_like(b), use_cache=False)
+
+
+@torch.no_grad()
 def collect_act_max(model, names: list[str], batches: np.ndarray, batch_size: int = 4, desc="calibrate", reservoir=None) -> dict[str, torch.Tensor]:
     """Run `batches` ([n, L] token ids) through `model`; return {linear name: max|x| per input channel}.
 
@@ -47,12 +59,7 @@ def collect_act_max(model, names: list[str], batches: np.ndarray, batch_size: in
     for n in names:
         hooks.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
     try:
-        ids = torch.as_tensor(batches)
-        # The decoder alone: the LM head's logits are not needed and cost ~20% of a small model's forward.
-        body = getattr(model, "base_model", model)
-        for i in progress.bar(range(0, len(ids), batch_size), desc=desc, unit="batch"):
-            b = ids[i : i + batch_size]
-            body(input_ids=b, attention_mask=torch.ones_like(b), use_cache=False)
+        run_decoder(model, batches, batch_size, desc)
     finally:
         for h in hooks:
             h.remove()
