@@ -26,6 +26,7 @@ import torch
 
 from sq_export.errors import BadInput
 from sq_export.export import OPSET
+from sq_export.kvcache import _as_set, agreement, greedy, input_names, output_names, past_names, position_ids_for  # noqa: F401 (re-exported)
 
 
 class DecodeWrapper(torch.nn.Module):
@@ -64,18 +65,10 @@ def uses_position_ids(family) -> bool:
     return family.name != "bloom"
 
 
-def input_names(n_layers: int) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
 
 
-def output_names(n_layers: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
 
 
-def position_ids_for(mask: np.ndarray, s: int) -> np.ndarray:
-    pos = np.cumsum(mask, axis=1) - 1
-    pos = np.where(mask == 0, 1, pos)
-    return pos[:, -s:].astype(np.int64)
 
 
 def torch_export_decode(model, family, path: Path, opset: int = OPSET) -> dict:
@@ -140,40 +133,26 @@ def greedy_torch(model, ids: np.ndarray, max_new_tokens: int, eos_token_id=None)
     return torch.cat(out, dim=1).numpy()
 
 
-def greedy_onnx(session, ids: np.ndarray, max_new_tokens: int, eos_token_id=None) -> np.ndarray:
-    """Greedy decoding through a decode graph in ONNX Runtime (`session` from sq_export.evaluate.ort_session)."""
+def greedy_onnx(session, ids: np.ndarray, max_new_tokens: int, eos_token_id=None, pad_slots: int = 0) -> np.ndarray:
+    """Greedy decoding through a decode graph in ONNX Runtime (`session` from sq_export.evaluate.ort_session).
+    pad_slots: start from that many masked zero cache slots instead of an empty cache (what TensorRT engines
+    whose profile starts at past length 1 need; the tokens must not change)."""
     inputs = {i.name: i for i in session.get_inputs()}
-    past_names = [n for n in inputs if n.startswith("past_key_values.")]
-    if "input_ids" not in inputs or not past_names:
+    pasts = past_names(inputs)
+    if "input_ids" not in inputs or not pasts:
         raise BadInput("this ONNX is not a decode graph (no past_key_values inputs): export it with `sq-export export --decode`")
-    n_layers = len(past_names) // 2
-    shp = inputs[past_names[0]].shape
+    shp = inputs[pasts[0]].shape
     kvh, hd = shp[1], shp[3]
     if not (isinstance(kvh, int) and isinstance(hd, int)):
         raise BadInput("decode graph's past_key_values have no static head count / head size")
-    x = np.asarray(ids, dtype=np.int64)
-    b = x.shape[0]
-    past = {f"past_key_values.{i}.{kv}": np.zeros((b, kvh, 0, hd), np.float32) for i in range(n_layers) for kv in ("key", "value")}
-    mask = np.ones_like(x)
-    step_in = x
+    n_layers = len(pasts) // 2
     outs = output_names(n_layers)
-    toks = []
-    for _ in range(max_new_tokens):
-        feed = {"input_ids": step_in, "attention_mask": mask, "position_ids": position_ids_for(mask, step_in.shape[1]), **past}
-        feed = {k: v for k, v in feed.items() if k in inputs}
-        res = session.run(outs, feed)
-        nxt = res[0][:, -1].argmax(-1)[:, None].astype(np.int64)
-        toks.append(nxt)
-        past = {name.replace("present.", "past_key_values."): v for name, v in zip(outs[1:], res[1:])}
-        step_in = nxt
-        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
-        if eos_token_id is not None and b == 1 and int(nxt[0, 0]) in _as_set(eos_token_id):
-            break
-    return np.concatenate(toks, axis=1)
 
+    def step(feed):
+        res = session.run(outs, {k: v for k, v in feed.items() if k in inputs})
+        return dict(zip(outs, res))
 
-def _as_set(eos) -> set:
-    return set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
+    return greedy(step, ids, max_new_tokens, n_layers=n_layers, kv_heads=kvh, head_dim=hd, eos_token_id=eos_token_id, pad_slots=pad_slots)
 
 
 def token_agreement(model_a, model_b, prompts_ids: list[np.ndarray], max_new_tokens: int = 16) -> dict:
@@ -184,24 +163,10 @@ def token_agreement(model_a, model_b, prompts_ids: list[np.ndarray], max_new_tok
     def run(m, ids):
         return m(ids, max_new_tokens) if callable(m) and not isinstance(m, torch.nn.Module) else greedy_torch(m, ids, max_new_tokens)
 
-    same = total = exact = 0
-    prefix = []
-    for ids in prompts_ids:
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        a, b = run(model_a, ids)[0], run(model_b, ids)[0]
-        n = min(len(a), len(b))
-        eq = a[:n] == b[:n]
-        same += int(eq.sum())
-        total += n
-        exact += int(eq.all() and len(a) == len(b))
-        prefix.append(int(np.argmin(eq)) if not eq.all() else n)
-    return {
-        "prompts": len(prompts_ids),
-        "new_tokens": max_new_tokens,
-        "token_agreement_pct": round(100.0 * same / max(1, total), 2),
-        "mean_common_prefix": round(float(np.mean(prefix)), 2) if prefix else 0.0,
-        "exact_match_prompts": exact,
-    }
+    prompts = [np.asarray(ids, dtype=np.int64).reshape(1, -1) for ids in prompts_ids]
+    ref = [run(model_a, ids)[0] for ids in prompts]
+    got = [run(model_b, ids)[0] for ids in prompts]
+    return {**agreement(ref, got), "new_tokens": max_new_tokens}
 
 
 def heldout_prompts(tokenizer, n: int = 8, prompt_tokens: int = 32, text_path=None) -> list[np.ndarray]:

@@ -42,6 +42,8 @@ def test_float_decode_graph_equals_pytorch_greedy(family, tmp_path):
     ids = token_batches(n=2, seq=6, seed=7)
     a, b = greedy_torch(model, ids, 8), greedy_onnx(sess, ids, 8)
     assert a.shape == (2, 8) and np.array_equal(a, b), (a, b)
+    # a masked zero cache slot in front (how TensorRT engines with past length >= 1 start) changes no token
+    assert np.array_equal(a, greedy_onnx(sess, ids, 8, pad_slots=1))
     # prefill (past 0) then one cached step == the full sequence without a cache
     full = np.concatenate([ids, a[:, :1]], axis=1)
     with torch.no_grad():
@@ -95,3 +97,41 @@ def test_cli_export_decode_and_generate(tiny_dirs, small_text, tmp_path, capsys)
     assert onnx_res["backend"] == "onnxruntime" and torch_res["backend"] == "pytorch"
     assert len(onnx_res["tokens"]) == len(torch_res["tokens"]) >= 1
     assert np.mean(np.array(onnx_res["tokens"][:len(torch_res["tokens"])]) == np.array(torch_res["tokens"])) >= 0.8
+
+
+def test_decode_fixtures_are_current():
+    """graphs/decode_llama_* (tools/make_decode_fixtures.py) feed the TensorRT decode tests on the GPU machine;
+    ONNX Runtime must still produce the tokens stored with them, with and without a masked pad slot."""
+    from pathlib import Path
+
+    g = Path(__file__).resolve().parent.parent / "graphs"
+    d = np.load(g / "decode_llama.npz")
+    for kind in ("fp", "sq"):
+        sess = ort_session(g / f"decode_llama_{kind}.onnx")
+        n = d[f"ort_{kind}"].shape[1]
+        for pad in (0, 1):
+            got = np.concatenate([greedy_onnx(sess, p[None], n, pad_slots=pad) for p in d["prompts"]])
+            assert np.array_equal(got, d[f"ort_{kind}"]), (kind, pad)
+    assert np.array_equal(d["ort_fp"], d["reference"])  # the float graph reproduces PyTorch's greedy tokens
+
+
+def test_cli_prompts_file_and_agreement(tiny_dirs, tmp_path, capsys):
+    d = tiny_dirs("llama")
+    prompts = tmp_path / "prompts.npz"
+    assert main(["-q", "tokens", str(d), "--prompts", "3", "--prompt-tokens", "8", "--reference-tokens", "5", "-o", str(prompts)]) == 0
+    z = np.load(prompts)
+    assert z["prompts"].shape == (3, 8) and z["reference"].shape == (3, 5)
+    dec = tmp_path / "dec.onnx"
+    assert main(["-q", "export", str(d), "--mode", "fp", "--decode", "-o", str(dec)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "generate", str(dec), "--prompts-file", str(prompts), "--max-new-tokens", "5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["backend"] == "onnxruntime" and len(res["tokens"]) == 3
+    assert res["agreement_with_reference"]["token_agreement_pct"] == 100.0  # float ONNX decode == PyTorch
+    # bad inputs: one line, exit 2, nothing written
+    assert main(["-q", "tokens", str(d), "--reference-tokens", "5", "-o", str(tmp_path / "x.npz")]) == 2
+    assert not (tmp_path / "x.npz").exists()
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    assert main(["-q", "generate", str(dec), "--prompts-file", str(bad)]) == 2
+    assert "not a readable .npz" in capsys.readouterr().err
