@@ -193,11 +193,6 @@ def calibration_batches(tokenizer, calib_text=None, samples=512, seq_len=512) ->
     return calibration_samples(tokenize(tokenizer, read_text(calib_text, "calib")), samples, seq_len)
 
 
-def add_argument(p) -> None:
-    """The `--quantize-attention` option, shared by `export`, `eval` and `generate`."""
-    p.add_argument("--quantize-attention", action="store_true", help="also INT8 Q/DQ on both inputs of both attention MatMuls (q, k; softmax, v), static per-tensor scales from the calibration windows")
-
-
 def apply_for_recipe(model, family, tokenizer, recipe) -> dict:
     """After `prepare(...)`: calibrate the attention points on the recipe's calibration windows and enable them.
     Returns metadata for the ONNX / JSON output."""

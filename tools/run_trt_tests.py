@@ -99,6 +99,7 @@ def approx(expected, rel=None, abs=None):
 def fixture(func=None, **kwargs):
     def deco(f):
         f._is_fixture = True
+        f._scope = kwargs.get("scope", "function")
         return f
 
     return deco(func) if callable(func) else deco
@@ -248,6 +249,21 @@ def _cases(func):
     return cases
 
 
+class TmpPathFactory:
+    def __init__(self, cleanup: list):
+        self.cleanup = cleanup
+
+    def mktemp(self, basename: str = "tmp", numbered: bool = True) -> Path:
+        d = Path(tempfile.mkdtemp(prefix=f"sqtest-{basename}-"))
+        self.cleanup.append(lambda: shutil.rmtree(d, ignore_errors=True))
+        return d
+
+
+# module-scoped fixture values and their cleanups, per test module (released by run_files after the module)
+_MODULE_CACHE: dict = {}
+_MODULE_CLEANUP: list = []
+
+
 def _call(mod, func, given: dict):
     cleanup = []
     cache = {}
@@ -267,18 +283,26 @@ def _call(mod, func, given: dict):
         elif name == "capsys":
             val = CaptureFixture()
             cleanup.append(val.close)
+        elif name == "tmp_path_factory":
+            val = TmpPathFactory(_MODULE_CLEANUP)
         else:
             fx = getattr(mod, name, None)
             if not getattr(fx, "_is_fixture", False):
                 raise LookupError(f"fixture {name!r} not found")
+            module_scoped = getattr(fx, "_scope", "function") in ("module", "session")
+            if module_scoped and name in _MODULE_CACHE:
+                cache[name] = _MODULE_CACHE[name]
+                return cache[name]
             args = {p: resolve(p) for p in inspect.signature(fx).parameters}
             res = fx(**args)
             if inspect.isgenerator(res):
                 gen = res
                 val = next(gen)
-                cleanup.append(lambda g=gen: next(g, None))
+                (_MODULE_CLEANUP if module_scoped else cleanup).append(lambda g=gen: next(g, None))
             else:
                 val = res
+            if module_scoped:
+                _MODULE_CACHE[name] = val
         cache[name] = val
         return val
 
@@ -333,6 +357,11 @@ def run_files(files: list[str], keyword: str | None = None) -> int:
                     print(f"{tid} PASSED ({time.perf_counter() - t0:.1f}s)")
                     counts["passed"] += 1
                 sys.stdout.flush()
+        _MODULE_CACHE.clear()
+        for c in reversed(_MODULE_CLEANUP):
+            with contextlib.suppress(Exception):
+                c()
+        _MODULE_CLEANUP.clear()
     for tid, tb in failures:
         print(f"\n==== {tid} ====\n{tb}")
     print("\n" + ", ".join(f"{v} {k}" for k, v in counts.items()) + " (tools/run_trt_tests.py stand-in runner)")

@@ -34,6 +34,12 @@ def add_recipe(p, modes=True):
     add_calib(p)
 
 
+def add_quantize_attention(p) -> None:
+    """The `--quantize-attention` option, shared by `export`, `eval` and `generate` (defined here, not in
+    sq_export.attention, so building the parser never imports torch)."""
+    p.add_argument("--quantize-attention", action="store_true", help="also INT8 Q/DQ on both inputs of both attention MatMuls (q, k; softmax, v), static per-tensor scales from the calibration windows")
+
+
 def _alpha(v: str):
     if v == "auto":
         return v

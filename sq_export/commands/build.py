@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   sq-export build out/sq.onnx -o out/sq.engine                         # INT8 (explicit Q/DQ), batch 1:1:4, seq 1:128:512
   sq-export build out/fp16.onnx -o out/fp16.engine --precision fp16 --seq 1:256:1024
   sq-export build out/sq.onnx -o out/sq.engine --timing-cache out/tc.bin --tactic-sources CUBLAS CUBLAS_LT
+  sq-export build out/dec.onnx -o out/dec.engine --seq 1:1:64 --past 1:64:256   # decode graph (export --decode)
 TensorRT 8.x: INT8+FP16 builder flags, weights must be float -> Q -> DQ (export with --weights qdq), int64 inputs
 become int32. TensorRT 10+: strongly typed network (the graph's dtypes decide; FP16 engines need an FP16 graph)."""
 
@@ -33,6 +34,8 @@ def add_parser(sub):
     p.add_argument("--precision", choices=["int8", "fp16"], default="int8", help="int8: Q/DQ graph (default); fp16: float graph")
     p.add_argument("--batch", default="1:1:4", metavar="MIN:OPT:MAX", help="batch range of the profile (default 1:1:4)")
     p.add_argument("--seq", default="1:128:512", metavar="MIN:OPT:MAX", help="sequence-length range (default 1:128:512)")
+    p.add_argument("--past", default=None, metavar="MIN:OPT:MAX", help="decode graphs (export --decode): past-length range of the KV cache (default 1:128:512; min >= 1, generate starts from one masked slot)")
+    p.add_argument("--kv-fp16", action="store_true", help="decode graphs, TensorRT 8.x: KV cache in and out as FP16 (half the cache traffic; default FP32 like the graph)")
     p.add_argument("--timing-cache", metavar="FILE", help="tactic timing cache to read and update (speeds up rebuilds)")
     p.add_argument(
         "--tactic-sources",
@@ -57,6 +60,7 @@ def run(args) -> int:
 
     batch = parse_range(args.batch, "batch")
     seq = parse_range(args.seq, "seq")
+    past = parse_range(args.past, "past") if args.past else None
     # With --json, stdout carries only the JSON line: Polygraphy/TensorRT log lines go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         side = build_engine(
@@ -70,6 +74,8 @@ def run(args) -> int:
             workspace_gb=args.workspace,
             opt_level=args.opt_level,
             fp32_norms=not args.fp16_norms,
+            past=past,
+            kv_fp16=args.kv_fp16,
         )
     if args.json:
         sys.stdout.write(json.dumps(side, sort_keys=True) + "\n")
@@ -81,7 +87,9 @@ def run(args) -> int:
         f"TensorRT {side['tensorrt_version']} on {side['gpu'] or 'GPU'}, {side['precision']}, "
         f"{'strongly typed' if side['plan']['strongly_typed'] else 'flags ' + '+'.join(k for k in ('int8', 'fp16') if side['plan'][k + '_flag'])}"
     )
-    print(f"  profile batch {':'.join(map(str, side['profile']['batch']))}, seq {':'.join(map(str, side['profile']['seq']))}")
+    prof = side["profile"]
+    past_txt = f", past {':'.join(map(str, prof['past']))}" if "past" in prof else ""
+    print(f"  profile batch {':'.join(map(str, prof['batch']))}, seq {':'.join(map(str, prof['seq']))}{past_txt}")
     print(f"  layers: {counts}")
     for note in side["plan"]["notes"]:
         print(f"  note: {note}")

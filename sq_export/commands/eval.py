@@ -18,9 +18,7 @@ def add_parser(sub):
     p.add_argument("--act", default="static", choices=["static", "dynamic-tensor", "dynamic-token", "none"], help="activation quantization: static per-tensor (O3, TensorRT), dynamic per-tensor (O2), dynamic per-token (O1), none (W8A16)")
     p.add_argument("--tokenizer", metavar="MODEL", help="for .onnx: where the tokenizer is (default: the source recorded in the ONNX)")
     c.add_recipe(p)
-    from sq_export.attention import add_argument as _add_attn
-
-    _add_attn(p)
+    c.add_quantize_attention(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=run)
     return p

@@ -21,9 +21,7 @@ def add_parser(sub):
     p.add_argument("--target", choices=["tensorrt", "ort"], default="tensorrt", help="ort: activation Q/DQ as uint8/128 (same grid) so ONNX Runtime runs integer kernels")
     p.add_argument("--dtype", choices=["fp32"], default="fp32", help="float parts' type (fp16 graphs: not yet, see README)")
     p.add_argument("--decode", action="store_true", help="KV-cache decode graph: inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value (float cache)")
-    from sq_export.attention import add_argument as _add_attn
-
-    _add_attn(p)
+    c.add_quantize_attention(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
     return p

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = (1, 1, 4)
 DEFAULT_SEQ = (1, 128, 512)
+# Decode graphs (past_key_values inputs): past length range. It starts at 1, not 0: the generate loop starts from
+# one masked zero slot (sq_export.kvcache.greedy), which avoids empty tensors in TensorRT 8.6.
+DEFAULT_PAST = (1, 128, 512)
 # The lent GPU's kit carries stand-ins for cuBLAS/cuDNN, so by default no external tactic library is used:
 # TensorRT's own INT8/FP16 GEMM kernels do the work. Pass names (e.g. ["CUBLAS", "CUBLAS_LT"]) where the real
 # libraries are installed.
@@ -49,6 +52,34 @@ def parse_range(text: str, what: str) -> tuple[int, int, int]:
     if len(vals) != 3:
         raise BadInput(f"--{what} must be MIN:OPT:MAX, not {text!r}")
     return check_range(tuple(vals), what)
+
+
+def profile_shapes(facts, batch, seq, past) -> dict:
+    """{input: (min, opt, max) shapes} for every graph input. Token inputs are [batch, seq]; in a decode graph
+    attention_mask is [batch, past + seq] and past_key_values.* are [batch, kv_heads, past, head_dim]."""
+    from sq_export.kvcache import past_names
+
+    pasts = set(past_names(facts.inputs))
+    shapes, bad = {}, []
+    for name in facts.inputs:
+        dims = facts.input_shapes.get(name, [])
+        if name in pasts:
+            if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in (dims[1], dims[3])):
+                bad.append(f"{name} {dims}")
+                continue
+            shapes[name] = tuple((batch[i], dims[1], past[i], dims[3]) for i in range(3))
+        elif len(dims) != 2:
+            bad.append(f"{name} {dims}")
+        elif name == "attention_mask" and pasts:
+            shapes[name] = tuple((batch[i], past[i] + seq[i]) for i in range(3))
+        else:
+            shapes[name] = tuple((batch[i], seq[i]) for i in range(3))
+    if bad:
+        raise BadInput(
+            "every graph input must be [batch, seq] (input_ids, attention_mask, position_ids), or in a decode graph "
+            "past_key_values.* [batch, heads, past, head_dim] with static heads/head_dim; these are not: " + ", ".join(bad)
+        )
+    return shapes
 
 
 def check_range(r, what: str) -> tuple[int, int, int]:
@@ -141,12 +172,16 @@ def build_engine(
     workspace_gb=None,
     opt_level=None,
     fp32_norms=True,
+    past=None,
+    kv_fp16=False,
 ) -> dict:
     """Build `onnx_path` into a TensorRT engine at `engine_path` (+ `engine_path`.json sidecar); returns the sidecar.
 
     batch/seq: (min, opt, max) of the dynamic [batch, seq] dims of every 2-D input (input_ids, attention_mask,
     position_ids). tactic_sources: None -> none (TensorRT's own kernels; cuBLAS/cuDNN off), or a list of names.
     timing_cache: a file read before and updated after the build. workspace_gb: workspace memory pool limit.
+    past: (min, opt, max) past length of a decode graph (default DEFAULT_PAST; min >= 1). kv_fp16: TensorRT 8.x
+    takes and returns the KV cache (past_key_values.* / present.*) in FP16, halving its memory traffic.
     """
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path)
@@ -160,12 +195,11 @@ def build_engine(
         raise BadInput(f"ONNX file {onnx_path} is not readable (permission denied)")
     check_output_path(engine_path)
     facts = graph_facts(onnx_path)
-    bad_inputs = {n: s for n, s in facts.input_shapes.items() if len(s) != 2}
-    if bad_inputs:
-        raise BadInput(
-            "every graph input must be [batch, seq] (input_ids, attention_mask, position_ids); these are not: "
-            + ", ".join(f"{n} {s}" for n, s in bad_inputs.items())
-        )
+    from sq_export.kvcache import PRESENT_PREFIX, past_names
+
+    decode = bool(past_names(facts.inputs))
+    past = check_range(past if past is not None else DEFAULT_PAST, "past") if decode else None
+    shapes = profile_shapes(facts, batch, seq, past)
 
     trt = import_tensorrt()
     gpu = require_gpu()
@@ -177,8 +211,8 @@ def build_engine(
     from polygraphy.exception import PolygraphyException
 
     profile = Profile()
-    for name in facts.inputs:
-        profile.add(name, min=(batch[0], seq[0]), opt=(batch[1], seq[1]), max=(batch[2], seq[2]))
+    for name, (mn, opt, mx) in shapes.items():
+        profile.add(name, min=mn, opt=opt, max=mx)
     names = DEFAULT_TACTIC_SOURCES if tactic_sources is None else list(tactic_sources)
     sources = tactic_source_values(trt, names)
     cfg_kwargs = dict(plan.config_kwargs())
@@ -210,6 +244,19 @@ def build_engine(
         if names:
             network = PostprocessNetwork(network, _pin)
             cfg_kwargs["precision_constraints"] = "prefer"
+    kv_io = {"fp16": 0}
+    if kv_fp16 and decode:
+        if plan.strongly_typed:
+            raise BadInput("--kv-fp16 needs TensorRT 8.x: a strongly typed network takes the cache in the graph's own dtype (export an FP16 graph)")
+        from polygraphy.backend.trt import PostprocessNetwork
+
+        def _kv16(net):
+            for t in [net.get_input(i) for i in range(net.num_inputs)] + [net.get_output(i) for i in range(net.num_outputs)]:
+                if t.name.startswith(("past_key_values.", PRESENT_PREFIX)):
+                    t.dtype = trt.float16
+                    kv_io["fp16"] += 1
+
+        network = PostprocessNetwork(network, _kv16)
     builder = EngineBytesFromNetwork(
         network,
         config=CreateConfig(**cfg_kwargs),
@@ -260,7 +307,10 @@ def build_engine(
         "precision": precision,
         "plan": plan.as_dict(),
         "graph": facts.as_dict(),
-        "profile": {"batch": list(batch), "seq": list(seq), "inputs": list(facts.inputs)},
+        "profile": {"batch": list(batch), "seq": list(seq), **({"past": list(past)} if decode else {}), "inputs": list(facts.inputs),
+                    "shapes": {n: [list(x) for x in v] for n, v in shapes.items()}},
+        "decode_graph": decode,
+        "kv_cache_fp16_io": kv_io["fp16"],
         "tactic_sources": [str(s).replace("TacticSource.", "") for s in sources],
         "timing_cache": str(timing_cache) if timing_cache is not None else None,
         "workspace_gb": workspace_gb,
