@@ -2,8 +2,15 @@
 """FP16 vs INT8 (explicit Q/DQ) TensorRT engines of the same model: GPU time per forward and engine size.
 
     source /opt/trt86/env.sh
-    PYTHONPATH=. $TRTPY tools/bench_trt.py FP16_READY.onnx INT8_QDQ.onnx [--shape 4x256] [--large 8x512]
-                                          [--runs 50] [--warmup 10] [--workdir DIR] [--json FILE] [--tokens FILE]
+    PYTHONPATH=. $TRTPY tools/bench_trt.py FP16_READY.onnx INT8_QDQ.onnx [MORE_INT8.onnx ...] [--shape 4x256]
+                                          [--large 8x512] [--runs 50] [--warmup 10] [--workdir DIR] [--json FILE]
+    PYTHONPATH=. $TRTPY tools/bench_trt.py --decode FP_DECODE.onnx SQ_DECODE.onnx [--past 512] [--batches 1,8]
+                                          [--kv-fp16]
+
+Prefill (default): every INT8 graph after the first (e.g. one exported with --quantize-attention) is built and
+timed too and reported against the same FP16 engine.
+Decode (--decode, graphs from `export --decode`): one engine per precision and batch with a static profile
+(batch b, 1 new token, --past cached tokens), timing one decode step; tokens/s = b / step time.
 
 Builds both engines with sq_export.engine.build.build_engine (one profile: batch 1..max, seq 1..max, optimized
 for --shape), then for each engine and each shape (--shape and --large): token inputs are copied to the GPU
@@ -94,16 +101,39 @@ def make_tokens(shape, vocab, tokens_file=None, seed=0):
     return {"input_ids": ids, "attention_mask": np.ones((b, t), np.int64)}
 
 
-def time_engine(engine_path, shapes, runs, warmup, vocab, tokens_file=None) -> list[dict]:
+def decode_feed(shape, dtypes, vocab, past_len, seed=0):
+    """Inputs of one decode step: b sequences, 1 new token each, past_len cached tokens (random cache values)."""
+    b, _ = shape
+    rng = np.random.default_rng(seed)
+    feed = {
+        "input_ids": rng.integers(0, vocab or 100, size=(b, 1), dtype=np.int64),
+        "attention_mask": np.ones((b, past_len + 1), np.int64),
+        "position_ids": np.full((b, 1), past_len, np.int64),
+    }
+    return feed
+
+
+def time_engine(engine_path, shapes, runs, warmup, vocab, tokens_file=None, past_len=None) -> list[dict]:
     from polygraphy import cuda
     from polygraphy.backend.trt import TrtRunner
+
+    from sq_export.engine.run import profile_limits
 
     ev = CudaEvents()
     rows = []
     with polygraphy_logging("ERROR"), TrtRunner(load_engine(engine_path)) as runner:
         dtypes = input_dtypes(runner)
+        lim = profile_limits(runner) or {}
         for shape in shapes:
-            host = make_tokens(shape, vocab, tokens_file)
+            if past_len is None:
+                host = make_tokens(shape, vocab, tokens_file)
+            else:
+                host = decode_feed(shape, dtypes, vocab, past_len)
+                rng = np.random.default_rng(1)
+                for name in dtypes:
+                    if name.startswith("past_key_values."):
+                        kvh, hd = lim[name][2][1], lim[name][2][3]
+                        host[name] = rng.standard_normal((shape[0], kvh, past_len, hd), dtype=np.float32)
             dev = {}
             for name, dt in dtypes.items():
                 arr = np.ascontiguousarray(host[name], dtype=dt)
@@ -129,93 +159,131 @@ def time_engine(engine_path, shapes, runs, warmup, vocab, tokens_file=None) -> l
                 d.free()
             gpu.sort()
             med = statistics.median(gpu)
+            new_tokens = shape[0] * (1 if past_len is not None else shape[1])
             rows.append(
                 {
                     "shape": list(shape),
-                    "tokens": shape[0] * shape[1],
+                    **({"past": past_len} if past_len is not None else {}),
+                    "tokens": new_tokens,
                     "gpu_ms_median": med,
                     "gpu_ms_p10": gpu[len(gpu) // 10],
                     "gpu_ms_p90": gpu[(9 * len(gpu)) // 10],
                     "host_inclusive_ms_median": statistics.median(host_times),
-                    "tokens_per_s": shape[0] * shape[1] / (med / 1e3),
+                    "tokens_per_s": new_tokens / (med / 1e3),
                     "runs": runs,
                 }
             )
     return rows
 
 
+def _build_or_reuse(onnx_path, eng: Path, prec: str, reuse: bool, **kw) -> dict:
+    if reuse and eng.exists() and Path(str(eng) + ".json").exists():
+        return json.loads(Path(str(eng) + ".json").read_text())
+    facts = graph_facts(onnx_path)
+    print(f"building {eng.name} from {onnx_path} ({facts.float_dtype}, Q/DQ: {facts.has_qdq}) ...", flush=True)
+    side = build_engine(onnx_path, eng, precision=prec, **kw)
+    print(f"  {side['build_seconds']:.1f}s, {side['engine_bytes'] / 2**20:.1f} MiB", flush=True)
+    return side
+
+
+def _entry(onnx_path, eng, side, rows, t0) -> dict:
+    return {
+        "onnx": str(onnx_path),
+        "engine": str(eng),
+        "engine_bytes": side["engine_bytes"],
+        "build_seconds": side.get("build_seconds"),
+        "layer_precision_counts": side.get("layer_precisions", {}).get("precision_counts"),
+        "timings": rows,
+        "timing_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("fp16_onnx", help="float graph for the FP16 engine (TensorRT 10+: an FP16 graph)")
-    ap.add_argument("int8_onnx", help="SmoothQuant Q/DQ graph for the INT8 engine (TensorRT 8.x: --weights qdq form)")
+    ap.add_argument("int8_onnx", nargs="+", help="SmoothQuant Q/DQ graph(s) for INT8 engines (TensorRT 8.x: --weights qdq form)")
     ap.add_argument("--shape", default="4x256", help="BATCHxSEQ the profile is optimized for and timed (default 4x256)")
     ap.add_argument("--large", default="8x512", help="a larger BATCHxSEQ also timed; sets the profile max (default 8x512)")
+    ap.add_argument("--decode", action="store_true", help="decode graphs: time one KV-cache decode step per batch size")
+    ap.add_argument("--past", type=int, default=512, help="--decode: cached tokens (default 512)")
+    ap.add_argument("--batches", default="1,8", help="--decode: batch sizes (default 1,8)")
+    ap.add_argument("--kv-fp16", action="store_true", help="--decode: KV cache in/out as FP16 (TensorRT 8.x)")
+    ap.add_argument("--opt-level", type=int, default=None, help="builder optimization level (default TensorRT's)")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--tokens", help="token file to take ids from (default: random ids below the vocabulary size)")
     ap.add_argument("--workdir", default=os.environ.get("OUT", "."), help="where engines go (default $OUT or .)")
     ap.add_argument("--json", default=None, help="JSON report path (default WORKDIR/bench_trt.json)")
     ap.add_argument("--reuse", action="store_true", help="reuse engines already in WORKDIR")
+    ap.add_argument("--build-only", action="store_true", help="build the engines and stop (then time them with --reuse,"
+                    " so builds can run in parallel while timings do not share the GPU)")
     a = ap.parse_args(argv)
 
     trt = import_tensorrt()
     gpu = require_gpu()
-    shape, large = parse_shape(a.shape), parse_shape(a.large)
-    batch = (1, shape[0], max(shape[0], large[0]))
-    seq = (1, shape[1], max(shape[1], large[1]))
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    vocab = vocab_hint(a.int8_onnx) or vocab_hint(a.fp16_onnx)
-    report = {
-        "tensorrt_version": trt.__version__,
-        "gpu": gpu.get("name"),
-        "profile": {"batch": list(batch), "seq": list(seq)},
-        "engines": {},
-    }
-    for prec, onnx_path in (("fp16", a.fp16_onnx), ("int8", a.int8_onnx)):
-        eng = work / f"bench_{prec}.engine"
-        if a.reuse and eng.exists() and Path(str(eng) + ".json").exists():
-            side = json.loads(Path(str(eng) + ".json").read_text())
-        else:
-            facts = graph_facts(onnx_path)
-            print(f"building {prec} engine from {onnx_path} ({facts.float_dtype}, Q/DQ: {facts.has_qdq}) ...", flush=True)
-            side = build_engine(onnx_path, eng, precision=prec, batch=batch, seq=seq)
-            print(f"  {side['build_seconds']:.1f}s, {side['engine_bytes'] / 2**20:.1f} MiB", flush=True)
-        t0 = time.perf_counter()
-        rows = time_engine(eng, [shape, large] if large != shape else [shape], a.runs, a.warmup, vocab, a.tokens)
-        report["engines"][prec] = {
-            "onnx": str(onnx_path),
-            "engine": str(eng),
-            "engine_bytes": side["engine_bytes"],
-            "build_seconds": side.get("build_seconds"),
-            "layer_precision_counts": side.get("layer_precisions", {}).get("precision_counts"),
-            "timings": rows,
-            "timing_seconds": round(time.perf_counter() - t0, 1),
-        }
+    vocab = vocab_hint(a.int8_onnx[0]) or vocab_hint(a.fp16_onnx)
+    graphs = [("fp16", "fp16", a.fp16_onnx)] + [
+        ("int8" if i == 0 else f"int8:{Path(p).stem}", "int8", p) for i, p in enumerate(a.int8_onnx)
+    ]
+    report = {"tensorrt_version": trt.__version__, "gpu": gpu.get("name"), "mode": "decode" if a.decode else "prefill", "engines": {}}
 
-    f16, i8 = report["engines"]["fp16"], report["engines"]["int8"]
-    report["size_ratio_int8_over_fp16"] = i8["engine_bytes"] / f16["engine_bytes"]
-    report["speedup_int8_over_fp16"] = {
-        "x".join(map(str, r16["shape"])): r16["gpu_ms_median"] / r8["gpu_ms_median"]
-        for r16, r8 in zip(f16["timings"], i8["timings"])
-    }
+    if a.decode:
+        batches = [int(x) for x in a.batches.split(",") if x.strip()]
+        report["profile"] = {"per_engine": "static: batch b, seq 1, past --past", "past": a.past, "batches": batches, "kv_fp16": a.kv_fp16}
+        for label, prec, onnx_path in graphs:
+            rows, sizes, t0 = [], {}, time.perf_counter()
+            for b in batches:
+                eng = work / f"dec_{label.replace(':', '_')}_b{b}.engine"
+                side = _build_or_reuse(onnx_path, eng, prec, a.reuse, batch=(b, b, b), seq=(1, 1, 1), past=(a.past,) * 3,
+                                       kv_fp16=a.kv_fp16, opt_level=a.opt_level)
+                rows += time_engine(eng, [(b, 1)], a.runs, a.warmup, vocab, past_len=a.past)
+                sizes[b] = side
+            if a.build_only:
+                continue
+            report["engines"][label] = _entry(onnx_path, eng, sizes[batches[0]], rows, t0)
+        col = "batch"
+    else:
+        shape, large = parse_shape(a.shape), parse_shape(a.large)
+        batch = (1, shape[0], max(shape[0], large[0]))
+        seq = (1, shape[1], max(shape[1], large[1]))
+        report["profile"] = {"batch": list(batch), "seq": list(seq)}
+        for label, prec, onnx_path in graphs:
+            eng = work / f"bench_{label.replace(':', '_')}.engine"
+            side = _build_or_reuse(onnx_path, eng, prec, a.reuse, batch=batch, seq=seq, opt_level=a.opt_level)
+            if a.build_only:
+                continue
+            t0 = time.perf_counter()
+            rows = time_engine(eng, [shape, large] if large != shape else [shape], a.runs, a.warmup, vocab, a.tokens)
+            report["engines"][label] = _entry(onnx_path, eng, side, rows, t0)
+        col = "shape"
 
-    print(f"\nTensorRT {trt.__version__} on {gpu.get('name')}; median of {a.runs} runs after {a.warmup} warm-up (GPU time, CUDA events)")
-    hdr = f"{'shape':>10} {'FP16 ms':>9} {'INT8 ms':>9} {'INT8 speedup':>13} {'FP16 tok/s':>12} {'INT8 tok/s':>12} {'host-incl. FP16/INT8 ms':>24}"
+    if a.build_only:
+        print("engines built (--build-only); time them with --reuse")
+        return 0
+    f16 = report["engines"]["fp16"]
+    report["size_ratio_int8_over_fp16"] = {k: e["engine_bytes"] / f16["engine_bytes"] for k, e in report["engines"].items() if k != "fp16"}
+    report["speedup_over_fp16"] = {
+        k: {("b" + str(r16["shape"][0]) if a.decode else "x".join(map(str, r16["shape"]))): r16["gpu_ms_median"] / r8["gpu_ms_median"]
+            for r16, r8 in zip(f16["timings"], e["timings"])}
+        for k, e in report["engines"].items() if k != "fp16"
+    }
+    report["speedup_int8_over_fp16"] = report["speedup_over_fp16"]["int8"]
+
+    what = f"decode step, past {a.past}{', KV FP16' if a.kv_fp16 else ''}" if a.decode else "prefill"
+    print(f"\nTensorRT {trt.__version__} on {gpu.get('name')}, {what}; median of {a.runs} runs after {a.warmup} warm-up (GPU time, CUDA events)")
+    hdr = f"{'engine':>24} {col:>8} {'ms':>9} {'speedup vs FP16':>16} {'tokens/s':>12} {'host-incl. ms':>14} {'MiB':>8}"
     print(hdr)
     print("-" * len(hdr))
-    for r16, r8 in zip(f16["timings"], i8["timings"]):
-        s = "x".join(map(str, r16["shape"]))
-        print(
-            f"{s:>10} {r16['gpu_ms_median']:9.3f} {r8['gpu_ms_median']:9.3f} {r16['gpu_ms_median'] / r8['gpu_ms_median']:12.2f}x "
-            f"{r16['tokens_per_s']:12.0f} {r8['tokens_per_s']:12.0f} "
-            f"{r16['host_inclusive_ms_median']:11.3f}/{r8['host_inclusive_ms_median']:.3f}"
-        )
-    print(
-        f"engine size: FP16 {f16['engine_bytes'] / 2**20:.1f} MiB, INT8 {i8['engine_bytes'] / 2**20:.1f} MiB "
-        f"(INT8/FP16 = {report['size_ratio_int8_over_fp16']:.2f})"
-    )
-    out = Path(a.json) if a.json else work / "bench_trt.json"
+    for label, e in report["engines"].items():
+        for r, r16 in zip(e["timings"], f16["timings"]):
+            s = f"b{r['shape'][0]}" if a.decode else "x".join(map(str, r["shape"]))
+            print(f"{label:>24} {s:>8} {r['gpu_ms_median']:9.3f} {r16['gpu_ms_median'] / r['gpu_ms_median']:15.2f}x "
+                  f"{r['tokens_per_s']:12.0f} {r['host_inclusive_ms_median']:14.3f} {e['engine_bytes'] / 2**20:8.1f}")
+    for k, v in report["size_ratio_int8_over_fp16"].items():
+        print(f"engine size {k}/FP16 = {v:.2f}")
+    out = Path(a.json) if a.json else work / ("bench_trt_decode.json" if a.decode else "bench_trt.json")
     write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

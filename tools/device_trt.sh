@@ -46,7 +46,7 @@ while [ $# -gt 0 ]; do
 done
 
 # sq-export with only the torch-free engine subcommands (the device's kit Python has no torch).
-sqx() { "$TRTPY" -c 'import sys, sq_export.cli as c; c.COMMANDS = ["build", "compare"]; sys.exit(c.main(sys.argv[1:]))' "$@"; }
+sqx() { "$TRTPY" -m sq_export "$@"; }   # the CLI builds its parser without torch
 
 # the readable table of a compare --json report (its last line); the log's tail when there is none
 table() { "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' "$1" 2>/dev/null || tail -n 5 "${1%.json}.log"; }

@@ -2,6 +2,8 @@
 as the FP32 graph (FP16 engine under TensorRT 8.6) and the SmoothQuant W8A8 Q/DQ graph, for tools/bench_trt.py.
 
     python tools/make_bench_model.py --layers 4 --vocab 8192 -o bench/     # writes bench/fp.onnx, bench/sq.onnx
+        [--decode]               # also bench/fp_dec.onnx, bench/sq_dec.onnx: KV-cache decode graphs (export --decode)
+        [--quantize-attention]   # also bench/sq_attn.onnx: Q/DQ on both attention MatMuls too
 
 Random weights are fine for speed (the paper's Figure/Table speed setup uses OPT shapes). The vocabulary is kept
 small by default so the un-quantized LM head (FP16 in both engines) does not dilute the decoder comparison; pass
@@ -23,6 +25,9 @@ def main():
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--weights", default="qdq", choices=["qdq", "int8"])
+    ap.add_argument("--decode", action="store_true", help="also export KV-cache decode graphs fp_dec.onnx / sq_dec.onnx")
+    ap.add_argument("--quantize-attention", action="store_true", help="also export sq_attn.onnx (INT8 attention MatMuls)")
+    ap.add_argument("--only", default=None, help="comma list of graphs to write (fp,sq,sq_attn,fp_dec,sq_dec); default: all requested")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
 
@@ -30,6 +35,7 @@ def main():
     from transformers import AutoModelForCausalLM, OPTConfig
 
     from sq_export.calibrate import calibrate
+    from sq_export.decode import export_decode_onnx
     from sq_export.export import export_onnx
     from sq_export.families import family_for
     from sq_export.quantize import quantize_model, static_scales
@@ -44,18 +50,31 @@ def main():
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     fam = family_for(model)
     print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params in {time.perf_counter() - t:.0f}s", flush=True)
-    t = time.perf_counter()
-    export_onnx(model, fam, out / "fp.onnx", meta={"mode": "fp", "bench": "opt-6.7b-shape"})
-    print(f"fp.onnx in {time.perf_counter() - t:.0f}s", flush=True)
+    want = set(a.only.split(",")) if a.only else {"fp", "sq"} | ({"fp_dec", "sq_dec"} if a.decode else set()) | ({"sq_attn"} if a.quantize_attention else set())
+    meta = {"bench": "opt-6.7b-shape"}
+
+    def write(name, fn, **kw):
+        if name not in want:
+            return
+        t = time.perf_counter()
+        fn(model, fam, out / f"{name}.onnx", meta={**meta, "mode": "fp" if name.startswith("fp") else "sq"}, **kw)
+        print(f"{name}.onnx in {time.perf_counter() - t:.0f}s", flush=True)
+
+    write("fp", export_onnx)
+    write("fp_dec", export_decode_onnx)
     ids = torch.randint(3, a.vocab, (4, 128), generator=torch.Generator().manual_seed(0)).numpy()
     am = calibrate(model, fam, ids, batch_size=2)
     am = smoothed_act_max(am, fam, apply_smoothing(model, fam, am, fam.default_alpha))
     names = fam.quantized_linears()
     quantize_model(model, names, "static", static_scales(am, names))
-    t = time.perf_counter()
-    export_onnx(model, fam, out / "sq.onnx", weights=a.weights, meta={"mode": "sq", "bench": "opt-6.7b-shape"})
-    print(f"sq.onnx in {time.perf_counter() - t:.0f}s", flush=True)
+    write("sq", export_onnx, weights=a.weights)
+    write("sq_dec", export_decode_onnx, weights=a.weights)
+    if "sq_attn" in want:
+        from sq_export.attention import quantize_attention
 
+        quantize_attention(model, fam, ids, batch_size=2)
+        meta["quantize_attention"] = "static"
+        write("sq_attn", export_onnx, weights=a.weights)
 
 if __name__ == "__main__":
     main()
