@@ -16,7 +16,7 @@ trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (these t
 from sq_export.engine.trt_compat import gpu_info  # noqa: E402
 
 _GPU = gpu_info()
-if not _GPU.get("ok"):
+if _GPU["count"] < 1:
     pytest.skip(f"no NVIDIA GPU visible ({_GPU['error']})", allow_module_level=True)
 
 import onnxruntime as ort  # noqa: E402
@@ -59,27 +59,42 @@ def _teacher_forced(step, prompt, forced, n_layers, kvh, hd, kv_dtype, pad):
     return np.stack(logits)
 
 
-@pytest.mark.parametrize("name,kind", [("fp_fp16", "fp"), ("sq_int8", "sq"), ("sq_int8_kv16", "sq")])
-def test_decode_steps_match_onnxruntime(engines, name, kind):
-    path, side = engines[name]
-    assert side["decode_graph"] and side["profile"]["past"] == [1, 16, 32]
-    assert side["kv_cache_fp16_io"] == (8 if name.endswith("kv16") else 0)  # 2 layers x (key, value) x (in, out)
+def _ort_step(kind):
     sess = ort.InferenceSession(str(G / f"decode_llama_{kind}.onnx"), providers=["CPUExecutionProvider"])
     outs = output_names(2)
 
-    def ort_step(feed):
+    def step(feed):
         return dict(zip(outs, sess.run(outs, {k: np.asarray(v, np.float32) if k.startswith("past") else v for k, v in feed.items()})))
 
+    return step
+
+
+@pytest.mark.parametrize("name,kind", [("fp_fp16", "fp"), ("sq_int8", "sq"), ("sq_int8_kv16", "sq")])
+def test_decode_steps_match_onnxruntime(engines, name, kind):
+    """Teacher-forced decode steps (the ORT greedy tokens of the same graph fed back): the FP16 engine must match
+    the float graph to FP16 rounding; an INT8 engine must sit closer to its Q/DQ graph (the fake-quantized
+    function) than to the float graph, i.e. INT8 really runs, and agree with it on most greedy choices."""
+    path, side = engines[name]
+    assert side["decode_graph"] and side["profile"]["past"] == [1, 16, 32]
+    assert side["kv_cache_fp16_io"] == (8 if name.endswith("kv16") else 0)  # 2 layers x (key, value) x (in, out)
+    ref, flt = _ort_step(kind), _ort_step("fp")
+    errs = {"own": [], "float": []}
+    top1 = []
     with EngineDecoder(path) as dec:
         assert (dec.n_layers, dec.kv_heads, dec.head_dim, dec.past_min) == (2, 2, 16, 1)
         for p, forced in zip(FIX["prompts"], FIX[f"ort_{kind}"]):
-            a = _teacher_forced(ort_step, p, forced[:-1], 2, 2, 16, np.float32, 1)
+            a = _teacher_forced(ref, p, forced[:-1], 2, 2, 16, np.float32, 1)
+            f = _teacher_forced(flt, p, forced[:-1], 2, 2, 16, np.float32, 1)
             b = _teacher_forced(dec, p, forced[:-1], 2, 2, 16, dec.kv_dtype, 1)
-            scale = np.abs(a).max()
-            err = np.abs(a - b).max() / scale
-            # FP16 engine vs float graph: FP16 rounding; INT8 engine vs the same Q/DQ graph: FP16 between the INT8 GEMMs
-            assert err < 0.05, (name, err)
-            assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.75, name
+            errs["own"].append(float(np.abs(a - b).max() / np.abs(a).max()))
+            errs["float"].append(float(np.abs(f - b).max() / np.abs(f).max()))
+            top1.append(float((a.argmax(-1) == b.argmax(-1)).mean()))
+    print(f"{name}: rel. max err vs own graph {np.round(errs['own'], 4)}, vs float graph {np.round(errs['float'], 4)}, top-1 vs own {np.round(top1, 3)}")
+    if kind == "fp":
+        assert max(errs["own"]) < 0.05, errs
+    else:
+        assert np.mean(errs["own"]) < np.mean(errs["float"]), errs
+    assert np.mean(top1) >= 0.75, top1
 
 
 def test_generate_engine_prompts_file(engines, tmp_path, capsys):

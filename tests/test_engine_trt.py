@@ -56,7 +56,9 @@ def test_int8_engine_builds_runs_and_matches_qdq_reference(files):
     assert side["precision"] == "int8" and side["plan"]["strongly_typed"] == (MAJOR >= 10)
     if MAJOR < 10:
         assert side["plan"]["int8_flag"] and side["plan"]["fp16_flag"]
-    assert side["profile"] == {"batch": list(BATCH), "seq": list(SEQ), "inputs": ["input_ids", "attention_mask"]}
+    prof = side["profile"]
+    assert (prof["batch"], prof["seq"], prof["inputs"]) == (list(BATCH), list(SEQ), ["input_ids", "attention_mask"])
+    assert prof["shapes"]["input_ids"] == [[BATCH[i], SEQ[i]] for i in range(3)] and not side["decode_graph"]
     assert side["tactic_sources"] == []
     assert os.path.exists(cache)
     assert side["layer_precisions"]["available"], side["layer_precisions"]

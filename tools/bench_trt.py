@@ -217,6 +217,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse engines already in WORKDIR")
     ap.add_argument("--build-only", action="store_true", help="build the engines and stop (then time them with --reuse,"
                     " so builds can run in parallel while timings do not share the GPU)")
+    ap.add_argument("--labels", default=None, help="with --build-only: build only these engines (comma list of fp16, int8, int8:STEM)")
     a = ap.parse_args(argv)
 
     trt = import_tensorrt()
@@ -227,6 +228,10 @@ def main(argv=None) -> int:
     graphs = [("fp16", "fp16", a.fp16_onnx)] + [
         ("int8" if i == 0 else f"int8:{Path(p).stem}", "int8", p) for i, p in enumerate(a.int8_onnx)
     ]
+    if a.labels:
+        if not a.build_only:
+            ap.error("--labels needs --build-only")
+        graphs = [g for g in graphs if g[0] in a.labels.split(",")]
     report = {"tensorrt_version": trt.__version__, "gpu": gpu.get("name"), "mode": "decode" if a.decode else "prefill", "engines": {}}
 
     if a.decode:

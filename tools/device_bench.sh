@@ -29,11 +29,17 @@ models() {
 }
 
 build() {
+  # every engine in its own process, all in parallel (each build is mostly one CPU core plus the GPU)
   source /opt/trt86/env.sh; export PYTHONPATH=.
   local t0=$(date +%s)
-  ( timeout 570 "$TRTPY" tools/bench_trt.py $B/fp.onnx $B/sq.onnx $B/sq_attn.onnx --workdir $B --reuse --build-only > $R/build_prefill.log 2>&1; echo "prefill builds rc $? $(( $(date +%s) - t0 ))s" ) &
-  ( timeout 570 "$TRTPY" tools/bench_trt.py --decode $B/fp_dec.onnx $B/sq_dec.onnx --past $PAST --batches 1,8 --kv-fp16 --workdir $B --reuse --build-only > $R/build_decode.log 2>&1; echo "decode builds rc $? $(( $(date +%s) - t0 ))s" ) &
-  wait; tail -n 4 $R/build_*.log; ls -la $B/*.engine; pack build
+  for l in fp16 int8 int8:sq_attn; do
+    ( timeout 570 "$TRTPY" tools/bench_trt.py $B/fp.onnx $B/sq.onnx $B/sq_attn.onnx --workdir $B --reuse --build-only --labels $l > $R/build_prefill_${l/:/_}.log 2>&1; echo "prefill $l rc $? $(( $(date +%s) - t0 ))s" ) &
+    for b in 1 8; do
+      [ $l = int8:sq_attn ] && continue
+      ( timeout 570 "$TRTPY" tools/bench_trt.py --decode $B/fp_dec.onnx $B/sq_dec.onnx --past $PAST --batches $b --kv-fp16 --workdir $B --reuse --build-only --labels $l > $R/build_decode_${l}_b$b.log 2>&1; echo "decode $l b$b rc $? $(( $(date +%s) - t0 ))s" ) &
+    done
+  done
+  wait; ls -la $B/*.engine; pack build
 }
 
 timing() {

@@ -87,10 +87,36 @@ compare() {
   pack compare
 }
 
+diag() {
+  # Why the plain-SmoothQuant INT8 engine (sq) diverges from its ONNX graph while `best` does not: two variants of
+  # sq, one with every down_proj left in float, one with --smooth-pairs (down_proj inputs smoothed), each built and
+  # compared with its own graph on 8 chunks.
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl >/dev/null 2>&1
+  export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+  if [ ! -f $G ]; then cat $W/smol.gguf.part_* > $G; fi
+  local downs=$(python3 -c 'print(",".join(f"model.layers.{i}.mlp.down_proj" for i in range(30)))')
+  local pids=()
+  [ -f $W/sq_nodown.onnx ] || { python3 -m sq_export -q export $G --mode sq --weights qdq --samples 64 --fallback $downs -o $W/sq_nodown.onnx --json > $R/export_sq_nodown.json 2>&1 & pids+=($!); }
+  [ -f $W/sq_pairs.onnx ] || { python3 -m sq_export -q export $G --mode sq --weights qdq --samples 64 --smooth-pairs -o $W/sq_pairs.onnx --json > $R/export_sq_pairs.json 2>&1 & pids+=($!); }
+  [ -f $W/tokens_small.npz ] || python3 -m sq_export -q tokens $G --seq-len 256 --max-tokens 2048 -o $W/tokens_small.npz
+  wait "${pids[@]}"
+  source /opt/trt86/env.sh; export PYTHONPATH=.
+  pids=()
+  for n in sq_nodown sq_pairs; do
+    [ -f $W/$n.engine ] || { timeout 560 "$TRTPY" -m sq_export build $W/$n.onnx -o $W/$n.engine --precision int8 --batch 1:1:1 --seq 256:256:256 --opt-level $L --json > $R/build_$n.json 2> $R/build_$n.log & pids+=($!); }
+  done
+  wait "${pids[@]}"
+  "$TRTPY" -m sq_export compare $W/sq_nodown.onnx $W/sq_nodown.engine $W/sq_pairs.onnx $W/sq_pairs.engine \
+    --tokens $W/tokens_small.npz --batches 0 --perplexity --min-cosine -1 --min-top1 0 --json > $R/compare_diag.json 2> $R/compare_diag.log
+  "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' $R/compare_diag.json | tee $R/compare_diag_table.txt
+  pack diag
+}
+
 case $STAGE in
   exports) exports ;;
   builds) builds ;;
   compare) compare ;;
+  diag) diag ;;
   all) exports; builds; compare ;;
-  *) echo "usage: $0 exports|builds|compare|all"; exit 2 ;;
+  *) echo "usage: $0 exports|builds|compare|diag|all"; exit 2 ;;
 esac

@@ -238,8 +238,8 @@ def build_engine(
         names = norm_node_names(onnx_path)
         pinned["nodes"] = len(names)
 
-        def _pin(net):
-            pinned["layers"] = pin_layers_fp32(net, trt, names)
+        def _pin(network):  # Polygraphy's PostprocessNetwork calls func(network=...)
+            pinned["layers"] = pin_layers_fp32(network, trt, names)
 
         if names:
             network = PostprocessNetwork(network, _pin)
@@ -250,7 +250,8 @@ def build_engine(
             raise BadInput("--kv-fp16 needs TensorRT 8.x: a strongly typed network takes the cache in the graph's own dtype (export an FP16 graph)")
         from polygraphy.backend.trt import PostprocessNetwork
 
-        def _kv16(net):
+        def _kv16(network):
+            net = network
             for t in [net.get_input(i) for i in range(net.num_inputs)] + [net.get_output(i) for i in range(net.num_outputs)]:
                 if t.name.startswith(("past_key_values.", PRESENT_PREFIX)):
                     t.dtype = trt.float16
