@@ -94,7 +94,7 @@ def build(form, quant, layers, batch, seq, work: Path) -> dict:
     prof = Profile().add("x", shape, shape, shape)
     t0 = time.perf_counter()
     data = EngineBytesFromNetwork(NetworkFromOnnxPath(str(onnx_path)), CreateConfig(fp16=True, int8=quant, profiles=[prof], tactic_sources=[]))()
-    (work / f"{tag}.engine").write_bytes(data)
+    (work / f"{tag}.engine").write_bytes(bytes(data))
     return {"tag": tag, "build_s": round(time.perf_counter() - t0, 1), "engine_mb": round(len(data) / 1e6, 1), "shape": list(shape)}
 
 
@@ -143,16 +143,16 @@ def main():
     for f in forms:
         for q in ("0", "1"):
             cmd = [sys.executable, __file__, "--_build", f, q, "--layers", str(a.layers), "--batch", str(a.batch), "--seq", str(a.seq), "--workdir", str(work)]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ}))
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ}))
     builds = {}
     for p in procs:
-        out, _ = p.communicate()
+        out, err = p.communicate()
         line = (out.strip().splitlines() or ["{}"])[-1]
         try:
             r = json.loads(line)
             builds[r["tag"]] = r
         except (ValueError, KeyError):
-            print(f"a build failed (rc {p.returncode}): {out[-300:]}")
+            print(f"a build failed (rc {p.returncode}): {err[-600:]}")
     rows = []
     print(f"{'form':>12} {'FP16 ms':>9} {'INT8 ms':>9} {'INT8 speedup':>13} {'FP16 MB':>8} {'INT8 MB':>8}")
     for f in forms:
