@@ -122,3 +122,25 @@ def test_graph_facts_bad_files(tmp_path):
     junk.write_bytes(b"\x00\x01not an onnx file at all" * 10)
     with pytest.raises(BadInput):
         graph_facts(junk)
+
+
+def test_decode_profile_shapes_from_the_graph():
+    """A decode graph's profile: tokens [b, s], attention_mask [b, past + s], cache [b, kv_heads, past, head_dim]
+    with heads/head_dim read from the graph (no TensorRT needed)."""
+    from pathlib import Path
+
+    from sq_export.engine.build import check_range, profile_shapes
+    from sq_export.engine.trt_compat import graph_facts
+    from sq_export.errors import BadInput
+
+    g = Path(__file__).resolve().parent.parent / "graphs"
+    facts = graph_facts(g / "decode_llama_fp.onnx")
+    shapes = profile_shapes(facts, (1, 2, 4), (1, 8, 16), (1, 16, 32))
+    assert shapes["input_ids"] == ((1, 1), (2, 8), (4, 16)) and shapes["position_ids"] == shapes["input_ids"]
+    assert shapes["attention_mask"] == ((1, 2), (2, 24), (4, 48))
+    assert shapes["past_key_values.1.value"] == ((1, 2, 1, 16), (2, 2, 16, 16), (4, 2, 32, 16))
+    assert len(shapes) == 3 + 2 * 2
+    prefill = profile_shapes(graph_facts(g / "clean_rms.onnx"), (1, 1, 4), (1, 128, 512), None)
+    assert set(prefill) == {"input_ids", "attention_mask"} and prefill["attention_mask"] == ((1, 1), (1, 128), (4, 512))
+    with pytest.raises(BadInput, match="min <= opt <= max"):
+        check_range((0, 16, 32), "past")
