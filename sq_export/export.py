@@ -24,6 +24,7 @@ import torch
 
 from sq_export.errors import BadInput
 from sq_export.fileio import check_output_path
+from sq_export.onnx_meta import read_metadata  # noqa: F401 (re-exported: callers import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +118,6 @@ def set_metadata(model_proto, meta: dict) -> None:
         p = model_proto.metadata_props.add()
         p.key = f"sq_export.{k}"
         p.value = "" if meta[k] is None else str(meta[k])
-
-
-def read_metadata(path) -> dict:
-    import onnx
-
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise BadInput(f"{path} is not a readable ONNX file ({type(e).__name__}); export it again") from e
-    return {p.key.removeprefix("sq_export."): p.value for p in m.metadata_props if p.key.startswith("sq_export.")}
 
 
 def export_onnx(model, family, path, *, weights: str = "int8", target: str = "tensorrt", meta: dict | None = None, exporter=None) -> dict:

@@ -40,18 +40,6 @@ def add_parser(sub):
     return p
 
 
-def _onnx_metadata(path) -> dict:
-    import onnx
-
-    from sq_export.errors import BadInput
-
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise BadInput(f"{path} is not a readable ONNX file ({type(e).__name__}); export it again") from None
-    return {p.key.removeprefix("sq_export."): p.value for p in m.metadata_props if p.key.startswith("sq_export.")}
-
-
 def _engine_source_onnx(engine_path):
     import json
     from pathlib import Path
@@ -94,6 +82,7 @@ def run(args):
 
     from sq_export.engine.run import ENGINE_SUFFIXES
     from sq_export.errors import BadInput
+    from sq_export.onnx_meta import read_metadata
 
     if args.max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
@@ -107,7 +96,7 @@ def run(args):
             if not Path(args.model).is_file():
                 raise BadInput(f"{'engine' if is_engine else 'ONNX file'} {args.model} not found")
             src_onnx = _engine_source_onnx(args.model) if is_engine else args.model
-            meta = _onnx_metadata(src_onnx) if src_onnx and Path(src_onnx).is_file() else {}
+            meta = read_metadata(src_onnx) if src_onnx and Path(src_onnx).is_file() else {}
             if is_engine:
                 from sq_export.engine.generate import EngineDecoder
                 from sq_export.engine.run import polygraphy_logging

@@ -13,7 +13,6 @@ tokens of the float model in PyTorch, which ``generate_file`` scores agreement a
 from __future__ import annotations
 
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -89,14 +88,10 @@ class EngineDecoder:
 
 
 def load_prompts(path) -> dict:
+    from sq_export.engine.run import load_npz
+
     p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"prompt file {p} does not exist (write one with `sq-export tokens MODEL --prompts N`)")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BadInput(f"prompt file {p} is not a readable .npz ({type(e).__name__})") from None
+    d = load_npz(p, "prompt file", "`sq-export tokens MODEL --prompts N`")
     pr = d.get("prompts")
     if pr is None or pr.ndim != 2 or pr.shape[0] < 1 or pr.shape[1] < 1 or not np.issubdtype(pr.dtype, np.integer):
         raise BadInput(f"prompt file {p} needs `prompts` int64 [n >= 1, tokens >= 1] (write it with `sq-export tokens --prompts`)")

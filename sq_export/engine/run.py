@@ -85,16 +85,22 @@ class Tokens:
             n += 1
 
 
+def load_npz(path, what: str, how: str) -> dict:
+    """All arrays of an .npz (no pickles); BadInput naming `what` and `how` to make one otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{what} {p} does not exist (write one with {how})")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise BadInput(f"{what} {p} is not a readable .npz ({type(e).__name__}: {str(e)[:120]})") from None
+
+
 def load_tokens(path) -> Tokens:
     """Read and validate a token file; BadInput with the reason otherwise."""
     p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"token file {p} does not exist (write one with `sq-export tokens`)")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BadInput(f"token file {p} is not a readable .npz ({type(e).__name__}: {str(e)[:120]})") from None
+    arrays = load_npz(p, "token file", "`sq-export tokens`")
     if "input_ids" not in arrays:
         raise BadInput(f"token file {p} has no `input_ids` array (found: {', '.join(sorted(arrays)) or 'nothing'})")
     ids = arrays["input_ids"]
