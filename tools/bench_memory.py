@@ -112,12 +112,9 @@ def main(argv=None) -> int:
         return 0
 
     from sq_export import pipeline
-    from sq_export.cli import build_parser
+    from sq_export.cli import main as cli_main
 
-    args = build_parser().parse_args(["-q", "run", *argv, *([] if resume else ["--force"])])
-    from sq_export import progress
-
-    progress.QUIET = True
+    cli_args = ["-q", "run", *argv, *([] if resume else ["--force"])]
     peaks = Peaks()
     info: dict = {}
 
@@ -142,9 +139,24 @@ def main(argv=None) -> int:
             return orig_export(model, family, path, **kw)
 
     pipeline.Pipeline._stage, pipeline.Pipeline.loaded, pipeline.export_onnx = stage, loaded, export
+    from sq_export import evaluate
+
+    orig_ort, orig_torch = evaluate.onnx_perplexity, evaluate.torch_perplexity
+
+    def ort_ppl(path, *a, **k):
+        from pathlib import Path
+
+        with peaks.section(f"onnxruntime {Path(path).name}"):
+            return orig_ort(path, *a, **k)
+
+    def torch_ppl(model, *a, desc="eval", **k):
+        with peaks.section(desc):
+            return orig_torch(model, *a, desc=desc, **k)
+
+    evaluate.onnx_perplexity, evaluate.torch_perplexity = ort_ppl, torch_ppl
     t0 = time.perf_counter()
     with peaks.section("run"):
-        rc = args.func(args)
+        rc = cli_main(cli_args)  # exactly what `sq-export -q run ...` does (malloc settings included)
     wall = time.perf_counter() - t0
     run_row = peaks.rows[0]
     children = _children_peak_kb() or None
