@@ -23,6 +23,27 @@ from sq_export.quantize import quantize_model, static_scales
 from sq_export.smooth import apply_smoothing, smoothed_act_max
 
 
+def old_torch_export(model, family, path):
+    """sq_export.export.torch_export as it was: torch.onnx.export with the weights, autograd on."""
+    import contextlib
+    import warnings
+
+    from sq_export.export import LogitsOnly, _example_inputs
+
+    wrapper = LogitsOnly(model).eval()
+    ids, mask = _example_inputs(vocab=model.config.vocab_size)
+    with contextlib.ExitStack() as stack:
+        for patch in family.export_patches:
+            stack.enter_context(patch(model))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, (ids, mask), str(path), dynamo=False, opset_version=17,
+                              input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                              dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                                            "logits": {0: "batch", 1: "sequence"}},
+                              do_constant_folding=True)
+
+
 def export_in_memory(model, family, path, *, weights="int8", target="tensorrt", meta=None, exporter=None):
     """The export path before the streamed one (sq_export 2026-11-22), kept here as the reference."""
     import tempfile
@@ -30,7 +51,7 @@ def export_in_memory(model, family, path, *, weights="int8", target="tensorrt", 
 
     with tempfile.TemporaryDirectory() as td:
         raw = Path(td) / "raw.onnx"
-        extra = (exporter or torch_export)(model, family, raw) or {}  # outside export_onnx: a plain export
+        extra = (exporter or old_torch_export)(model, family, raw) or {}
         mp = onnx.load(str(raw))
     assert len(mp.graph.initializer) > 0
     mp = passes.tidy_qdq_constants(mp)
@@ -95,6 +116,13 @@ def test_streamed_decode_export_is_byte_identical(tmp_path):
         return {"graph": "decode", **{f"decode_{k}": v for k, v in shape.items()}}
 
     export_in_memory(model, fam, tmp_path / "b.onnx", meta={"mode": "sq"}, exporter=exporter)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_plain_torch_export_outside_export_onnx_matches_the_old_one(tmp_path):
+    model, fam = _model("llama", "sq")
+    torch_export(model, fam, tmp_path / "a.onnx")
+    old_torch_export(model, fam, tmp_path / "b.onnx")
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
