@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sq_export.memory import limit_malloc_arenas
+    from sq_export.memory import configure_malloc
 
-    limit_malloc_arenas()  # before torch starts threads: one glibc arena (see sq_export/memory.py)
+    configure_malloc()  # before torch starts threads: one glibc arena, fixed mmap threshold (sq_export/memory.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -878,7 +878,7 @@ class Pipeline:
                 t_sqnr += time.perf_counter() - t
         prep = self.prepared("sq")
         alpha = self.alpha()
-        del model, refs
+        del model, refs, fam  # (the family holds the model too)
         self.release(model=True)  # ONNX Runtime and TensorRT below need no torch model
         for mode in MODES:
             t = time.perf_counter()
