@@ -119,7 +119,9 @@ def _validated(model: ir.Model, name: str) -> ir.Model:
     return model
 
 
-def _checker(path_or_model, model: ir.Model) -> list[Violation]:
+def _checker_message(path_or_model, model: ir.Model | None = None) -> str | None:
+    """onnx.checker's first error line, or None. For a path it runs on the file (its own copy of the graph), so
+    run_check calls it before loading the graph itself: the two copies never coexist."""
     try:
         if isinstance(path_or_model, (str, os.PathLike)):
             onnx.checker.check_model(os.fspath(path_or_model))
@@ -129,8 +131,16 @@ def _checker(path_or_model, model: ir.Model) -> list[Violation]:
                 onnx.checker.check_model(proto)
     except Exception as e:  # ValidationError and friends
         msg = str(e).strip().splitlines()
-        return [Violation("ONNX001", model.graph.name or "<graph>", msg[0] if msg else type(e).__name__)]
-    return []
+        return msg[0] if msg else type(e).__name__
+    return None
+
+
+def _checker_violations(message: str | None, model: ir.Model) -> list[Violation]:
+    return [] if message is None else [Violation("ONNX001", model.graph.name or "<graph>", message)]
+
+
+def _checker(path_or_model, model: ir.Model) -> list[Violation]:
+    return _checker_violations(_checker_message(path_or_model, model), model)
 
 
 def summarize(model: ir.Model, violations: list[Violation]) -> dict:
@@ -187,12 +197,18 @@ def run_check(path_or_model, fix_out: str | os.PathLike | None = None, target: s
     if fix_out is not None and isinstance(path_or_model, (str, os.PathLike)) and \
             _same_file(Path(path_or_model), Path(fix_out)):
         raise BadInput(f"--fix output {fix_out} is the input file: write the fixed graph to another path")
+    message = None
+    if isinstance(path_or_model, (str, os.PathLike)) and Path(path_or_model).is_file() and os.access(path_or_model, os.R_OK):
+        message = _checker_message(path_or_model)  # first: see _checker_message
     model, name = load_model(path_or_model)
     g = model.graph
     if not find_norms(g) and not nodes_of(g, "QuantizeLinear") and not nodes_of(g, "DequantizeLinear"):
         raise BadInput(f"nothing to check: {name} has no norm (LayerNormalization / RMSNorm pattern) and no "
                        f"QuantizeLinear/DequantizeLinear; is this the quantized export?")
-    violations = _checker(path_or_model, model) + check_model(model, target)
+    if isinstance(path_or_model, (str, os.PathLike)):
+        violations = _checker_violations(message, model) + check_model(model, target)
+    else:
+        violations = _checker(path_or_model, model) + check_model(model, target)
     if fix_out is None:
         return CheckReport(name, violations, summarize(model, violations), target=target)
 

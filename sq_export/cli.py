@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sq_export.memory import configure_malloc
+
+    configure_malloc()  # before torch starts threads: one glibc arena, fixed mmap threshold (sq_export/memory.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sq_export.errors import BadInput
-from sq_export.export import OPSET
+from sq_export.export import OPSET, torchscript_export
 from sq_export.kvcache import _as_set, agreement, greedy, input_names, output_names, past_names, position_ids_for  # noqa: F401 (re-exported)
 
 
@@ -89,9 +88,8 @@ def torch_export_decode(model, family, path: Path, opset: int = OPSET) -> dict:
     with contextlib.ExitStack() as stack:
         for patch in family.export_patches:
             stack.enter_context(patch(model))
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (ids, mask, pos, *pkv), str(path), dynamo=False, opset_version=opset, input_names=ins, output_names=outs, dynamic_axes=dyn, do_constant_folding=True)
+        with torch.no_grad():
+            torchscript_export(wrapper, (ids, mask, pos, *pkv), path, opset_version=opset, input_names=ins, output_names=outs, dynamic_axes=dyn)
     return {"num_layers": n, "kv_heads": kvh, "head_dim": hd}
 
 

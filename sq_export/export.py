@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -55,39 +56,112 @@ def torch_export(model, family, path: Path, opset: int = OPSET) -> None:
     with contextlib.ExitStack() as stack:
         for patch in family.export_patches:
             stack.enter_context(patch(model))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper,
-                (ids, mask),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["logits"],
-                dynamic_axes={
-                    "input_ids": {0: "batch", 1: "sequence"},
-                    "attention_mask": {0: "batch", 1: "sequence"},
-                    "logits": {0: "batch", 1: "sequence"},
-                },
-                do_constant_folding=True,
-            )
+        torchscript_export(
+            wrapper,
+            (ids, mask),
+            path,
+            opset_version=opset,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "logits": {0: "batch", 1: "sequence"},
+            },
+        )
 
 
-def save_model(model_proto, path: str | Path) -> None:
-    """Atomic save; graphs over 2 GB go to `path` + `.data` external data beside it."""
-    import onnx
+# ----- the weights stay in torch until they are written ----------------------------------------------------------
+# torch.onnx's TorchScript exporter serializes every parameter into one in-memory protobuf (and then into a bytes
+# object) before it writes the file: two extra copies of the float model per graph, and a third when the file is
+# read back for the graph passes. Inside `export_onnx` the exporter runs with export_params=False instead, and the
+# final parameter dict it would have serialized (after its constant folding and initializer deduplication: the
+# model's own tensors, and views of them such as the transposed Linear weights) is captured. `export_onnx` then
+# attaches those tensors to the small graph as initializers without copying them (onnx_ir TorchTensor), runs the
+# passes (weights_to_int8 reads each float weight and keeps only its INT8 values), and writes the file tensor by
+# tensor. The bytes are those of the in-memory path (tests/test_export_stream.py compares them).
+_capture = threading.local()
+
+
+@contextlib.contextmanager
+def _capturing_params():
+    """Collect, per torch.onnx.export call, the parameter dict the TorchScript exporter hands to its serializer."""
+    got: list[dict] = []
+    orig = torch._C._jit_pass_onnx_deduplicate_initializers
+
+    def wrapped(*args, **kwargs):
+        params = orig(*args, **kwargs)
+        got.append(params)
+        return params
+
+    torch._C._jit_pass_onnx_deduplicate_initializers = wrapped
+    try:
+        yield got
+    finally:
+        torch._C._jit_pass_onnx_deduplicate_initializers = orig
+
+
+def torchscript_export(module, args, path, **kwargs) -> None:
+    """torch.onnx.export (TorchScript exporter, constant folding on). Inside `export_onnx` the graph is written
+    without its weights and the weights are handed to export_onnx (see above); elsewhere it is a plain export."""
+    sink = getattr(_capture, "sink", None)
+    kw = dict(dynamo=False, do_constant_folding=True, **kwargs)
+    # no autograd graph: with parameters that require grad, the traced forward would keep what backward needs
+    # (fake-quant masks, matmul inputs) alive until the export ends (SmolLM2 naive W8A8: +540 MB); same graph
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if sink is None:
+            torch.onnx.export(module, args, str(path), **kw)
+            return
+        with _capturing_params() as got:
+            torch.onnx.export(module, args, str(path), export_params=False, **kw)
+    if len(got) != 1 or not isinstance(got[0], dict):
+        raise RuntimeError(f"torch.onnx.export ran its initializer pass {len(got)} times (expected once); "
+                           "this torch version exports differently")
+    sink[str(path)] = got[0]
+
+
+@contextlib.contextmanager
+def _weights_sink():
+    prev = getattr(_capture, "sink", None)
+    _capture.sink = {}
+    try:
+        yield _capture.sink
+    finally:
+        _capture.sink = prev
+
+
+def _attach_weights(model, params: dict) -> None:
+    """Graph inputs that are exporter parameters become initializers holding the torch tensors (no copy), in the
+    order the exporter would have written them (its graph-input order), typed as onnx_ir types read initializers."""
+    import onnx_ir as ir
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    g = model.graph
+    names = [v.name for v in g.inputs]
+    missing = sorted(set(params) - set(names))
+    if missing:
+        raise RuntimeError(f"exported graph lacks inputs for parameters {missing[:3]}")
+    for v in [v for v in g.inputs if v.name in params]:
+        t = TorchTensor(params[v.name].detach(), name=v.name)
+        g.inputs.remove(v)
+        v.const_value = t
+        v.type = ir.TensorType(t.dtype)
+        v.shape = t.shape
+        g.register_initializer(v)
+
+
+def save_ir(model, path: str | Path, edit=None) -> None:
+    """Atomic write of an onnx_ir model, initializer by initializer (sq_export.onnx_write); graphs over 2 GB put
+    their data in `path` + `.data` beside it. `edit(proto)` changes the ModelProto (without initializers) first."""
+    from sq_export.onnx_write import write_model
 
     final = check_output_path(path)
-    big = model_proto.ByteSize() > TWO_GB if _byte_size_ok(model_proto) else True
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         tmp = tmpdir / final.name
-        if big:
-            onnx.save_model(model_proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=final.name + ".data", size_threshold=1024)
+        if write_model(model, tmp, edit=edit, limit=TWO_GB):
             os.replace(tmpdir / (final.name + ".data"), final.parent / (final.name + ".data"))
-        else:
-            onnx.save_model(model_proto, str(tmp))
         os.replace(tmp, final)
     finally:
         import shutil
@@ -95,21 +169,11 @@ def save_model(model_proto, path: str | Path) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _byte_size_ok(model_proto) -> bool:
-    try:
-        model_proto.ByteSize()
-        return True
-    except Exception:
-        return False
-
-
-def _drop_unused_initializers(model_proto) -> None:
+def _drop_unused_initializers(graph) -> None:
     """Initializers left behind by the passes (e.g. zero-points of folded weight Q nodes) are removed."""
-    used = {i for n in model_proto.graph.node for i in n.input} | {o.name for o in model_proto.graph.output}
-    keep = [t for t in model_proto.graph.initializer if t.name in used]
-    if len(keep) != len(model_proto.graph.initializer):
-        del model_proto.graph.initializer[:]
-        model_proto.graph.initializer.extend(keep)
+    for name, v in list(graph.initializers.items()):
+        if not v.uses() and not v.is_graph_output():
+            del graph.initializers[name]
 
 
 def set_metadata(model_proto, meta: dict) -> None:
@@ -126,7 +190,7 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     `exporter(model, family, raw_path) -> dict | None` writes the raw torch.onnx graph (default: `torch_export`,
     logits only; sq_export.decode passes its KV-cache graph); its dict joins the metadata and the summary.
     """
-    import onnx
+    import onnx_ir as ir
 
     from sq_export import passes
 
@@ -137,19 +201,29 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     final = check_output_path(path)
     with tempfile.TemporaryDirectory(prefix=".sq_export.", dir=final.parent) as td:
         raw = Path(td) / "raw.onnx"
-        extra = (exporter or torch_export)(model, family, raw) or {}
-        mp = onnx.load(str(raw))
+        with _weights_sink() as sink:
+            extra = (exporter or torch_export)(model, family, raw) or {}
+        m = ir.load(str(raw))
+        if str(raw) in sink:  # the graph came without its weights: they are still the model's tensors
+            _attach_weights(m, sink.pop(str(raw)))
+        else:  # an exporter that wrote a complete graph itself
+            ir.external_data.load_to_model(m)
     # TorchScript's CSE already gives a tensor feeding several QLinears (q/k/v) one shared Q/DQ pair.
-    mp = passes.tidy_qdq_constants(mp)
+    passes.TidyQDQConstantsPass()(m)
     if weights == "int8":
-        mp = passes.weights_to_int8(mp)
+        passes.WeightsToInt8Pass()(m)
     if target == "ort":
-        mp = passes.activations_to_uint8(mp)
-    _drop_unused_initializers(mp)
-    mp.producer_name = "sq_export"
-    mp.doc_string = ""
-    mp.graph.doc_string = ""
-    set_metadata(mp, {**(meta or {}), "weights": weights, "target": target, **extra})
-    save_model(mp, final)
+        passes.ActivationsToUint8Pass()(m)
+    _drop_unused_initializers(m.graph)
+
+    def edit(mp):
+        mp.producer_name = "sq_export"
+        mp.doc_string = ""
+        mp.graph.doc_string = ""
+        set_metadata(mp, {**(meta or {}), "weights": weights, "target": target, **extra})
+
+    save_ir(m, final, edit)
+    n_nodes = len(m.graph)
+    del m
     size = final.stat().st_size + (os.path.getsize(str(final) + ".data") if os.path.exists(str(final) + ".data") else 0)
-    return {"onnx": str(final), "bytes": size, "nodes": len(mp.graph.node), **extra}
+    return {"onnx": str(final), "bytes": size, "nodes": n_nodes, **extra}

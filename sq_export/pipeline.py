@@ -45,7 +45,7 @@ from pathlib import Path
 from sq_export.errors import BadInput, GraphCheckFailed, SqExportError
 from sq_export.export import export_onnx
 from sq_export.fileio import check_output_path, write_text_atomic
-from sq_export.recipe import CalibOptions, onnx_metadata
+from sq_export.recipe import CalibOptions, onnx_metadata, working_copy
 
 log = logging.getLogger(__name__)
 
@@ -370,19 +370,40 @@ class Pipeline:
             recipe = self.recipe(mode)
             if mode == "naive":
                 recipe = replace(recipe, alpha=None, linear_pairs=False, clip=None, fallback=None)
-            m = copy.deepcopy(model)
-            stats = CalibStats(self.act_max(), self.rows() if recipe.needs_rows() else None)
+            first = self._prepared.get(mode)
+            if first is not None:  # built before in this run and released: replay its searches' results
+                if first.alpha_per_group is not None:
+                    recipe = replace(recipe, alpha=dict(first.alpha_per_group))
+                if recipe.fallback not in (None, "", "none", "0"):
+                    recipe = replace(recipe, fallback=",".join(first.fp16_layers) or None)
+            m = working_copy(model, fam, smoothing=mode == "sq", linear_pairs=recipe.linear_pairs)
+            stats = CalibStats(self.act_max(), self.rows() if self.recipe(mode).needs_rows() else None)
             prep = prepare(m, tok, fam, recipe, stats=stats)
             if mode == "sq" and prep.alpha_per_group is not None and prep.alpha_per_group != self.smooth_alpha():
                 raise SqExportError(f"--alpha auto chose {prep.alpha_per_group} here but {self.smooth_alpha()} in the smooth "
                                     "stage (same calibration): rerun with --force")
             self._quantized[mode] = m
-            self._prepared[mode] = prep
+            if first is None:
+                self._prepared[mode] = replace(prep, model=None)  # the decisions and summaries, not the model
         return self._quantized[mode]
 
     def prepared(self, mode: str):
-        self.quantized(mode)
+        if mode not in self._prepared:
+            self.quantized(mode)
         return self._prepared[mode]
+
+    def release(self, *modes: str, model: bool = False) -> None:
+        """Drop the quantized models of `modes` (and with `model` the loaded float model too; the tokenizer and the
+        family stay) and give the freed memory back. What is dropped is rebuilt on demand: a quantized model from
+        the float one, replaying the first build's α search and fallback choice; the float model by loading again."""
+        from sq_export.memory import release_memory
+
+        for m in modes:
+            self._quantized.pop(m, None)
+        if model and self._loaded is not None:
+            self._quantized.clear()
+            self._loaded = None
+        release_memory()
 
     def calib_text(self) -> Path:
         from sq_export.textdata import default_text
@@ -480,6 +501,9 @@ class Pipeline:
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            from sq_export.memory import release_memory
+
+            release_memory()
         wall = time.perf_counter() - t0
         stages[name] = {
             "status": "failed" if failure else "ran",
@@ -619,7 +643,7 @@ class Pipeline:
             t = time.perf_counter()
             alpha_groups = search_alpha(model, fam, act, self.rows(), pairs, per_channel=o.per_channel)
             t_search = round(time.perf_counter() - t, 2)
-        m = copy.deepcopy(model)
+        m = working_copy(model, fam, smoothing=True, linear_pairs=pairs)  # shares what smoothing does not change
         # the same check as `smooth`/`eval`/`export`: the smoothed float model (pairs folded too) must give the
         # original logits, or nothing is written (exit 4)
         factors, delta = smooth_checked(m, fam, act, alpha_groups or alpha, check_batch(tok, self.recipe()), linear_pairs=pairs)
@@ -700,6 +724,8 @@ class Pipeline:
             meta = onnx_metadata(self.model_arg, fam, mode, prep, calibration,
                                  linear_pairs=sq and o.linear_pairs, clip=o.clip if sq else None)
             res = export_onnx(m, fam, staging / ONNX[mode], weights=o.weights, target="tensorrt", meta=meta)
+            del m
+            self.release(mode)  # one quantized model at a time (eval rebuilds it, replaying the searches)
             summary[mode] = {"bytes": res["bytes"], "nodes": res["nodes"], "quantized_linears": n_q}
             if mode == "sq":
                 summary[mode]["fp16_layers"] = fp16
@@ -809,7 +835,7 @@ class Pipeline:
 
         from sq_export.evaluate import onnx_perplexity, torch_perplexity
         from sq_export.recipe import check_batch
-        from sq_export.report import naive_sq_sqnr
+        from sq_export.report import linear_outputs, smoothed_reference, sqnr_against
         from sq_export.textdata import read_text, tokenize
 
         model, tok, fam = self.loaded()
@@ -818,11 +844,42 @@ class Pipeline:
         ppl: dict = {"pytorch": {}, "onnxruntime": {}}
         secs: dict = {"pytorch": {}, "onnxruntime": {}}
         tokens = None
+        # PyTorch: the float model, then one quantized model at a time (built, measured, released); the per-Linear
+        # SQNR of each against the float model it approximates (naive: the float model; SQ: with --smooth-pairs the
+        # smoothed float model, report.smoothed_reference) from reference outputs taken once
+        names = fam.quantized_linears()
+        batch = check_batch(tok, self.recipe())
+        t_sqnr = 0.0
+        refs = {}
+        sqnr = {n: {} for n in names}
         for mode in MODES:
+            if mode != "fp":
+                t = time.perf_counter()
+                if mode == "naive" or not o.linear_pairs:
+                    refs.setdefault("float", linear_outputs(model, names, batch))
+                    ref = refs["float"]
+                else:
+                    refs.pop("float", None)
+                    smoothed = smoothed_reference(model, fam, self.act_max(), self.smooth_alpha(), True)
+                    ref = linear_outputs(smoothed, names, batch)
+                    del smoothed
+                t_sqnr += time.perf_counter() - t
             t = time.perf_counter()
-            r = torch_perplexity(self.quantized(mode), ids, o.seq_len, o.max_tokens, desc=f"eval pytorch {mode}")
+            m = self.quantized(mode)
+            r = torch_perplexity(m, ids, o.seq_len, o.max_tokens, desc=f"eval pytorch {mode}")
             ppl["pytorch"][mode], tokens = r["perplexity"], r["tokens"]
             secs["pytorch"][mode] = round(time.perf_counter() - t, 2)
+            if mode != "fp":
+                t = time.perf_counter()
+                for n, v in sqnr_against(ref, m, names, batch).items():
+                    sqnr[n][mode] = v
+                del m, ref
+                self.release(mode)
+                t_sqnr += time.perf_counter() - t
+        prep = self.prepared("sq")
+        alpha = self.alpha()
+        del model, refs, fam  # (the family holds the model too)
+        self.release(model=True)  # ONNX Runtime and TensorRT below need no torch model
         for mode in MODES:
             t = time.perf_counter()
             r = onnx_perplexity(str(self.out / ONNX[mode]), ids, o.seq_len, o.max_tokens)
@@ -845,16 +902,10 @@ class Pipeline:
                 t = time.perf_counter()
                 ppl["tensorrt"][mode] = engine_perplexity(p, toks)["perplexity"]
                 secs["tensorrt"][mode] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        batch = check_batch(tok, self.recipe())
-        # naive vs the float model; SQ vs the float model it approximates (with --smooth-pairs the smoothed one)
-        sqnr = naive_sq_sqnr(model, self.quantized("naive"), self.quantized("sq"), fam.quantized_linears(), batch, family=fam,
-                             act_max=self.act_max(), alpha=self.smooth_alpha(), linear_pairs=o.linear_pairs)
         sqnr = [{"linear": n, **v} for n, v in sqnr.items()]  # a list: model order survives sort_keys
-        secs["sqnr"] = round(time.perf_counter() - t, 2)
-        prep = self.prepared("sq")
+        secs["sqnr"] = round(t_sqnr, 2)
         recipe = {
-            "alpha": self.alpha(),
+            "alpha": alpha,
             "alpha_per_group": prep.alpha_per_group,
             "smooth_pairs": o.linear_pairs,
             "clip": o.clip or "max",

@@ -30,7 +30,8 @@ class CalibOptions:
 class Recipe:
     mode: str = "sq"
     act: str = "static"
-    alpha: float | str | None = None  # None: the family's default; "auto": per-group search (sq_export.tune)
+    alpha: float | str | dict | None = None  # None: the family's default; "auto": per-group search (sq_export.tune);
+    # {group source: α}: the result of such a search, replayed
     per_channel: bool = True
     act_scales: str | None = None  # a saved act_scales file instead of calibrating
     calib: CalibOptions = field(default_factory=CalibOptions)
@@ -52,7 +53,10 @@ class Recipe:
             raise BadInput(f"--mode {self.mode} unknown: choose one of {', '.join(MODES)}")
         if self.act not in ACT_MODES:
             raise BadInput(f"--act {self.act} unknown: choose one of {', '.join(ACT_MODES)}")
-        if self.alpha is not None and self.alpha != "auto":
+        if isinstance(self.alpha, dict):  # {group source: α}: an --alpha auto result, replayed (no search)
+            for a in self.alpha.values():
+                validate_alpha(a)
+        elif self.alpha is not None and self.alpha != "auto":
             validate_alpha(self.alpha)
         from sq_export.tune import max_fallback_count, parse_clip, parse_fallback
 
@@ -139,6 +143,9 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
     recipe.validate()
     times = {}
     alpha = recipe.alpha if recipe.alpha is not None else family.default_alpha
+    searched = None
+    if isinstance(alpha, dict):  # the α per group an earlier --alpha auto search chose: use them, as "auto"
+        searched, alpha = dict(alpha), "auto"
     if recipe.mode == "fp":
         return Prepared(model, tokenizer, family, None, [], times)
     fb = tune.parse_fallback(recipe.fallback)
@@ -164,7 +171,9 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
         times["calibrate_s"] = time.perf_counter() - t
     if recipe.mode == "sq":
         t = time.perf_counter()
-        if alpha == "auto":
+        if alpha == "auto" and searched is not None:
+            alpha_per_group = searched
+        elif alpha == "auto":
             alpha_per_group = tune.search_alpha(model, family, act_max, res, recipe.linear_pairs, per_channel=recipe.per_channel)
             times["alpha_search_s"] = time.perf_counter() - t
         a = alpha_per_group if alpha == "auto" else alpha
@@ -183,7 +192,9 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
             scales, ratio = tune.clipped_scales(family, act_max, res, divs, clip, names)
             info["clip_ratio"] = ratio
             times["clip_s"] = time.perf_counter() - t
-    float_linears = {n: model.get_submodule(n) for n in names}
+    # kept only for --fallback (it puts float Linears back); otherwise each float Linear is freed once its QLinear
+    # replaced it, so the float and the quantized weights never both exist in full
+    float_linears = {n: model.get_submodule(n) for n in names} if fb is not None else {}
     quantized = quantize_model(model, names, recipe.act, scales, recipe.per_channel)
     fp16 = []
     if fb is not None:
@@ -201,6 +212,27 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
         times["fallback_s"] = time.perf_counter() - t
     return Prepared(model, tokenizer, family, alpha if recipe.mode == "sq" else None, quantized, times, act_max, factors, delta,
                     alpha_per_group, fp16, info)
+
+
+def working_copy(model, family, *, smoothing: bool, linear_pairs: bool = False):
+    """A copy of `model` to prepare (smooth, quantize) without touching `model`, sharing every tensor that
+    preparation only reads: smoothing (`smoothing`) writes in place into the norms and Linears of the smoothing
+    groups (with `linear_pairs` also the pair producers and consumers), and only those are copied; quantizing swaps
+    modules (QLinear copies the weight it reads) and writes no tensor. The embeddings (and a tied LM head), the
+    other norms and, for naive W8A8, every weight stay shared with `model`: the copy costs what it changes."""
+    import copy
+
+    written = set()
+    if smoothing:
+        for g in family.groups(include_linear_pairs=linear_pairs):
+            written.add(g.source)
+            written.update(g.linears)
+    memo = {}
+    for name, mod in model.named_modules():
+        if name not in written:
+            for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)):
+                memo[id(t)] = t
+    return copy.deepcopy(model, memo)
 
 
 def onnx_metadata(source_model: str, family, mode: str, prep: Prepared | None, calibration: str, *,

@@ -35,39 +35,48 @@ def sqnr_db(y, y_hat) -> float:
     return 10.0 * math.log10(max(sig, 1e-300) / err)
 
 
+def linear_outputs(model, names: list[str], batch) -> dict:
+    """{linear: its output (float32)} for one forward pass of `model` on `batch`."""
+    store: dict = {}
+    _run_hooked(model, names, batch, lambda n, out: store.__setitem__(n, out.detach().float()))
+    return store
+
+
+def sqnr_against(ref: dict, model, names: list[str], batch) -> dict:
+    """{linear: SQNR dB of `model`'s output against `ref[linear]`} (None: exactly equal), computed as each output
+    appears, so that only the reference outputs are held."""
+    got: dict = {}
+
+    def fn(n, out):
+        v = sqnr_db(ref[n], out.detach().float())
+        got[n] = round(v, 4) if math.isfinite(v) else None  # None: output exactly equal
+
+    _run_hooked(model, names, batch, fn)
+    return {n: got[n] for n in names}
+
+
+def _run_hooked(model, names, batch, fn) -> None:
+    import torch
+
+    hooks = [model.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: fn(n, out)) for n in names]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def layer_sqnr(float_model, qmodels: dict, names: list[str], batch) -> dict:
     """{linear: {mode: SQNR dB}}: each quantized Linear's output in the fake-quant model vs the same Linear's output
     in `float_model`, both run end to end on `batch` (so errors of earlier layers are included, as deployed).
     `float_model` must be the float model the quantized ones approximate Linear by Linear: norm smoothing leaves
     every Linear's output unchanged (W·s · x/s = W·x), pair smoothing does not (see `naive_sq_sqnr`)."""
-    import torch
-
-    def capture(model, store):
-        hooks = []
-        for n in names:
-            def fn(mod, inp, out, n=n):
-                store[n] = out.detach().float()
-            hooks.append(model.get_submodule(n).register_forward_hook(fn))
-        return hooks
-
-    def run(model, store):
-        hooks = capture(model, store)
-        try:
-            with torch.no_grad():
-                model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
-
-    ref: dict = {}
-    run(float_model, ref)
+    ref = linear_outputs(float_model, names, batch)
     out = {n: {} for n in names}
     for mode, qm in qmodels.items():
-        got: dict = {}
-        run(qm, got)
-        for n in names:
-            v = sqnr_db(ref[n], got[n])
-            out[n][mode] = round(v, 4) if math.isfinite(v) else None  # None: output exactly equal
+        for n, v in sqnr_against(ref, qm, names, batch).items():
+            out[n][mode] = v
     return out
 
 
@@ -78,11 +87,10 @@ def smoothed_reference(model, family, act_max: dict, alpha, linear_pairs: bool):
     same way (`alpha`: a number or {group source: α}, as the SQ model was smoothed)."""
     if not linear_pairs:
         return model
-    import copy
-
+    from sq_export.recipe import working_copy
     from sq_export.smooth import apply_smoothing
 
-    ref = copy.deepcopy(model)
+    ref = working_copy(model, family, smoothing=True, linear_pairs=True)
     apply_smoothing(ref, family, act_max, alpha, linear_pairs=True)
     return ref
 

@@ -1,0 +1,91 @@
+"""Issue 5 (memory): working copies share what preparation only reads, a released model rebuilds identically
+(replaying the α search and the fallback choice), SQNR computed as outputs appear equals SQNR from stored outputs,
+and the malloc settings."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import FAMILIES, make_tiny, token_batches
+from sq_export import memory, tune
+from sq_export.calibrate import calibrate
+from sq_export.recipe import CalibStats, Recipe, working_copy
+from sq_export.report import linear_outputs, sqnr_against, sqnr_db
+from sq_export.smooth import logits_of
+
+
+def _prepare(model, fam, x, **kw):
+    import sq_export.recipe as rc
+
+    res = tune.new_reservoir(fam, 256)
+    act_max = calibrate(model, fam, token_batches(8, 32), reservoir=res)
+    orig = rc.check_batch
+    rc.check_batch = lambda *_a, **_k: x
+    try:
+        return rc.prepare(model, None, fam, Recipe(**kw), stats=CalibStats(act_max, res))
+    finally:
+        rc.check_batch = orig
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode,pairs", [("naive", False), ("sq", False), ("sq", True)])
+def test_working_copy_shares_read_only_tensors_and_leaves_the_model_alone(family, mode, pairs):
+    model, fam = make_tiny(family)
+    if pairs and not fam.linear_pairs:
+        pytest.skip("no Linear pairs in this family")
+    x = torch.as_tensor(token_batches(2, 32, seed=9))
+    before = _state(model)
+    shared = working_copy(model, fam, smoothing=mode == "sq", linear_pairs=pairs)
+    emb = model.get_input_embeddings().weight
+    assert shared.get_input_embeddings().weight is emb  # the largest tensor of a small model is never copied
+    p1 = _prepare(shared, fam, x, mode=mode, linear_pairs=pairs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    p2 = _prepare(copy.deepcopy(model), fam, x, mode=mode, linear_pairs=pairs)
+    assert torch.equal(logits_of(p1.model, x), logits_of(p2.model, x))
+    if mode == "naive":
+        ids = {id(t) for t in model.parameters()}
+        assert all(id(t) in ids for n, t in shared.named_parameters() if not n.endswith(("w_kn", "bias")))
+
+
+def test_replayed_alpha_search_and_fallback_build_the_same_model():
+    model, fam = make_tiny("llama")
+    x = torch.as_tensor(token_batches(2, 32, seed=9))
+    first = _prepare(working_copy(model, fam, smoothing=True, linear_pairs=True), fam, x, alpha="auto", linear_pairs=True,
+                     fallback="2", clip="p99.9")
+    assert first.alpha_per_group and len(first.fp16_layers) == 2
+    again = _prepare(working_copy(model, fam, smoothing=True, linear_pairs=True), fam, x, alpha=dict(first.alpha_per_group),
+                     linear_pairs=True, fallback=",".join(first.fp16_layers), clip="p99.9")
+    assert again.alpha == first.alpha == "auto" and again.alpha_per_group == first.alpha_per_group
+    assert again.fp16_layers == first.fp16_layers and again.quantized == first.quantized
+    assert torch.equal(logits_of(first.model, x), logits_of(again.model, x))
+    with pytest.raises(Exception):
+        Recipe(alpha={"g": 1.5}).validate()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sqnr_as_outputs_appear_equals_sqnr_of_stored_outputs(family):
+    model, fam = make_tiny(family)
+    x = torch.as_tensor(token_batches(2, 32, seed=9))
+    q = _prepare(copy.deepcopy(model), fam, x, mode="sq").model
+    names = fam.quantized_linears()
+    ref = linear_outputs(model, names, x)
+    got = linear_outputs(q, names, x)
+    want = {n: round(sqnr_db(ref[n], got[n]), 4) for n in names}
+    assert sqnr_against(ref, q, names, x) == want
+    assert all(v is None for v in sqnr_against(ref, model, names, x).values())  # the float model: exactly equal
+
+
+def test_malloc_settings_and_rss():
+    import sys
+
+    if sys.platform.startswith("linux"):
+        assert memory.configure_malloc() in (True, False)  # musl: no mallopt
+        assert memory.rss_kb() > 0 and memory.rss_kb("VmHWM") >= memory.rss_kb()
+    memory.release_memory()
+
