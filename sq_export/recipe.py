@@ -192,7 +192,7 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
         score = fallback_score
         if score is None and fb[0] == "auto":
             wins = tune.small_eval_ids(tokenizer, recipe.calib.calib_text, recipe.calib.seq_len, windows=tune.FALLBACK_WINDOWS)
-            score = tune.KLScore(wins)
+            score = tune.KLScore(wins, layers_path=family.layers_path)
         r = tune.select_fallback(model, float_linears, fb, score, target=recipe.target_ppl_increase,
                                  max_count=tune.max_fallback_count(recipe.max_fallback, len(quantized)), sensitivity=sens)
         fp16 = r["fp16_layers"]

@@ -37,6 +37,8 @@ ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))
 RESERVOIR_ROWS = 512
 FALLBACK_WINDOWS = 4  # calibration-split windows (of ≤512 tokens) scoring --fallback auto
 FALLBACK_CANDIDATES = None  # lowest-SQNR Linears whose gain alone is measured; None: max_count (the budget)
+FALLBACK_CONFIDENCE_Z = 1.645  # ppl_upper_bound: one-sided 95 % upper confidence bound of the window perplexity
+FALLBACK_BLOCK = 64  # tokens per block for that bound's standard error (neighbouring tokens' errors correlate)
 MSE_CLIP_RATIOS = tuple(0.92 ** k for k in range(40))  # 1.0 down to ~0.04 of the max
 
 
@@ -264,41 +266,137 @@ def small_eval_ids(tokenizer, calib_text, seq_len: int, windows: int = 4, seed: 
 
 
 @torch.no_grad()
-def float_reference(model, windows: np.ndarray) -> list[torch.Tensor]:
-    """The float model's next-token log-probabilities on `windows` (fp16, one [T-1, V] tensor per window)."""
-    out = []
+def float_reference(model, windows: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The float model's next-token log-probabilities on `windows` (fp16, one [T-1, V] tensor per window) and its
+    per-token NLL of the actual next tokens (fp32, one [T-1] tensor per window)."""
+    lps, nlls = [], []
     for w in windows:
         x = torch.as_tensor(w)[None]
         lp = torch.log_softmax(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, :-1].float(), -1)
-        out.append(lp.half())
-    return out
+        lps.append(lp.half())
+        nlls.append(-lp.gather(1, torch.as_tensor(w[1:])[:, None])[:, 0])
+    return lps, nlls
+
+
+def ppl_upper_bound(nll_q: list[torch.Tensor], nll_f: list[torch.Tensor], z: float | None = None, block: int | None = None) -> float:
+    """One-sided upper confidence bound (z standard errors; default FALLBACK_CONFIDENCE_Z) of the perplexity of the
+    quantized model on windows where both models' per-token NLLs are known (one tensor per window). The standard
+    error is that of the mean per-token NLL difference (paired: quantized − float), from blocks of `block`
+    consecutive tokens within a window (default FALLBACK_BLOCK) so that correlated neighbours do not understate it;
+    with fewer than 2 blocks it is 0 (the point estimate)."""
+    z = FALLBACK_CONFIDENCE_Z if z is None else z
+    block = FALLBACK_BLOCK if block is None else block
+    d = [q.double() - f.double() for q, f in zip(nll_q, nll_f)]
+    n = sum(x.numel() for x in d)
+    mean_q = float(sum(q.double().sum() for q in nll_q)) / n
+    m = float(sum(x.sum() for x in d)) / n
+    blocks = [b for x in d for b in torch.split(x, block)]
+    se = 0.0
+    if len(blocks) >= 2:
+        se = math.sqrt(len(blocks) / (len(blocks) - 1) * sum(float(b.sum() - m * b.numel()) ** 2 for b in blocks)) / n
+    return math.exp(mean_q + z * se)
+
+
+def _copy_out(o):
+    """A copy of a layer output (tensor, or tuple/list of them): neither the cache nor the model can then change
+    the other's tensors in place."""
+    if isinstance(o, torch.Tensor):
+        return o.clone()
+    if type(o) in (tuple, list):
+        return type(o)(_copy_out(v) for v in o)
+    return o
+
+
+class _KnownOutput(torch.nn.Module):
+    """Stands in for a decoder layer whose output on the current window is already known (KLScore's prefix cache):
+    returns it without computing. Attributes the model's layer loop reads (e.g. `attention_type`) come from the
+    real layer, which is not registered as a child (the model's modules and parameters are unchanged)."""
+
+    def __init__(self, layer, outputs: list, i: int):
+        super().__init__()
+        object.__setattr__(self, "_real", layer)
+        object.__setattr__(self, "_outputs", outputs)
+        self._i = i
+
+    def forward(self, *args, **kwargs):
+        return _copy_out(self._outputs[self._i])
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
 
 
 class KLScore:
     """Fallback criterion: mean KL(float ‖ quantized) per predicted token on calibration-split windows, against
-    the float model's distributions (computed once, by `reference`). Calling it returns the KL; `ppl(model)` of the
-    last call is kept in `last_ppl` (same forwards) so the target can be checked in perplexity."""
+    the float model's distributions (computed once, by `reference`). Calling it returns the KL; the perplexity of
+    the last call is kept in `last_ppl` (same forwards) and its one-sided upper confidence bound in `last_ppl_upper`
+    (`ppl_upper_bound`), so the target can be checked in perplexity.
 
-    def __init__(self, windows: np.ndarray):
+    Prefix cache (`layers_path`: the family's decoder-layer list, e.g. "model.layers"): every call records each
+    layer's output per window; `commit()` keeps those of the last call as the reference state, and
+    `score(model, start=L)` — for a model that differs from the committed one only in layers ≥ L — replays the
+    committed outputs of layers < L instead of computing them. Exact (same inputs, same modules); it saves the
+    layers below the changed Linear, about half a forward on average for one-Linear changes spread over depth."""
+
+    def __init__(self, windows: np.ndarray, layers_path: str | None = None):
         self.windows = windows
-        self.ref = None
-        self.last_ppl = None
+        self.layers_path = layers_path
+        self.ref = self.ref_nll = None
+        self.last_ppl = self.last_ppl_upper = None
+        self._committed = None  # per window: [output of layer i] of the committed state
+        self._last = None
 
     def reference(self, model):
-        self.ref = float_reference(model, self.windows)
+        self.ref, self.ref_nll = float_reference(model, self.windows)
+
+    def layer_of(self, name: str) -> int:
+        """Index of the decoder layer holding module `name` (0 when unknown: nothing is replayed)."""
+        pre = f"{self.layers_path}." if self.layers_path else None
+        if pre and name.startswith(pre):
+            head = name[len(pre):].split(".", 1)[0]
+            if head.isdigit():
+                return int(head)
+        return 0
+
+    def commit(self):
+        self._committed = self._last
 
     @torch.no_grad()
-    def __call__(self, model) -> float:
-        kl = nll = 0.0
+    def __call__(self, model, start: int = 0) -> float:
+        layers = model.get_submodule(self.layers_path) if self.layers_path else None
+        if start and (layers is None or self._committed is None):
+            raise ValueError("KLScore(start=...) needs layers_path and a committed state")
+        kl = 0.0
         n = 0
-        for w, ref in zip(self.windows, self.ref):
-            x = torch.as_tensor(w)[None]
-            lq = torch.log_softmax(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, :-1].float(), -1)
+        last, tok_nll = [], []
+        for k, (w, ref) in enumerate(zip(self.windows, self.ref)):
+            outs = [None] * len(layers) if layers is not None else None
+            hooks, real = [], []
+            try:
+                if layers is not None:
+                    for i in range(start):
+                        real.append(layers[i])
+                        layers[i] = _KnownOutput(real[i], self._committed[k], i)
+                    for i in range(len(layers)):
+                        hooks.append(layers[i].register_forward_hook(lambda _m, _a, o, i=i: outs.__setitem__(i, _copy_out(o))))
+                x = torch.as_tensor(w)[None]
+                logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, :-1]
+            finally:
+                for h in hooks:
+                    h.remove()
+                for i, r in enumerate(real):
+                    layers[i] = r
+            last.append(outs)
+            lq = torch.log_softmax(logits.float(), -1)
             lp = ref.float()
             kl += float((lp.exp() * (lp - lq)).sum())
-            nll -= float(lq.gather(1, torch.as_tensor(w[1:])[:, None]).sum())
+            tok_nll.append(-lq.gather(1, torch.as_tensor(w[1:])[:, None])[:, 0])
             n += lp.shape[0]
-        self.last_ppl = math.exp(nll / n)
+        self._last = last if layers is not None else None
+        self.last_ppl = math.exp(float(sum(t.double().sum() for t in tok_nll)) / n)
+        self.last_ppl_upper = ppl_upper_bound(tok_nll, self.ref_nll)
         return kl / n
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -228,6 +229,47 @@ def test_fallback_auto_orders_by_measured_gain_not_sqnr():
     r = tune.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
                              candidates=2)
     assert r["fp16_layers"] == ["l0", "l1"]
+
+
+def test_ppl_upper_bound():
+    g = torch.Generator().manual_seed(0)
+    f = [torch.rand(200, generator=g) * 4 for _ in range(2)]
+    assert tune.ppl_upper_bound(f, f) == pytest.approx(math.exp(float(torch.cat(f).mean())))
+    q = [x + 0.05 + 0.5 * torch.randn(200, generator=g) for x in f]
+    point = math.exp(float(torch.cat(q).mean()))
+    up = tune.ppl_upper_bound(q, f)
+    assert up > point and tune.ppl_upper_bound(q, f, z=0.0) == pytest.approx(point)
+    q4 = q + [x + 0.05 + 0.5 * torch.randn(200, generator=g) for x in f]  # twice the tokens: a tighter bound
+    assert tune.ppl_upper_bound(q4, f + f) / math.exp(float(torch.cat(q4).mean())) < up / point
+
+
+def test_kl_score_prefix_cache_is_exact_and_skips_the_layers_below():
+    model, fam = _llama_down_outliers()
+    wins = token_batches(2, 32, seed=4)
+    names = fam.quantized_linears()
+    m = copy.deepcopy(model)
+    fl = {n: m.get_submodule(n) for n in names}
+    quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
+    qm = {n: m.get_submodule(n) for n in names}
+    cached, plain = tune.KLScore(wins, layers_path=fam.layers_path), tune.KLScore(wins)
+    cached.reference(model)
+    plain.reference(model)
+    with pytest.raises(ValueError):
+        cached(m, start=1)  # nothing committed yet
+    cached(m)
+    cached.commit()
+    layer0 = m.get_submodule(fam.layers_path)[0]
+    calls = []
+    h = layer0.register_forward_hook(lambda *_: calls.append(1))
+    top = names[-1]
+    assert cached.layer_of(top) == fam.num_layers() - 1 == 1 and cached.layer_of("lm_head") == 0
+    tune._swap(m, top, fl[top])
+    part = cached(m, start=1)
+    assert calls == [] and isinstance(m.get_submodule(fam.layers_path)[0], type(layer0))  # replayed, then restored
+    assert part == pytest.approx(plain(m), abs=1e-9) and len(calls) == 2
+    assert cached.last_ppl == pytest.approx(plain.last_ppl, rel=1e-9)
+    h.remove()
+    tune._swap(m, top, qm[top])
 
 
 def test_kl_score_is_zero_for_float_and_tracks_perplexity():

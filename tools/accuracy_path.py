@@ -120,7 +120,7 @@ def smollm2(a):
     score = lambda m: tune.windows_perplexity(m, wins)  # noqa: E731
     select = None
     if a.fallback_score == "kl":
-        select = tune.KLScore(wins)
+        select = tune.KLScore(wins, layers_path=fam.layers_path)
         select.reference(base)  # smoothing is exact in float: the base model's distributions serve every row
     measure = lambda m: torch_perplexity(m, ids, a.seq_len, a.max_tokens, desc="eval")["perplexity"]  # noqa: E731
     calib = CalibOptions(None, a.samples, a.calib_seq_len)
