@@ -37,7 +37,7 @@ class Recipe:
     linear_pairs: bool = False  # also smooth Linear → Linear pairs (up→down, v→o), see Family.linear_pairs
     clip: str | None = None  # static ranges: None/"max" (default), "pNN.NN" percentile of |x|, or "mse"
     fallback: str | None = None  # None, "auto", "N", or "name,name": Linears kept in float (FP16 in TensorRT)
-    target_ppl_increase: float = 0.02  # --fallback auto: stop when ppl ≤ float·(1+this) on calibration windows
+    target_ppl_increase: float = 0.02  # --fallback auto: stop when the ppl upper bound ≤ float·(1+this) on calibration windows
     max_fallback: str = "10%"  # --fallback auto: at most this many (count or % of quantized Linears)
     reservoir_rows: int = 512  # rows per Linear input kept during calibration for auto α / clip / fallback
 
@@ -131,7 +131,7 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
     `stats`: calibration already done (must come from this unsmoothed model with the same options; prepare does
     not change it). `fallback_score(model) -> float` (lower is better) replaces the default criterion of
     `--fallback auto` (tune.KLScore: mean KL to the float model on tune.FALLBACK_WINDOWS calibration-split windows;
-    a callable with `reference(model)` / `last_ppl` is used the same way)."""
+    a callable with `reference(model)` / `last_ppl` / `last_ppl_upper` is used the same way)."""
     from sq_export.quantize import quantize_model, static_scales
     from sq_export.smooth import smooth_checked, smoothed_act_max
     from sq_export import tune

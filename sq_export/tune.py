@@ -12,16 +12,19 @@ because the smoothing factor s depends on α: the smoothed input is x/s, compute
   one pass over the cached rows per α, no model forward.
 - `clip_amax`: the per-tensor range from a percentile of |x| (`p99.99`) or the range minimizing the input's
   fake-quant MSE (`mse`) on the sampled rows; never above the calibrated max.
-- `select_fallback`: pre-filter quantized Linears by their local output SQNR (sampled rows, real QLinear), measure
-  each candidate's gain alone (mean KL to the float model's distributions on calibration-split windows, never the
+- `select_fallback`: screen each role (down_proj, o_proj, ... of every layer, put in float together) by its gain,
+  take the candidates from the roles that gain most per Linear (SQNR order within a role), measure each
+  candidate's gain alone (mean KL to the float model's distributions on calibration-split windows, never the
   held-out text), then greedily put them back to float in gain order while the KL improves, until the perplexity
-  on those windows is within the target of float or the budget is spent.
+  on those windows is within the target of float at its 95 % upper confidence bound, or the budget is spent.
+  The scoring replays the unchanged layers below a tried Linear from a cache (`KLScore(layers_path=...)`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 
 import numpy as np
@@ -36,9 +39,10 @@ log = logging.getLogger(__name__)
 ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))
 RESERVOIR_ROWS = 512
 FALLBACK_WINDOWS = 4  # calibration-split windows (of ≤512 tokens) scoring --fallback auto
-FALLBACK_CANDIDATES = None  # lowest-SQNR Linears whose gain alone is measured; None: max_count (the budget)
+FALLBACK_CANDIDATES = None  # Linears whose gain alone is measured (role-screened order); None: 2 × the budget
 FALLBACK_CONFIDENCE_Z = 1.645  # ppl_upper_bound: one-sided 95 % upper confidence bound of the window perplexity
 FALLBACK_BLOCK = 64  # tokens per block for that bound's standard error (neighbouring tokens' errors correlate)
+FALLBACK_CRITERION = "kl-roles-ub95"  # `run` records it: a stage chosen by an older --fallback auto criterion reruns
 MSE_CLIP_RATIOS = tuple(0.92 ** k for k in range(40))  # 1.0 down to ~0.04 of the max
 
 
@@ -417,26 +421,46 @@ def _swap(model, name, mod):
     replace_module(model, name, mod)
 
 
+def role_of(name: str) -> str:
+    """A Linear's role: its name with the layer index starred ("model.layers.3.mlp.down_proj" →
+    "model.layers.*.mlp.down_proj"); the Linears of one role have the same place in every layer."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
 @torch.no_grad()
 def select_fallback(model, float_linears: dict, spec, score, *, target: float = 0.02, max_count: int | None = None,
                     sensitivity: dict | None = None, max_tries: int | None = None, candidates: int | None = None) -> dict:
     """Choose Linears to keep in float and put them back (in place). `float_linears`: {name: float module} for every
     quantized Linear; `score(model)`: lower is better (default: KLScore, mean KL to the float model on a few
     calibration-split windows; any callable such as a perplexity works); `sensitivity`: {name: SQNR dB} (lowest
-    first is the pre-filter order).
+    first breaks ties within a role).
 
-    spec ('auto'): (1) the `candidates` lowest-SQNR Linears (default FALLBACK_CANDIDATES or max_count) are each put back to float
-    alone and scored: gain = quantized score − that score; (2) in order of measured gain, a candidate stays in
-    float if the score (all chosen so far in float) improves, until the target is met or max_count is reached.
-    The target is checked in perplexity: fp·(1+target) against `score.last_ppl` when the score keeps one
-    (KLScore), else against the score itself. ('n', N): the N least-SQNR Linears. ('names', [...]).
+    spec ('auto'):
+    (0) role screening: for each role (`role_of`: down_proj, o_proj, ... across layers) all its Linears are put back
+        to float together and scored; the role's gain per Linear (quantized score − that score, / its Linears)
+        orders the roles (ties, and names without a layer index, keep the SQNR order). Local SQNR alone misses
+        Linears whose error matters downstream (SmolLM2: layer 11's down_proj has the best SQNR of its role and
+        the largest gain). Skipped when the pool holds every Linear or no role has two.
+    (1) the `candidates` first Linears in that order (default FALLBACK_CANDIDATES, else 2 × max_count: every slot of
+        the budget chooses among two measured Linears) are each put back to float alone and scored:
+        gain = quantized score − that score;
+    (2) in order of measured gain, a candidate stays in float if the score (all chosen so far in float) improves,
+        until the target is met or max_count is reached.
+    The target is checked in perplexity on the scoring windows: fp·(1+target) against the score's `last_ppl_upper`
+    (KLScore: the one-sided 95 % upper confidence bound of the perplexity, from the per-token NLL differences to
+    float in blocks of FALLBACK_BLOCK tokens) — so the search stops early only when the windows show the target is
+    met beyond their own sampling noise, and otherwise spends the budget while the KL still drops — else
+    `last_ppl`, else the score itself. A score with `commit()` / `layer_of()` (KLScore with layers_path) replays
+    the unchanged layers below each tried Linear (exact, about half the cost).
+    ('n', N): the N least-SQNR Linears. ('names', [...]).
     Returns {"fp16_layers": [...], "fp_score", "quant_score", "final_score", "tried", "history", ...}."""
     kind, arg = spec
     names = list(float_linears)
     total = len(names)
     max_count = total if max_count is None else max_count
     qmods = {n: model.get_submodule(n) for n in names}
-    order = sorted(names, key=lambda n: (sensitivity or {}).get(n, 0.0))
+    sqnr = sensitivity or {}
+    order = sorted(names, key=lambda n: sqnr.get(n, 0.0))
     if kind == "names":
         bad = [n for n in arg if n not in float_linears]
         if bad:
@@ -450,52 +474,78 @@ def select_fallback(model, float_linears: dict, spec, score, *, target: float = 
             _swap(model, n, float_linears[n])
         return {"fp16_layers": chosen, "history": []}
     # auto
-    has_ppl = hasattr(score, "last_ppl")
+    cached = hasattr(score, "commit") and hasattr(score, "layer_of")
 
-    def measure(m):
-        v = score(m)
-        return v, (score.last_ppl if has_ppl else v)
+    def measure(m, changed=()):
+        """(score, perplexity checked against the goal); `changed`: the Linears that differ from the committed state."""
+        if cached and changed:
+            v = score(m, start=min(score.layer_of(n) for n in changed))
+        else:
+            v = score(m)
+        ppl = getattr(score, "last_ppl_upper", None)
+        if ppl is None:
+            ppl = getattr(score, "last_ppl", None)
+        return v, (v if ppl is None else ppl), getattr(score, "last_ppl", v)
 
     for n in names:
         _swap(model, n, float_linears[n])
     if getattr(score, "ref", 0) is None:  # KLScore not yet given the float distributions
         score.reference(model)
-    fp, fp_ppl = measure(model)
+    fp, _, fp_ppl = measure(model)
     for n in names:
         _swap(model, n, qmods[n])
-    q0, q0_ppl = measure(model)
+    q0, q0_check, q0_ppl = measure(model)
+    if cached:
+        score.commit()
     goal = fp_ppl * (1 + target)
-    out = {"fp_score": fp, "quant_score": q0, "fp_ppl": fp_ppl, "quant_ppl": q0_ppl, "goal": goal}
-    if q0_ppl <= goal or max_count <= 0:
-        return {"fp16_layers": [], **out, "final_score": q0, "final_ppl": q0_ppl, "met": q0_ppl <= goal, "tried": 0, "history": [], "gains": {}}
+    out = {"fp_score": fp, "quant_score": q0, "fp_ppl": fp_ppl, "quant_ppl": q0_ppl, "quant_ppl_upper": q0_check, "goal": goal}
+    if q0_check <= goal or max_count <= 0:
+        return {"fp16_layers": [], **out, "final_score": q0, "final_ppl": q0_ppl, "final_ppl_upper": q0_check,
+                "met": q0_check <= goal, "tried": 0, "history": [], "gains": {}, "role_gains": {}}
     if candidates is None:
-        candidates = FALLBACK_CANDIDATES if FALLBACK_CANDIDATES is not None else max(max_count, 1)
-    pool = order[: min(total, candidates)]
-    gains, tried = {}, 0
+        candidates = FALLBACK_CANDIDATES if FALLBACK_CANDIDATES is not None else 2 * max(max_count, 1)
+    tried = 0
+    roles: dict[str, list] = {}
+    for n in names:
+        roles.setdefault(role_of(n), []).append(n)
+    role_gain = {}
+    if candidates < total and 1 < len(roles) < total:  # (0) role screening (nothing to screen: one Linear a role)
+        for r, members in roles.items():
+            for n in members:
+                _swap(model, n, float_linears[n])
+            role_gain[r] = (q0 - measure(model, members)[0]) / len(members)
+            tried += 1
+            for n in members:
+                _swap(model, n, qmods[n])
+    pool = sorted(names, key=lambda n: (-role_gain.get(role_of(n), 0.0), sqnr.get(n, 0.0)))[: min(total, candidates)]
+    gains = {}
     for n in pool:  # (1) measured gain of each candidate alone
         _swap(model, n, float_linears[n])
-        gains[n] = q0 - measure(model)[0]
+        gains[n] = q0 - measure(model, [n])[0]
         tried += 1
         _swap(model, n, qmods[n])
     ranked = [n for n in sorted(pool, key=lambda n: -gains[n]) if gains[n] > 0]
-    cur, cur_ppl = q0, q0_ppl
+    cur, cur_check, cur_ppl = q0, q0_check, q0_ppl
     chosen, history = [], []
     max_tries = max_tries or 3 * max(max_count, 1)
     tries2 = 0
     for n in ranked:  # (2) greedy in gain order
-        if cur_ppl <= goal or len(chosen) >= max_count or tries2 >= max_tries:
+        if cur_check <= goal or len(chosen) >= max_count or tries2 >= max_tries:
             break
         tries2 += 1
         _swap(model, n, float_linears[n])
-        new, new_ppl = measure(model)
+        new, new_check, new_ppl = measure(model, [n])
         if new < cur - 1e-4 * max(abs(q0), 1e-12):
             chosen.append(n)
-            history.append({"linear": n, "score": new, "ppl": new_ppl, "gain_alone": gains[n]})
-            cur, cur_ppl = new, new_ppl
+            history.append({"linear": n, "score": new, "ppl": new_ppl, "ppl_upper": new_check, "gain_alone": gains[n]})
+            cur, cur_check, cur_ppl = new, new_check, new_ppl
+            if cached:
+                score.commit()
         else:
             _swap(model, n, qmods[n])
-    return {"fp16_layers": chosen, **out, "final_score": cur, "final_ppl": cur_ppl, "met": cur_ppl <= goal,
-            "tried": tried + tries2, "candidates": len(pool), "history": history, "gains": gains}
+    return {"fp16_layers": chosen, **out, "final_score": cur, "final_ppl": cur_ppl, "final_ppl_upper": cur_check,
+            "met": cur_check <= goal, "tried": tried + tries2, "candidates": len(pool), "history": history,
+            "gains": gains, "role_gains": role_gain}
 
 
 def timed(fn, *a, **k):
