@@ -606,8 +606,10 @@ class Pipeline:
         if "fallback" in keys:
             d["fallback"] = o.fallback or None
             if o.fallback == "auto":
+                from sq_export.tune import FALLBACK_CRITERION
+
                 d.update({"target_ppl_increase": o.target_ppl_increase, "max_fallback": o.max_fallback,
-                          "fallback_windows_seq_len": o.calib.seq_len})
+                          "fallback_windows_seq_len": o.calib.seq_len, "fallback_criterion": FALLBACK_CRITERION})
         return d
 
     def _rows_input(self) -> dict:

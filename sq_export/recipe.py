@@ -38,7 +38,7 @@ class Recipe:
     linear_pairs: bool = False  # also smooth Linear → Linear pairs (up→down, v→o), see Family.linear_pairs
     clip: str | None = None  # static ranges: None/"max" (default), "pNN.NN" percentile of |x|, or "mse"
     fallback: str | None = None  # None, "auto", "N", or "name,name": Linears kept in float (FP16 in TensorRT)
-    target_ppl_increase: float = 0.02  # --fallback auto: stop when ppl ≤ float·(1+this) on calibration windows
+    target_ppl_increase: float = 0.02  # --fallback auto: stop when the ppl upper bound ≤ float·(1+this) on calibration windows
     max_fallback: str = "10%"  # --fallback auto: at most this many (count or % of quantized Linears)
     reservoir_rows: int = 512  # rows per Linear input kept during calibration for auto α / clip / fallback
 
@@ -135,7 +135,7 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
     `stats`: calibration already done (must come from this unsmoothed model with the same options; prepare does
     not change it). `fallback_score(model) -> float` (lower is better) replaces the default criterion of
     `--fallback auto` (tune.KLScore: mean KL to the float model on tune.FALLBACK_WINDOWS calibration-split windows;
-    a callable with `reference(model)` / `last_ppl` is used the same way)."""
+    a callable with `reference(model)` / `last_ppl` / `last_ppl_upper` is used the same way)."""
     from sq_export.quantize import quantize_model, static_scales
     from sq_export.smooth import smooth_checked, smoothed_act_max
     from sq_export import tune
@@ -203,7 +203,7 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
         score = fallback_score
         if score is None and fb[0] == "auto":
             wins = tune.small_eval_ids(tokenizer, recipe.calib.calib_text, recipe.calib.seq_len, windows=tune.FALLBACK_WINDOWS)
-            score = tune.KLScore(wins)
+            score = tune.KLScore(wins, layers_path=family.layers_path)
         r = tune.select_fallback(model, float_linears, fb, score, target=recipe.target_ppl_increase,
                                  max_count=tune.max_fallback_count(recipe.max_fallback, len(quantized)), sensitivity=sens)
         fp16 = r["fp16_layers"]

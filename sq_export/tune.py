@@ -12,16 +12,19 @@ because the smoothing factor s depends on α: the smoothed input is x/s, compute
   one pass over the cached rows per α, no model forward.
 - `clip_amax`: the per-tensor range from a percentile of |x| (`p99.99`) or the range minimizing the input's
   fake-quant MSE (`mse`) on the sampled rows; never above the calibrated max.
-- `select_fallback`: pre-filter quantized Linears by their local output SQNR (sampled rows, real QLinear), measure
-  each candidate's gain alone (mean KL to the float model's distributions on calibration-split windows, never the
+- `select_fallback`: screen each role (down_proj, o_proj, ... of every layer, put in float together) by its gain,
+  take the candidates from the roles that gain most per Linear (SQNR order within a role), measure each
+  candidate's gain alone (mean KL to the float model's distributions on calibration-split windows, never the
   held-out text), then greedily put them back to float in gain order while the KL improves, until the perplexity
-  on those windows is within the target of float or the budget is spent.
+  on those windows is within the target of float at its 95 % upper confidence bound, or the budget is spent.
+  The scoring replays the unchanged layers below a tried Linear from a cache (`KLScore(layers_path=...)`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 
 import numpy as np
@@ -36,7 +39,10 @@ log = logging.getLogger(__name__)
 ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))
 RESERVOIR_ROWS = 512
 FALLBACK_WINDOWS = 4  # calibration-split windows (of ≤512 tokens) scoring --fallback auto
-FALLBACK_CANDIDATES = None  # lowest-SQNR Linears whose gain alone is measured; None: max_count (the budget)
+FALLBACK_CANDIDATES = None  # Linears whose gain alone is measured (role-screened order); None: 2 × the budget
+FALLBACK_CONFIDENCE_Z = 1.645  # ppl_upper_bound: one-sided 95 % upper confidence bound of the window perplexity
+FALLBACK_BLOCK = 64  # tokens per block for that bound's standard error (neighbouring tokens' errors correlate)
+FALLBACK_CRITERION = "kl-roles-ub95"  # `run` records it: a stage chosen by an older --fallback auto criterion reruns
 MSE_CLIP_RATIOS = tuple(0.92 ** k for k in range(40))  # 1.0 down to ~0.04 of the max
 
 
@@ -264,41 +270,137 @@ def small_eval_ids(tokenizer, calib_text, seq_len: int, windows: int = 4, seed: 
 
 
 @torch.no_grad()
-def float_reference(model, windows: np.ndarray) -> list[torch.Tensor]:
-    """The float model's next-token log-probabilities on `windows` (fp16, one [T-1, V] tensor per window)."""
-    out = []
+def float_reference(model, windows: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The float model's next-token log-probabilities on `windows` (fp16, one [T-1, V] tensor per window) and its
+    per-token NLL of the actual next tokens (fp32, one [T-1] tensor per window)."""
+    lps, nlls = [], []
     for w in windows:
         x = torch.as_tensor(w)[None]
         lp = torch.log_softmax(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, :-1].float(), -1)
-        out.append(lp.half())
-    return out
+        lps.append(lp.half())
+        nlls.append(-lp.gather(1, torch.as_tensor(w[1:])[:, None])[:, 0])
+    return lps, nlls
+
+
+def ppl_upper_bound(nll_q: list[torch.Tensor], nll_f: list[torch.Tensor], z: float | None = None, block: int | None = None) -> float:
+    """One-sided upper confidence bound (z standard errors; default FALLBACK_CONFIDENCE_Z) of the perplexity of the
+    quantized model on windows where both models' per-token NLLs are known (one tensor per window). The standard
+    error is that of the mean per-token NLL difference (paired: quantized − float), from blocks of `block`
+    consecutive tokens within a window (default FALLBACK_BLOCK) so that correlated neighbours do not understate it;
+    with fewer than 2 blocks it is 0 (the point estimate)."""
+    z = FALLBACK_CONFIDENCE_Z if z is None else z
+    block = FALLBACK_BLOCK if block is None else block
+    d = [q.double() - f.double() for q, f in zip(nll_q, nll_f)]
+    n = sum(x.numel() for x in d)
+    mean_q = float(sum(q.double().sum() for q in nll_q)) / n
+    m = float(sum(x.sum() for x in d)) / n
+    blocks = [b for x in d for b in torch.split(x, block)]
+    se = 0.0
+    if len(blocks) >= 2:
+        se = math.sqrt(len(blocks) / (len(blocks) - 1) * sum(float(b.sum() - m * b.numel()) ** 2 for b in blocks)) / n
+    return math.exp(mean_q + z * se)
+
+
+def _copy_out(o):
+    """A copy of a layer output (tensor, or tuple/list of them): neither the cache nor the model can then change
+    the other's tensors in place."""
+    if isinstance(o, torch.Tensor):
+        return o.clone()
+    if type(o) in (tuple, list):
+        return type(o)(_copy_out(v) for v in o)
+    return o
+
+
+class _KnownOutput(torch.nn.Module):
+    """Stands in for a decoder layer whose output on the current window is already known (KLScore's prefix cache):
+    returns it without computing. Attributes the model's layer loop reads (e.g. `attention_type`) come from the
+    real layer, which is not registered as a child (the model's modules and parameters are unchanged)."""
+
+    def __init__(self, layer, outputs: list, i: int):
+        super().__init__()
+        object.__setattr__(self, "_real", layer)
+        object.__setattr__(self, "_outputs", outputs)
+        self._i = i
+
+    def forward(self, *args, **kwargs):
+        return _copy_out(self._outputs[self._i])
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
 
 
 class KLScore:
     """Fallback criterion: mean KL(float ‖ quantized) per predicted token on calibration-split windows, against
-    the float model's distributions (computed once, by `reference`). Calling it returns the KL; `ppl(model)` of the
-    last call is kept in `last_ppl` (same forwards) so the target can be checked in perplexity."""
+    the float model's distributions (computed once, by `reference`). Calling it returns the KL; the perplexity of
+    the last call is kept in `last_ppl` (same forwards) and its one-sided upper confidence bound in `last_ppl_upper`
+    (`ppl_upper_bound`), so the target can be checked in perplexity.
 
-    def __init__(self, windows: np.ndarray):
+    Prefix cache (`layers_path`: the family's decoder-layer list, e.g. "model.layers"): every call records each
+    layer's output per window; `commit()` keeps those of the last call as the reference state, and
+    `score(model, start=L)` — for a model that differs from the committed one only in layers ≥ L — replays the
+    committed outputs of layers < L instead of computing them. Exact (same inputs, same modules); it saves the
+    layers below the changed Linear, about half a forward on average for one-Linear changes spread over depth."""
+
+    def __init__(self, windows: np.ndarray, layers_path: str | None = None):
         self.windows = windows
-        self.ref = None
-        self.last_ppl = None
+        self.layers_path = layers_path
+        self.ref = self.ref_nll = None
+        self.last_ppl = self.last_ppl_upper = None
+        self._committed = None  # per window: [output of layer i] of the committed state
+        self._last = None
 
     def reference(self, model):
-        self.ref = float_reference(model, self.windows)
+        self.ref, self.ref_nll = float_reference(model, self.windows)
+
+    def layer_of(self, name: str) -> int:
+        """Index of the decoder layer holding module `name` (0 when unknown: nothing is replayed)."""
+        pre = f"{self.layers_path}." if self.layers_path else None
+        if pre and name.startswith(pre):
+            head = name[len(pre):].split(".", 1)[0]
+            if head.isdigit():
+                return int(head)
+        return 0
+
+    def commit(self):
+        self._committed = self._last
 
     @torch.no_grad()
-    def __call__(self, model) -> float:
-        kl = nll = 0.0
+    def __call__(self, model, start: int = 0) -> float:
+        layers = model.get_submodule(self.layers_path) if self.layers_path else None
+        if start and (layers is None or self._committed is None):
+            raise ValueError("KLScore(start=...) needs layers_path and a committed state")
+        kl = 0.0
         n = 0
-        for w, ref in zip(self.windows, self.ref):
-            x = torch.as_tensor(w)[None]
-            lq = torch.log_softmax(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, :-1].float(), -1)
+        last, tok_nll = [], []
+        for k, (w, ref) in enumerate(zip(self.windows, self.ref)):
+            outs = [None] * len(layers) if layers is not None else None
+            hooks, real = [], []
+            try:
+                if layers is not None:
+                    for i in range(start):
+                        real.append(layers[i])
+                        layers[i] = _KnownOutput(real[i], self._committed[k], i)
+                    for i in range(len(layers)):
+                        hooks.append(layers[i].register_forward_hook(lambda _m, _a, o, i=i: outs.__setitem__(i, _copy_out(o))))
+                x = torch.as_tensor(w)[None]
+                logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, :-1]
+            finally:
+                for h in hooks:
+                    h.remove()
+                for i, r in enumerate(real):
+                    layers[i] = r
+            last.append(outs)
+            lq = torch.log_softmax(logits.float(), -1)
             lp = ref.float()
             kl += float((lp.exp() * (lp - lq)).sum())
-            nll -= float(lq.gather(1, torch.as_tensor(w[1:])[:, None]).sum())
+            tok_nll.append(-lq.gather(1, torch.as_tensor(w[1:])[:, None])[:, 0])
             n += lp.shape[0]
-        self.last_ppl = math.exp(nll / n)
+        self._last = last if layers is not None else None
+        self.last_ppl = math.exp(float(sum(t.double().sum() for t in tok_nll)) / n)
+        self.last_ppl_upper = ppl_upper_bound(tok_nll, self.ref_nll)
         return kl / n
 
 
@@ -319,26 +421,46 @@ def _swap(model, name, mod):
     replace_module(model, name, mod)
 
 
+def role_of(name: str) -> str:
+    """A Linear's role: its name with the layer index starred ("model.layers.3.mlp.down_proj" →
+    "model.layers.*.mlp.down_proj"); the Linears of one role have the same place in every layer."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
 @torch.no_grad()
 def select_fallback(model, float_linears: dict, spec, score, *, target: float = 0.02, max_count: int | None = None,
                     sensitivity: dict | None = None, max_tries: int | None = None, candidates: int | None = None) -> dict:
     """Choose Linears to keep in float and put them back (in place). `float_linears`: {name: float module} for every
     quantized Linear; `score(model)`: lower is better (default: KLScore, mean KL to the float model on a few
     calibration-split windows; any callable such as a perplexity works); `sensitivity`: {name: SQNR dB} (lowest
-    first is the pre-filter order).
+    first breaks ties within a role).
 
-    spec ('auto'): (1) the `candidates` lowest-SQNR Linears (default FALLBACK_CANDIDATES or max_count) are each put back to float
-    alone and scored: gain = quantized score − that score; (2) in order of measured gain, a candidate stays in
-    float if the score (all chosen so far in float) improves, until the target is met or max_count is reached.
-    The target is checked in perplexity: fp·(1+target) against `score.last_ppl` when the score keeps one
-    (KLScore), else against the score itself. ('n', N): the N least-SQNR Linears. ('names', [...]).
+    spec ('auto'):
+    (0) role screening: for each role (`role_of`: down_proj, o_proj, ... across layers) all its Linears are put back
+        to float together and scored; the role's gain per Linear (quantized score − that score, / its Linears)
+        orders the roles (ties, and names without a layer index, keep the SQNR order). Local SQNR alone misses
+        Linears whose error matters downstream (SmolLM2: layer 11's down_proj has the best SQNR of its role and
+        the largest gain). Skipped when the pool holds every Linear or no role has two.
+    (1) the `candidates` first Linears in that order (default FALLBACK_CANDIDATES, else 2 × max_count: every slot of
+        the budget chooses among two measured Linears) are each put back to float alone and scored:
+        gain = quantized score − that score;
+    (2) in order of measured gain, a candidate stays in float if the score (all chosen so far in float) improves,
+        until the target is met or max_count is reached.
+    The target is checked in perplexity on the scoring windows: fp·(1+target) against the score's `last_ppl_upper`
+    (KLScore: the one-sided 95 % upper confidence bound of the perplexity, from the per-token NLL differences to
+    float in blocks of FALLBACK_BLOCK tokens) — so the search stops early only when the windows show the target is
+    met beyond their own sampling noise, and otherwise spends the budget while the KL still drops — else
+    `last_ppl`, else the score itself. A score with `commit()` / `layer_of()` (KLScore with layers_path) replays
+    the unchanged layers below each tried Linear (exact, about half the cost).
+    ('n', N): the N least-SQNR Linears. ('names', [...]).
     Returns {"fp16_layers": [...], "fp_score", "quant_score", "final_score", "tried", "history", ...}."""
     kind, arg = spec
     names = list(float_linears)
     total = len(names)
     max_count = total if max_count is None else max_count
     qmods = {n: model.get_submodule(n) for n in names}
-    order = sorted(names, key=lambda n: (sensitivity or {}).get(n, 0.0))
+    sqnr = sensitivity or {}
+    order = sorted(names, key=lambda n: sqnr.get(n, 0.0))
     if kind == "names":
         bad = [n for n in arg if n not in float_linears]
         if bad:
@@ -352,52 +474,78 @@ def select_fallback(model, float_linears: dict, spec, score, *, target: float = 
             _swap(model, n, float_linears[n])
         return {"fp16_layers": chosen, "history": []}
     # auto
-    has_ppl = hasattr(score, "last_ppl")
+    cached = hasattr(score, "commit") and hasattr(score, "layer_of")
 
-    def measure(m):
-        v = score(m)
-        return v, (score.last_ppl if has_ppl else v)
+    def measure(m, changed=()):
+        """(score, perplexity checked against the goal); `changed`: the Linears that differ from the committed state."""
+        if cached and changed:
+            v = score(m, start=min(score.layer_of(n) for n in changed))
+        else:
+            v = score(m)
+        ppl = getattr(score, "last_ppl_upper", None)
+        if ppl is None:
+            ppl = getattr(score, "last_ppl", None)
+        return v, (v if ppl is None else ppl), getattr(score, "last_ppl", v)
 
     for n in names:
         _swap(model, n, float_linears[n])
     if getattr(score, "ref", 0) is None:  # KLScore not yet given the float distributions
         score.reference(model)
-    fp, fp_ppl = measure(model)
+    fp, _, fp_ppl = measure(model)
     for n in names:
         _swap(model, n, qmods[n])
-    q0, q0_ppl = measure(model)
+    q0, q0_check, q0_ppl = measure(model)
+    if cached:
+        score.commit()
     goal = fp_ppl * (1 + target)
-    out = {"fp_score": fp, "quant_score": q0, "fp_ppl": fp_ppl, "quant_ppl": q0_ppl, "goal": goal}
-    if q0_ppl <= goal or max_count <= 0:
-        return {"fp16_layers": [], **out, "final_score": q0, "final_ppl": q0_ppl, "met": q0_ppl <= goal, "tried": 0, "history": [], "gains": {}}
+    out = {"fp_score": fp, "quant_score": q0, "fp_ppl": fp_ppl, "quant_ppl": q0_ppl, "quant_ppl_upper": q0_check, "goal": goal}
+    if q0_check <= goal or max_count <= 0:
+        return {"fp16_layers": [], **out, "final_score": q0, "final_ppl": q0_ppl, "final_ppl_upper": q0_check,
+                "met": q0_check <= goal, "tried": 0, "history": [], "gains": {}, "role_gains": {}}
     if candidates is None:
-        candidates = FALLBACK_CANDIDATES if FALLBACK_CANDIDATES is not None else max(max_count, 1)
-    pool = order[: min(total, candidates)]
-    gains, tried = {}, 0
+        candidates = FALLBACK_CANDIDATES if FALLBACK_CANDIDATES is not None else 2 * max(max_count, 1)
+    tried = 0
+    roles: dict[str, list] = {}
+    for n in names:
+        roles.setdefault(role_of(n), []).append(n)
+    role_gain = {}
+    if candidates < total and 1 < len(roles) < total:  # (0) role screening (nothing to screen: one Linear a role)
+        for r, members in roles.items():
+            for n in members:
+                _swap(model, n, float_linears[n])
+            role_gain[r] = (q0 - measure(model, members)[0]) / len(members)
+            tried += 1
+            for n in members:
+                _swap(model, n, qmods[n])
+    pool = sorted(names, key=lambda n: (-role_gain.get(role_of(n), 0.0), sqnr.get(n, 0.0)))[: min(total, candidates)]
+    gains = {}
     for n in pool:  # (1) measured gain of each candidate alone
         _swap(model, n, float_linears[n])
-        gains[n] = q0 - measure(model)[0]
+        gains[n] = q0 - measure(model, [n])[0]
         tried += 1
         _swap(model, n, qmods[n])
     ranked = [n for n in sorted(pool, key=lambda n: -gains[n]) if gains[n] > 0]
-    cur, cur_ppl = q0, q0_ppl
+    cur, cur_check, cur_ppl = q0, q0_check, q0_ppl
     chosen, history = [], []
     max_tries = max_tries or 3 * max(max_count, 1)
     tries2 = 0
     for n in ranked:  # (2) greedy in gain order
-        if cur_ppl <= goal or len(chosen) >= max_count or tries2 >= max_tries:
+        if cur_check <= goal or len(chosen) >= max_count or tries2 >= max_tries:
             break
         tries2 += 1
         _swap(model, n, float_linears[n])
-        new, new_ppl = measure(model)
+        new, new_check, new_ppl = measure(model, [n])
         if new < cur - 1e-4 * max(abs(q0), 1e-12):
             chosen.append(n)
-            history.append({"linear": n, "score": new, "ppl": new_ppl, "gain_alone": gains[n]})
-            cur, cur_ppl = new, new_ppl
+            history.append({"linear": n, "score": new, "ppl": new_ppl, "ppl_upper": new_check, "gain_alone": gains[n]})
+            cur, cur_check, cur_ppl = new, new_check, new_ppl
+            if cached:
+                score.commit()
         else:
             _swap(model, n, qmods[n])
-    return {"fp16_layers": chosen, **out, "final_score": cur, "final_ppl": cur_ppl, "met": cur_ppl <= goal,
-            "tried": tried + tries2, "candidates": len(pool), "history": history, "gains": gains}
+    return {"fp16_layers": chosen, **out, "final_score": cur, "final_ppl": cur_ppl, "final_ppl_upper": cur_check,
+            "met": cur_check <= goal, "tried": tried + tries2, "candidates": len(pool), "history": history,
+            "gains": gains, "role_gains": role_gain}
 
 
 def timed(fn, *a, **k):

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -228,6 +229,124 @@ def test_fallback_auto_orders_by_measured_gain_not_sqnr():
     r = tune.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
                              candidates=2)
     assert r["fp16_layers"] == ["l0", "l1"]
+
+
+class _Layers(torch.nn.Module):
+    """model.layers.{i}.{a,b}: Identity stands for a quantized Linear, nn.Linear for its float copy (score below)."""
+
+    def __init__(self, n, roles):
+        super().__init__()
+        self.layers = torch.nn.ModuleList()
+        for _ in range(n):
+            m = torch.nn.Module()
+            for r in roles:
+                m.add_module(r, torch.nn.Identity())
+            self.layers.append(m)
+
+
+def test_fallback_auto_screens_roles_before_sqnr():
+    """Role screening: the high-SQNR role whose Linears matter end to end fills the candidate pool; with the
+    SQNR pre-filter alone (the previous criterion) only the low-SQNR, low-gain role would be measured."""
+    model = _Layers(4, ("a", "b"))
+    names = [f"layers.{i}.{r}" for i in range(4) for r in ("a", "b")]
+    float_linears = {n: torch.nn.Linear(1, 1) for n in names}
+    cost = {n: (0.1 if n.endswith(".a") else 2.0 + 0.1 * int(n.split(".")[1])) for n in names}
+
+    def score(m):
+        return 1.0 + sum(c for n, c in cost.items() if isinstance(m.get_submodule(n), torch.nn.Identity))
+
+    sens = {n: (10.0 if n.endswith(".a") else 40.0) + int(n.split(".")[1]) for n in names}  # role a: worst SQNR
+    assert tune.role_of("model.layers.11.mlp.down_proj") == "model.layers.*.mlp.down_proj"
+    r = tune.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
+                             candidates=3)
+    assert r["role_gains"] == {"layers.*.a": pytest.approx(0.1), "layers.*.b": pytest.approx(2.15)}
+    assert set(r["gains"]) == {"layers.0.b", "layers.1.b", "layers.2.b"}  # the pool: role b, SQNR order within it
+    assert r["fp16_layers"] == ["layers.2.b", "layers.1.b"]
+    assert r["tried"] == 2 + 3 + 2  # roles, candidates alone, greedy steps (float and quantized not counted)
+
+
+class _NoisyPpl:
+    """A score whose window perplexity meets a 5 % target as a point estimate after one fallback, but whose upper
+    confidence bound stays above it until everything is float (few, noisy windows)."""
+
+    def __init__(self, names, cost, with_bound=True):
+        self.names, self.cost, self.with_bound = names, cost, with_bound
+        self.last_ppl = self.last_ppl_upper = None
+
+    def __call__(self, m):
+        q = [n for n in self.names if isinstance(m.get_submodule(n), torch.nn.Identity)]
+        v = 1.0 + sum(self.cost[n] for n in q)
+        self.last_ppl = 10.0 * (1 + 0.01 * sum(self.cost[n] for n in q))
+        if self.with_bound:
+            self.last_ppl_upper = self.last_ppl * (1.1 if q else 1.0)
+        return v
+
+
+def test_fallback_auto_stops_early_only_when_the_target_holds_beyond_window_noise():
+    names = [f"l{i}" for i in range(5)]
+    model = torch.nn.Module()
+    for n in names:
+        model.add_module(n, torch.nn.Identity())
+    cost = {"l0": 8.0, "l1": 1.0, "l2": 0.5, "l3": 0.25, "l4": 0.0}
+    fl = {n: torch.nn.Linear(1, 1) for n in names}
+    r = tune.select_fallback(model, fl, ("auto", None), _NoisyPpl(names, cost), target=0.05, max_count=3)
+    assert r["fp16_layers"] == ["l0", "l1", "l2"] and not r["met"]  # spends the budget while the score improves
+    assert r["final_ppl"] <= r["goal"] < r["final_ppl_upper"]
+    for n in names:
+        tune._swap(model, n, torch.nn.Identity())
+    r = tune.select_fallback(model, fl, ("auto", None), _NoisyPpl(names, cost, with_bound=False), target=0.05, max_count=3)
+    assert r["fp16_layers"] == ["l0"] and r["met"]  # a score without a bound: the point estimate decides
+
+
+def test_ppl_upper_bound():
+    g = torch.Generator().manual_seed(0)
+    f = [torch.rand(200, generator=g) * 4 for _ in range(2)]
+    assert tune.ppl_upper_bound(f, f) == pytest.approx(math.exp(float(torch.cat(f).mean())))
+    q = [x + 0.05 + 0.5 * torch.randn(200, generator=g) for x in f]
+    point = math.exp(float(torch.cat(q).mean()))
+    up = tune.ppl_upper_bound(q, f)
+    assert up > point and tune.ppl_upper_bound(q, f, z=0.0) == pytest.approx(point)
+    q4 = q + [x + 0.05 + 0.5 * torch.randn(200, generator=g) for x in f]  # twice the tokens: a tighter bound
+    assert tune.ppl_upper_bound(q4, f + f) / math.exp(float(torch.cat(q4).mean())) < up / point
+
+
+def test_kl_score_prefix_cache_is_exact_and_skips_the_layers_below():
+    model, fam = _llama_down_outliers()
+    wins = token_batches(2, 32, seed=4)
+    names = fam.quantized_linears()
+    m = copy.deepcopy(model)
+    fl = {n: m.get_submodule(n) for n in names}
+    quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
+    qm = {n: m.get_submodule(n) for n in names}
+    cached, plain = tune.KLScore(wins, layers_path=fam.layers_path), tune.KLScore(wins)
+    cached.reference(model)
+    plain.reference(model)
+    with pytest.raises(ValueError):
+        cached(m, start=1)  # nothing committed yet
+    cached(m)
+    cached.commit()
+    layer0 = m.get_submodule(fam.layers_path)[0]
+    calls = []
+    h = layer0.register_forward_hook(lambda *_: calls.append(1))
+    top = names[-1]
+    assert cached.layer_of(top) == fam.num_layers() - 1 == 1 and cached.layer_of("lm_head") == 0
+    tune._swap(m, top, fl[top])
+    part = cached(m, start=1)
+    assert calls == [] and isinstance(m.get_submodule(fam.layers_path)[0], type(layer0))  # replayed, then restored
+    assert part == pytest.approx(plain(m), abs=1e-9) and len(calls) == 2
+    assert cached.last_ppl == pytest.approx(plain.last_ppl, rel=1e-9)
+    h.remove()
+    tune._swap(m, top, qm[top])
+    # the whole search gives the same choice and scores with the cache as without it
+    res = []
+    for sc in (tune.KLScore(wins, layers_path=fam.layers_path), tune.KLScore(wins)):
+        mm = copy.deepcopy(m)
+        r = tune.select_fallback(mm, {n: copy.deepcopy(fl[n]) for n in names}, ("auto", None), sc, target=0.0,
+                                 max_count=3, candidates=6)
+        res.append((r["fp16_layers"], r["final_score"], sorted(r["gains"].items())))
+    assert res[0][0] == res[1][0] and len(res[0][0]) >= 1
+    assert res[0][1] == pytest.approx(res[1][1], abs=1e-9)
+    assert [g for _, g in res[0][2]] == pytest.approx([g for _, g in res[1][2]], abs=1e-9)
 
 
 def test_kl_score_is_zero_for_float_and_tracks_perplexity():

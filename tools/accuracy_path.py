@@ -120,7 +120,7 @@ def smollm2(a):
     score = lambda m: tune.windows_perplexity(m, wins)  # noqa: E731
     select = None
     if a.fallback_score == "kl":
-        select = tune.KLScore(wins)
+        select = tune.KLScore(wins, layers_path=fam.layers_path)
         select.reference(base)  # smoothing is exact in float: the base model's distributions serve every row
     measure = lambda m: torch_perplexity(m, ids, a.seq_len, a.max_tokens, desc="eval")["perplexity"]  # noqa: E731
     calib = CalibOptions(None, a.samples, a.calib_seq_len)
@@ -186,7 +186,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=512, help="row sample per Linear input")
     ap.add_argument("--clips", default="mse,p99.99", help="clipping steps to add (comma list; '' for none)")
-    ap.add_argument("--fallback-candidates", type=int, help="lowest-SQNR Linears measured alone (default: the budget)")
+    ap.add_argument("--fallback-candidates", type=int, help="Linears measured alone, from the role-screened order (default: 2 x the budget)")
     ap.add_argument("--fallback-windows", type=int, default=4, help="calibration-split windows scoring --fallback auto")
     ap.add_argument("--fallback-score", choices=("kl", "ppl"), default="kl",
                     help="--fallback auto criterion: mean KL to the float model (default, as the CLI) or perplexity")
