@@ -22,18 +22,12 @@ import resource
 import sys
 import time
 
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sq_export.memory import rss_kb  # noqa: E402 (torch-free: /proc reader)
+
 MiB = 1 << 20
-
-
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _reset_peak() -> bool:
@@ -56,11 +50,11 @@ class Peaks:
         self.rows: list[dict] = []
         self.stack: list[dict] = []
         self.resettable = _reset_peak()
-        self.start_rss_kb = _status_kb("VmRSS") or 0
+        self.start_rss_kb = rss_kb("VmRSS") or 0
 
     def _fold(self) -> None:
         """Fold the peak since the last reset into every open section, then reset."""
-        hwm = _status_kb("VmHWM") if self.resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm = rss_kb("VmHWM") if self.resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for s in self.stack:
             s["peak_kb"] = max(s["peak_kb"], hwm or 0)
         if self.resettable:
@@ -69,7 +63,7 @@ class Peaks:
     @contextlib.contextmanager
     def section(self, name: str):
         self._fold()
-        row = {"section": name, "depth": len(self.stack), "peak_kb": 0, "rss_before_kb": _status_kb("VmRSS") or 0,
+        row = {"section": name, "depth": len(self.stack), "peak_kb": 0, "rss_before_kb": rss_kb("VmRSS") or 0,
                "children_before_kb": _children_peak_kb()}
         self.rows.append(row)
         self.stack.append(row)
@@ -80,7 +74,7 @@ class Peaks:
             self._fold()
             self.stack.pop()
             row["wall_s"] = round(time.perf_counter() - t, 1)
-            row["rss_after_kb"] = _status_kb("VmRSS") or 0
+            row["rss_after_kb"] = rss_kb("VmRSS") or 0
             ch = _children_peak_kb()
             row["children_peak_kb"] = ch if ch > row.pop("children_before_kb") else None
 
