@@ -101,8 +101,9 @@ def make_tokens(shape, vocab, tokens_file=None, seed=0):
     return {"input_ids": ids, "attention_mask": np.ones((b, t), np.int64)}
 
 
-def decode_feed(shape, dtypes, vocab, past_len, seed=0):
-    """Inputs of one decode step: b sequences, 1 new token each, past_len cached tokens (random cache values)."""
+def decode_feed(shape, vocab, past_len, cache_shapes: dict, seed=0):
+    """Inputs of one decode step: b sequences, 1 new token each, past_len cached tokens (random cache values).
+    cache_shapes: {past input name: (kv_heads, head_dim)}."""
     b, _ = shape
     rng = np.random.default_rng(seed)
     feed = {
@@ -110,6 +111,8 @@ def decode_feed(shape, dtypes, vocab, past_len, seed=0):
         "attention_mask": np.ones((b, past_len + 1), np.int64),
         "position_ids": np.full((b, 1), past_len, np.int64),
     }
+    for name, (kvh, hd) in cache_shapes.items():
+        feed[name] = rng.standard_normal((b, kvh, past_len, hd), dtype=np.float32)
     return feed
 
 
@@ -128,12 +131,8 @@ def time_engine(engine_path, shapes, runs, warmup, vocab, tokens_file=None, past
             if past_len is None:
                 host = make_tokens(shape, vocab, tokens_file)
             else:
-                host = decode_feed(shape, dtypes, vocab, past_len)
-                rng = np.random.default_rng(1)
-                for name in dtypes:
-                    if name.startswith("past_key_values."):
-                        kvh, hd = lim[name][2][1], lim[name][2][3]
-                        host[name] = rng.standard_normal((shape[0], kvh, past_len, hd), dtype=np.float32)
+                cache = {n: (lim[n][2][1], lim[n][2][3]) for n in dtypes if n.startswith("past_key_values.")}
+                host = decode_feed(shape, vocab, past_len, cache)
             dev = {}
             for name, dt in dtypes.items():
                 arr = np.ascontiguousarray(host[name], dtype=dt)
