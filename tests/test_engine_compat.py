@@ -144,3 +144,13 @@ def test_decode_profile_shapes_from_the_graph():
     assert set(prefill) == {"input_ids", "attention_mask"} and prefill["attention_mask"] == ((1, 1), (1, 128), (4, 512))
     with pytest.raises(BadInput, match="min <= opt <= max"):
         check_range((0, 16, 32), "past")
+
+
+def test_no_fp16_keeps_float_layers_fp32_on_trt8_only():
+    p = plan_build("8.6.0", "int8", facts(), fp16=False)
+    assert p.int8_flag and not p.fp16_flag and p.config_kwargs() == {"int8": True}
+    assert any("FP32" in n for n in p.notes)
+    with pytest.raises(BadInput, match="--no-fp16"):
+        plan_build("8.6.0", "fp16", facts(qdq=False), fp16=False)
+    with pytest.raises(BadInput, match="strongly typed"):
+        plan_build("10.3.0", "int8", facts(dtype="fp16"), fp16=False)

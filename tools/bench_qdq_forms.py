@@ -6,8 +6,10 @@ stack of MLP blocks at OPT-6.7B width (H 4096, F 16384), written in several form
     mlp3d        the same with x [B, S, H] (what exported models feed their Linears)
     mlp3d_bias   mlp3d plus a bias Add after each MatMul (OPT, BLOOM, GPT-2 Linears have biases)
     mlp3d_flat   mlp3d_bias, but activations reshaped to [B*S, H] around the quantized MatMuls
+    mlp2d_const  mlp2d with activation scales/zero points as Constant nodes (as torch.onnx writes them)
+    FORM_pin     any form with its LayerNormalization layers pinned to FP32 (what `sq-export build` does by default)
 
-    PYTHONPATH=. $TRTPY tools/bench_qdq_forms.py [--forms mlp2d,mlp3d,...] [--layers 2] [--tokens 1024] [--jobs 8]
+    PYTHONPATH=. $TRTPY tools/bench_qdq_forms.py [--forms mlp2d,mlp3d,...] [--layers 2] [--batch 4 --seq 256] [--jobs 8]
 
 Builds run in parallel processes; timings (CUDA events, median of --runs) run one engine at a time.
 """
@@ -27,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 H, F = 4096, 16384
-FORMS = ("mlp2d", "mlp3d", "mlp3d_bias", "mlp3d_flat")
+FORMS = ("mlp2d", "mlp3d", "mlp3d_bias", "mlp3d_flat", "mlp2d_const", "mlp2d_pin", "mlp3d_bias_pin")
 
 
 def graph(form: str, quant: bool, layers: int, batch: int, seq: int, path: Path) -> Path:
@@ -37,10 +39,17 @@ def graph(form: str, quant: bool, layers: int, batch: int, seq: int, path: Path)
     rng = np.random.default_rng(0)
     init, nodes = [], []
 
+    const = form.endswith("_const")
+    form = form.removesuffix("_pin").removesuffix("_const")
+
     def qdq(src, name, scale, axis=None, shape=None):
         s = np.full(shape, scale, np.float32) if shape else np.array(scale, np.float32)
         z = np.zeros(shape, np.int8) if shape else np.array(0, np.int8)
-        init.extend([numpy_helper.from_array(s, name + "_s"), numpy_helper.from_array(z, name + "_z")])
+        if const and not shape:  # activation scale and zero point as Constant nodes
+            nodes.append(helper.make_node("Constant", [], [name + "_s"], value=numpy_helper.from_array(s)))
+            nodes.append(helper.make_node("Constant", [], [name + "_z"], value=numpy_helper.from_array(z)))
+        else:
+            init.extend([numpy_helper.from_array(s, name + "_s"), numpy_helper.from_array(z, name + "_z")])
         kw = {"axis": axis} if axis is not None else {}
         nodes.append(helper.make_node("QuantizeLinear", [src, name + "_s", name + "_z"], [name + "_q"], **kw))
         nodes.append(helper.make_node("DequantizeLinear", [name + "_q", name + "_s", name + "_z"], [name + "_dq"], **kw))
@@ -55,7 +64,7 @@ def graph(form: str, quant: bool, layers: int, batch: int, seq: int, path: Path)
     for l in range(layers):
         g, b = f"g{l}", f"b{l}"
         init += [numpy_helper.from_array(np.ones(H, np.float32), g), numpy_helper.from_array(np.zeros(H, np.float32), b)]
-        nodes.append(helper.make_node("LayerNormalization", [src, g, b], [f"ln{l}"], axis=-1, epsilon=1e-5))
+        nodes.append(helper.make_node("LayerNormalization", [src, g, b], [f"ln{l}"], name=f"LayerNorm_{l}_", axis=-1, epsilon=1e-5))
         a = f"ln{l}"
         if flat:
             nodes.append(helper.make_node("Reshape", [a, "shape2d"], [a + "_2d"])); a += "_2d"
@@ -88,12 +97,21 @@ def graph(form: str, quant: bool, layers: int, batch: int, seq: int, path: Path)
 def build(form, quant, layers, batch, seq, work: Path) -> dict:
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
+    import tensorrt as trt
+    from polygraphy.backend.trt import PostprocessNetwork
+
+    from sq_export.engine.fp32_norms import pin_layers_fp32
+
     tag = f"{form}_{'int8' if quant else 'fp16'}"
     onnx_path = graph(form, quant, layers, batch, seq, work / f"{tag}.onnx")
-    shape = (batch, seq, H) if form != "mlp2d" else (batch * seq, H)
+    shape = (batch * seq, H) if form.startswith("mlp2d") else (batch, seq, H)
     prof = Profile().add("x", shape, shape, shape)
+    network, extra = NetworkFromOnnxPath(str(onnx_path)), {}
+    if form.endswith("_pin"):
+        network = PostprocessNetwork(network, lambda network: pin_layers_fp32(network, trt, ["LayerNorm_"]))
+        extra["precision_constraints"] = "prefer"
     t0 = time.perf_counter()
-    data = EngineBytesFromNetwork(NetworkFromOnnxPath(str(onnx_path)), CreateConfig(fp16=True, int8=quant, profiles=[prof], tactic_sources=[]))()
+    data = EngineBytesFromNetwork(network, CreateConfig(fp16=True, int8=quant, profiles=[prof], tactic_sources=[], **extra))()
     (work / f"{tag}.engine").write_bytes(bytes(data))
     return {"tag": tag, "build_s": round(time.perf_counter() - t0, 1), "engine_mb": round(len(data) / 1e6, 1), "shape": list(shape)}
 
@@ -128,8 +146,10 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--jobs", type=int, default=8, help="parallel builds (default 8)")
     ap.add_argument("--workdir", default="/tmp/qdq_forms")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--log", help=argparse.SUPPRESS)
     ap.add_argument("--_build", nargs=2, metavar=("FORM", "QUANT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = Path(a.workdir)
@@ -139,20 +159,32 @@ def main():
         print(json.dumps(res))
         return
     forms = a.forms.split(",")
-    procs = []
+    cmds = []
     for f in forms:
         for q in ("0", "1"):
-            cmd = [sys.executable, __file__, "--_build", f, q, "--layers", str(a.layers), "--batch", str(a.batch), "--seq", str(a.seq), "--workdir", str(work)]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ}))
-    builds = {}
-    for p in procs:
-        out, err = p.communicate()
+            cmds.append([sys.executable, __file__, "--_build", f, q, "--layers", str(a.layers), "--batch", str(a.batch), "--seq", str(a.seq), "--workdir", str(work)])
+    builds, running = {}, []
+
+    def reap(p):
+        p.wait()
+        out, err = (Path(p.args[-1] + x).read_text() for x in (".out", ".err"))
         line = (out.strip().splitlines() or ["{}"])[-1]
         try:
             r = json.loads(line)
             builds[r["tag"]] = r
+            print(f"built {r['tag']} in {r['build_s']} s, {r['engine_mb']} MB", flush=True)
         except (ValueError, KeyError):
-            print(f"a build failed (rc {p.returncode}): {err[-600:]}")
+            print(f"a build failed (rc {p.returncode}): {err[-600:]}", flush=True)
+
+    for cmd in cmds:  # at most --jobs builds at once (each holds the graph's weights several times in host memory)
+        while len(running) >= a.jobs:
+            running[0].wait()
+            reap(running.pop(0))
+        log = str(work / f"build_{cmd[4]}_{cmd[5]}")  # logs in files: a pipe nobody reads could fill and block
+        with open(log + ".out", "w") as o, open(log + ".err", "w") as e:
+            running.append(subprocess.Popen(cmd + ["--log", log], stdout=o, stderr=e, env={**os.environ}))
+    for p in running:
+        reap(p)
     rows = []
     print(f"{'form':>12} {'FP16 ms':>9} {'INT8 ms':>9} {'INT8 speedup':>13} {'FP16 MB':>8} {'INT8 MB':>8}")
     for f in forms:

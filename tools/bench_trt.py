@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8", help="--decode: batch sizes (default 1,8)")
     ap.add_argument("--kv-fp16", action="store_true", help="--decode: KV cache in/out as FP16 (TensorRT 8.x)")
     ap.add_argument("--opt-level", type=int, default=None, help="builder optimization level (default TensorRT's)")
+    ap.add_argument("--static", action="store_true", help="prefill: a static profile of exactly --shape (only --shape timed)")
+    ap.add_argument("--no-fp32-norms", action="store_true", help="do not pin norm layers to FP32 (diagnosis: what pinning costs)")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--tokens", help="token file to take ids from (default: random ids below the vocabulary size)")
@@ -231,7 +233,8 @@ def main(argv=None) -> int:
         if not a.build_only:
             ap.error("--labels needs --build-only")
         graphs = [g for g in graphs if g[0] in a.labels.split(",")]
-    report = {"tensorrt_version": trt.__version__, "gpu": gpu.get("name"), "mode": "decode" if a.decode else "prefill", "engines": {}}
+    report = {"tensorrt_version": trt.__version__, "gpu": gpu.get("name"), "mode": "decode" if a.decode else "prefill",
+              "fp32_norms": not a.no_fp32_norms, "engines": {}}
 
     if a.decode:
         batches = [int(x) for x in a.batches.split(",") if x.strip()]
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
             for b in batches:
                 eng = work / f"dec_{label.replace(':', '_')}_b{b}.engine"
                 side = _build_or_reuse(onnx_path, eng, prec, a.reuse, batch=(b, b, b), seq=(1, 1, 1), past=(a.past,) * 3,
-                                       kv_fp16=a.kv_fp16, opt_level=a.opt_level)
+                                       kv_fp16=a.kv_fp16, opt_level=a.opt_level, fp32_norms=not a.no_fp32_norms)
                 rows += time_engine(eng, [(b, 1)], a.runs, a.warmup, vocab, past_len=a.past)
                 sizes[b] = side
             if a.build_only:
@@ -250,12 +253,15 @@ def main(argv=None) -> int:
         col = "batch"
     else:
         shape, large = parse_shape(a.shape), parse_shape(a.large)
-        batch = (1, shape[0], max(shape[0], large[0]))
-        seq = (1, shape[1], max(shape[1], large[1]))
+        if a.static:
+            large = shape
+        batch = (shape[0],) * 3 if a.static else (1, shape[0], max(shape[0], large[0]))
+        seq = (shape[1],) * 3 if a.static else (1, shape[1], max(shape[1], large[1]))
         report["profile"] = {"batch": list(batch), "seq": list(seq)}
         for label, prec, onnx_path in graphs:
             eng = work / f"bench_{label.replace(':', '_')}.engine"
-            side = _build_or_reuse(onnx_path, eng, prec, a.reuse, batch=batch, seq=seq, opt_level=a.opt_level)
+            side = _build_or_reuse(onnx_path, eng, prec, a.reuse, batch=batch, seq=seq, opt_level=a.opt_level,
+                                   fp32_norms=not a.no_fp32_norms)
             if a.build_only:
                 continue
             t0 = time.perf_counter()

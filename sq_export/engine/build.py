@@ -174,6 +174,7 @@ def build_engine(
     fp32_norms=True,
     past=None,
     kv_fp16=False,
+    fp16=True,
 ) -> dict:
     """Build `onnx_path` into a TensorRT engine at `engine_path` (+ `engine_path`.json sidecar); returns the sidecar.
 
@@ -182,6 +183,7 @@ def build_engine(
     timing_cache: a file read before and updated after the build. workspace_gb: workspace memory pool limit.
     past: (min, opt, max) past length of a decode graph (default DEFAULT_PAST; min >= 1). kv_fp16: TensorRT 8.x
     takes and returns the KV cache (past_key_values.* / present.*) in FP16, halving its memory traffic.
+    fp16=False (TensorRT 8.x, int8): no FP16 builder flag, float layers stay FP32 (trt_compat.plan_build).
     """
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path)
@@ -203,7 +205,7 @@ def build_engine(
 
     trt = import_tensorrt()
     gpu = require_gpu()
-    plan = plan_build(trt.__version__, precision, facts)
+    plan = plan_build(trt.__version__, precision, facts, fp16=fp16)
     for note in plan.notes:
         log.info("build plan: %s", note)
 

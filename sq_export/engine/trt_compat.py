@@ -278,9 +278,11 @@ class BuildPlan:
         return d
 
 
-def plan_build(trt_version: str, precision: str, facts: GraphFacts) -> BuildPlan:
+def plan_build(trt_version: str, precision: str, facts: GraphFacts, fp16: bool = True) -> BuildPlan:
     """Decide builder flags / network typing for `precision` on TensorRT `trt_version`; BadInput when the graph
-    cannot give that precision on that version (the message says how to re-export)."""
+    cannot give that precision on that version (the message says how to re-export). fp16=False (TensorRT 8.x,
+    int8 only): no FP16 flag, so every layer outside the Q/DQ-quantized ones runs in FP32 (slower; isolates FP16
+    range problems from INT8 ones)."""
     if precision not in PRECISIONS:
         raise BadInput(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     major, minor, _ = parse_version(trt_version)
@@ -288,6 +290,11 @@ def plan_build(trt_version: str, precision: str, facts: GraphFacts) -> BuildPlan
         raise BackendMissing(f"TensorRT {trt_version} is too old (8.5+ needed, 8.6+ tested): {TRT_INSTALL_HINT}")
     strongly_typed = major >= 10
     fdt = facts.float_dtype
+    if not fp16 and (precision != "int8" or strongly_typed):
+        raise BadInput(
+            "--no-fp16 applies to --precision int8 on TensorRT 8.x only"
+            + (f" (TensorRT {trt_version} is strongly typed: export an FP32 graph to keep float layers in FP32)" if strongly_typed else "")
+        )
     notes: list[str] = []
     int64_inputs = [n for n, t in facts.inputs.items() if t == "INT64"]
 
@@ -323,10 +330,13 @@ def plan_build(trt_version: str, precision: str, facts: GraphFacts) -> BuildPlan
                 notes.append(
                     f"Q/DQ scales are {'/'.join(facts.qdq_scale_dtypes)}; TensorRT {major}.x expects FLOAT scales"
                 )
-            fp16_flag, int8_flag = True, True
+            fp16_flag, int8_flag = fp16, True
             notes.append(
                 f"TensorRT {major}.x explicit quantization: INT8 and FP16 builder flags; Q/DQ placement decides what "
                 "runs in INT8, the rest may run in FP16"
+                if fp16 else
+                f"TensorRT {major}.x explicit quantization, INT8 flag only (--no-fp16): Q/DQ placement decides what "
+                "runs in INT8, the rest runs in FP32"
             )
         else:
             fp16_flag, int8_flag = True, False
