@@ -100,11 +100,13 @@ def build(form, quant, layers, batch, seq, work: Path) -> dict:
     import tensorrt as trt
     from polygraphy.backend.trt import PostprocessNetwork
 
-    from sq_export.engine.fp32_norms import pin_layers_fp32
+    from sq_export.engine.precision_pins import pin_layers_fp32
 
     tag = f"{form}_{'int8' if quant else 'fp16'}"
-    onnx_path = graph(form, quant, layers, batch, seq, work / f"{tag}.onnx")
     shape = (batch * seq, H) if form.startswith("mlp2d") else (batch, seq, H)
+    if (work / f"{tag}.engine").exists():  # built before (same --layers/--batch/--seq): reuse
+        return {"tag": tag, "build_s": None, "engine_mb": round((work / f"{tag}.engine").stat().st_size / 1e6, 1), "shape": list(shape)}
+    onnx_path = graph(form, quant, layers, batch, seq, work / f"{tag}.onnx")
     prof = Profile().add("x", shape, shape, shape)
     network, extra = NetworkFromOnnxPath(str(onnx_path)), {}
     if form.endswith("_pin"):
@@ -113,7 +115,7 @@ def build(form, quant, layers, batch, seq, work: Path) -> dict:
     t0 = time.perf_counter()
     data = EngineBytesFromNetwork(network, CreateConfig(fp16=True, int8=quant, profiles=[prof], tactic_sources=[], **extra))()
     (work / f"{tag}.engine").write_bytes(bytes(data))
-    return {"tag": tag, "build_s": round(time.perf_counter() - t0, 1), "engine_mb": round(len(data) / 1e6, 1), "shape": list(shape)}
+    return {"tag": tag, "build_s": round(time.perf_counter() - t0, 1), "engine_mb": round(data.nbytes / 1e6, 1), "shape": list(shape)}
 
 
 def time_it(engine_path: Path, shape, runs: int) -> float:
@@ -180,7 +182,7 @@ def main():
         while len(running) >= a.jobs:
             running[0].wait()
             reap(running.pop(0))
-        log = str(work / f"build_{cmd[4]}_{cmd[5]}")  # logs in files: a pipe nobody reads could fill and block
+        log = str(work / f"build_{cmd[3]}_{cmd[4]}")  # logs in files: a pipe nobody reads could fill and block
         with open(log + ".out", "w") as o, open(log + ".err", "w") as e:
             running.append(subprocess.Popen(cmd + ["--log", log], stdout=o, stderr=e, env={**os.environ}))
     for p in running:

@@ -175,6 +175,7 @@ def build_engine(
     past=None,
     kv_fp16=False,
     fp16=True,
+    fp16_float_matmuls=True,
 ) -> dict:
     """Build `onnx_path` into a TensorRT engine at `engine_path` (+ `engine_path`.json sidecar); returns the sidecar.
 
@@ -184,6 +185,8 @@ def build_engine(
     past: (min, opt, max) past length of a decode graph (default DEFAULT_PAST; min >= 1). kv_fp16: TensorRT 8.x
     takes and returns the KV cache (past_key_values.* / present.*) in FP16, halving its memory traffic.
     fp16=False (TensorRT 8.x, int8): no FP16 builder flag, float layers stay FP32 (trt_compat.plan_build).
+    fp32_norms / fp16_float_matmuls (TensorRT 8.x): pin norms to FP32, and in INT8 engines the un-quantized MatMuls
+    to FP16 (engine/precision_pins.py).
     """
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path)
@@ -231,21 +234,30 @@ def build_engine(
         cfg_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(float(workspace_gb) * (1 << 30))}
     network = NetworkFromOnnxPath(str(onnx_path), **plan.network_kwargs())
     pinned = {"layers": 0, "nodes": 0}
-    if fp32_norms and not plan.strongly_typed:
-        # FP16 cannot hold mean(x²) of real residual streams: keep the norms' math in FP32 (engine/fp32_norms.py)
+    pinned16 = {"layers": 0, "nodes": 0}
+    pins = []  # (node names, TensorRT dtype, counter): engine/precision_pins.py says why each is needed
+    if not plan.strongly_typed:
+        from sq_export.engine.precision_pins import float_matmul_node_names, norm_node_names
+
+        if fp32_norms and plan.fp16_flag:
+            pins.append((norm_node_names(onnx_path), trt.float32, pinned))
+        if fp16_float_matmuls and plan.int8_flag and plan.fp16_flag:
+            pins.append((float_matmul_node_names(onnx_path), trt.float16, pinned16))
+    pins = [p for p in pins if p[0]]
+    if pins:
         from polygraphy.backend.trt import PostprocessNetwork
 
-        from sq_export.engine.fp32_norms import norm_node_names, pin_layers_fp32
+        from sq_export.engine.precision_pins import pin_layers
 
-        names = norm_node_names(onnx_path)
-        pinned["nodes"] = len(names)
+        for names, _, counter in pins:
+            counter["nodes"] = len(names)
 
         def _pin(network):  # Polygraphy's PostprocessNetwork calls func(network=...)
-            pinned["layers"] = pin_layers_fp32(network, trt, names)
+            for names, dtype, counter in pins:
+                counter["layers"] = pin_layers(network, trt, names, dtype)
 
-        if names:
-            network = PostprocessNetwork(network, _pin)
-            cfg_kwargs["precision_constraints"] = "prefer"
+        network = PostprocessNetwork(network, _pin)
+        cfg_kwargs["precision_constraints"] = "prefer"
     kv_io = {"fp16": 0}
     if kv_fp16 and decode:
         if plan.strongly_typed:
@@ -319,6 +331,7 @@ def build_engine(
         "workspace_gb": workspace_gb,
         "builder_optimization_level": opt_level,
         "fp32_norm_layers": pinned,
+        "fp16_float_matmul_layers": pinned16,
         "build_seconds": round(build_s, 3),
         "engine_bytes": n_bytes,
         "io": io,

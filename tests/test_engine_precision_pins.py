@@ -1,0 +1,91 @@
+"""Layer precision pins of TensorRT 8.x builds (norms FP32, un-quantized MatMuls of INT8 engines FP16): the ONNX side
+of the selection and the network side with a stand-in network (no GPU needed)."""
+
+import types
+
+import pytest
+
+from sq_export.engine.precision_pins import float_matmul_node_names, norm_node_names, pin_layers, pin_layers_fp32
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "Pow"), ("opt", "LayerNormalization")])
+def test_norm_nodes_found_in_real_exports(family, kind, tmp_path):
+    pytest.importorskip("torch")
+    from conftest import make_tiny
+    from sq_export.export import export_onnx
+
+    model, fam = make_tiny(family)
+    export_onnx(model, fam, tmp_path / "m.onnx")
+    names = norm_node_names(tmp_path / "m.onnx")
+    n_norms = 2 * fam.num_layers() + 1  # two per layer + the final norm
+    assert sum(kind in n for n in names) == n_norms
+    if kind == "Pow":  # the whole chain, through the multiply by γ, per norm
+        for op in ("ReduceMean", "Sqrt"):
+            assert sum(op in n for n in names) == n_norms
+        import onnx
+
+        m = onnx.load(tmp_path / "m.onnx")
+        inits = {t.name for t in m.graph.initializer}
+        by_name = {n.name: n for n in m.graph.node}
+        gamma_muls = [x for x in names if by_name[x].op_type == "Mul" and any(i in inits for i in by_name[x].input)]
+        assert len(gamma_muls) == n_norms
+        # every pinned γ multiply is a norm's output: its output feeds no other pinned node
+        pinned_inputs = {i for x in names for i in by_name[x].input}
+        assert not any(by_name[x].output[0] in pinned_inputs for x in gamma_muls)
+        # ... and nothing after the norm is pinned (the attention/MLP MatMuls are not)
+        assert not any(by_name[x].op_type in ("MatMul", "Gemm", "QuantizeLinear") for x in names)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_float_matmuls_are_the_unquantized_ones(family, tmp_path):
+    pytest.importorskip("torch")
+    from conftest import make_tiny, token_batches
+    from sq_export.calibrate import calibrate
+    from sq_export.export import export_onnx
+    from sq_export.quantize import quantize_model, static_scales
+
+    model, fam = make_tiny(family)
+    act_max = calibrate(model, fam, token_batches())
+    export_onnx(model, fam, tmp_path / "fp.onnx")
+    names = fam.quantized_linears()
+    quantize_model(model, names, "static", static_scales(act_max, names))
+    export_onnx(model, fam, tmp_path / "sq.onnx", weights="qdq")
+    L = fam.num_layers()
+    fp = float_matmul_node_names(tmp_path / "fp.onnx")
+    sq = float_matmul_node_names(tmp_path / "sq.onnx")
+    # the float graph: every Linear (4 attention + 2 or 3 MLP per layer), 2 attention products per layer, the LM head
+    assert len(fp) == len(names) + 2 * L + 1
+    # the quantized graph: only attention's two products per layer and the LM head stay float
+    assert len(sq) == 2 * L + 1
+    assert not any("_proj" in n or "fc" in n.split("/")[-2] for n in sq)
+
+
+def test_pin_sets_fp32_on_matching_layers_only():
+    trt = types.SimpleNamespace(float16="half", float32="float", int8="int8")
+
+    class Out:
+        def __init__(self, dt):
+            self.dtype = dt
+
+    class Layer:
+        def __init__(self, name, dts):
+            self.name, self.outs, self.precision, self.set = name, [Out(d) for d in dts], None, {}
+
+        num_outputs = property(lambda s: len(s.outs))
+
+        def get_output(self, j):
+            return self.outs[j]
+
+        def set_output_type(self, j, t):
+            self.set[j] = t
+
+    layers = [Layer("/m/layers.0/input_layernorm/Pow", ["half"]), Layer("/m/layers.0/self_attn/q_proj/MatMul", ["half"]), Layer("/m/layers.0/input_layernorm/ReduceMean", ["half", "int8"])]
+    net = types.SimpleNamespace(num_layers=3, get_layer=lambda i: layers[i])
+    n = pin_layers_fp32(net, trt, ["/m/layers.0/input_layernorm/Pow", "/m/layers.0/input_layernorm/ReduceMean"])
+    assert n == 2
+    assert layers[0].precision == "float" and layers[0].set == {0: "float"}
+    assert layers[1].precision is None
+    assert layers[2].set == {0: "float"}
+    # the FP16 pin of float MatMuls goes through the same function
+    assert pin_layers(net, trt, ["/m/layers.0/self_attn/q_proj/MatMul"], trt.float16) == 1
+    assert layers[1].precision == "half" and layers[1].set == {0: "half"}
