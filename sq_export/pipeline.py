@@ -904,6 +904,7 @@ class Pipeline:
                 t = time.perf_counter()
                 ppl["tensorrt"][mode] = engine_perplexity(p, toks)["perplexity"]
                 secs["tensorrt"][mode] = round(time.perf_counter() - t, 2)
+        engine_check = engine_agreement(ppl.get("tensorrt", {}), ppl["onnxruntime"])
         sqnr = [{"linear": n, **v} for n, v in sqnr.items()]  # a list: model order survives sort_keys
         secs["sqnr"] = round(t_sqnr, 2)
         recipe = {
@@ -922,11 +923,13 @@ class Pipeline:
             "max_tokens": o.max_tokens,
             "eval_text": self.eval_text().name,
             "perplexity": ppl,
+            "engine_vs_graph": engine_check,
             "layer_sqnr_db": sqnr,
             "sqnr_batch": list(batch.shape),
         }
         (staging / EVAL).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        return {"tokens": tokens, "perplexity": ppl, "seconds": secs, "fp16_layers": recipe["fp16_layers"]}
+        return {"tokens": tokens, "perplexity": ppl, "seconds": secs, "fp16_layers": recipe["fp16_layers"],
+                "engine_vs_graph": engine_check}
 
     # ----- report -----
     def _prior_records_digest(self) -> str:
@@ -949,6 +952,25 @@ class Pipeline:
         from sq_export.report import write_report
 
         return write_report(self.out, self.manifest, staging, linear=self.opts.report_linear)
+
+
+ENGINE_PPL_TOLERANCE = 0.05  # an engine more than 5 % above its own graph's perplexity computes something else
+
+
+def engine_agreement(engine_ppl: dict, graph_ppl: dict, tol: float = ENGINE_PPL_TOLERANCE) -> dict:
+    """{mode: {engine, onnxruntime, ratio, ok}}: each TensorRT engine's perplexity against ONNX Runtime's on the
+    graph it was built from (same tokens). FP16 and INT8 engines land within 0.1 % of their graphs when they compute
+    the graph's function; an FP16 overflow inside an engine shows up as a ratio of 100-1000x."""
+    import math
+
+    out = {}
+    for mode, e in engine_ppl.items():
+        g = graph_ppl.get(mode)
+        if g is None:
+            continue
+        ratio = e / g if g and math.isfinite(e) else float("inf")
+        out[mode] = {"engine": e, "onnxruntime": g, "ratio": ratio, "ok": bool(ratio <= 1 + tol)}
+    return out
 
 
 def run_pipeline(model, out_dir, options: RunOptions | None = None, echo=None) -> dict:

@@ -331,6 +331,7 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
         "headline": headline,
         "perplexity": ppl,
         "eval": {k: ev.get(k) for k in ("tokens", "seq_len", "max_tokens", "eval_text")},
+        "engine_vs_graph": ev.get("engine_vs_graph") or {},
         "alpha": alpha,
         "alpha_per_group": recipe["alpha_per_group"],
         "recipe": recipe,
@@ -418,6 +419,12 @@ def _markdown(doc: dict, manifest: dict) -> str:
     L.append(f"Evaluation: first {ev.get('max_tokens') or 'all'} tokens, non-overlapping chunks of {ev.get('seq_len')}. "
              "Same chunking and arithmetic on every backend (sq_export.ppl), so the columns differ only by their logits.")
     L.append("")
+    for m, v in (doc.get("engine_vs_graph") or {}).items():
+        if not v.get("ok", True):
+            L.append(f"**The TensorRT engine of {MODE_LABEL[m]} does not compute its graph** (perplexity {v['engine']:.4g} vs "
+                     f"{v['onnxruntime']:.4g} in ONNX Runtime, {v['ratio']:.3g}x): do not deploy it; rebuild with "
+                     "`sq-export build --no-fp16` (docs/TENSORRT.md).")
+            L.append("")
     if Path("plots/perplexity.png").name in {Path(x).name for x in doc["plots"]}:
         L.append("![perplexity](plots/perplexity.png)")
         L.append("")

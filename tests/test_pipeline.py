@@ -200,8 +200,9 @@ def test_run_help_and_bad_options(capsys, tmp_path, tiny_dirs):
     assert main(["-q", "run", str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) == 2
 
 
-def test_build_stage_wiring_with_a_fake_tensorrt(llama_run, tiny_dirs, texts, tmp_path, monkeypatch):
-    """No TensorRT here: stand-ins for its public functions check how build and eval use engines."""
+def test_build_stage_wiring_with_a_fake_tensorrt(llama_run, tiny_dirs, texts, tmp_path, monkeypatch, capsys):
+    """No TensorRT here: stand-ins for its public functions check how build and eval use engines, and that an
+    engine whose perplexity leaves its graph's makes `run` fail."""
     import shutil
     import types
 
@@ -224,7 +225,19 @@ def test_build_stage_wiring_with_a_fake_tensorrt(llama_run, tiny_dirs, texts, tm
     monkeypatch.setattr(tc, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0.0"))
     monkeypatch.setattr(tc, "require_gpu", lambda: {"name": "FakeGPU"})
     monkeypatch.setattr(eb, "build_engine", fake_build)
-    monkeypatch.setattr(er, "engine_perplexity", lambda path, toks, *a, **k: {"perplexity": 100.0 + toks.n_chunks})
+    import numpy as np
+
+    from sq_export.evaluate import onnx_perplexity
+
+    drift = {"factor": 1.0}
+
+    def fake_engine_ppl(path, toks, *a, **k):
+        # a faithful engine computes its graph's function: ONNX Runtime on model.X.onnx, same chunks, times a drift
+        ids = np.concatenate([toks.input_ids[i, : toks.lengths[i]] for i in range(toks.n_chunks)])
+        ppl = onnx_perplexity(str(Path(path).with_suffix(".onnx")), ids, int(toks.input_ids.shape[1]), len(ids))["perplexity"]
+        return {"perplexity": ppl * drift["factor"]}
+
+    monkeypatch.setattr(er, "engine_perplexity", fake_engine_ppl)
     assert run(tiny_dirs("llama"), out, texts) == 0
     m = manifest(out)
     assert m["last_run"]["ran"] == ["build", "eval", "report"]
@@ -232,11 +245,22 @@ def test_build_stage_wiring_with_a_fake_tensorrt(llama_run, tiny_dirs, texts, tm
     assert set(m["stages"]["build"]["outputs"]) == {"build.json", "model.naive.engine", "model.naive.engine.json", "model.sq.engine", "model.sq.engine.json"}
     assert "fp16" not in json.dumps(built) and "strongly typed" in json.loads((out / "build.json").read_text())["fp"]["reason"]
     ev = json.loads((out / "eval.json").read_text())
-    assert ev["perplexity"]["tensorrt"] == {"naive": 104.0, "sq": 104.0}  # 256 tokens in chunks of 64
+    ort, trt = ev["perplexity"]["onnxruntime"], ev["perplexity"]["tensorrt"]
+    assert set(trt) == {"naive", "sq"} and all(trt[k] == pytest.approx(ort[k], rel=1e-6) for k in trt)
+    assert all(v["ok"] and v["ratio"] == pytest.approx(1.0) for v in ev["engine_vs_graph"].values())
     md = (out / "report.md").read_text()
-    assert "| model | PyTorch | ONNX Runtime | TensorRT |" in md and "104.000 |" in md
+    assert "| model | PyTorch | ONNX Runtime | TensorRT |" in md and f"{trt['sq']:.3f} |" in md
     assert run(tiny_dirs("llama"), out, texts) == 0
     assert manifest(out)["last_run"]["ran"] == []  # engines up to date too
+    # an engine 30 % above its graph (an FP16 overflow gives 100-1000x): the run says so in one line and exits 1
+    drift["factor"] = 1.3
+    capsys.readouterr()
+    assert run(tiny_dirs("llama"), out, texts, "--force") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not compute its graph" in err[0] and "--no-fp16" in err[0]
+    ev = json.loads((out / "eval.json").read_text())
+    assert not ev["engine_vs_graph"]["sq"]["ok"] and ev["engine_vs_graph"]["sq"]["ratio"] == pytest.approx(1.3)
+    assert "does not compute its graph" in (out / "report.md").read_text()
 
 
 # ----- the accuracy options (--smooth-pairs, --alpha auto, --clip, --fallback) ---------------------------------

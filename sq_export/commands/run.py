@@ -22,7 +22,7 @@ OUT holds act_scales.safetensors (+ calib_rows.safetensors), smoothed/, model.{f
 eval.json, report.md, report.json, plots/*.png and manifest.json (per stage: inputs/outputs with sha256, options,
 tool versions, wall time). A stage is skipped when its inputs, options and outputs are unchanged; Ctrl-C leaves no
 partial file at a final path, and the next run resumes with the interrupted stage.
-exit codes: 0 ok, 1 check found violations, 2 bad input, 3 backend missing, 4 refused (smoothing changed outputs)"""
+exit codes: 0 ok, 1 check found violations or an engine does not match its graph, 2 bad input, 3 backend missing, 4 refused (smoothing changed outputs)"""
 
 
 def add_parser(sub):
@@ -90,4 +90,11 @@ def run(args):
             print("perplexity (PyTorch): " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         if (out / "report.md").is_file() and last["until"] == "report":
             print(f"report: {out / 'report.md'}")
+    bad = {k: v for k, v in (m["stages"].get("eval") or {}).get("summary", {}).get("engine_vs_graph", {}).items() if not v["ok"]}
+    if bad:
+        k, v = next(iter(bad.items()))
+        print(f"sq-export run: error: the TensorRT engine of model.{k}.onnx does not compute its graph (perplexity "
+              f"{v['engine']:.4g} vs {v['onnxruntime']:.4g} in ONNX Runtime): do not deploy it; rebuild it with "
+              f"`sq-export build {Path(args.output) / ('model.' + k + '.onnx')} --no-fp16` (docs/TENSORRT.md)", file=sys.stderr)
+        return 1
     return 0
