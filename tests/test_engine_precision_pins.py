@@ -5,7 +5,14 @@ import types
 
 import pytest
 
-from sq_export.engine.precision_pins import float_matmul_node_names, norm_node_names, pin_layers, pin_layers_fp32
+from sq_export.engine.precision_pins import (
+    float_matmul_node_names,
+    norm_node_names,
+    pin_layers,
+    pin_layers_fp32,
+    quantized_matmul_node_names,
+    set_output_types,
+)
 
 
 @pytest.mark.parametrize("family,kind", [("llama", "Pow"), ("opt", "LayerNormalization")])
@@ -58,6 +65,10 @@ def test_float_matmuls_are_the_unquantized_ones(family, tmp_path):
     # the quantized graph: only attention's two products per layer and the LM head stay float
     assert len(sq) == 2 * L + 1
     assert not any("_proj" in n or "fc" in n.split("/")[-2] for n in sq)
+    # and the INT8 GEMMs are exactly the rest
+    assert quantized_matmul_node_names(tmp_path / "fp.onnx") == []
+    q = quantized_matmul_node_names(tmp_path / "sq.onnx")
+    assert len(q) == len(names) and not set(q) & set(sq)
 
 
 def test_pin_sets_fp32_on_matching_layers_only():
@@ -89,3 +100,7 @@ def test_pin_sets_fp32_on_matching_layers_only():
     # the FP16 pin of float MatMuls goes through the same function
     assert pin_layers(net, trt, ["/m/layers.0/self_attn/q_proj/MatMul"], trt.float16) == 1
     assert layers[1].precision == "half" and layers[1].set == {0: "half"}
+    # output type only: precision untouched
+    layers[2].precision, layers[2].set = None, {}
+    assert set_output_types(net, trt, ["/m/layers.0/input_layernorm/ReduceMean"], trt.float16) == 1
+    assert layers[2].precision is None and layers[2].set == {0: "half"}

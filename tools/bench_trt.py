@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--opt-level", type=int, default=None, help="builder optimization level (default TensorRT's)")
     ap.add_argument("--static", action="store_true", help="prefill: a static profile of exactly --shape (only --shape timed)")
     ap.add_argument("--no-fp32-norms", action="store_true", help="do not pin norm layers to FP32 (diagnosis: what pinning costs)")
+    ap.add_argument("--int8-gemm-output", choices=["fp16", "fp32"], default=None, help="experimental: output type of the INT8 GEMMs (default TensorRT's choice)")
     ap.add_argument("--no-fp16-matmuls", action="store_true", help="do not pin un-quantized MatMuls of INT8 engines to FP16 (diagnosis)")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
             for b in batches:
                 eng = work / f"dec_{label.replace(':', '_')}_b{b}.engine"
                 side = _build_or_reuse(onnx_path, eng, prec, a.reuse, batch=(b, b, b), seq=(1, 1, 1), past=(a.past,) * 3,
-                                       kv_fp16=a.kv_fp16, opt_level=a.opt_level, fp32_norms=not a.no_fp32_norms, fp16_float_matmuls=not a.no_fp16_matmuls)
+                                       kv_fp16=a.kv_fp16, opt_level=a.opt_level, fp32_norms=not a.no_fp32_norms, fp16_float_matmuls=not a.no_fp16_matmuls, int8_gemm_output=a.int8_gemm_output)
                 rows += time_engine(eng, [(b, 1)], a.runs, a.warmup, vocab, past_len=a.past)
                 sizes[b] = side
             if a.build_only:
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
         for label, prec, onnx_path in graphs:
             eng = work / f"bench_{label.replace(':', '_')}.engine"
             side = _build_or_reuse(onnx_path, eng, prec, a.reuse, batch=batch, seq=seq, opt_level=a.opt_level,
-                                   fp32_norms=not a.no_fp32_norms, fp16_float_matmuls=not a.no_fp16_matmuls)
+                                   fp32_norms=not a.no_fp32_norms, fp16_float_matmuls=not a.no_fp16_matmuls, int8_gemm_output=a.int8_gemm_output)
             if a.build_only:
                 continue
             t0 = time.perf_counter()

@@ -176,6 +176,7 @@ def build_engine(
     kv_fp16=False,
     fp16=True,
     fp16_float_matmuls=True,
+    int8_gemm_output=None,
 ) -> dict:
     """Build `onnx_path` into a TensorRT engine at `engine_path` (+ `engine_path`.json sidecar); returns the sidecar.
 
@@ -186,7 +187,8 @@ def build_engine(
     takes and returns the KV cache (past_key_values.* / present.*) in FP16, halving its memory traffic.
     fp16=False (TensorRT 8.x, int8): no FP16 builder flag, float layers stay FP32 (trt_compat.plan_build).
     fp32_norms / fp16_float_matmuls (TensorRT 8.x): pin norms to FP32, and in INT8 engines the un-quantized MatMuls
-    to FP16 (engine/precision_pins.py).
+    to FP16 (engine/precision_pins.py). int8_gemm_output "fp16"|"fp32" (TensorRT 8.x, experimental, benchmark
+    only): the output type of the INT8 GEMMs (8.6 picks FP32 by itself).
     """
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path)
@@ -235,6 +237,7 @@ def build_engine(
     network = NetworkFromOnnxPath(str(onnx_path), **plan.network_kwargs())
     pinned = {"layers": 0, "nodes": 0}
     pinned16 = {"layers": 0, "nodes": 0}
+    gemm_out = {"layers": 0, "nodes": 0, "dtype": int8_gemm_output}
     pins = []  # (node names, TensorRT dtype, counter): engine/precision_pins.py says why each is needed
     if not plan.strongly_typed:
         from sq_export.engine.precision_pins import float_matmul_node_names, norm_node_names
@@ -243,18 +246,26 @@ def build_engine(
             pins.append((norm_node_names(onnx_path), trt.float32, pinned))
         if fp16_float_matmuls and plan.int8_flag and plan.fp16_flag:
             pins.append((float_matmul_node_names(onnx_path), trt.float16, pinned16))
+        if int8_gemm_output and plan.int8_flag:
+            from sq_export.engine.precision_pins import quantized_matmul_node_names
+
+            out_dt = {"fp16": trt.float16, "fp32": trt.float32}[int8_gemm_output]
+            pins.append((quantized_matmul_node_names(onnx_path), ("output", out_dt), gemm_out))
     pins = [p for p in pins if p[0]]
     if pins:
         from polygraphy.backend.trt import PostprocessNetwork
 
-        from sq_export.engine.precision_pins import pin_layers
+        from sq_export.engine.precision_pins import pin_layers, set_output_types
 
         for names, _, counter in pins:
             counter["nodes"] = len(names)
 
         def _pin(network):  # Polygraphy's PostprocessNetwork calls func(network=...)
             for names, dtype, counter in pins:
-                counter["layers"] = pin_layers(network, trt, names, dtype)
+                if isinstance(dtype, tuple):  # ("output", dtype): output type only
+                    counter["layers"] = set_output_types(network, trt, names, dtype[1])
+                else:
+                    counter["layers"] = pin_layers(network, trt, names, dtype)
 
         network = PostprocessNetwork(network, _pin)
         cfg_kwargs["precision_constraints"] = "prefer"
@@ -332,6 +343,7 @@ def build_engine(
         "builder_optimization_level": opt_level,
         "fp32_norm_layers": pinned,
         "fp16_float_matmul_layers": pinned16,
+        "int8_gemm_output": gemm_out,
         "build_seconds": round(build_s, 3),
         "engine_bytes": n_bytes,
         "io": io,

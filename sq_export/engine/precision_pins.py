@@ -102,6 +102,34 @@ def float_matmul_node_names(onnx_path) -> list[str]:
     return out
 
 
+def quantized_matmul_node_names(onnx_path) -> list[str]:
+    """MatMul/Gemm nodes with DequantizeLinear on both inputs: the INT8 GEMMs."""
+    m = _load(onnx_path)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    out = []
+    for n in m.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and n.name:
+            srcs = [producer.get(i) for i in n.input[:2]]
+            if all(s is not None and s.op_type == "DequantizeLinear" for s in srcs):
+                out.append(n.name)
+    return out
+
+
+def set_output_types(network, trt, node_names, dtype) -> int:
+    """Only the float output type (not the precision) of the layers made from `node_names`: e.g. an INT8 GEMM
+    writing FP16 instead of FP32. Returns how many layers."""
+    prefixes = tuple(node_names)
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if prefixes and layer.name.startswith(prefixes):
+            for j in range(layer.num_outputs):
+                if layer.get_output(j).dtype in (trt.float16, trt.float32):
+                    layer.set_output_type(j, dtype)
+            count += 1
+    return count
+
+
 def pin_layers(network, trt, node_names, dtype) -> int:
     """Set precision and float output types to `dtype` on the layers made from `node_names` (TensorRT names a layer
     after its ONNX node, sometimes with a suffix: matched by prefix). Returns how many layers."""
