@@ -12,14 +12,15 @@ def add_parser(sub):
         description=HELP
         + ".\nExamples:\n  sq-export export smollm2 -o out/sq.onnx                 # TensorRT 10+ (int8 weights)\n"
         "  sq-export export smollm2 --weights qdq -o out/sq86.onnx # TensorRT 8.6 (float W -> Q -> DQ)\n"
-        "  sq-export export smollm2 --mode fp -o out/fp.onnx",
+        "  sq-export export smollm2 --mode fp -o out/fp.onnx\n"
+        "  sq-export export smollm2 --dtype fp16 -o out/sq16.onnx   # float16 float parts, opset 19 (TensorRT 10+ strongly typed)",
     )
     c.add_model(p, " (or a smoothed folder from `smooth`, with --act-scales of the smoothed model)")
     p.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
     c.add_recipe(p)
     p.add_argument("--weights", choices=["int8", "qdq"], default="int8", help="int8: INT8 initializers -> DQ (half the bytes; TensorRT 10+); qdq: float W -> Q -> DQ (TensorRT 8.6)")
     p.add_argument("--target", choices=["tensorrt", "ort"], default="tensorrt", help="ort: activation Q/DQ as uint8/128 (same grid) so ONNX Runtime runs integer kernels")
-    p.add_argument("--dtype", choices=["fp32"], default="fp32", help="float parts' type (fp16 graphs: not yet, see README)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="type of the float parts (weights left float, norm gamma/beta, activations, logits); fp16: Q/DQ with float16 scales at opset 19, norm statistics in float32 (TensorRT 10+ strongly typed; ONNX Runtime runs it too)")
     p.add_argument("--decode", action="store_true", help="KV-cache decode graph: inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value (float cache)")
     c.add_quantize_attention(p)
     p.add_argument("--json", action="store_true")
@@ -35,6 +36,10 @@ def run(args):
     from sq_export.recipe import onnx_metadata, prepare
 
     check_output_path(args.output)
+    if args.dtype == "fp16" and getattr(args, "decode", False):
+        from sq_export.errors import BadInput
+
+        raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
     recipe = c.recipe_from(args)
     recipe.validate()
     t = time.perf_counter()
@@ -53,7 +58,8 @@ def run(args):
         from sq_export.decode import export_decode_onnx as write
     else:
         write = export_onnx
-    res = write(model, fam, args.output, weights=args.weights, target=args.target, meta=meta)
+    kw = {"dtype": args.dtype} if args.dtype != "fp32" else {}
+    res = write(model, fam, args.output, weights=args.weights, target=args.target, meta=meta, **kw)
     res.update({"mode": args.mode, "alpha": prep.alpha, "quantized_layers": len(prep.quantized), "fp16_layers": list(prep.fp16_layers), "seconds": round(time.perf_counter() - t, 1)})
     if args.json:
         c.emit_json(res)
