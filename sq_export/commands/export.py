@@ -23,6 +23,7 @@ def add_parser(sub):
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="type of the float parts (weights left float, norm gamma/beta, activations, logits); fp16: Q/DQ with float16 scales at opset 19, norm statistics in float32 (TensorRT 10+ strongly typed; ONNX Runtime runs it too)")
     p.add_argument("--decode", action="store_true", help="KV-cache decode graph: inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value (float cache)")
     c.add_quantize_attention(p)
+    p.add_argument("--quantize-lm-head", action="store_true", help="also W8A8 the LM head (static per-tensor input scale from the calibration windows, per-channel weights, no smoothing: it is tied to the embedding in most models); stores the head once as INT8 instead of a second float copy; costs some perplexity (docs/ONNX.md)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -40,6 +41,10 @@ def run(args):
         from sq_export.errors import BadInput
 
         raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
+    if args.quantize_lm_head and args.mode == "fp":
+        from sq_export.errors import BadInput
+
+        raise BadInput("--quantize-lm-head applies to quantized modes (naive, sq), not --mode fp")
     recipe = c.recipe_from(args)
     recipe.validate()
     t = time.perf_counter()
@@ -50,19 +55,27 @@ def run(args):
         from sq_export.attention import apply_for_recipe
 
         attn_meta = apply_for_recipe(model, fam, tok, recipe)
+    head_meta = {}
+    if args.quantize_lm_head:
+        from sq_export.lm_head import apply_for_recipe as quantize_head
+
+        head_meta = quantize_head(model, tok, recipe)
     calibration = f"{args.samples}x{args.calib_seq_len}" if not args.act_scales else args.act_scales
     meta = onnx_metadata(args.model, fam, args.mode, prep, calibration, linear_pairs=recipe.linear_pairs, clip=recipe.clip)
     if attn_meta:
         meta["quantize_attention"] = attn_meta["quantize_attention"]
+    if head_meta:
+        meta["quantize_lm_head"] = head_meta["quantize_lm_head"]
     if getattr(args, "decode", False):
         from sq_export.decode import export_decode_onnx as write
     else:
         write = export_onnx
     kw = {"dtype": args.dtype} if args.dtype != "fp32" else {}
     res = write(model, fam, args.output, weights=args.weights, target=args.target, meta=meta, **kw)
-    res.update({"mode": args.mode, "alpha": prep.alpha, "quantized_layers": len(prep.quantized), "fp16_layers": list(prep.fp16_layers), "seconds": round(time.perf_counter() - t, 1)})
+    res.update(head_meta)
+    res.update({"mode": args.mode, "alpha": prep.alpha, "quantized_layers": len(prep.quantized) + bool(head_meta), "fp16_layers": list(prep.fp16_layers), "seconds": round(time.perf_counter() - t, 1)})
     if args.json:
         c.emit_json(res)
     else:
-        print(f"wrote {res['onnx']} ({res['bytes'] / 1e6:.1f} MB, {res['nodes']} nodes, {len(prep.quantized)} quantized Linears, mode {args.mode})")
+        print(f"wrote {res['onnx']} ({res['bytes'] / 1e6:.1f} MB, {res['nodes']} nodes, {len(prep.quantized)} quantized Linears{' + LM head' if head_meta else ''}, mode {args.mode})")
     return 0
