@@ -141,3 +141,26 @@ def test_fp16_cli_export_check_eval(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rep["backend"] == "onnxruntime" and np.isfinite(rep["perplexity"])
     assert read_metadata(out)["dtype"] == "fp16"
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_check_flags_float16_norm_statistics(family, tmp_path):
+    """FP16001: `check` refuses a float16 graph whose norm squares in float16 (or LayerNormalization stash_type 0)."""
+    from sq_export.passes import norm_precision
+
+    model, fam = _quantized(family)
+    export_onnx(model, fam, tmp_path / "m.onnx", dtype="fp16")
+    g = onnx.load(str(tmp_path / "m.onnx"))
+    assert norm_precision(g) == []
+    prod = {o: n for n in g.graph.node for o in n.output}
+    changed = 0
+    for n in g.graph.node:
+        if n.op_type == "Pow" and n.input[0] in prod and prod[n.input[0]].op_type == "Cast":
+            n.input[0] = prod[n.input[0]].input[0]  # square the float16 value itself
+            changed += 1
+        if n.op_type == "LayerNormalization":
+            n.attribute.append(onnx.helper.make_attribute("stash_type", 0))
+            changed += 1
+    assert changed
+    v = norm_precision(g)
+    assert len(v) == changed and {x.rule for x in v} == {"FP16001"}
