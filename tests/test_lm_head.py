@@ -67,3 +67,48 @@ def test_quantize_lm_head_refused_for_fp(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--quantize-lm-head" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom", "llama", "gpt2", "glm"])
+def test_lm_head_scale_is_the_heads_input_range(family):
+    """The base model's last hidden state is the head's input in every family (final norm, OPT's project_out)."""
+    import torch
+
+    from conftest import make_tiny, token_batches
+    from sq_export.lm_head import quantize_lm_head
+    from sq_export.quantize import QLinear, scale_from_amax
+
+    model, _ = make_tiny(family)
+    ids = token_batches(n=3, seq=16)
+    seen = []
+    h = model.get_output_embeddings().register_forward_pre_hook(lambda m, i: seen.append(i[0].abs().amax()))
+    with torch.no_grad():
+        model(input_ids=torch.as_tensor(ids))
+    h.remove()
+    r = quantize_lm_head(model, ids, batch_size=2)
+    assert isinstance(model.get_output_embeddings(), QLinear) or isinstance(model.get_submodule(r["name"]), QLinear)
+    assert r["act_scale"] == pytest.approx(float(scale_from_amax(max(seen))), rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom", "llama", "gpt2", "glm"])
+def test_lm_head_smoothing_is_exact_in_float(family):
+    """Smoothing the head folds 1/s into the final norm and s into the head's own weight copy: float logits are
+    unchanged, the input embedding is untouched."""
+    import torch
+
+    from conftest import make_tiny, token_batches
+    from sq_export.lm_head import quantize_lm_head
+
+    model, _ = make_tiny(family)
+    ids = torch.as_tensor(token_batches(n=2, seq=16))
+    emb = model.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    r = quantize_lm_head(model, ids.numpy(), batch_size=2, alpha=0.5)
+    assert r["smoothed_into"] is not None
+    q = model.get_submodule(r["name"])
+    with torch.no_grad():
+        h = model.base_model(input_ids=ids)[0]
+        got = h @ q.w_kn + (q.bias if q.bias is not None else 0)
+    assert torch.allclose(got, ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
+    assert torch.equal(model.get_input_embeddings().weight, emb)

@@ -59,13 +59,13 @@ def run(args):
     if args.quantize_lm_head:
         from sq_export.lm_head import apply_for_recipe as quantize_head
 
-        head_meta = quantize_head(model, tok, recipe)
+        head_meta = quantize_head(model, tok, recipe, fam)
     calibration = f"{args.samples}x{args.calib_seq_len}" if not args.act_scales else args.act_scales
     meta = onnx_metadata(args.model, fam, args.mode, prep, calibration, linear_pairs=recipe.linear_pairs, clip=recipe.clip)
     if attn_meta:
         meta["quantize_attention"] = attn_meta["quantize_attention"]
     if head_meta:
-        meta["quantize_lm_head"] = head_meta["quantize_lm_head"]
+        meta.update({k: v for k, v in head_meta.items() if k in ("quantize_lm_head", "lm_head_alpha")})
     if getattr(args, "decode", False):
         from sq_export.decode import export_decode_onnx as write
     else:
