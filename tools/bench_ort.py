@@ -1,9 +1,10 @@
 """ONNX Runtime prefill speed: INT8 Q/DQ graph vs FP32 graph, side by side in one run.
 
-    python tools/bench_ort.py out/fp.onnx out/sq_ort.onnx --batch 4 --seq 256 --threads 2 --runs 10
+    python tools/bench_ort.py out/fp.onnx out/sq_ort.onnx [out/sq_ort_head.onnx ...] --batch 4 --seq 256 --threads 2 --runs 10
 
-Both graphs get the same random token batch; each is warmed up, then timed `--runs` times alternately (so load
-changes on the machine hit both); prints median seconds per forward and the FP32/INT8 ratio. Use an INT8 graph
+All graphs get the same random token batch; each is warmed up, then timed `--runs` times in turn (so load
+changes on the machine hit all of them); prints median seconds per forward and the FP32/INT8 ratio of each INT8
+graph, with the machine's load averages (os.getloadavg) before and after, since the cores may be shared. Use an INT8 graph
 exported with `--target ort` (uint8 activations, which ONNX Runtime fuses into MatMulIntegerToFloat); the
 `--target tensorrt` form (int8 activations) runs too, mostly unfused. `--optimized-dir` saves ORT's optimized
 graphs and counts their fused integer ops. `--profile DIR` runs each graph once more with ONNX Runtime's profiler
@@ -70,7 +71,7 @@ def profile_ops(path, threads, feed, prof_dir, name, vocab):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("fp32")
-    ap.add_argument("int8")
+    ap.add_argument("int8", nargs="+", help="one or more INT8 graphs, each compared with the FP32 graph")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -88,9 +89,13 @@ def main():
         vocab = d[-1].dim_value or None
     ids = np.random.default_rng(0).integers(3, vocab or 1000, (a.batch, a.seq)).astype(np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    import os
+
+    graphs = [("fp32", a.fp32)] + [("int8" if i == 0 else f"int8_{i + 1}", p) for i, p in enumerate(a.int8)]
+    load_before = os.getloadavg()
     sess = {}
     fused = {}
-    for name, path in (("fp32", a.fp32), ("int8", a.int8)):
+    for name, path in graphs:
         opt = f"{a.optimized_dir}/{name}.optimized.onnx" if a.optimized_dir else None
         sess[name] = session(path, a.threads, opt)
         if opt:
@@ -106,17 +111,22 @@ def main():
             s.run(["logits"], feed)
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    res = {"batch": a.batch, "seq": a.seq, "threads": a.threads, "runs": a.runs, "median_s": med, "fp32_over_int8": med["fp32"] / med["int8"], "fused_ops": fused}
-    print(f"prefill {a.batch}x{a.seq}, {a.threads} threads: FP32 {med['fp32'] * 1e3:.1f} ms, INT8 {med['int8'] * 1e3:.1f} ms, speed-up {res['fp32_over_int8']:.2f}x")
+    load_after = os.getloadavg()
+    res = {"batch": a.batch, "seq": a.seq, "threads": a.threads, "runs": a.runs, "graphs": dict(graphs), "median_s": med,
+           "fp32_over_int8": med["fp32"] / med["int8"], "fused_ops": fused,
+           "ratios": {k: med["fp32"] / v for k, v in med.items() if k != "fp32"},
+           "loadavg_before": load_before, "loadavg_after": load_after}
+    for k, path in graphs[1:]:
+        print(f"prefill {a.batch}x{a.seq}, {a.threads} threads: FP32 {med['fp32'] * 1e3:.1f} ms, {k} ({path}) "
+              f"{med[k] * 1e3:.1f} ms, speed-up {med['fp32'] / med[k]:.2f}x")
+    print("load average (1/5/15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f" % (*load_before, *load_after))
     if fused:
         print("optimized graph ops:", json.dumps(fused))
     if a.profile:
-        import os
-
         os.makedirs(a.profile, exist_ok=True)
         res["profile_ms"] = {}
         del sess  # one session in memory at a time while profiling
-        for name, path in (("fp32", a.fp32), ("int8", a.int8)):
+        for name, path in graphs:
             ops = profile_ops(path, a.threads, feed, a.profile, name, vocab)
             res["profile_ms"][name] = ops
             total = sum(ops.values())
