@@ -164,3 +164,12 @@ def test_check_flags_float16_norm_statistics(family, tmp_path):
     assert changed
     v = norm_precision(g)
     assert len(v) == changed and {x.rule for x in v} == {"FP16001"}
+
+
+def test_unknown_dtype_is_bad_input(tmp_path):
+    from sq_export.errors import BadInput
+
+    model, fam = _quantized("gpt2", "fp")
+    with pytest.raises(BadInput, match="--dtype bf16"):
+        export_onnx(model, fam, tmp_path / "m.onnx", dtype="bf16")
+    assert not list(tmp_path.iterdir())

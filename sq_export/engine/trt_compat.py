@@ -310,6 +310,12 @@ def plan_build(trt_version: str, precision: str, facts: GraphFacts) -> BuildPlan
                 f"TensorRT {trt_version} has no BF16: export the graph as FP32 or FP16 (`sq-export export --dtype fp16`)"
             )
         if precision == "int8":
+            if "FLOAT16" in facts.qdq_scale_dtypes:
+                raise BadInput(
+                    f"this graph's Q/DQ have FLOAT16 scales (opset {facts.opset}, an `export --dtype fp16` graph), "
+                    f"which TensorRT {trt_version} cannot parse (FLOAT scales, opset <= 17): build it with TensorRT "
+                    "10+ (strongly typed), or export --dtype fp32 --weights qdq for TensorRT 8.x"
+                )
             if facts.int8_weight_dq:
                 raise BadInput(
                     f"TensorRT {trt_version} refuses INT8 weight initializers feeding DequantizeLinear "
@@ -319,12 +325,6 @@ def plan_build(trt_version: str, precision: str, facts: GraphFacts) -> BuildPlan
                 )
             if facts.opset and facts.opset < 13:
                 notes.append(f"opset {facts.opset} < 13: per-channel Q/DQ (axis) needs opset 13+")
-            if "FLOAT16" in facts.qdq_scale_dtypes:
-                raise BadInput(
-                    f"this graph's Q/DQ have FLOAT16 scales (opset {facts.opset}, an `export --dtype fp16` graph), "
-                    f"which TensorRT {trt_version} cannot parse (FLOAT scales, opset <= 17): build it with TensorRT "
-                    "10+ (strongly typed), or export --dtype fp32 --weights qdq for TensorRT 8.x"
-                )
             if any(s != "FLOAT" for s in facts.qdq_scale_dtypes):
                 notes.append(
                     f"Q/DQ scales are {'/'.join(facts.qdq_scale_dtypes)}; TensorRT {major}.x expects FLOAT scales"
