@@ -36,6 +36,8 @@ _STATE = "_sq_attn"  # module attribute: {"q","k","v","p": float scale} (quantiz
 
 
 def _fq(x: torch.Tensor, scale: float) -> torch.Tensor:
+    if x.dtype != torch.float32:  # float16 export: in float32 between Casts, as QLinear (sq_export.passes.fp16_qdq)
+        return torch.fake_quantize_per_tensor_affine(x.float(), scale, 0, QMIN, QMAX).to(x.dtype)
     return torch.fake_quantize_per_tensor_affine(x, scale, 0, QMIN, QMAX)
 
 

@@ -24,6 +24,7 @@ from sq_export.fileio import atomic_file
 from sq_export.passes._graph import RULES, Violation, find_norms, nodes_of
 from sq_export.passes.fold_smoothing import Fold, fold_graph
 from sq_export.passes.lint_qdq import lint_graph
+from sq_export.passes.norm_precision import find_fp16_norm_statistics
 from sq_export.passes.verify_folded import find_unfolded
 
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
@@ -165,7 +166,7 @@ def summarize(model: ir.Model, violations: list[Violation]) -> dict:
 
 
 def check_model(model: ir.Model, target: str = "trt") -> list[Violation]:
-    return find_unfolded(model.graph) + lint_graph(model.graph, target)
+    return find_unfolded(model.graph) + lint_graph(model.graph, target) + find_fp16_norm_statistics(model.graph)
 
 
 def save_model(model: ir.Model, path: str | os.PathLike) -> None:

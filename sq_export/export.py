@@ -30,7 +30,9 @@ from sq_export.onnx_meta import read_metadata  # noqa: F401 (re-exported: caller
 log = logging.getLogger(__name__)
 
 OPSET = 17
+OPSET_FP16 = 19  # float16 QuantizeLinear/DequantizeLinear scales need opset 19
 TWO_GB = 2**31 - 1
+DTYPES = ("fp32", "fp16")
 
 
 class LogitsOnly(torch.nn.Module):
@@ -176,6 +178,39 @@ def _drop_unused_initializers(graph) -> None:
             del graph.initializers[name]
 
 
+@contextlib.contextmanager
+def float16_model(model):
+    """The model in float16 while the block runs (restored afterwards): every float32 parameter except QLinear's
+    float32 weight, which stays so that its INT8 values come from the same float32 weights as in the FP32 graph;
+    QLinear weight scales rounded to float16 values (what the float16 DQ computes with, sq_export.passes.fp16_qdq).
+    Buffers stay as they are: rotary inv_freq must stay float32 (HF computes the angles in float32 from it; float16
+    would put position-dependent phase errors into every rotation). Norms: HF's RMSNorm casts to float32 itself
+    (the graph gets Cast → Pow → ReduceMean → … → Cast), LayerNorm exports as LayerNormalization with
+    stash_type=1 (float32 statistics)."""
+    from sq_export.passes.fp16_qdq import fp16_scale
+    from sq_export.quantize import QLinear
+
+    params, scales, seen = [], [], set()
+    try:
+        for mod in model.modules():
+            keep = ("w_kn",) if isinstance(mod, QLinear) else ()
+            for name, p in mod.named_parameters(recurse=False):
+                if name in keep or id(p) in seen or p.dtype != torch.float32:
+                    continue
+                seen.add(id(p))
+                params.append((p, p.data))
+                p.data = p.data.to(torch.float16)
+            if isinstance(mod, QLinear):
+                scales.append((mod, mod.w_scale))
+                mod.w_scale = torch.from_numpy(fp16_scale(mod.w_scale.numpy()).astype("float32"))
+        yield model
+    finally:
+        for p, data in params:
+            p.data = data
+        for mod, s in scales:
+            mod.w_scale = s
+
+
 def set_metadata(model_proto, meta: dict) -> None:
     del model_proto.metadata_props[:]
     for k in sorted(meta):
@@ -184,11 +219,15 @@ def set_metadata(model_proto, meta: dict) -> None:
         p.value = "" if meta[k] is None else str(meta[k])
 
 
-def export_onnx(model, family, path, *, weights: str = "int8", target: str = "tensorrt", meta: dict | None = None, exporter=None) -> dict:
+def export_onnx(model, family, path, *, weights: str = "int8", target: str = "tensorrt", meta: dict | None = None, exporter=None,
+                dtype: str = "fp32") -> dict:
     """Export `model` (already prepared: QLinears in place for naive/sq) to `path`. Returns a summary.
 
     `exporter(model, family, raw_path) -> dict | None` writes the raw torch.onnx graph (default: `torch_export`,
     logits only; sq_export.decode passes its KV-cache graph); its dict joins the metadata and the summary.
+    `dtype` "fp16": the float parts in float16 (weights that stay float, norms' γ/β, activations, logits), Q/DQ
+    with float16 scales at opset 19, norm statistics in float32 (see `float16_model`, passes/fp16_qdq.py); the
+    model is float32 again afterwards. Only the logits graph (default exporter).
     """
     import onnx_ir as ir
 
@@ -198,29 +237,43 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
         raise BadInput(f"--weights {weights} unknown: int8 (TensorRT 10+) or qdq (TensorRT 8.6)")
     if target not in ("tensorrt", "ort"):
         raise BadInput(f"--target {target} unknown: tensorrt or ort")
+    if dtype not in DTYPES:
+        raise BadInput(f"--dtype {dtype} unknown: fp32 or fp16")
+    if dtype == "fp16" and exporter is not None:
+        raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
     final = check_output_path(path)
     with tempfile.TemporaryDirectory(prefix=".sq_export.", dir=final.parent) as td:
         raw = Path(td) / "raw.onnx"
         with _weights_sink() as sink:
-            extra = (exporter or torch_export)(model, family, raw) or {}
-        m = ir.load(str(raw))
-        if str(raw) in sink:  # the graph came without its weights: they are still the model's tensors
-            _attach_weights(m, sink.pop(str(raw)))
-        else:  # an exporter that wrote a complete graph itself
-            ir.external_data.load_to_model(m)
+            if dtype == "fp16":
+                with float16_model(model):
+                    extra = torch_export(model, family, raw, opset=OPSET_FP16) or {}
+                    m = ir.load(str(raw))
+                    if str(raw) in sink:  # the parameters turn float32 again after this block: keep the float16
+                        _attach_weights(m, {k: v.detach() for k, v in sink.pop(str(raw)).items()})  # tensors
+            else:
+                extra = (exporter or torch_export)(model, family, raw) or {}
+        if dtype == "fp32":
+            m = ir.load(str(raw))
+            if str(raw) in sink:  # the graph came without its weights: they are still the model's tensors
+                _attach_weights(m, sink.pop(str(raw)))
+            else:  # an exporter that wrote a complete graph itself
+                ir.external_data.load_to_model(m)
     # TorchScript's CSE already gives a tensor feeding several QLinears (q/k/v) one shared Q/DQ pair.
     passes.TidyQDQConstantsPass()(m)
     if weights == "int8":
         passes.WeightsToInt8Pass()(m)
     if target == "ort":
         passes.ActivationsToUint8Pass()(m)
+    if dtype == "fp16":
+        passes.Float16QDQPass()(m)
     _drop_unused_initializers(m.graph)
 
     def edit(mp):
         mp.producer_name = "sq_export"
         mp.doc_string = ""
         mp.graph.doc_string = ""
-        set_metadata(mp, {**(meta or {}), "weights": weights, "target": target, **extra})
+        set_metadata(mp, {**(meta or {}), "weights": weights, "target": target, **({"dtype": dtype} if dtype != "fp32" else {}), **extra})
 
     save_ir(m, final, edit)
     n_nodes = len(m.graph)

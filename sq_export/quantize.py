@@ -62,6 +62,11 @@ class QLinear(nn.Module):
         return x
 
     def forward(self, x):
+        if x.dtype != self.w_kn.dtype:
+            # a float16 model (export --dtype fp16; w_kn and the scales stay float32): fake quantization in float32
+            # between Casts, which sq_export.passes.fp16_qdq turns into float16 Q/DQ (opset 19) with the same grid
+            y = torch.matmul(self.quant_input(x.float()).to(x.dtype), self.quantized_weight().to(x.dtype))
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         y = torch.matmul(self.quant_input(x), self.quantized_weight())
         return y if self.bias is None else y + self.bias
 

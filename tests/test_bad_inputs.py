@@ -87,6 +87,7 @@ def _cases(d):
         "eval truncated onnx": (["eval", str(d / "truncated.onnx")], 2, "ONNX"),
         "check fix onto input": (["check", str(d / "ok.onnx"), "--fix", str(d / "ok.onnx")], 2, ""),
         "export into missing folder": (["export", g, "-o", "/nonexistent/dir/x.onnx"], 2, "does not exist"),
+        "export fp16 decode graph": (["export", g, "--dtype", "fp16", "--decode", "-o", str(out / "x.onnx")], 2, "--dtype fp32"),
         "calibrate into missing folder": (["calibrate", g, "-o", "/nonexistent/dir/out"], 2, "does not exist"),
         "tokens into missing folder": (["tokens", g, "-o", "/nonexistent/dir/t.npz"], 2, "does not exist"),
         "build without tensorrt": (["build", str(d / "ok.onnx"), "-o", str(out / "x.engine")], 3, "TensorRT"),

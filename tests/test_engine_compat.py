@@ -154,3 +154,24 @@ def test_no_fp16_keeps_float_layers_fp32_on_trt8_only():
         plan_build("8.6.0", "fp16", facts(qdq=False), fp16=False)
     with pytest.raises(BadInput, match="strongly typed"):
         plan_build("10.3.0", "int8", facts(dtype="fp16"), fp16=False)
+
+
+def test_fp16_export_graph_plans(tmp_path):
+    """An `export --dtype fp16` graph: TensorRT 10+ builds it strongly typed in INT8; 8.6 refuses its float16
+    Q/DQ scales with a re-export hint."""
+    from conftest import make_tiny
+    from sq_export.export import export_onnx
+    from test_export import _quantized
+
+    model, fam = _quantized("llama")
+    export_onnx(model, fam, tmp_path / "m.onnx", dtype="fp16")
+    f = graph_facts(str(tmp_path / "m.onnx"))
+    assert f.float_dtype == "fp16" and f.qdq_scale_dtypes == ("FLOAT16",) and f.opset == 19
+    p = plan_build("10.3.0", "int8", f)
+    assert p.strongly_typed and p.network_kwargs() == {"strongly_typed": True}
+    with pytest.raises(BadInput, match="FLOAT16 scales"):
+        plan_build("8.6.0", "int8", f)
+    m, fam = make_tiny("opt")
+    export_onnx(m, fam, tmp_path / "fp.onnx", dtype="fp16")
+    p = plan_build("10.3.0", "fp16", graph_facts(str(tmp_path / "fp.onnx")))
+    assert p.strongly_typed

@@ -317,6 +317,12 @@ def plan_build(trt_version: str, precision: str, facts: GraphFacts, fp16: bool =
                 f"TensorRT {trt_version} has no BF16: export the graph as FP32 or FP16 (`sq-export export --dtype fp16`)"
             )
         if precision == "int8":
+            if "FLOAT16" in facts.qdq_scale_dtypes:
+                raise BadInput(
+                    f"this graph's Q/DQ have FLOAT16 scales (opset {facts.opset}, an `export --dtype fp16` graph), "
+                    f"which TensorRT {trt_version} cannot parse (FLOAT scales, opset <= 17): build it with TensorRT "
+                    "10+ (strongly typed), or export --dtype fp32 --weights qdq for TensorRT 8.x"
+                )
             if facts.int8_weight_dq:
                 raise BadInput(
                     f"TensorRT {trt_version} refuses INT8 weight initializers feeding DequantizeLinear "

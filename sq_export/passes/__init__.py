@@ -11,6 +11,8 @@ for use with `onnx_ir.passes.Sequential` on already-loaded IR models (large exte
     weights_to_int8(model) -> ModelProto              W -> Q -> DQ  ==>  int8 W -> DQ
     activations_to_uint8(model) -> ModelProto         activation int8/0  ==>  uint8/128 (ONNX Runtime target)
     tidy_qdq_constants(model) -> ModelProto           no Identity on constants, one zero-point per Q/DQ (TensorRT 8.6)
+    qdq_to_fp16(model) -> ModelProto                  Cast -> Q/DQ(float32 scale) -> Cast  ==>  float16 Q/DQ (opset 19)
+    norm_precision(model) -> list[Violation]          FP16001 (float16 graph, norm statistics not in float32)
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import onnx_ir as ir
 
 from sq_export.passes._graph import RULES, Norm, Violation, find_norms, to_ir, to_proto
 from sq_export.passes.fold_smoothing import Fold, FoldSmoothingPass
+from sq_export.passes.fp16_qdq import Float16QDQPass
 from sq_export.passes.lint_qdq import LintQDQPass
+from sq_export.passes.norm_precision import NormPrecisionPass
 from sq_export.passes.ort_uint8 import ActivationsToUint8Pass
 from sq_export.passes.tidy_qdq_constants import TidyQDQConstantsPass
 from sq_export.passes.verify_folded import VerifyFoldedPass
@@ -28,8 +32,9 @@ from sq_export.passes.weights_int8 import WeightsToInt8Pass, quantize_like_onnx
 
 __all__ = [
     "RULES", "Violation", "Fold", "Norm", "find_norms",
-    "verify_folded", "fold_smoothing", "lint_qdq", "weights_to_int8", "activations_to_uint8", "tidy_qdq_constants",
+    "verify_folded", "fold_smoothing", "lint_qdq", "weights_to_int8", "activations_to_uint8", "tidy_qdq_constants", "qdq_to_fp16",
     "VerifyFoldedPass", "FoldSmoothingPass", "LintQDQPass", "WeightsToInt8Pass", "ActivationsToUint8Pass", "TidyQDQConstantsPass",
+    "Float16QDQPass", "NormPrecisionPass", "norm_precision",
     "quantize_like_onnx", "to_ir", "to_proto",
 ]
 
@@ -65,6 +70,12 @@ def lint_qdq(model, target: str = "trt") -> list[Violation]:
     return p.violations
 
 
+def norm_precision(model) -> list[Violation]:
+    p = NormPrecisionPass()
+    p(_read(model))
+    return p.violations
+
+
 def weights_to_int8(model) -> onnx.ModelProto:
     return to_proto(WeightsToInt8Pass()(_copy(model)).model)
 
@@ -75,3 +86,7 @@ def activations_to_uint8(model) -> onnx.ModelProto:
 
 def tidy_qdq_constants(model) -> onnx.ModelProto:
     return to_proto(TidyQDQConstantsPass()(_copy(model)).model)
+
+
+def qdq_to_fp16(model) -> onnx.ModelProto:
+    return to_proto(Float16QDQPass()(_copy(model)).model)

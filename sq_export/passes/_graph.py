@@ -36,6 +36,7 @@ RULES: dict[str, str] = {
     "QDQ010": "the same tensor is quantized by more than one QuantizeLinear",
     "QDQ011": "Q/DQ on a graph output",
     "QDQ012": "decomposed LayerNorm (ReduceMean -> Sub -> Pow -> ReduceMean ...): export LayerNormalization",
+    "FP16001": "float16 graph computes norm statistics in float16 (mean(x^2) overflows for |x| > 256)",
     "ONNX001": "onnx.checker rejected the model",
 }
 
