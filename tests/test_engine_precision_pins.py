@@ -75,8 +75,8 @@ def test_pin_sets_fp32_on_matching_layers_only():
     trt = types.SimpleNamespace(float16="half", float32="float", int8="int8")
 
     class Out:
-        def __init__(self, dt):
-            self.dtype = dt
+        def __init__(self, dt, name=""):
+            self.dtype, self.name = dt, name
 
     class Layer:
         def __init__(self, name, dts):
@@ -104,3 +104,10 @@ def test_pin_sets_fp32_on_matching_layers_only():
     layers[2].precision, layers[2].set = None, {}
     assert set_output_types(net, trt, ["/m/layers.0/input_layernorm/ReduceMean"], trt.float16) == 1
     assert layers[2].precision is None and layers[2].set == {0: "half"}
+    # a layer TensorRT named otherwise is still found by the ONNX output tensor it produces
+    odd = Layer("(Unnamed Layer* 7) [Normalization]", ["half"])
+    odd.outs[0].name = "/m/layers.0/ln/LayerNormalization_output_0"
+    layers.append(odd)
+    net.num_layers = 4
+    assert pin_layers_fp32(net, trt, ["/m/layers.0/ln/LayerNormalization"], {"/m/layers.0/ln/LayerNormalization_output_0"}) == 1
+    assert odd.precision == "float" and odd.set == {0: "float"}

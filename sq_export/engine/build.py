@@ -255,17 +255,22 @@ def build_engine(
     if pins:
         from polygraphy.backend.trt import PostprocessNetwork
 
-        from sq_export.engine.precision_pins import pin_layers, set_output_types
+        from sq_export.engine.precision_pins import node_outputs, pin_layers, set_output_types
 
+        outputs = []
         for names, _, counter in pins:
             counter["nodes"] = len(names)
+            outputs.append(node_outputs(onnx_path, names))
 
         def _pin(network):  # Polygraphy's PostprocessNetwork calls func(network=...)
-            for names, dtype, counter in pins:
+            for (names, dtype, counter), outs in zip(pins, outputs):
                 if isinstance(dtype, tuple):  # ("output", dtype): output type only
-                    counter["layers"] = set_output_types(network, trt, names, dtype[1])
+                    counter["layers"] = set_output_types(network, trt, names, dtype[1], outs)
                 else:
-                    counter["layers"] = pin_layers(network, trt, names, dtype)
+                    counter["layers"] = pin_layers(network, trt, names, dtype, outs)
+                if counter["nodes"] and not counter["layers"]:
+                    log.warning("precision pin %s: none of %d ONNX nodes (e.g. %s) matched a TensorRT layer", dtype,
+                                counter["nodes"], names[0])
 
         network = PostprocessNetwork(network, _pin)
         cfg_kwargs["precision_constraints"] = "prefer"

@@ -115,14 +115,15 @@ def quantized_matmul_node_names(onnx_path) -> list[str]:
     return out
 
 
-def set_output_types(network, trt, node_names, dtype) -> int:
+def set_output_types(network, trt, node_names, dtype, tensor_names=()) -> int:
     """Only the float output type (not the precision) of the layers made from `node_names`: e.g. an INT8 GEMM
     writing FP16 instead of FP32. Returns how many layers."""
     prefixes = tuple(node_names)
+    tensors = set(tensor_names)
     count = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if prefixes and layer.name.startswith(prefixes):
+        if _matches(layer, prefixes, tensors):
             for j in range(layer.num_outputs):
                 if layer.get_output(j).dtype in (trt.float16, trt.float32):
                     layer.set_output_type(j, dtype)
@@ -130,15 +131,29 @@ def set_output_types(network, trt, node_names, dtype) -> int:
     return count
 
 
-def pin_layers(network, trt, node_names, dtype) -> int:
-    """Set precision and float output types to `dtype` on the layers made from `node_names` (TensorRT names a layer
-    after its ONNX node, sometimes with a suffix: matched by prefix). Returns how many layers."""
+def node_outputs(onnx_path, node_names) -> set[str]:
+    """Output tensor names of the named nodes (TensorRT keeps ONNX tensor names on the layers that produce them)."""
+    want = set(node_names)
+    return {o for n in _load(onnx_path).graph.node if n.name in want for o in n.output}
+
+
+def _matches(layer, prefixes, tensors) -> bool:
+    if prefixes and layer.name.startswith(prefixes):
+        return True
+    return bool(tensors) and any(layer.get_output(j).name in tensors for j in range(layer.num_outputs))
+
+
+def pin_layers(network, trt, node_names, dtype, tensor_names=()) -> int:
+    """Set precision and float output types to `dtype` on the layers made from `node_names`: TensorRT names a layer
+    after its ONNX node, sometimes with a suffix (matched by prefix), or names it otherwise but keeps the node's
+    output tensor names (`tensor_names`, from node_outputs). Returns how many layers."""
     prefixes = tuple(node_names)
+    tensors = set(tensor_names)
     float_types = {trt.float16, trt.float32}
     count = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if not prefixes or not layer.name.startswith(prefixes):
+        if not _matches(layer, prefixes, tensors):
             continue
         layer.precision = dtype
         for j in range(layer.num_outputs):
@@ -148,5 +163,5 @@ def pin_layers(network, trt, node_names, dtype) -> int:
     return count
 
 
-def pin_layers_fp32(network, trt, node_names) -> int:
-    return pin_layers(network, trt, node_names, trt.float32)
+def pin_layers_fp32(network, trt, node_names, tensor_names=()) -> int:
+    return pin_layers(network, trt, node_names, trt.float32, tensor_names)
