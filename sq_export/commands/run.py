@@ -95,6 +95,6 @@ def run(args):
         k, v = next(iter(bad.items()))
         print(f"sq-export run: error: the TensorRT engine of model.{k}.onnx does not compute its graph (perplexity "
               f"{v['engine']:.4g} vs {v['onnxruntime']:.4g} in ONNX Runtime): do not deploy it; rebuild it with "
-              f"`sq-export build {Path(args.output) / ('model.' + k + '.onnx')} --no-fp16` (docs/TENSORRT.md)", file=sys.stderr)
+              f"`sq-export build {Path(args.output) / ('model.' + k + '.onnx')} -o {Path(args.output) / ('model.' + k + '.engine')} --no-fp16` (docs/TENSORRT.md)", file=sys.stderr)
         return 1
     return 0
