@@ -12,6 +12,7 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -28,28 +29,19 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import onnx
     import onnxruntime as ort
-    from onnx import numpy_helper
 
-    sys.path.insert(0, ".")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from sq_export.engine.run import load_tokens
+
+    from sq_export.onnx_meta import GraphIndex
 
     m = onnx.load(a.onnx)
     g = m.graph
-    producer = {o: n for n in g.node for o in n.output}
-    inits = {t.name: t for t in g.initializer}
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-
-    def arr(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        return numpy_helper.to_array(consts[name].attribute[0].t)
-
+    ix = GraphIndex(g)
+    producer, arr = ix.producer, ix.array
     linears = []  # (matmul name, activation Q output, weight int8 array [K, N], act scale, weight scales, output name)
-    for n in g.node:
-        if n.op_type != "MatMul":
-            continue
-        dqs = [producer.get(i) for i in n.input[:2]]
-        if not all(d is not None and d.op_type == "DequantizeLinear" for d in dqs):
+    for n, *dqs in ix.quantized_matmuls():
+        if n.op_type != "MatMul":  # (Gemm: transB layouts not handled here)
             continue
         qa = producer[dqs[0].input[0]]
         s_x = float(arr(dqs[0].input[1]))

@@ -16,36 +16,27 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def bypass(model, patterns: list[str], invert: bool = False) -> list[str]:
     from onnx import numpy_helper
 
+    from sq_export.onnx_meta import GraphIndex
+
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    inits = {t.name: t for t in g.initializer}
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-
-    def const_array(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        if name in consts:
-            return numpy_helper.to_array(consts[name].attribute[0].t)
-        return None
-
+    ix = GraphIndex(g)
+    producer, const_array = ix.producer, ix.array
     rx = [re.compile(p) for p in patterns]
     changed = []
-    for n in g.node:
-        if n.op_type not in ("MatMul", "Gemm"):
-            continue
-        dqs = [producer.get(i) for i in n.input[:2]]
-        if not all(d is not None and d.op_type == "DequantizeLinear" for d in dqs):
-            continue
+    for n, dq_a, dq_w in list(ix.quantized_matmuls()):
         if any(r.search(n.name) for r in rx) == invert:
             continue
-        for k, dq in enumerate(dqs):
+        for k, dq in enumerate((dq_a, dq_w)):
             q = producer.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":  # activation, or float weight -> Q -> DQ
                 n.input[k] = q.input[0]

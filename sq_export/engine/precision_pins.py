@@ -87,32 +87,21 @@ def norm_node_names(onnx_path) -> list[str]:
     return names
 
 
+def quantized_matmul_node_names(onnx_path) -> list[str]:
+    """MatMul/Gemm nodes with DequantizeLinear on both inputs: the INT8 GEMMs."""
+    from sq_export.onnx_meta import GraphIndex
+
+    return [n.name for n, _, _ in GraphIndex(_load(onnx_path).graph).quantized_matmuls() if n.name]
+
+
 def float_matmul_node_names(onnx_path) -> list[str]:
     """MatMul/Gemm nodes that are not quantized (not both inputs from DequantizeLinear): attention's score and
     context products, the LM head, Linears kept in float (fallback)."""
-    m = _load(onnx_path)
-    producer = {o: n for n in m.graph.node for o in n.output}
-    out = []
-    for n in m.graph.node:
-        if n.op_type not in ("MatMul", "Gemm") or not n.name:
-            continue
-        srcs = [producer.get(i) for i in n.input[:2]]
-        if not all(s is not None and s.op_type == "DequantizeLinear" for s in srcs):
-            out.append(n.name)
-    return out
+    from sq_export.onnx_meta import GraphIndex
 
-
-def quantized_matmul_node_names(onnx_path) -> list[str]:
-    """MatMul/Gemm nodes with DequantizeLinear on both inputs: the INT8 GEMMs."""
-    m = _load(onnx_path)
-    producer = {o: n for n in m.graph.node for o in n.output}
-    out = []
-    for n in m.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and n.name:
-            srcs = [producer.get(i) for i in n.input[:2]]
-            if all(s is not None and s.op_type == "DequantizeLinear" for s in srcs):
-                out.append(n.name)
-    return out
+    ix = GraphIndex(_load(onnx_path).graph)
+    quantized = {n.name for n, _, _ in ix.quantized_matmuls()}
+    return [n.name for n in ix.graph.node if n.op_type in ("MatMul", "Gemm") and n.name and n.name not in quantized]
 
 
 def set_output_types(network, trt, node_names, dtype, tensor_names=()) -> int:
