@@ -48,9 +48,21 @@ def test_working_copy_shares_read_only_tensors_and_leaves_the_model_alone(family
         assert torch.equal(v, before[k]), k
     p2 = _prepare(copy.deepcopy(model), fam, x, mode=mode, linear_pairs=pairs)
     assert torch.equal(logits_of(p1.model, x), logits_of(p2.model, x))
+    storages = {t.untyped_storage().data_ptr() for t in model.parameters()}
     if mode == "naive":
         ids = {id(t) for t in model.parameters()}
         assert all(id(t) in ids for n, t in shared.named_parameters() if not n.endswith(("w_kn", "bias")))
+        # the QLinears hold the float weights themselves (views), not copies: naive W8A8 costs no weight memory
+        assert all(t.untyped_storage().data_ptr() in storages for t in shared.parameters())
+    else:  # SQ: only what smoothing wrote is new memory, held once (the QLinear views the smoothed copy)
+        from sq_export.quantize import QLinear
+
+        new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in shared.parameters()
+               if t.untyped_storage().data_ptr() not in storages}
+        smoothed = {n for g in fam.groups(include_linear_pairs=pairs) for n in (g.source, *g.linears)}
+        written = sum(t.untyped_storage().nbytes() for n in smoothed for t in model.get_submodule(n).parameters(recurse=False))
+        assert sum(new.values()) == written
+        assert all(isinstance(shared.get_submodule(n), QLinear) for n in p1.quantized)
 
 
 def test_replayed_alpha_search_and_fallback_build_the_same_model():
