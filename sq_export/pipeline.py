@@ -384,7 +384,9 @@ class Pipeline:
                                     "stage (same calibration): rerun with --force")
             self._quantized[mode] = m
             if first is None:
-                self._prepared[mode] = replace(prep, model=None)  # the decisions and summaries, not the model
+                # the decisions and summaries, not the model (nor the family, which holds the float model: eval
+                # releases that before ONNX Runtime runs, and a reference here kept its 513 MB alive)
+                self._prepared[mode] = replace(prep, model=None, family=None, tokenizer=None)
         return self._quantized[mode]
 
     def prepared(self, mode: str):

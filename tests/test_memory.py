@@ -101,3 +101,29 @@ def test_malloc_settings_and_rss():
         assert memory.rss_kb() > 0 and memory.rss_kb("VmHWM") >= memory.rss_kb()
     memory.release_memory()
 
+
+
+def test_no_torch_model_is_alive_while_onnx_runtime_evaluates(tiny_dirs, small_text, tmp_path, monkeypatch):
+    """The eval stage releases the float model before ONNX Runtime runs: nothing the run keeps (the recorded
+    recipe decisions included) may still reference it."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    from sq_export import evaluate
+    from sq_export.cli import main
+
+    alive = []
+    orig = evaluate.onnx_perplexity
+
+    def probe(path, *a, **k):
+        gc.collect()
+        alive.append(sum(isinstance(o, PreTrainedModel) for o in gc.get_objects()))
+        return orig(path, *a, **k)
+
+    monkeypatch.setattr(evaluate, "onnx_perplexity", probe)
+    argv = ["-q", "run", str(tiny_dirs("llama")), "-o", str(tmp_path / "out"), "--samples", "4", "--calib-seq-len", "32",
+            "--max-tokens", "128", "--seq-len", "64", "--calib-text", str(small_text / "calib.txt"),
+            "--text", str(small_text / "eval.txt"), "--until", "eval"]
+    assert main(argv) == 0
+    assert alive == [0, 0, 0]
