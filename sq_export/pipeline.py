@@ -840,11 +840,11 @@ class Pipeline:
         from sq_export.evaluate import onnx_perplexity, torch_perplexity
         from sq_export.recipe import check_batch
         from sq_export.report import linear_outputs, smoothed_reference, sqnr_against
-        from sq_export.textdata import read_text, tokenize
+        from sq_export.textdata import token_ids
 
         model, tok, fam = self.loaded()
         o = self.opts
-        ids = tokenize(tok, read_text(o.eval_text, "eval"))
+        ids = np.array(token_ids(tok, o.eval_text, "eval"))  # a writable copy for torch.as_tensor
         ppl: dict = {"pytorch": {}, "onnxruntime": {}}
         secs: dict = {"pytorch": {}, "onnxruntime": {}}
         tokens = None

@@ -107,9 +107,9 @@ def get_act_max(model, family, tokenizer, recipe: Recipe):
 
 def check_batch(tokenizer, recipe: Recipe) -> torch.Tensor:
     """A small calibration batch for the float-equivalence check (first window of the calibration windows)."""
-    from sq_export.textdata import calibration_samples, read_text, tokenize
+    from sq_export.textdata import calibration_samples, token_ids
 
-    ids = tokenize(tokenizer, read_text(recipe.calib.calib_text, "calib"))
+    ids = token_ids(tokenizer, recipe.calib.calib_text, "calib")
     return torch.as_tensor(calibration_samples(ids, 2, min(128, recipe.calib.seq_len, len(ids))))
 
 

@@ -127,3 +127,27 @@ def test_no_torch_model_is_alive_while_onnx_runtime_evaluates(tiny_dirs, small_t
             "--text", str(small_text / "eval.txt"), "--until", "eval"]
     assert main(argv) == 0
     assert alive == [0, 0, 0]
+
+
+def test_token_ids_tokenizes_a_file_once_per_version(tmp_path, monkeypatch):
+    import os
+
+    import numpy as np
+
+    from conftest import tokenizer
+    from sq_export import textdata
+
+    tok = tokenizer()
+    p = tmp_path / "t.txt"
+    p.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    calls = []
+    orig = textdata.tokenize
+    monkeypatch.setattr(textdata, "tokenize", lambda t, s: (calls.append(1), orig(t, s))[1])
+    a = textdata.token_ids(tok, p, "calib")
+    b = textdata.token_ids(tok, str(p), "calib")
+    assert len(calls) == 1 and b is a and not a.flags.writeable
+    assert np.array_equal(a, orig(tok, p.read_text()))
+    p.write_text("another text, of another length")
+    os.utime(p, ns=(1, 1))
+    c = textdata.token_ids(tok, p, "calib")
+    assert len(calls) == 2 and np.array_equal(c, orig(tok, p.read_text()))
