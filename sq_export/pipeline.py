@@ -630,7 +630,7 @@ class Pipeline:
         import torch
         from safetensors.torch import save_file
 
-        from sq_export.modeling import weight_oi
+        from sq_export.modeling import abs_max, weight_oi
         from sq_export.recipe import check_batch
         from sq_export.smooth import smooth_checked, smoothed_act_max
 
@@ -671,8 +671,8 @@ class Pipeline:
             for n in names:
                 stats[f"act_before/{n}"] = act[n].float().clone().contiguous()
                 stats[f"act_after/{n}"] = after[n].float().clone().contiguous()
-                stats[f"w_before/{n}"] = weight_oi(model.get_submodule(n)).abs().amax(dim=0).float().contiguous()
-                stats[f"w_after/{n}"] = weight_oi(m.get_submodule(n)).abs().amax(dim=0).float().contiguous()
+                stats[f"w_before/{n}"] = abs_max(weight_oi(model.get_submodule(n)), 0).float().contiguous()
+                stats[f"w_after/{n}"] = abs_max(weight_oi(m.get_submodule(n)), 0).float().contiguous()
         n_layers = fam.num_layers()
         prefix = fam.layer_prefix(n_layers // 2)
         groups = fam.groups()

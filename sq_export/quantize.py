@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sq_export.modeling import is_conv1d
+from sq_export.modeling import abs_max, is_conv1d
 
 ACT_MODES = ("static", "dynamic-tensor", "dynamic-token", "none")
 QMIN, QMAX = -128, 127
@@ -44,7 +44,7 @@ class QLinear(nn.Module):
         w_kn = linear.weight.detach() if is_conv1d(linear) else linear.weight.detach().t()
         self.w_kn = nn.Parameter(w_kn, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        amax = w_kn.abs().amax(dim=0) if per_channel else w_kn.abs().amax().expand(w_kn.shape[1])
+        amax = abs_max(w_kn, 0) if per_channel else abs_max(w_kn).expand(w_kn.shape[1])
         self.register_buffer("w_scale", scale_from_amax(amax).contiguous())
         self.register_buffer("w_zero", torch.zeros(w_kn.shape[1], dtype=torch.int32))
         self.act = act

@@ -151,3 +151,19 @@ def test_token_ids_tokenizes_a_file_once_per_version(tmp_path, monkeypatch):
     os.utime(p, ns=(1, 1))
     c = textdata.token_ids(tok, p, "calib")
     assert len(calls) == 2 and np.array_equal(c, orig(tok, p.read_text()))
+
+
+def test_abs_max_equals_abs_then_amax_bit_for_bit():
+    from sq_export.modeling import abs_max
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 19, generator=g)
+    w[:, 3] = -0.0  # a column of negative zeros: abs gives +0.0
+    w[:, 4] = 0.0
+    w[5, 6] = float("-inf")
+    for dim in (0, 1):
+        want = w.abs().amax(dim=dim)
+        got = abs_max(w, dim)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), dim
+    assert torch.equal(abs_max(w[:, :3]).view(torch.int32), w[:, :3].abs().amax().view(torch.int32))
+    assert torch.equal(abs_max(w.t(), 0), w.t().abs().amax(dim=0))  # a transposed view (QLinear's w_kn)
