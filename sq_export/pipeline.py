@@ -850,23 +850,21 @@ class Pipeline:
         tokens = None
         # PyTorch: the float model, then one quantized model at a time (built, measured, released); the per-Linear
         # SQNR of each against the float model it approximates (naive: the float model; SQ: with --smooth-pairs the
-        # smoothed float model, report.smoothed_reference) from reference outputs taken once
+        # smoothed float model, report.smoothed_reference). The float model's reference outputs (~160 MB for
+        # SmolLM2) are taken after the perplexity pass and dropped after the SQNR pass, not held through it (the
+        # float model is resident anyway; recomputing them for SQ is one small forward); the smoothed reference of
+        # --smooth-pairs is taken before the SQ model is built, so that its model copy and the SQ model never coexist
         names = fam.quantized_linears()
         batch = check_batch(tok, self.recipe())
         t_sqnr = 0.0
-        refs = {}
         sqnr = {n: {} for n in names}
         for mode in MODES:
-            if mode != "fp":
+            ref = None
+            if mode == "sq" and o.linear_pairs:
                 t = time.perf_counter()
-                if mode == "naive" or not o.linear_pairs:
-                    refs.setdefault("float", linear_outputs(model, names, batch))
-                    ref = refs["float"]
-                else:
-                    refs.pop("float", None)
-                    smoothed = smoothed_reference(model, fam, self.act_max(), self.smooth_alpha(), True)
-                    ref = linear_outputs(smoothed, names, batch)
-                    del smoothed
+                smoothed = smoothed_reference(model, fam, self.act_max(), self.smooth_alpha(), True)
+                ref = linear_outputs(smoothed, names, batch)
+                del smoothed
                 t_sqnr += time.perf_counter() - t
             t = time.perf_counter()
             m = self.quantized(mode)
@@ -875,14 +873,19 @@ class Pipeline:
             secs["pytorch"][mode] = round(time.perf_counter() - t, 2)
             if mode != "fp":
                 t = time.perf_counter()
+                if ref is None:
+                    ref = linear_outputs(model, names, batch)
                 for n, v in sqnr_against(ref, m, names, batch).items():
                     sqnr[n][mode] = v
                 del m, ref
                 self.release(mode)
                 t_sqnr += time.perf_counter() - t
+            else:
+                del m
+                self.release()  # the forward passes' freed activations, back to the OS
         prep = self.prepared("sq")
         alpha = self.alpha()
-        del model, refs, fam  # (the family holds the model too)
+        del model, fam  # (the family holds the model too)
         self.release(model=True)  # ONNX Runtime and TensorRT below need no torch model
         for mode in MODES:
             t = time.perf_counter()
