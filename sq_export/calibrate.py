@@ -126,9 +126,9 @@ def validate_act_scales(scales: dict[str, torch.Tensor], model, family, source: 
 
 def run_calibration(model, family, tokenizer, calib_text=None, samples=512, seq_len=512, batch_size=4, reservoir=None):
     """Text → windows → act max (and, with `reservoir`, a bounded row sample in the same pass). Returns (scales, meta)."""
-    from sq_export.textdata import calibration_samples, read_text, tokenize
+    from sq_export.textdata import calibration_samples, token_ids
 
-    ids = tokenize(tokenizer, read_text(calib_text, "calib"))
+    ids = token_ids(tokenizer, calib_text, "calib")
     batches = calibration_samples(ids, samples, seq_len)
     t = time.perf_counter()
     scales = calibrate(model, family, batches, batch_size, reservoir=reservoir)

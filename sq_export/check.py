@@ -5,8 +5,10 @@
 
 Raises sq_export.errors.BadInput (exit 2) for a missing / non-ONNX / truncated file, for --fix onto the input path,
 and for a graph with neither norms nor Q/DQ. Violations are data, not exceptions (the CLI exits 1 on them).
-Torch-free. Large models (> 2 GB, external data) load lazily through onnx_ir; the fixed model is written with
-external data beside it when its initializers exceed 1.5 GB.
+Torch-free. The weights' bytes are not read (sq_export.onnx_read: onnx.checker and the passes see the graph with
+its initializers left in the file; the passes read the few constants they need); files with external data (> 2 GB)
+load lazily through onnx_ir; the fixed model is written with external data beside it when its initializers exceed
+1.5 GB.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from sq_export import onnx_read
 from sq_export.errors import BadInput
 from sq_export.fileio import atomic_file
 from sq_export.passes._graph import RULES, Violation, find_norms, nodes_of
@@ -107,7 +110,9 @@ def load_model(path_or_model) -> tuple[ir.Model, str]:
     if not os.access(path, os.R_OK):
         raise BadInput(f"{path}: not readable (permissions)")
     try:
-        model = ir.load(path)
+        # weights are not read: only the constants the passes look at are, on demand (sq_export.onnx_read);
+        # a file that reader declines is loaded whole, as before
+        model = onnx_read.load_lazy(path) or ir.load(path)
     except Exception as e:  # DecodeError, truncated protobuf, missing external data ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadInput(f"{path}: not a readable ONNX model ({msg}); is it truncated or another format?") from e
@@ -123,6 +128,10 @@ def _validated(model: ir.Model, name: str) -> ir.Model:
 def _checker_message(path_or_model, model: ir.Model | None = None) -> str | None:
     """onnx.checker's first error line, or None. For a path it runs on the file (its own copy of the graph), so
     run_check calls it before loading the graph itself: the two copies never coexist."""
+    if isinstance(path_or_model, (str, os.PathLike)):
+        ran, message = onnx_read.checker_message(path_or_model)  # the graph without its weights' bytes
+        if ran:
+            return message
     try:
         if isinstance(path_or_model, (str, os.PathLike)):
             onnx.checker.check_model(os.fspath(path_or_model))

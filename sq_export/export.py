@@ -103,6 +103,32 @@ def _capturing_params():
         torch._C._jit_pass_onnx_deduplicate_initializers = orig
 
 
+# torch.onnx's shape inference pass (run twice per export) converts every constant input of every node it infers to
+# an ONNX tensor, copying it: the 113 MB embedding of SmolLM2 (and its tied, transposed LM head) three times over,
+# +500 MB at the export's peak. Shapes and types do not depend on the values of float weights (ONNX's data
+# propagation reads only small integer shape tensors), and the graph's inputs carry every parameter's full tensor
+# type: inside `torchscript_export` the pass sees the parameter dict without float tensors of SHAPE_INFERENCE_SKIP
+# bytes and more (tests/test_export_stream.py checks the graph is the same byte for byte).
+SHAPE_INFERENCE_SKIP = 1 << 20
+
+
+@contextlib.contextmanager
+def _shape_inference_without_weights():
+    skip_bytes = SHAPE_INFERENCE_SKIP
+    orig = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def wrapped(graph, params, *args, **kwargs):
+        small = {k: v for k, v in params.items()
+                 if not (isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() * v.element_size() >= skip_bytes)}
+        return orig(graph, small, *args, **kwargs)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = wrapped
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = orig
+
+
 def torchscript_export(module, args, path, **kwargs) -> None:
     """torch.onnx.export (TorchScript exporter, constant folding on). Inside `export_onnx` the graph is written
     without its weights and the weights are handed to export_onnx (see above); elsewhere it is a plain export."""
@@ -110,7 +136,7 @@ def torchscript_export(module, args, path, **kwargs) -> None:
     kw = dict(dynamo=False, do_constant_folding=True, **kwargs)
     # no autograd graph: with parameters that require grad, the traced forward would keep what backward needs
     # (fake-quant masks, matmul inputs) alive until the export ends (SmolLM2 naive W8A8: +540 MB); same graph
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _shape_inference_without_weights():
         warnings.simplefilter("ignore")
         if sink is None:
             torch.onnx.export(module, args, str(path), **kw)

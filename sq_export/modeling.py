@@ -141,6 +141,15 @@ def weight_oi(mod) -> torch.Tensor:
     return mod.weight.t() if is_conv1d(mod) else mod.weight
 
 
+def abs_max(w: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """`w.abs().amax(dim)` without the full-size |w| temporary: max(max w, -min w) is the same value exactly (the
+    + 0.0 turns a -0.0 into the +0.0 that abs gives). Hundreds of those weight-sized temporaries, each freed between
+    small allocations, left the heap fragmented: the smooth stage's per-channel statistics grew RSS by 600 MB."""
+    if dim is None:
+        return torch.maximum(w.amax(), w.amin().neg()) + 0.0
+    return torch.maximum(w.amax(dim=dim), w.amin(dim=dim).neg()) + 0.0
+
+
 def in_features(mod) -> int:
     return weight_oi(mod).shape[1]
 

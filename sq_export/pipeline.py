@@ -384,7 +384,9 @@ class Pipeline:
                                     "stage (same calibration): rerun with --force")
             self._quantized[mode] = m
             if first is None:
-                self._prepared[mode] = replace(prep, model=None)  # the decisions and summaries, not the model
+                # the decisions and summaries, not the model (nor the family, which holds the float model: eval
+                # releases that before ONNX Runtime runs, and a reference here kept its 513 MB alive)
+                self._prepared[mode] = replace(prep, model=None, family=None, tokenizer=None)
         return self._quantized[mode]
 
     def prepared(self, mode: str):
@@ -628,7 +630,7 @@ class Pipeline:
         import torch
         from safetensors.torch import save_file
 
-        from sq_export.modeling import weight_oi
+        from sq_export.modeling import abs_max, weight_oi
         from sq_export.recipe import check_batch
         from sq_export.smooth import smooth_checked, smoothed_act_max
 
@@ -669,8 +671,8 @@ class Pipeline:
             for n in names:
                 stats[f"act_before/{n}"] = act[n].float().clone().contiguous()
                 stats[f"act_after/{n}"] = after[n].float().clone().contiguous()
-                stats[f"w_before/{n}"] = weight_oi(model.get_submodule(n)).abs().amax(dim=0).float().contiguous()
-                stats[f"w_after/{n}"] = weight_oi(m.get_submodule(n)).abs().amax(dim=0).float().contiguous()
+                stats[f"w_before/{n}"] = abs_max(weight_oi(model.get_submodule(n)), 0).float().contiguous()
+                stats[f"w_after/{n}"] = abs_max(weight_oi(m.get_submodule(n)), 0).float().contiguous()
         n_layers = fam.num_layers()
         prefix = fam.layer_prefix(n_layers // 2)
         groups = fam.groups()
@@ -838,33 +840,31 @@ class Pipeline:
         from sq_export.evaluate import onnx_perplexity, torch_perplexity
         from sq_export.recipe import check_batch
         from sq_export.report import linear_outputs, smoothed_reference, sqnr_against
-        from sq_export.textdata import read_text, tokenize
+        from sq_export.textdata import token_ids
 
         model, tok, fam = self.loaded()
         o = self.opts
-        ids = tokenize(tok, read_text(o.eval_text, "eval"))
+        ids = np.array(token_ids(tok, o.eval_text, "eval"))  # a writable copy for torch.as_tensor
         ppl: dict = {"pytorch": {}, "onnxruntime": {}}
         secs: dict = {"pytorch": {}, "onnxruntime": {}}
         tokens = None
         # PyTorch: the float model, then one quantized model at a time (built, measured, released); the per-Linear
         # SQNR of each against the float model it approximates (naive: the float model; SQ: with --smooth-pairs the
-        # smoothed float model, report.smoothed_reference) from reference outputs taken once
+        # smoothed float model, report.smoothed_reference). The float model's reference outputs (~160 MB for
+        # SmolLM2) are taken after the perplexity pass and dropped after the SQNR pass, not held through it (the
+        # float model is resident anyway; recomputing them for SQ is one small forward); the smoothed reference of
+        # --smooth-pairs is taken before the SQ model is built, so that its model copy and the SQ model never coexist
         names = fam.quantized_linears()
         batch = check_batch(tok, self.recipe())
         t_sqnr = 0.0
-        refs = {}
         sqnr = {n: {} for n in names}
         for mode in MODES:
-            if mode != "fp":
+            ref = None
+            if mode == "sq" and o.linear_pairs:
                 t = time.perf_counter()
-                if mode == "naive" or not o.linear_pairs:
-                    refs.setdefault("float", linear_outputs(model, names, batch))
-                    ref = refs["float"]
-                else:
-                    refs.pop("float", None)
-                    smoothed = smoothed_reference(model, fam, self.act_max(), self.smooth_alpha(), True)
-                    ref = linear_outputs(smoothed, names, batch)
-                    del smoothed
+                smoothed = smoothed_reference(model, fam, self.act_max(), self.smooth_alpha(), True)
+                ref = linear_outputs(smoothed, names, batch)
+                del smoothed
                 t_sqnr += time.perf_counter() - t
             t = time.perf_counter()
             m = self.quantized(mode)
@@ -873,18 +873,24 @@ class Pipeline:
             secs["pytorch"][mode] = round(time.perf_counter() - t, 2)
             if mode != "fp":
                 t = time.perf_counter()
+                if ref is None:
+                    ref = linear_outputs(model, names, batch)
                 for n, v in sqnr_against(ref, m, names, batch).items():
                     sqnr[n][mode] = v
                 del m, ref
                 self.release(mode)
                 t_sqnr += time.perf_counter() - t
+            else:
+                del m
+                self.release()  # the forward passes' freed activations, back to the OS
         prep = self.prepared("sq")
         alpha = self.alpha()
-        del model, refs, fam  # (the family holds the model too)
+        del model, fam  # (the family holds the model too)
         self.release(model=True)  # ONNX Runtime and TensorRT below need no torch model
         for mode in MODES:
             t = time.perf_counter()
             r = onnx_perplexity(str(self.out / ONNX[mode]), ids, o.seq_len, o.max_tokens)
+            self.release()  # ONNX Runtime frees a session's memory into the heap, where it stayed resident (+750 MB)
             ppl["onnxruntime"][mode] = r["perplexity"]
             secs["onnxruntime"][mode] = round(time.perf_counter() - t, 2)
         engines = self.engines()

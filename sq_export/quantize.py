@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sq_export.modeling import is_conv1d
+from sq_export.modeling import abs_max, is_conv1d
 
 ACT_MODES = ("static", "dynamic-tensor", "dynamic-token", "none")
 QMIN, QMAX = -128, 127
@@ -39,10 +39,12 @@ class QLinear(nn.Module):
             raise ValueError(act)
         if act == "static" and act_scale is None:
             raise ValueError("static activation quantization needs a calibrated scale")
+        # the float weight itself, as a [K, N] view (no copy): a working copy that shares the float model's Linears
+        # (naive W8A8) costs no weight memory; nothing writes into w_kn (the fake-quantized weight is a new tensor)
         w_kn = linear.weight.detach() if is_conv1d(linear) else linear.weight.detach().t()
-        self.w_kn = nn.Parameter(w_kn.contiguous().clone(), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        amax = w_kn.abs().amax(dim=0) if per_channel else w_kn.abs().amax().expand(w_kn.shape[1])
+        self.w_kn = nn.Parameter(w_kn, requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        amax = abs_max(w_kn, 0) if per_channel else abs_max(w_kn).expand(w_kn.shape[1])
         self.register_buffer("w_scale", scale_from_amax(amax).contiguous())
         self.register_buffer("w_zero", torch.zeros(w_kn.shape[1], dtype=torch.int32))
         self.act = act
@@ -50,7 +52,11 @@ class QLinear(nn.Module):
         self.in_features, self.out_features = w_kn.shape
 
     def quantized_weight(self) -> torch.Tensor:
-        return torch.fake_quantize_per_channel_affine(self.w_kn, self.w_scale, self.w_zero, 1, QMIN, QMAX)
+        wq = torch.fake_quantize_per_channel_affine(self.w_kn, self.w_scale, self.w_zero, 1, QMIN, QMAX)
+        # w_kn of an nn.Linear is a transposed view and the fake-quantized weight keeps its layout: made contiguous
+        # [K, N], the matmul runs the same kernel on the same memory layout as with a contiguous copy of the weight
+        # (same rounding, same logits); when tracing for ONNX the layout is not part of the graph
+        return wq if wq.is_contiguous() or torch.jit.is_tracing() else wq.contiguous()
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act == "static":

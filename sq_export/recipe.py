@@ -107,9 +107,9 @@ def get_act_max(model, family, tokenizer, recipe: Recipe):
 
 def check_batch(tokenizer, recipe: Recipe) -> torch.Tensor:
     """A small calibration batch for the float-equivalence check (first window of the calibration windows)."""
-    from sq_export.textdata import calibration_samples, read_text, tokenize
+    from sq_export.textdata import calibration_samples, token_ids
 
-    ids = tokenize(tokenizer, read_text(recipe.calib.calib_text, "calib"))
+    ids = token_ids(tokenizer, recipe.calib.calib_text, "calib")
     return torch.as_tensor(calibration_samples(ids, 2, min(128, recipe.calib.seq_len, len(ids))))
 
 
@@ -192,8 +192,8 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
             scales, ratio = tune.clipped_scales(family, act_max, res, divs, clip, names)
             info["clip_ratio"] = ratio
             times["clip_s"] = time.perf_counter() - t
-    # kept only for --fallback (it puts float Linears back); otherwise each float Linear is freed once its QLinear
-    # replaced it, so the float and the quantized weights never both exist in full
+    # kept only for --fallback (it puts float Linears back); a QLinear holds its float Linear's weight itself (a view,
+    # not a copy), so the float and the quantized weights are one tensor either way
     float_linears = {n: model.get_submodule(n) for n in names} if fb is not None else {}
     quantized = quantize_model(model, names, recipe.act, scales, recipe.per_channel)
     fp16 = []
@@ -218,7 +218,7 @@ def working_copy(model, family, *, smoothing: bool, linear_pairs: bool = False):
     """A copy of `model` to prepare (smooth, quantize) without touching `model`, sharing every tensor that
     preparation only reads: smoothing (`smoothing`) writes in place into the norms and Linears of the smoothing
     groups (with `linear_pairs` also the pair producers and consumers), and only those are copied; quantizing swaps
-    modules (QLinear copies the weight it reads) and writes no tensor. The embeddings (and a tied LM head), the
+    modules (a QLinear views the weight it replaces) and writes no tensor. The embeddings (and a tied LM head), the
     other norms and, for naive W8A8, every weight stay shared with `model`: the copy costs what it changes."""
     import copy
 

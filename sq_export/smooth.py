@@ -12,7 +12,7 @@ import torch
 
 from sq_export.errors import BadInput, SmoothingChangedOutputs
 from sq_export.families import Family, SmoothGroup
-from sq_export.modeling import check_plain_norm, fp_tolerance, weight_oi
+from sq_export.modeling import abs_max, check_plain_norm, fp_tolerance, weight_oi
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def validate_alpha(alpha: float) -> float:
 @torch.no_grad()
 def smoothing_factors(act_max: torch.Tensor, weights_oi: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """Per input channel: max|X_j|^α / max_k|W_kj|^(1-α), both clamped away from 0 (as smooth_ln_fcs)."""
-    w_max = torch.cat([w.abs().amax(dim=0, keepdim=True) for w in weights_oi], dim=0).amax(dim=0).clamp(min=1e-5)
+    w_max = torch.stack([abs_max(w, 0) for w in weights_oi]).amax(dim=0).clamp(min=1e-5)
     act = act_max.to(w_max.dtype)
     return (act.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
@@ -74,7 +74,7 @@ def smoothing_factors_for_group(model, group: SmoothGroup, act_max, alpha: float
         rep = group.kv_repeat
         d = head_dim
         a = a.view(-1, rep, d).amax(dim=1, keepdim=True).expand(-1, rep, -1).reshape(-1)
-        ws = [w.abs().amax(dim=0).view(-1, rep, d).amax(dim=1, keepdim=True).expand(-1, rep, -1).reshape(1, -1) for w in ws]
+        ws = [abs_max(w, 0).view(-1, rep, d).amax(dim=1, keepdim=True).expand(-1, rep, -1).reshape(1, -1) for w in ws]
     return smoothing_factors(a, ws, alpha)
 
 

@@ -263,9 +263,9 @@ def max_fallback_count(spec, total: int) -> int:
 
 def small_eval_ids(tokenizer, calib_text, seq_len: int, windows: int = 4, seed: int = 1) -> np.ndarray:
     """A few calibration-split windows (a different seed than calibration) for the fallback perplexity."""
-    from sq_export.textdata import calibration_samples, read_text, tokenize
+    from sq_export.textdata import calibration_samples, token_ids
 
-    ids = tokenize(tokenizer, read_text(calib_text, "calib"))
+    ids = token_ids(tokenizer, calib_text, "calib")
     return calibration_samples(ids, windows, min(seq_len, 512, len(ids)), seed=seed)
 
 

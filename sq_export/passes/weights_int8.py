@@ -27,8 +27,13 @@ def quantize_like_onnx(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, 
         scale = scale.reshape(shape)
         zp = zp.reshape(shape) if zp.size > 1 or zp.ndim == 1 else zp
     lo, hi = _RANGES[np.dtype(zp.dtype)]
-    y = np.rint(np.divide(x, scale, dtype=np.float32)) + zp.astype(np.float32)
-    return np.clip(y, lo, hi).astype(zp.dtype)
+    # in place on one float32 temporary (the same operations, so the same values): four weight-sized temporaries
+    # per weight, freed between the small INT8 results that stay, fragmented the heap during export
+    y = np.asarray(np.divide(x, scale, dtype=np.float32))  # (a 0-d input gives a scalar: made an array)
+    np.rint(y, out=y)
+    y += zp.astype(np.float32)
+    np.clip(y, lo, hi, out=y)
+    return y.astype(zp.dtype)
 
 
 def weights_graph(graph: ir.Graph) -> int:
