@@ -111,3 +111,20 @@ def test_pin_sets_fp32_on_matching_layers_only():
     net.num_layers = 4
     assert pin_layers_fp32(net, trt, ["/m/layers.0/ln/LayerNormalization"], {"/m/layers.0/ln/LayerNormalization_output_0"}) == 1
     assert odd.precision == "float" and odd.set == {0: "float"}
+    # shape arithmetic (no float output) is never pinned
+    shape = Layer("/m/layers.0/ln/Shape", ["int32"])
+    layers.append(shape)
+    net.num_layers = 5
+    assert pin_layers_fp32(net, trt, ["/m/layers.0/ln/"]) == 0
+    assert shape.precision is None and shape.set == {}
+
+
+def test_fp32_nodes_by_regex_skip_qdq_and_int8_gemms():
+    from sq_export.engine.precision_pins import matching_node_names
+
+    g = "graphs/decode_llama_sq.onnx"
+    res = matching_node_names(g, r"layers\.\d+/Add(_1)?$")
+    assert res == [f"/model/model/layers.{i}/{a}" for i in range(2) for a in ("Add", "Add_1")]
+    # everything under o_proj: its Q/DQ nodes and the INT8 MatMul are left alone, nothing else is there
+    assert matching_node_names(g, "o_proj/") == []
+    assert "/model/lm_head/MatMul" in matching_node_names(g, "lm_head")

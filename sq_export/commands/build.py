@@ -47,6 +47,7 @@ def add_parser(sub):
     )
     p.add_argument("--fp16-norms", action="store_true", help="let TensorRT 8.x run norm math in FP16 (default: pinned to FP32; FP16 overflows on real residual streams)")
     p.add_argument("--no-fp16-matmuls", action="store_true", help="TensorRT 8.x, --precision int8: do not pin the un-quantized MatMuls (attention, LM head) to FP16 (8.6 then runs them in FP32)")
+    p.add_argument("--fp32-nodes", metavar="REGEX", help="TensorRT 8.x: also pin the layers of ONNX nodes whose name matches REGEX to FP32 (Q/DQ and INT8 GEMMs excluded), e.g. 'layers\\.\\d+/Add(_1)?$' for the residual adds")
     p.add_argument("--no-fp16", action="store_true", help="TensorRT 8.x, --precision int8: no FP16 flag, layers outside Q/DQ run in FP32 (slower; tells FP16 range problems from INT8 ones)")
     p.add_argument("--opt-level", type=int, default=None, metavar="0-5", help="TensorRT builder optimization level (lower builds faster; default TensorRT's, 3)")
     p.add_argument("--workspace", type=float, default=None, metavar="GIB", help="builder workspace limit in GiB")
@@ -80,6 +81,7 @@ def run(args) -> int:
             kv_fp16=args.kv_fp16,
             fp16=not args.no_fp16,
             fp16_float_matmuls=not args.no_fp16_matmuls,
+            fp32_nodes=args.fp32_nodes,
         )
     if args.json:
         sys.stdout.write(json.dumps(side, sort_keys=True) + "\n")

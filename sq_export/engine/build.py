@@ -11,6 +11,7 @@ into opaque Myelin layers, whose precision is recorded as "unavailable (Myelin)"
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import time
@@ -177,6 +178,7 @@ def build_engine(
     fp16=True,
     fp16_float_matmuls=True,
     int8_gemm_output=None,
+    fp32_nodes=None,
 ) -> dict:
     """Build `onnx_path` into a TensorRT engine at `engine_path` (+ `engine_path`.json sidecar); returns the sidecar.
 
@@ -188,7 +190,8 @@ def build_engine(
     fp16=False (TensorRT 8.x, int8): no FP16 builder flag, float layers stay FP32 (trt_compat.plan_build).
     fp32_norms / fp16_float_matmuls (TensorRT 8.x): pin norms to FP32, and in INT8 engines the un-quantized MatMuls
     to FP16 (engine/precision_pins.py). int8_gemm_output "fp16"|"fp32" (TensorRT 8.x, experimental, benchmark
-    only): the output type of the INT8 GEMMs (8.6 picks FP32 by itself).
+    only): the output type of the INT8 GEMMs (8.6 picks FP32 by itself). fp32_nodes: a regex over ONNX node names
+    whose layers are pinned to FP32 too (TensorRT 8.x; Q/DQ and INT8 GEMMs excluded).
     """
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path)
@@ -238,6 +241,9 @@ def build_engine(
     pinned = {"layers": 0, "nodes": 0}
     pinned16 = {"layers": 0, "nodes": 0}
     gemm_out = {"layers": 0, "nodes": 0, "dtype": int8_gemm_output}
+    extra32 = {"layers": 0, "nodes": 0, "pattern": fp32_nodes}
+    if fp32_nodes and plan.strongly_typed:
+        raise BadInput("--fp32-nodes applies to TensorRT 8.x (a strongly typed network takes the graph's own types)")
     pins = []  # (node names, TensorRT dtype, counter): engine/precision_pins.py says why each is needed
     if not plan.strongly_typed:
         from sq_export.engine.precision_pins import float_matmul_node_names, norm_node_names
@@ -246,6 +252,16 @@ def build_engine(
             pins.append((norm_node_names(onnx_path), trt.float32, pinned))
         if fp16_float_matmuls and plan.int8_flag and plan.fp16_flag:
             pins.append((float_matmul_node_names(onnx_path), trt.float16, pinned16))
+        if fp32_nodes:
+            from sq_export.engine.precision_pins import matching_node_names
+
+            try:
+                matched = matching_node_names(onnx_path, fp32_nodes)
+            except re.error as e:
+                raise BadInput(f"--fp32-nodes {fp32_nodes!r} is not a valid regular expression ({e})") from None
+            if not matched:
+                raise BadInput(f"--fp32-nodes {fp32_nodes!r} matches no node of {onnx_path} (Q/DQ and INT8 GEMMs excluded)")
+            pins.append((matched, trt.float32, extra32))
         if int8_gemm_output and plan.int8_flag:
             from sq_export.engine.precision_pins import quantized_matmul_node_names
 
@@ -349,6 +365,7 @@ def build_engine(
         "fp32_norm_layers": pinned,
         "fp16_float_matmul_layers": pinned16,
         "int8_gemm_output": gemm_out,
+        "fp32_nodes": extra32,
         "build_seconds": round(build_s, 3),
         "engine_bytes": n_bytes,
         "io": io,

@@ -104,6 +104,20 @@ def float_matmul_node_names(onnx_path) -> list[str]:
     return [n.name for n in ix.graph.node if n.op_type in ("MatMul", "Gemm") and n.name and n.name not in quantized]
 
 
+def matching_node_names(onnx_path, pattern: str) -> list[str]:
+    """Nodes whose name matches `pattern` (re.search), except Q/DQ nodes and the INT8 GEMMs (pinning those to a float
+    type would take them out of INT8) and Constant nodes: for `build --fp32-nodes`, to find which layer overflows FP16."""
+    import re
+
+    from sq_export.onnx_meta import GraphIndex
+
+    ix = GraphIndex(_load(onnx_path).graph)
+    skip = {n.name for n, _, _ in ix.quantized_matmuls()}
+    rx = re.compile(pattern)
+    return [n.name for n in ix.graph.node if n.name and rx.search(n.name) and n.name not in skip
+            and n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")]
+
+
 def set_output_types(network, trt, node_names, dtype, tensor_names=()) -> int:
     """Only the float output type (not the precision) of the layers made from `node_names`: e.g. an INT8 GEMM
     writing FP16 instead of FP32. Returns how many layers."""
@@ -135,7 +149,8 @@ def _matches(layer, prefixes, tensors) -> bool:
 def pin_layers(network, trt, node_names, dtype, tensor_names=()) -> int:
     """Set precision and float output types to `dtype` on the layers made from `node_names`: TensorRT names a layer
     after its ONNX node, sometimes with a suffix (matched by prefix), or names it otherwise but keeps the node's
-    output tensor names (`tensor_names`, from node_outputs). Returns how many layers."""
+    output tensor names (`tensor_names`, from node_outputs). Layers with no float output (shape arithmetic) are left
+    alone. Returns how many layers."""
     prefixes = tuple(node_names)
     tensors = set(tensor_names)
     float_types = {trt.float16, trt.float32}
@@ -143,6 +158,8 @@ def pin_layers(network, trt, node_names, dtype, tensor_names=()) -> int:
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         if not _matches(layer, prefixes, tensors):
+            continue
+        if layer.num_outputs and not any(layer.get_output(j).dtype in float_types for j in range(layer.num_outputs)):
             continue
         layer.precision = dtype
         for j in range(layer.num_outputs):
