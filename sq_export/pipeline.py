@@ -30,7 +30,6 @@ stage. The model is loaded once per run, lazily (a run whose stages are all up t
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import hashlib
 import json

@@ -3,7 +3,6 @@
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from conftest import FAMILIES, token_batches
 from sq_export import attention as A

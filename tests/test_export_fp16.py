@@ -11,7 +11,6 @@ from conftest import FAMILIES, save_tiny, token_batches
 from sq_export.check import run_check
 from sq_export.evaluate import onnx_perplexity
 from sq_export.export import export_onnx, read_metadata
-from sq_export.quantize import QLinear
 from test_export import _ort_logits, _quantized
 
 F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT

@@ -4,7 +4,6 @@ onnx.save_model; less the stale value_info entries that path left for the initia
 family, mode, weight form and target, and for the KV-cache decode graph; and
 sq_export.onnx_write.write_model is byte-identical to ir.to_proto(...).SerializeToString()."""
 
-import os
 
 import numpy as np
 import onnx

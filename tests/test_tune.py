@@ -9,7 +9,6 @@ import torch
 
 from conftest import FAMILIES, make_tiny, token_batches
 from sq_export.calibrate import calibrate, collect_act_max
-from sq_export.families import family_for
 from sq_export.quantize import QLinear, quantize_model, static_scales
 from sq_export.smooth import apply_smoothing, logits_of, smoothed_act_max
 from sq_export import tune

@@ -90,8 +90,6 @@ def model_bytes(model) -> int:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     argv = list(sys.argv[1:] if argv is None else argv)
     json_out = None
     resume = "--resume" in argv  # keep up-to-date stages (default: --force, every stage runs)

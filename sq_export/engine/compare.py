@@ -183,8 +183,10 @@ def compare(
     if outputs is not None:
         wanted_set = set(outputs)
 
-        def find(name, _index, _iter_result):  # Polygraphy's find_output_func: compare only the chosen outputs
+        def _find(name, _index, _iter_result):  # Polygraphy's find_output_func: compare only the chosen outputs
             return [name] if name in wanted_set else []
+
+        find = _find
 
     with polygraphy_logging():  # CompareFunc.simple is deprecated in 0.53 (-> SimpleCompareFunc): keep it quiet
         check = CompareFunc.simple(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from sq_export.passes._graph import Violation, _mean_of_square, _rsqrt_of, attr_int, find_norms, label, walk_back
+from sq_export.passes._graph import Violation, _rsqrt_of, attr_int, find_norms, label, walk_back
 
 
 def _is_float16_graph(graph: ir.Graph) -> bool:
