@@ -128,3 +128,33 @@ def test_fp32_nodes_by_regex_skip_qdq_and_int8_gemms():
     # everything under o_proj: its Q/DQ nodes and the INT8 MatMul are left alone, nothing else is there
     assert matching_node_names(g, "o_proj/") == []
     assert "/model/lm_head/MatMul" in matching_node_names(g, "lm_head")
+
+
+def test_plan_pins_from_one_loaded_graph():
+    import onnx
+
+    from sq_export.engine.precision_pins import SIDECAR_KEYS, plan_pins
+    from sq_export.engine.trt_compat import graph_facts_from_model, plan_build
+    from sq_export.errors import BadInput
+
+    trt = types.SimpleNamespace(float16="half", float32="float")
+    m = onnx.load("graphs/decode_llama_sq.onnx", load_external_data=False)
+    plan = plan_build("8.6.0", "int8", graph_facts_from_model(m))
+    pins = {p.key: p for p in plan_pins(m, trt, plan)}
+    assert set(pins) == {SIDECAR_KEYS["norms"], SIDECAR_KEYS["float_matmuls"]}
+    assert pins["fp32_norm_layers"].dtype == "float" and pins["fp32_norm_layers"].names == norm_node_names(m)
+    assert pins["fp16_float_matmul_layers"].names == float_matmul_node_names(m)
+    assert "/model/lm_head/MatMul" in pins["fp16_float_matmul_layers"].names
+    assert all(p.tensors for p in pins.values())  # the output tensors that also identify each pinned layer
+    more = {p.key: p for p in plan_pins(m, trt, plan, fp32_nodes=r"layers\.\d+/Add(_1)?$", int8_gemm_output="fp16")}
+    assert more["fp32_nodes"].record() == {"layers": 0, "nodes": 4, "pattern": r"layers\.\d+/Add(_1)?$"}
+    assert more["int8_gemm_output"].output_only and more["int8_gemm_output"].names == quantized_matmul_node_names(m)
+    assert plan_pins(m, trt, plan_build("8.6.0", "int8", graph_facts_from_model(m), fp16=False)) == []  # no FP16: nothing to pin
+    with pytest.raises(BadInput, match="not a valid regular expression"):
+        plan_pins(m, trt, plan, fp32_nodes="(")
+    with pytest.raises(BadInput, match="matches no node"):
+        plan_pins(m, trt, plan, fp32_nodes="no_such_node")
+    strongly = plan_build("10.3.0", "int8", graph_facts_from_model(m))
+    assert plan_pins(m, trt, strongly) == []
+    with pytest.raises(BadInput, match="TensorRT 8.x"):
+        plan_pins(m, trt, strongly, fp32_nodes="Add")

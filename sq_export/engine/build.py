@@ -11,14 +11,14 @@ into opaque Myelin layers, whose precision is recorded as "unavailable (Myelin)"
 from __future__ import annotations
 
 import json
-import re
 import logging
 import os
 import time
 from pathlib import Path
 
 from sq_export.engine.run import polygraphy_logging
-from sq_export.engine.trt_compat import graph_facts, import_tensorrt, plan_build, require_gpu
+from sq_export.engine.precision_pins import SIDECAR_KEYS, plan_pins
+from sq_export.engine.trt_compat import graph_facts_from_model, import_tensorrt, load_graph, plan_build, require_gpu
 from sq_export.errors import BadInput, SqExportError
 from sq_export.fileio import atomic_file, check_output_path, write_text_atomic
 
@@ -204,7 +204,8 @@ def build_engine(
     if not os.access(onnx_path, os.R_OK):
         raise BadInput(f"ONNX file {onnx_path} is not readable (permission denied)")
     check_output_path(engine_path)
-    facts = graph_facts(onnx_path)
+    model = load_graph(onnx_path)  # once: the facts here, the precision pins below
+    facts = graph_facts_from_model(model)
     from sq_export.kvcache import PRESENT_PREFIX, past_names
 
     decode = bool(past_names(facts.inputs))
@@ -238,55 +239,19 @@ def build_engine(
     if workspace_gb is not None:
         cfg_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(float(workspace_gb) * (1 << 30))}
     network = NetworkFromOnnxPath(str(onnx_path), **plan.network_kwargs())
-    pinned = {"layers": 0, "nodes": 0}
-    pinned16 = {"layers": 0, "nodes": 0}
-    gemm_out = {"layers": 0, "nodes": 0, "dtype": int8_gemm_output}
-    extra32 = {"layers": 0, "nodes": 0, "pattern": fp32_nodes}
-    if fp32_nodes and plan.strongly_typed:
-        raise BadInput("--fp32-nodes applies to TensorRT 8.x (a strongly typed network takes the graph's own types)")
-    pins = []  # (node names, TensorRT dtype, counter): engine/precision_pins.py says why each is needed
-    if not plan.strongly_typed:
-        from sq_export.engine.precision_pins import float_matmul_node_names, norm_node_names
-
-        if fp32_norms and plan.fp16_flag:
-            pins.append((norm_node_names(onnx_path), trt.float32, pinned))
-        if fp16_float_matmuls and plan.int8_flag and plan.fp16_flag:
-            pins.append((float_matmul_node_names(onnx_path), trt.float16, pinned16))
-        if fp32_nodes:
-            from sq_export.engine.precision_pins import matching_node_names
-
-            try:
-                matched = matching_node_names(onnx_path, fp32_nodes)
-            except re.error as e:
-                raise BadInput(f"--fp32-nodes {fp32_nodes!r} is not a valid regular expression ({e})") from None
-            if not matched:
-                raise BadInput(f"--fp32-nodes {fp32_nodes!r} matches no node of {onnx_path} (Q/DQ and INT8 GEMMs excluded)")
-            pins.append((matched, trt.float32, extra32))
-        if int8_gemm_output and plan.int8_flag:
-            from sq_export.engine.precision_pins import quantized_matmul_node_names
-
-            out_dt = {"fp16": trt.float16, "fp32": trt.float32}[int8_gemm_output]
-            pins.append((quantized_matmul_node_names(onnx_path), ("output", out_dt), gemm_out))
-    pins = [p for p in pins if p[0]]
-    if pins:
+    # layer precisions TensorRT 8.x must be told (engine/precision_pins.py), found on the graph read once above
+    pins = plan_pins(model, trt, plan, fp32_norms=fp32_norms, fp16_float_matmuls=fp16_float_matmuls,
+                     fp32_nodes=fp32_nodes, int8_gemm_output=int8_gemm_output)
+    del model  # (the parser reads the file itself)
+    active = [p for p in pins if p.names]
+    if active:
         from polygraphy.backend.trt import PostprocessNetwork
 
-        from sq_export.engine.precision_pins import node_outputs, pin_layers, set_output_types
-
-        outputs = []
-        for names, _, counter in pins:
-            counter["nodes"] = len(names)
-            outputs.append(node_outputs(onnx_path, names))
-
         def _pin(network):  # Polygraphy's PostprocessNetwork calls func(network=...)
-            for (names, dtype, counter), outs in zip(pins, outputs):
-                if isinstance(dtype, tuple):  # ("output", dtype): output type only
-                    counter["layers"] = set_output_types(network, trt, names, dtype[1], outs)
-                else:
-                    counter["layers"] = pin_layers(network, trt, names, dtype, outs)
-                if counter["nodes"] and not counter["layers"]:
-                    log.warning("precision pin %s: none of %d ONNX nodes (e.g. %s) matched a TensorRT layer", dtype,
-                                counter["nodes"], names[0])
+            for pin in active:
+                if not pin.apply(network, trt):
+                    log.warning("precision pin %s: none of %d ONNX nodes (e.g. %s) matched a TensorRT layer", pin.key,
+                                len(pin.names), pin.names[0])
 
         network = PostprocessNetwork(network, _pin)
         cfg_kwargs["precision_constraints"] = "prefer"
@@ -362,10 +327,10 @@ def build_engine(
         "timing_cache": str(timing_cache) if timing_cache is not None else None,
         "workspace_gb": workspace_gb,
         "builder_optimization_level": opt_level,
-        "fp32_norm_layers": pinned,
-        "fp16_float_matmul_layers": pinned16,
-        "int8_gemm_output": gemm_out,
-        "fp32_nodes": extra32,
+        **{key: {"layers": 0, "nodes": 0} for key in SIDECAR_KEYS.values()},
+        "int8_gemm_output": {"layers": 0, "nodes": 0, "dtype": int8_gemm_output},
+        "fp32_nodes": {"layers": 0, "nodes": 0, "pattern": fp32_nodes},
+        **{p.key: p.record() for p in pins},
         "build_seconds": round(build_s, 3),
         "engine_bytes": n_bytes,
         "io": io,

@@ -1,14 +1,14 @@
 """Layer precisions TensorRT 8.x must be told (weakly typed networks, FP16/INT8 builder flags).
 
-Two pins, both found from the ONNX graph and applied to the parsed network with precision constraints "prefer":
+Pins found from the ONNX graph (``plan_pins``) and applied to the parsed network with precision constraints
+"prefer":
 
 * **norms in FP32** (FP16 and INT8 engines). Real LLM residual streams exceed what FP16 can square: SmolLM2-135M's
   reach |x| = 24,494, so RMSNorm's mean(x²) ≈ 1e6 overflows FP16's 65,504 and the engine's logits are garbage
   (seen on the H100: FP16 engine perplexity 30,810 vs 25.0 in ONNX Runtime). The pin covers the whole norm, through
-  its γ multiply: in an INT8 engine the norm's output feeds a QuantizeLinear, and TensorRT fuses γ and the
-  quantization scale into the norm's last kernel, where x·γ/s_x overflows FP16 in deep layers (seen on the H100:
-  SmolLM2 SmoothQuant engine perplexity 39,618 vs 55.4 in ONNX Runtime with the chain pinned only up to the
-  reciprocal root; 53.1 with no FP16 at all; layers 0-14 quantized alone were fine, 15-29 broke).
+  its γ multiply, so that nothing of the norm is left for FP16 where its output feeds a QuantizeLinear. (That was
+  a hypothesis for the broken SmoothQuant INT8 engines of SmolLM2 — 39,618 vs 55.4 in ONNX Runtime, fine with no
+  FP16 at all — and it did not fix them: 39,467 with the whole norm pinned; docs/TENSORRT.md.)
   LayerNormalization is one node; the RMSNorm chain is Pow → ReduceMean → Add → Sqrt → Div/Reciprocal → Mul(x)
   [→ Cast] → Mul(γ).
 * **float MatMuls in FP16** (INT8 engines only). With Q/DQ in the network, TensorRT 8.6 runs the MatMuls that are not
@@ -17,19 +17,28 @@ Two pins, both found from the ONNX graph and applied to the parsed network with 
   the LM head, and 0.58 ms in FP32 attention GEMMs, while its INT8 GEMMs took 0.73 ms against 1.41 ms for the
   FP16 engine's GEMMs). An FP16 engine runs those MatMuls in FP16, so pinning them to FP16 costs no accuracy
   against the FP16 engine.
+* **named nodes in FP32** (`build --fp32-nodes REGEX`), and the experimental **INT8 GEMM output type** (output type
+  only, benchmark use).
+
+The graph functions take a path or an already loaded onnx.ModelProto (a build loads it once for all pins).
 
 Torch-free and onnx-ir-free (the kit's Python has only onnx, numpy, polygraphy, tensorrt).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import onnx
+
+from sq_export.errors import BadInput
 
 CHAIN = ("ReduceMean", "Add", "Sqrt", "Div", "Reciprocal")
 
 
-def _load(onnx_path):
-    return onnx.load(str(onnx_path), load_external_data=False)
+def _load(model):
+    """A path's graph (without external weights), or the ModelProto itself."""
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
 
 
 def _consumers(graph) -> dict[str, list]:
@@ -40,10 +49,10 @@ def _consumers(graph) -> dict[str, list]:
     return out
 
 
-def norm_node_names(onnx_path) -> list[str]:
+def norm_node_names(model) -> list[str]:
     """Names of the nodes that compute a norm: LayerNormalization nodes, and each RMSNorm chain from x² through the
     multiply by γ."""
-    m = _load(onnx_path)
+    m = _load(model)
     consumers = _consumers(m.graph)
     constants = {t.name for t in m.graph.initializer} | {n.output[0] for n in m.graph.node if n.op_type == "Constant"}
     names: list[str] = []
@@ -87,31 +96,31 @@ def norm_node_names(onnx_path) -> list[str]:
     return names
 
 
-def quantized_matmul_node_names(onnx_path) -> list[str]:
+def quantized_matmul_node_names(model) -> list[str]:
     """MatMul/Gemm nodes with DequantizeLinear on both inputs: the INT8 GEMMs."""
     from sq_export.onnx_meta import GraphIndex
 
-    return [n.name for n, _, _ in GraphIndex(_load(onnx_path).graph).quantized_matmuls() if n.name]
+    return [n.name for n, _, _ in GraphIndex(_load(model).graph).quantized_matmuls() if n.name]
 
 
-def float_matmul_node_names(onnx_path) -> list[str]:
+def float_matmul_node_names(model) -> list[str]:
     """MatMul/Gemm nodes that are not quantized (not both inputs from DequantizeLinear): attention's score and
     context products, the LM head, Linears kept in float (fallback)."""
     from sq_export.onnx_meta import GraphIndex
 
-    ix = GraphIndex(_load(onnx_path).graph)
+    ix = GraphIndex(_load(model).graph)
     quantized = {n.name for n, _, _ in ix.quantized_matmuls()}
     return [n.name for n in ix.graph.node if n.op_type in ("MatMul", "Gemm") and n.name and n.name not in quantized]
 
 
-def matching_node_names(onnx_path, pattern: str) -> list[str]:
+def matching_node_names(model, pattern: str) -> list[str]:
     """Nodes whose name matches `pattern` (re.search), except Q/DQ nodes and the INT8 GEMMs (pinning those to a float
     type would take them out of INT8) and Constant nodes: for `build --fp32-nodes`, to find which layer overflows FP16."""
     import re
 
     from sq_export.onnx_meta import GraphIndex
 
-    ix = GraphIndex(_load(onnx_path).graph)
+    ix = GraphIndex(_load(model).graph)
     skip = {n.name for n, _, _ in ix.quantized_matmuls()}
     rx = re.compile(pattern)
     return [n.name for n in ix.graph.node if n.name and rx.search(n.name) and n.name not in skip
@@ -134,10 +143,10 @@ def set_output_types(network, trt, node_names, dtype, tensor_names=()) -> int:
     return count
 
 
-def node_outputs(onnx_path, node_names) -> set[str]:
+def node_outputs(model, node_names) -> set[str]:
     """Output tensor names of the named nodes (TensorRT keeps ONNX tensor names on the layers that produce them)."""
     want = set(node_names)
-    return {o for n in _load(onnx_path).graph.node if n.name in want for o in n.output}
+    return {o for n in _load(model).graph.node if n.name in want for o in n.output}
 
 
 def _matches(layer, prefixes, tensors) -> bool:
@@ -171,3 +180,58 @@ def pin_layers(network, trt, node_names, dtype, tensor_names=()) -> int:
 
 def pin_layers_fp32(network, trt, node_names, tensor_names=()) -> int:
     return pin_layers(network, trt, node_names, trt.float32, tensor_names)
+
+
+@dataclass
+class Pin:
+    """One precision pin: the ONNX nodes, the output tensors that also identify their layers, the TensorRT type, and
+    (after `apply`) how many layers it reached. `output_only`: set output types, leave layer precision alone."""
+
+    key: str  # the build sidecar's key
+    names: list
+    tensors: set
+    dtype: object
+    output_only: bool = False
+    extra: dict = field(default_factory=dict)
+    layers: int = 0
+
+    def apply(self, network, trt) -> int:
+        fn = set_output_types if self.output_only else pin_layers
+        self.layers = fn(network, trt, self.names, self.dtype, self.tensors)
+        return self.layers
+
+    def record(self) -> dict:
+        return {"layers": self.layers, "nodes": len(self.names), **self.extra}
+
+
+SIDECAR_KEYS = {"norms": "fp32_norm_layers", "float_matmuls": "fp16_float_matmul_layers", "nodes": "fp32_nodes",
+                "gemm_output": "int8_gemm_output"}
+
+
+def plan_pins(model, trt, plan, *, fp32_norms=True, fp16_float_matmuls=True, fp32_nodes=None, int8_gemm_output=None) -> list[Pin]:
+    """The pins a TensorRT 8.x build of `model` needs (none for strongly typed networks, whose graph sets the types).
+    BadInput for an --fp32-nodes pattern that is invalid or matches nothing."""
+    import re
+
+    if plan.strongly_typed:
+        if fp32_nodes:
+            raise BadInput("--fp32-nodes applies to TensorRT 8.x (a strongly typed network takes the graph's own types)")
+        return []
+    m = _load(model)
+    wanted = []  # (kind, names, dtype, output_only, extra)
+    if fp32_norms and plan.fp16_flag:
+        wanted.append(("norms", norm_node_names(m), trt.float32, False, {}))
+    if fp16_float_matmuls and plan.int8_flag and plan.fp16_flag:
+        wanted.append(("float_matmuls", float_matmul_node_names(m), trt.float16, False, {}))
+    if fp32_nodes:
+        try:
+            matched = matching_node_names(m, fp32_nodes)
+        except re.error as e:
+            raise BadInput(f"--fp32-nodes {fp32_nodes!r} is not a valid regular expression ({e})") from None
+        if not matched:
+            raise BadInput(f"--fp32-nodes {fp32_nodes!r} matches no node of the graph (Q/DQ and INT8 GEMMs excluded)")
+        wanted.append(("nodes", matched, trt.float32, False, {"pattern": fp32_nodes}))
+    if int8_gemm_output and plan.int8_flag:
+        out_dt = {"fp16": trt.float16, "fp32": trt.float32}[int8_gemm_output]
+        wanted.append(("gemm_output", quantized_matmul_node_names(m), out_dt, True, {"dtype": int8_gemm_output}))
+    return [Pin(SIDECAR_KEYS[k], names, node_outputs(m, names), dt, only, extra) for k, names, dt, only, extra in wanted]

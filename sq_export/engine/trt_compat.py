@@ -215,8 +215,8 @@ def graph_facts_from_model(model) -> GraphFacts:
     )
 
 
-def graph_facts(onnx_path) -> GraphFacts:
-    """Read the graph (not its external weights) and return its facts; BadInput when unreadable."""
+def load_graph(onnx_path):
+    """The onnx.ModelProto of `onnx_path` without its external weights; BadInput when unreadable or empty."""
     import onnx
 
     try:
@@ -231,7 +231,12 @@ def graph_facts(onnx_path) -> GraphFacts:
         raise BadInput(f"{onnx_path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
     if len(model.graph.node) == 0:
         raise BadInput(f"{onnx_path} holds no ONNX graph (empty or not an ONNX file)")
-    return graph_facts_from_model(model)
+    return model
+
+
+def graph_facts(onnx_path) -> GraphFacts:
+    """Read the graph (not its external weights) and return its facts; BadInput when unreadable."""
+    return graph_facts_from_model(load_graph(onnx_path))
 
 
 # --------------------------------------------------------------------------------------------------------------
