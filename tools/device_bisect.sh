@@ -16,16 +16,15 @@
 #   mlp32                  all quantized, the MLP's SiLU and gate*up product pinned FP32
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source tools/device_lib.sh
 W=/tmp/sqw; R=$W/res6; mkdir -p $W/out $R $W/smol
 G=$W/smol/SmolLM2-135M-Instruct.Q4_1.gguf
 L=${OPT_LEVEL:-0}
 
 chain() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl >/dev/null 2>&1
-  export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+  smol_python_env; export OMP_NUM_THREADS=8
   local t0=$(date +%s)
-  [ -f $G ] || cat $W/smol.gguf.part_* > $G
-  [ "$(sha256sum $G | cut -d' ' -f1)" = "$(cat $W/smol.gguf.sha256)" ] || { echo "GGUF checksum mismatch" >> $R/log; touch $W/X.done; return; }
+  smol_gguf >> $R/log || { touch $W/X.done; return; }
   [ -f $W/sq.onnx ] || python3 -m sq_export -q export $G --mode sq --weights qdq --samples 64 -o $W/sq.onnx --json > $R/export_sq.json 2> $R/export_sq.log
   [ -f $W/tokens_small.npz ] || python3 -m sq_export -q tokens $G --seq-len 256 --max-tokens 2048 -o $W/tokens_small.npz
   echo "export $(( $(date +%s) - t0 ))s" >> $R/log
@@ -47,7 +46,7 @@ chain() {
   local engines=()
   for n in q_attn_hi q_mlp_hi q_hi_a q_hi_b q_28_29 res32 attn32 mlp32; do [ -f $W/$n.engine ] && engines+=($W/$n.engine); done
   "$TRTPY" -m sq_export compare $W/sq.onnx "${engines[@]}" --tokens $W/tokens_small.npz --batches 0 --perplexity --min-cosine -1 --min-top1 0 --json > $R/compare.json 2> $R/compare.log
-  "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' $R/compare.json > $R/compare_table.txt 2>&1
+  compare_table $R/compare.json > $R/compare_table.txt 2>&1
   echo "compare $(( $(date +%s) - t0 ))s" >> $R/log
   touch $W/X.done
 }

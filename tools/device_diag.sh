@@ -15,6 +15,7 @@
 # S's builds wait for G's timings, so no timing shares the GPU with a build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source tools/device_lib.sh
 W=/tmp/sqw; R=$W/res3; mkdir -p $W/out $R
 G=$W/smol/SmolLM2-135M-Instruct.Q4_1.gguf
 L=${OPT_LEVEL:-0}
@@ -60,14 +61,9 @@ chain_g() {
 }
 
 chain_s() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl >/dev/null 2>&1
-  export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=5
+  smol_python_env; export OMP_NUM_THREADS=5
   local t0=$(date +%s)
-  mkdir -p $W/smol
-  if [ ! -f $G ]; then
-    cat $W/smol.gguf.part_* > $G
-    [ "$(sha256sum $G | cut -d' ' -f1)" = "$(cat $W/smol.gguf.sha256)" ] || { echo "GGUF checksum mismatch" >> $R/S.log; touch $W/S.done; return; }
-  fi
+  smol_gguf >> $R/S.log || { touch $W/S.done; return; }
   local best="--mode sq --weights qdq --smooth-pairs --alpha auto --fallback auto --samples 32"
   for spec in "sq:--mode sq --weights qdq --samples 64" "best:$best"; do
     local name=${spec%%:*} opts=${spec#*:}
@@ -94,10 +90,10 @@ chain_s() {
   local engines=()
   for n in sq sq_nofp16 v_attn v_mlp v_lo v_hi; do [ -f $W/$n.engine ] && engines+=($W/$n.engine); done
   "$TRTPY" -m sq_export compare $W/sq.onnx "${engines[@]}" --tokens $W/tokens_small.npz --batches 0 --perplexity --min-cosine -1 --min-top1 0 --json > $R/compare_sqdiag.json 2> $R/compare_sqdiag.log
-  "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' $R/compare_sqdiag.json > $R/compare_sqdiag_table.txt 2>&1
+  compare_table $R/compare_sqdiag.json > $R/compare_sqdiag_table.txt 2>&1
   echo "compare sqdiag $(( $(date +%s) - t0 ))s" >> $R/S.log
   "$TRTPY" -m sq_export compare $W/best.onnx $W/best.engine --tokens $W/tokens.npz --batches 0 --perplexity --min-cosine -1 --min-top1 0 --json > $R/compare_best.json 2> $R/compare_best.log
-  "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' $R/compare_best.json > $R/compare_best_table.txt 2>&1
+  compare_table $R/compare_best.json > $R/compare_best_table.txt 2>&1
   echo "compare best $(( $(date +%s) - t0 ))s" >> $R/S.log
   touch $W/S.done
 }

@@ -13,18 +13,15 @@
 #   timings once S's comparisons are done. No timing shares the GPU with a build or a comparison.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source tools/device_lib.sh
 W=/tmp/sqw; R=$W/res4; mkdir -p $W/out $R $W/smol
 G=$W/smol/SmolLM2-135M-Instruct.Q4_1.gguf
 L=${OPT_LEVEL:-0}
 
 chain_s() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl >/dev/null 2>&1
-  export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+  smol_python_env; export OMP_NUM_THREADS=4
   local t0=$(date +%s)
-  if [ ! -f $G ]; then
-    cat $W/smol.gguf.part_* > $G
-    [ "$(sha256sum $G | cut -d' ' -f1)" = "$(cat $W/smol.gguf.sha256)" ] || { echo "GGUF checksum mismatch" >> $R/S.log; touch $W/S_built $W/S.done; return; }
-  fi
+  smol_gguf >> $R/S.log || { touch $W/S_built $W/S.done; return; }
   for spec in "fp:--mode fp" "sq:--mode sq --weights qdq --samples 64" "best:--mode sq --weights qdq --smooth-pairs --alpha auto --fallback auto --samples 32"; do
     local name=${spec%%:*} opts=${spec#*:}
     ( python3 -m sq_export -q export $G $opts -o $W/$name.onnx --json > $R/export_$name.json 2> $R/export_$name.log; echo "export $name rc $? $(( $(date +%s) - t0 ))s" >> $R/S.log ) &
@@ -42,7 +39,7 @@ chain_s() {
   wait
   touch $W/S_built
   while [ ! -f $W/B_prefill_timed ]; do sleep 5; done
-  table() { "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' $1 > ${1%.json}_table.txt 2>&1; }
+  table() { compare_table $1 > ${1%.json}_table.txt 2>&1; }
   "$TRTPY" -m sq_export compare $W/sq.onnx $W/sq.engine $W/sq_nomm.engine --tokens $W/tokens_small.npz --batches 0 --perplexity --min-cosine -1 --min-top1 0 --json > $R/compare_sq.json 2> $R/compare_sq.log
   table $R/compare_sq.json; echo "compare sq $(( $(date +%s) - t0 ))s" >> $R/S.log
   "$TRTPY" -m sq_export compare $W/best.onnx $W/best.engine $W/fp16.engine --tokens $W/tokens.npz --batches 0 --perplexity --min-cosine -1 --min-top1 0 --json > $R/compare_best.json 2> $R/compare_best.log

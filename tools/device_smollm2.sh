@@ -17,6 +17,7 @@
 # Results go to /tmp/sqw/res and, tarred, to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source tools/device_lib.sh
 STAGE=${1:-all}
 OUT=${OUT:-./device_out}; mkdir -p "$OUT"
 W=/tmp/sqw; R=$W/res; mkdir -p $W/smol $R
@@ -25,12 +26,8 @@ L=${OPT_LEVEL:-0}
 pack() { tar czf "$OUT/smollm2_$1.tgz" -C $R . 2>/dev/null; ls -la $R; }
 
 exports() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl >/dev/null 2>&1
-  export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-3}
-  if [ ! -f $G ]; then
-    cat $W/smol.gguf.part_* > $G
-    [ "$(sha256sum $G | cut -d' ' -f1)" = "$(cat $W/smol.gguf.sha256)" ] || { echo "GGUF checksum mismatch"; exit 2; }
-  fi
+  smol_python_env; export OMP_NUM_THREADS=${THREADS:-3}
+  smol_gguf || exit 2
   python3 -c 'import torch, transformers, onnx, onnxruntime; print("torch", torch.__version__, "transformers", transformers.__version__, "onnx", onnx.__version__, "ort", onnxruntime.__version__)' | tee $R/device_python.txt
   local best="--mode sq --weights qdq --smooth-pairs --alpha auto --fallback auto --samples 32"
   local t0=$(date +%s) pids=()
@@ -79,7 +76,7 @@ compare() {
   for p in fp.onnx fp16.engine sq.onnx sq_int8.engine best.onnx best_int8.engine; do [ -f $W/$p ] && models+=($W/$p); done
   "$TRTPY" -m sq_export compare "${models[@]}" --tokens $W/tokens.npz --batches 0 --perplexity --min-cosine -1 --min-top1 0 --json > $R/compare.json 2> $R/compare.log
   echo "compare rc $?"
-  "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' $R/compare.json | tee $R/compare_table.txt
+  compare_table $R/compare.json | tee $R/compare_table.txt
   for n in fp16_dec best_int8_dec; do
     [ -f $W/$n.engine ] && "$TRTPY" -m sq_export generate $W/$n.engine --prompts-file $W/prompts.npz --max-new-tokens 16 --json > $R/generate_trt_$n.json 2>&1
     tail -c 600 $R/generate_trt_$n.json; echo
@@ -91,9 +88,8 @@ diag() {
   # Why the plain-SmoothQuant INT8 engine (sq) diverges from its ONNX graph while `best` does not: two variants of
   # sq, one with every down_proj left in float, one with --smooth-pairs (down_proj inputs smoothed), each built and
   # compared with its own graph on 8 chunks.
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl >/dev/null 2>&1
-  export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-  if [ ! -f $G ]; then cat $W/smol.gguf.part_* > $G; fi
+  smol_python_env; export OMP_NUM_THREADS=4
+  smol_gguf || exit 2
   local downs=$(python3 -c 'print(",".join(f"model.layers.{i}.mlp.down_proj" for i in range(30)))')
   local pids=()
   [ -f $W/sq_nodown.onnx ] || { python3 -m sq_export -q export $G --mode sq --weights qdq --samples 64 --fallback $downs -o $W/sq_nodown.onnx --json > $R/export_sq_nodown.json 2>&1 & pids+=($!); }
@@ -108,7 +104,7 @@ diag() {
   wait "${pids[@]}"
   "$TRTPY" -m sq_export compare $W/sq_nodown.onnx $W/sq_nodown.engine $W/sq_pairs.onnx $W/sq_pairs.engine \
     --tokens $W/tokens_small.npz --batches 0 --perplexity --min-cosine -1 --min-top1 0 --json > $R/compare_diag.json 2> $R/compare_diag.log
-  "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' $R/compare_diag.json | tee $R/compare_diag_table.txt
+  compare_table $R/compare_diag.json | tee $R/compare_diag_table.txt
   pack diag
 }
 

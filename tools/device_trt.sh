@@ -22,6 +22,7 @@
 # Exit status: 0 when every step passed, else the number of failed steps (capped at 100).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source tools/device_lib.sh
 
 if [ -z "${TRTPY:-}" ]; then
   if [ -f /opt/trt86/env.sh ]; then source /opt/trt86/env.sh; else
@@ -49,7 +50,7 @@ done
 sqx() { "$TRTPY" -m sq_export "$@"; }   # the CLI builds its parser without torch
 
 # the readable table of a compare --json report (its last line); the log's tail when there is none
-table() { "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' "$1" 2>/dev/null || tail -n 5 "${1%.json}.log"; }
+table() { compare_table "$1" 2>/dev/null || tail -n 5 "${1%.json}.log"; }
 
 FAILED=0
 step() { echo; echo "=== $* ==="; }

@@ -1,0 +1,23 @@
+#!/bin/bash
+# Sourced by tools/device_*.sh on the lent GPU (cwd: the repository root; W and G set by the caller):
+#   smol_python_env   the gguf wheel (.devcarry/whl) for the device's python3, PYTHONPATH for exports
+#   smol_gguf         SmolLM2's GGUF from its parts in $W (carried in two calls), checked against its sha256 once;
+#                     non-zero (and no file) on a mismatch
+#   compare_table F   the Polygraphy table of a `sq-export compare --json` output file F ($TRTPY)
+smol_python_env() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl >/dev/null 2>&1
+  export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+}
+smol_gguf() {
+  [ -f "$G" ] && return 0
+  mkdir -p "$(dirname "$G")"
+  cat "$W"/smol.gguf.part_* > "$G.tmp"
+  if [ "$(sha256sum "$G.tmp" | cut -d' ' -f1)" != "$(cat "$W/smol.gguf.sha256")" ]; then
+    rm -f "$G.tmp"; echo "GGUF checksum mismatch"; return 1
+  fi
+  mv "$G.tmp" "$G"
+}
+compare_table() {
+  "$TRTPY" -c 'import json,sys; from sq_export.engine.compare import format_table; print(format_table(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])))' "$1"
+}
+export -f smol_python_env smol_gguf compare_table
