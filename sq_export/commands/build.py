@@ -49,6 +49,7 @@ def add_parser(sub):
     p.add_argument("--no-fp16-matmuls", action="store_true", help="TensorRT 8.x, --precision int8: do not pin the un-quantized MatMuls (attention, LM head) to FP16 (8.6 then runs them in FP32)")
     p.add_argument("--fp32-nodes", metavar="REGEX", help="TensorRT 8.x: also pin the layers of ONNX nodes whose name matches REGEX to FP32 (Q/DQ and INT8 GEMMs excluded), e.g. 'layers\\.\\d+/Add(_1)?$' for the residual adds")
     p.add_argument("--no-fp16", action="store_true", help="TensorRT 8.x, --precision int8: no FP16 flag, layers outside Q/DQ run in FP32 (slower; tells FP16 range problems from INT8 ones)")
+    p.add_argument("--no-prescale-norms", action="store_true", help="TensorRT 8.x with FP16: build the norms as exported (default: each decomposed norm divides by its token's max |x| before squaring, exact, so its statistics cannot overflow FP16 whichever precision TensorRT picks; without it SmoothQuant INT8 engines of SmolLM2 are garbage)")
     p.add_argument("--opt-level", type=int, default=None, metavar="0-5", help="TensorRT builder optimization level (lower builds faster; default TensorRT's, 3)")
     p.add_argument("--workspace", type=float, default=None, metavar="GIB", help="builder workspace limit in GiB")
     p.add_argument("--json", action="store_true", help="print the sidecar as JSON on the last line")
@@ -82,6 +83,7 @@ def run(args) -> int:
             fp16=not args.no_fp16,
             fp16_float_matmuls=not args.no_fp16_matmuls,
             fp32_nodes=args.fp32_nodes,
+            prescale_norms=not args.no_prescale_norms,
         )
     if args.json:
         sys.stdout.write(json.dumps(side, sort_keys=True) + "\n")

@@ -162,6 +162,29 @@ def io_tensors(engine, trt) -> dict:
     return out
 
 
+def network_from_rewritten_onnx(model, onnx_path: Path, trt, **network_kwargs):
+    """A Polygraphy-style network loader for a graph rewritten in memory (loaded without its external weights): the
+    parser reads the serialized graph and finds external weights relative to `onnx_path`, as parse_from_file would.
+    (No copy of the graph or its weights on disk.)"""
+    from polygraphy.backend.trt import CreateNetwork
+    from polygraphy.backend.trt import util as trt_util
+
+    model_bytes = model.SerializeToString()
+
+    def load():
+        builder, network = CreateNetwork(**network_kwargs)()
+        trt.init_libnvinfer_plugins(trt_util.get_trt_logger(), "")
+        parser = trt.OnnxParser(network, trt_util.get_trt_logger())
+        try:
+            ok = parser.parse(model_bytes, str(onnx_path))
+        except TypeError:  # a parser without the path argument: only graphs with their weights inside
+            ok = parser.parse(model_bytes)
+        trt_util.check_onnx_parser_errors(parser, ok)
+        return builder, network, parser
+
+    return load
+
+
 def build_engine(
     onnx_path,
     engine_path,
@@ -179,6 +202,7 @@ def build_engine(
     fp16_float_matmuls=True,
     int8_gemm_output=None,
     fp32_nodes=None,
+    prescale_norms=True,
 ) -> dict:
     """Build `onnx_path` into a TensorRT engine at `engine_path` (+ `engine_path`.json sidecar); returns the sidecar.
 
@@ -191,7 +215,9 @@ def build_engine(
     fp32_norms / fp16_float_matmuls (TensorRT 8.x): pin norms to FP32, and in INT8 engines the un-quantized MatMuls
     to FP16 (engine/precision_pins.py). int8_gemm_output "fp16"|"fp32" (TensorRT 8.x, experimental, benchmark
     only): the output type of the INT8 GEMMs (8.6 picks FP32 by itself). fp32_nodes: a regex over ONNX node names
-    whose layers are pinned to FP32 too (TensorRT 8.x; Q/DQ and INT8 GEMMs excluded).
+    whose layers are pinned to FP32 too (TensorRT 8.x; Q/DQ and INT8 GEMMs excluded). prescale_norms: rewrite
+    every decomposed norm so its statistics cannot overflow FP16 (engine/norm_prescale.py; exact), parsed from
+    the rewritten graph in memory.
     """
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path)
@@ -238,11 +264,20 @@ def build_engine(
         cfg_kwargs["builder_optimization_level"] = int(opt_level)
     if workspace_gb is not None:
         cfg_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(float(workspace_gb) * (1 << 30))}
-    network = NetworkFromOnnxPath(str(onnx_path), **plan.network_kwargs())
+    prescaled: list[str] = []
+    if prescale_norms and plan.fp16_flag:  # TensorRT 8.x may pick FP16 for the norms whatever the pins say
+        from sq_export.engine.norm_prescale import prescale_norms as _prescale
+
+        prescaled = _prescale(model)
+        log.info("prescaled norms: %d (statistics FP16-safe)", len(prescaled))
+    if prescaled:
+        network = network_from_rewritten_onnx(model, onnx_path, trt, **plan.network_kwargs())
+    else:
+        network = NetworkFromOnnxPath(str(onnx_path), **plan.network_kwargs())
     # layer precisions TensorRT 8.x must be told (engine/precision_pins.py), found on the graph read once above
     pins = plan_pins(model, trt, plan, fp32_norms=fp32_norms, fp16_float_matmuls=fp16_float_matmuls,
                      fp32_nodes=fp32_nodes, int8_gemm_output=int8_gemm_output)
-    del model  # (the parser reads the file itself)
+    del model  # (the parser reads the file itself, or the rewritten graph's bytes)
     active = [p for p in pins if p.names]
     if active:
         from polygraphy.backend.trt import PostprocessNetwork
@@ -330,6 +365,7 @@ def build_engine(
         **{key: {"layers": 0, "nodes": 0} for key in SIDECAR_KEYS.values()},
         "int8_gemm_output": {"layers": 0, "nodes": 0, "dtype": int8_gemm_output},
         "fp32_nodes": {"layers": 0, "nodes": 0, "pattern": fp32_nodes},
+        "prescaled_norms": len(prescaled),
         **{p.key: p.record() for p in pins},
         "build_seconds": round(build_s, 3),
         "engine_bytes": n_bytes,
