@@ -17,6 +17,8 @@ from sq_export.engine.precision_pins import (
 
 @pytest.mark.parametrize("family,kind", [("llama", "Pow"), ("opt", "LayerNormalization")])
 def test_norm_nodes_found_in_real_exports(family, kind, tmp_path):
+    """RMSNorm chains are pinned whole; LayerNormalization nodes not at all (an FP32 pin on them made TensorRT 8.6 run
+    the whole Myelin region in FP32)."""
     pytest.importorskip("torch")
     from conftest import make_tiny
     from sq_export.export import export_onnx
@@ -25,6 +27,12 @@ def test_norm_nodes_found_in_real_exports(family, kind, tmp_path):
     export_onnx(model, fam, tmp_path / "m.onnx")
     names = norm_node_names(tmp_path / "m.onnx")
     n_norms = 2 * fam.num_layers() + 1  # two per layer + the final norm
+    if kind == "LayerNormalization":
+        import onnx
+
+        assert sum(n.op_type == kind for n in onnx.load(tmp_path / "m.onnx").graph.node) == n_norms
+        assert names == []
+        return
     assert sum(kind in n for n in names) == n_norms
     if kind == "Pow":  # the whole chain, through the multiply by γ, per norm
         for op in ("ReduceMean", "Sqrt"):

@@ -6,11 +6,13 @@ Pins found from the ONNX graph (``plan_pins``) and applied to the parsed network
 * **norms in FP32** (FP16 and INT8 engines). Real LLM residual streams exceed what FP16 can square: SmolLM2-135M's
   reach |x| = 24,494, so RMSNorm's mean(x²) ≈ 1e6 overflows FP16's 65,504 and the engine's logits are garbage
   (seen on the H100: FP16 engine perplexity 30,810 vs 25.0 in ONNX Runtime). The pin covers the whole norm, through
-  its γ multiply, so that nothing of the norm is left for FP16 where its output feeds a QuantizeLinear. (That was
-  a hypothesis for the broken SmoothQuant INT8 engines of SmolLM2 — 39,618 vs 55.4 in ONNX Runtime, fine with no
-  FP16 at all — and it did not fix them: 39,467 with the whole norm pinned; docs/TENSORRT.md.)
-  LayerNormalization is one node; the RMSNorm chain is Pow → ReduceMean → Add → Sqrt → Div/Reciprocal → Mul(x)
-  [→ Cast] → Mul(γ).
+  its γ multiply. In INT8 engines, where the norm feeds a QuantizeLinear, TensorRT 8.6 did not keep to it: the
+  SmoothQuant INT8 engines of SmolLM2 stayed garbage with the whole norm pinned (39,467 vs 55.4 in ONNX Runtime);
+  engine/norm_prescale.py fixed them (53.524 vs 53.527; docs/TENSORRT.md).
+  The RMSNorm chain is Pow → ReduceMean → Add → Sqrt → Div/Reciprocal → Mul(x) [→ Cast] → Mul(γ).
+  LayerNormalization nodes are not pinned: an FP32 pin on them made TensorRT 8.6 run the whole Myelin region in
+  FP32 (an OPT-shaped FP16 engine 8× slower and twice the size). What makes the norms safe in FP16 whatever
+  TensorRT picks is engine/norm_prescale.py (`build` rewrites every decomposed norm; on by default).
 * **float MatMuls in FP16** (INT8 engines only). With Q/DQ in the network, TensorRT 8.6 runs the MatMuls that are not
   quantized (attention's Q·Kᵀ and P·V, the LM head) in FP32 on CUDA cores although the FP16 flag is set (Nsight
   Compute on the H100: an OPT-6.7B-shaped 2-layer INT8 engine spent 1.65 ms of 4.13 ms in one FP32 `ffma` GEMM,
@@ -50,8 +52,9 @@ def _consumers(graph) -> dict[str, list]:
 
 
 def norm_node_names(model) -> list[str]:
-    """Names of the nodes that compute a norm: LayerNormalization nodes, and each RMSNorm chain from x² through the
-    multiply by γ."""
+    """Names of the nodes that compute a decomposed norm: each RMSNorm chain from x² through the multiply by γ.
+    LayerNormalization nodes are not pinned: on TensorRT 8.6 an FP32 pin on them turned the whole Myelin region FP32
+    (OPT-6.7B-shaped FP16 engine, 4 layers: 36.1 ms and 3,363 MiB instead of 4.4 ms and 1,682 MiB, 2026-11-22)."""
     m = _load(model)
     consumers = _consumers(m.graph)
     constants = {t.name for t in m.graph.initializer} | {n.output[0] for n in m.graph.node if n.op_type == "Constant"}
@@ -62,9 +65,7 @@ def norm_node_names(model) -> list[str]:
             names.append(n.name)
 
     for n in m.graph.node:
-        if n.op_type == "LayerNormalization":
-            add(n)
-        elif n.op_type == "Pow":
+        if n.op_type == "Pow":
             # x ** 2 feeding a ReduceMean: the start of an RMSNorm; follow the chain until the reciprocal root
             users = consumers.get(n.output[0], [])
             if not any(u.op_type == "ReduceMean" for u in users):
