@@ -159,6 +159,7 @@ def test_no_fp16_keeps_float_layers_fp32_on_trt8_only():
 def test_fp16_export_graph_plans(tmp_path):
     """An `export --dtype fp16` graph: TensorRT 10+ builds it strongly typed in INT8; 8.6 refuses its float16
     Q/DQ scales with a re-export hint."""
+    pytest.importorskip("torch", reason="exports a graph (torch); the TensorRT kit's Python has no torch")
     from conftest import make_tiny
     from sq_export.export import export_onnx
     from test_export import _quantized
