@@ -22,8 +22,8 @@ chain_b() {
   P="$B/fp.onnx $B/sq_attn.onnx"
   bo() { local tag=$1; shift; ( timeout 1000 "$TRTPY" tools/bench_trt.py "$@" --build-only > $R/build_$tag.log 2>&1; echo "build $tag rc $? $(( $(date +%s) - t0 ))s" >> $R/log ) & }
   bo p_fp16 $P --workdir $B/a --labels fp16
-  bo p_int8 $P --workdir $B/a --labels int8:sq_attn
-  bo p_int8o16 $P --workdir $B/b --labels int8:sq_attn --int8-gemm-output fp16
+  bo p_int8 $P --workdir $B/a --labels int8
+  bo p_int8o16 $P --workdir $B/b --labels int8 --int8-gemm-output fp16
   for l in fp16 int8; do for b in 1 8; do
     bo d_${l}_b$b --decode $B/fp_dec.onnx $B/sq_dec.onnx --past 512 --batches $b --kv-fp16 --workdir $B/d$b --labels $l
   done; done
