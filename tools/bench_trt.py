@@ -234,7 +234,11 @@ def main(argv=None) -> int:
     if a.labels:
         if not a.build_only:
             ap.error("--labels needs --build-only")
-        graphs = [g for g in graphs if g[0] in a.labels.split(",")]
+        want = set(a.labels.split(","))
+        # the first INT8 graph is labelled "int8"; "int8:STEM" names it too
+        graphs = [g for i, g in enumerate(graphs) if g[0] in want or (i == 1 and f"int8:{Path(g[2]).stem}" in want)]
+        if not graphs:
+            ap.error(f"--labels {a.labels}: no engine has that label (fp16, int8, int8:STEM of a further INT8 graph)")
     report = {"tensorrt_version": trt.__version__, "gpu": gpu.get("name"), "mode": "decode" if a.decode else "prefill",
               "fp32_norms": not a.no_fp32_norms, "fp16_float_matmuls": not a.no_fp16_matmuls, "engines": {}}
 
