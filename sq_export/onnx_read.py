@@ -139,7 +139,8 @@ def _tensor(buf, start: int, end: int, spans: list) -> onnx.TensorProto:
     return t
 
 
-def _point_into(model: onnx.ModelProto, spans, location: str) -> None:
+def point_into(model: onnx.ModelProto, spans, location: str) -> None:
+    """Make each initializer of a `read_skeleton` model external data at its span of the file `location`."""
     for t, (offset, length) in zip(model.graph.initializer, spans):
         t.data_location = onnx.TensorProto.EXTERNAL
         for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
@@ -184,7 +185,7 @@ def checker_message(path: str | os.PathLike) -> tuple[bool, str | None]:
     if got is None:
         return False, None
     proto, spans = got
-    _point_into(proto, spans, path.name)
+    point_into(proto, spans, path.name)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check.onnx", dir=path.parent)
     except OSError:

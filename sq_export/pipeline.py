@@ -838,7 +838,7 @@ class Pipeline:
 
         from sq_export.evaluate import onnx_perplexity, torch_perplexity
         from sq_export.recipe import check_batch
-        from sq_export.report import linear_outputs, smoothed_reference, sqnr_against
+        from sq_export.report import linear_outputs, smoothed_reference, sqnr_against, sqnr_in_parts
         from sq_export.textdata import token_ids
 
         model, tok, fam = self.loaded()
@@ -872,10 +872,13 @@ class Pipeline:
             secs["pytorch"][mode] = round(time.perf_counter() - t, 2)
             if mode != "fp":
                 t = time.perf_counter()
-                if ref is None:
-                    ref = linear_outputs(model, names, batch)
-                for n, v in sqnr_against(ref, m, names, batch).items():
+                if ref is None:  # the float model's outputs, a third at a time (the SQ model is resident too)
+                    got = sqnr_in_parts(model, m, names, batch)
+                else:
+                    got = sqnr_against(ref, m, names, batch)
+                for n, v in got.items():
                     sqnr[n][mode] = v
+                del got
                 del m, ref
                 self.release(mode)
                 t_sqnr += time.perf_counter() - t

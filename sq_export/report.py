@@ -55,13 +55,42 @@ def sqnr_against(ref: dict, model, names: list[str], batch) -> dict:
     return {n: got[n] for n in names}
 
 
+def sqnr_in_parts(ref_model, model, names: list[str], batch, parts: int = 3) -> dict:
+    """`sqnr_against(linear_outputs(ref_model, names, batch), model, names, batch)`, holding the reference outputs of
+    a `parts`-th of the Linears at a time (SmolLM2: 53 instead of 159 MB, at the moment both models are resident):
+    each part is one forward of each model, stopped after the part's last Linear. The forwards are the same
+    computation on the same batch, so the values are the same."""
+    got: dict = {}
+    k = -(-len(names) // max(1, parts))
+    for i in range(0, len(names), k):
+        part = names[i : i + k]
+        ref = linear_outputs(ref_model, part, batch)
+        got.update(sqnr_against(ref, model, part, batch))
+        del ref
+    return {n: got[n] for n in names}
+
+
+class _Done(Exception):
+    """Raised by the hook of the last Linear asked for: the rest of the forward is not needed."""
+
+
 def _run_hooked(model, names, batch, fn) -> None:
     import torch
 
-    hooks = [model.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: fn(n, out)) for n in names]
+    left = set(names)
+
+    def hook(n, out):
+        fn(n, out)
+        left.discard(n)
+        if not left:
+            raise _Done
+
+    hooks = [model.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: hook(n, out)) for n in names]
     try:
         with torch.no_grad():
             model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+    except _Done:
+        pass
     finally:
         for h in hooks:
             h.remove()
