@@ -850,9 +850,10 @@ class Pipeline:
         # PyTorch: the float model, then one quantized model at a time (built, measured, released); the per-Linear
         # SQNR of each against the float model it approximates (naive: the float model; SQ: with --smooth-pairs the
         # smoothed float model, report.smoothed_reference). The float model's reference outputs (~160 MB for
-        # SmolLM2) are taken after the perplexity pass and dropped after the SQNR pass, not held through it (the
-        # float model is resident anyway; recomputing them for SQ is one small forward); the smoothed reference of
-        # --smooth-pairs is taken before the SQ model is built, so that its model copy and the SQ model never coexist
+        # SmolLM2) are taken after the perplexity pass, a third of the Linears at a time (report.sqnr_in_parts: the
+        # float model is resident anyway, so recomputing them per mode is a few small forwards); the smoothed
+        # reference of --smooth-pairs is taken whole before the SQ model is built, so that its model copy and the
+        # SQ model never coexist
         names = fam.quantized_linears()
         batch = check_batch(tok, self.recipe())
         t_sqnr = 0.0

@@ -25,15 +25,9 @@ Torch-free and onnx-ir-free: it runs under the TensorRT kit's Python, from `sq-e
 from __future__ import annotations
 
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-
-def _scalar(graph, name, consts) -> float | None:
-    t = consts.get(name)
-    if t is None:
-        return None
-    a = numpy_helper.to_array(t)
-    return float(a.reshape(-1)[0]) if a.size == 1 else None
+from sq_export.onnx_meta import GraphIndex
 
 
 def _opset(model) -> int:
@@ -45,15 +39,8 @@ def _opset(model) -> int:
 
 def prescale_norms(model: onnx.ModelProto) -> list[str]:
     g = model.graph
-    consts = {t.name: t for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = n.attribute[0].t
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    ix = GraphIndex(g)  # a snapshot of the graph before the rewrite: the matches below only read it
+    producer, consumers, scalar = ix.producer, ix.consumers, ix.scalar
 
     def only(value, op):
         c = consumers.get(value, [])
@@ -62,13 +49,13 @@ def prescale_norms(model: onnx.ModelProto) -> list[str]:
     def square_of(node):
         if node is None:
             return None
-        if node.op_type == "Pow" and _scalar(g, node.input[1], consts) == 2.0:
+        if node.op_type == "Pow" and scalar(node.input[1]) == 2.0:
             return node.input[0]
         if node.op_type == "Mul" and node.input[0] == node.input[1]:
             return node.input[0]
         return None
 
-    taken = {o for n in g.node for o in n.output} | set(consts) | {i.name for i in g.input}
+    taken = set(producer) | set(ix.inits) | {i.name for i in g.input}
 
     def fresh(base):
         name, k = base, 0
@@ -95,7 +82,7 @@ def prescale_norms(model: onnx.ModelProto) -> list[str]:
         eps_add, eps_in = None, None
         if nxt.op_type == "Add":
             k = 1 if nxt.input[0] == rm.output[0] else 0
-            if _scalar(g, nxt.input[k], consts) is None:
+            if scalar(nxt.input[k]) is None:
                 continue
             eps_add, eps_in = nxt, k
             stat = nxt.output[0]
@@ -108,7 +95,7 @@ def prescale_norms(model: onnx.ModelProto) -> list[str]:
             if len(c) == 1 and c[0].op_type == "Div" and c[0].input[1] == sqrt.output[0]:
                 if c[0].input[0] == y:
                     norm_mul, y_slot = c[0], 0
-                elif _scalar(g, c[0].input[0], consts) == 1.0:
+                elif scalar(c[0].input[0]) == 1.0:
                     m = only(c[0].output[0], "Mul")
                     if m is not None and y in m.input:
                         norm_mul, y_slot = m, list(m.input).index(y)
@@ -118,7 +105,7 @@ def prescale_norms(model: onnx.ModelProto) -> list[str]:
                     norm_mul, y_slot = m, list(m.input).index(y)
         else:
             p = only(stat, "Pow")
-            if p is not None and _scalar(g, p.input[1], consts) == -0.5:
+            if p is not None and scalar(p.input[1]) == -0.5:
                 m = only(p.output[0], "Mul")
                 if m is not None and y in m.input:
                     norm_mul, y_slot = m, list(m.input).index(y)
@@ -127,8 +114,8 @@ def prescale_norms(model: onnx.ModelProto) -> list[str]:
         # dtype of y: that of the eps constant, or of the exponent, else float32
         dt = TensorProto.FLOAT
         for cand in ([eps_add.input[eps_in]] if eps_add is not None else []) + ([sq.input[1]] if sq.op_type == "Pow" else []):
-            if cand in consts:
-                dt = consts[cand].data_type
+            if ix.is_const(cand):
+                dt = ix.tensor(cand).data_type
                 break
         base = (rm.name or rm.output[0]).rsplit("/", 1)[0] + "/prescale"
         one = fresh(base + "/one")

@@ -43,21 +43,15 @@ def _load(model):
     return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
 
 
-def _consumers(graph) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
-
-
 def norm_node_names(model) -> list[str]:
     """Names of the nodes that compute a decomposed norm: each RMSNorm chain from x² through the multiply by γ.
     LayerNormalization nodes are not pinned: on TensorRT 8.6 an FP32 pin on them turned the whole Myelin region FP32
     (OPT-6.7B-shaped FP16 engine, 4 layers: 36.1 ms and 3,363 MiB instead of 4.4 ms and 1,682 MiB, 2026-11-22)."""
+    from sq_export.onnx_meta import GraphIndex
+
     m = _load(model)
-    consumers = _consumers(m.graph)
-    constants = {t.name for t in m.graph.initializer} | {n.output[0] for n in m.graph.node if n.op_type == "Constant"}
+    ix = GraphIndex(m.graph)
+    consumers = ix.consumers
     names: list[str] = []
 
     def add(n):
@@ -90,7 +84,7 @@ def norm_node_names(model) -> list[str]:
                     if u.op_type not in ("Mul", "Cast"):
                         continue
                     add(u)
-                    if u.op_type == "Mul" and any(i in constants for i in u.input):
+                    if u.op_type == "Mul" and any(ix.is_const(i) for i in u.input):
                         continue  # the γ multiply ends the norm
                     nxt.extend(consumers.get(u.output[0], []))
                 frontier = nxt
