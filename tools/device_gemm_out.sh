@@ -1,7 +1,8 @@
 #!/bin/bash
 # Does an FP16 output of the INT8 GEMMs (instead of TensorRT 8.6's FP32 choice) speed up our INT8 engines?
 # OPT-6.7B-shaped decoder, LAYERS (default 1) layers, static 4 x 256: FP16 engine, INT8 engine (default pins), INT8
-# engine with tools/bench_trt.py --int8-gemm-output fp16; one FP16 engine timed against both.
+# engine with tools/bench_trt.py --int8-gemm-output fp16; one FP16 engine timed against both. Its FP16 engine's time
+# and size also show whether the FP16 engine of an OPT-shaped graph runs in FP16 (LayerNorm pins, docs/TENSORRT.md).
 #   call: bash tools/device_gemm_out.sh start      calls: bash tools/device_gemm_out.sh poll
 set -uo pipefail
 cd "$(dirname "$0")/.."
