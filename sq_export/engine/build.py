@@ -175,10 +175,7 @@ def network_from_rewritten_onnx(model, onnx_path: Path, trt, **network_kwargs):
         builder, network = CreateNetwork(**network_kwargs)()
         trt.init_libnvinfer_plugins(trt_util.get_trt_logger(), "")
         parser = trt.OnnxParser(network, trt_util.get_trt_logger())
-        try:
-            ok = parser.parse(model_bytes, str(onnx_path))
-        except TypeError:  # a parser without the path argument: only graphs with their weights inside
-            ok = parser.parse(model_bytes)
+        ok = parser.parse(model_bytes, str(onnx_path))  # parse(model, path): on the H100 with 8.6
         trt_util.check_onnx_parser_errors(parser, ok)
         return builder, network, parser
 
