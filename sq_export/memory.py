@@ -53,13 +53,21 @@ def release_memory() -> None:
         lib.malloc_trim(0)
 
 
-def rss_kb(key: str = "VmRSS") -> int | None:
-    """VmRSS (or VmHWM: the peak) of this process in kB, from /proc; None elsewhere."""
+def proc_status_kb(*keys: str) -> dict[str, int]:
+    """The named kB fields of /proc/self/status (e.g. VmRSS, VmHWM: the peak), read in one pass (a sampler's two
+    values from the same moment); {} where there is no /proc."""
+    want, out = set(keys), {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+                key = line.split(":", 1)[0]
+                if key in want:
+                    out[key] = int(line.split()[1])
     except OSError:
-        return None
-    return None
+        return {}
+    return out
+
+
+def rss_kb(key: str = "VmRSS") -> int | None:
+    """VmRSS (or VmHWM: the peak) of this process in kB, from /proc; None elsewhere."""
+    return proc_status_kb(key).get(key)

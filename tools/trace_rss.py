@@ -23,20 +23,14 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sq_export.memory import configure_malloc  # noqa: E402 (torch-free)
+from sq_export.memory import configure_malloc, proc_status_kb  # noqa: E402 (torch-free)
 
 MiB = 1024  # kB per MiB
 
 
 def _status() -> tuple[int, int]:
-    rss = hwm = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1])
-    return rss, hwm
+    st = proc_status_kb("VmRSS", "VmHWM")
+    return st.get("VmRSS", 0), st.get("VmHWM", 0)
 
 
 def _stack(frame, limit=14) -> list[str]:
