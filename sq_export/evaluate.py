@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from sq_export import progress
@@ -32,45 +30,16 @@ def ort_session(path: str, threads: int | None = None):
     # no memory pattern: with it the arena grows by another activation-sized block on later runs (SmolLM2 SQ
     # graph, 512-token chunks: 663 -> 798 MB after two runs; without: 663 MB flat), same speed and same outputs
     so.enable_mem_pattern = False
-    skeleton = _skeleton_file(path)
-    if skeleton is None:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    try:
-        return ort.InferenceSession(skeleton, so, providers=["CPUExecutionProvider"])
-    finally:
-        os.unlink(skeleton)
+    # Given the file itself, ONNX Runtime parses every initializer's bytes into the ModelProto and then copies each
+    # into a tensor of its own, so both copies are resident while the session is built (SmolLM2 FP32 graph: RSS
+    # +1053 MiB building the session, +1160 MiB after the first 512-token run). Given a skeleton whose initializers
+    # point into the file it reads each initializer once, straight into its tensor (+650 and +970 MiB; the INT8
+    # graphs +308/+833 instead of +592/+1006 MiB), in half the time. Same graph, same weights, same kernels: the
+    # logits are bit-identical. Without a skeleton (a file onnx_read declines, a read-only folder): the file.
+    from sq_export.onnx_read import skeleton_beside
 
-
-def _skeleton_file(path) -> str | None:
-    """A small .onnx beside `path` (hidden, temporary: the caller deletes it) whose initializers point into `path`
-    as external data, or None where sq_export.onnx_read does not take the file or the folder takes no file.
-
-    Given the file itself, ONNX Runtime parses every initializer's bytes into the ModelProto and then copies each
-    into a tensor of its own, so both copies are resident while the session is built (SmolLM2 FP32 graph: RSS
-    +1053 MiB building the session, +1160 MiB after the first 512-token run). Given the skeleton it reads each
-    initializer once, straight into its tensor (+650 and +970 MiB; the INT8 graphs +308/+833 instead of
-    +592/+1006 MiB), in half the time. Same graph, same weights, same kernels: the logits are bit-identical."""
-    import tempfile
-
-    from sq_export.onnx_read import point_into, read_skeleton
-
-    path = os.path.abspath(path)
-    got = read_skeleton(path)
-    if got is None:
-        return None
-    proto, spans = got
-    point_into(proto, spans, os.path.basename(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".ort.onnx", dir=os.path.dirname(path))
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
+    with skeleton_beside(path, ".ort.onnx") as skeleton:
+        return ort.InferenceSession(skeleton or str(path), so, providers=["CPUExecutionProvider"])
 
 
 def onnx_perplexity(path: str, ids: np.ndarray, seq_len: int = 512, max_tokens: int | None = None) -> dict:

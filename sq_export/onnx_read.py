@@ -19,6 +19,7 @@ messages about broken files are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
@@ -177,28 +178,41 @@ def load_lazy(path: str | os.PathLike):
     return model
 
 
-def checker_message(path: str | os.PathLike) -> tuple[bool, str | None]:
-    """(whether the lazy check ran, onnx.checker's first error line or None). It declines (False, None) where
-    `read_skeleton` does or the input's folder takes no temporary file; then check the file itself."""
+@contextlib.contextmanager
+def skeleton_beside(path: str | os.PathLike, suffix: str):
+    """A small hidden temporary .onnx beside `path` whose initializers point into `path` as external data (read
+    lazily by whoever opens it), deleted on exit; None where `read_skeleton` declines the file or its folder takes
+    no temporary file (then use the file itself)."""
     path = Path(path).resolve()
     got = read_skeleton(path)
     if got is None:
-        return False, None
+        yield None
+        return
     proto, spans = got
     point_into(proto, spans, path.name)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check.onnx", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError:
-        return False, None
+        yield None
+        return
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(proto.SerializeToString())
-        del proto
+        del proto, got
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def checker_message(path: str | os.PathLike) -> tuple[bool, str | None]:
+    """(whether the lazy check ran, onnx.checker's first error line or None). It declines (False, None) where
+    `read_skeleton` does or the input's folder takes no temporary file; then check the file itself."""
+    with skeleton_beside(path, ".check.onnx") as tmp:
+        if tmp is None:
+            return False, None
         try:
             onnx.checker.check_model(tmp)
         except Exception as e:  # ValidationError and friends
             msg = str(e).strip().splitlines()
             return True, msg[0] if msg else type(e).__name__
         return True, None
-    finally:
-        os.unlink(tmp)

@@ -1,4 +1,4 @@
-"""evaluate.ort_session builds ONNX Runtime sessions from a temporary skeleton whose initializers point into the
+"""evaluate.ort_session builds (through onnx_read.skeleton_beside) ONNX Runtime sessions from a temporary skeleton whose initializers point into the
 graph file (each weight read once): same logits as a session on the file itself, no file left behind, and the
 plain path where no skeleton can be written."""
 
@@ -28,13 +28,13 @@ def _logits(sess):
 
 
 def test_skeleton_session_is_bit_identical_and_leaves_nothing(graph):
-    from sq_export.evaluate import _skeleton_file, ort_session
+    from sq_export.evaluate import ort_session
+    from sq_export.onnx_read import skeleton_beside
 
     before = sorted(os.listdir(graph.parent))
-    skel = _skeleton_file(str(graph))
-    assert skel is not None and os.path.dirname(skel) == str(graph.parent) and os.path.basename(skel).startswith(".")
-    assert os.path.getsize(skel) < os.path.getsize(graph) / 4  # the weights stay in the graph file
-    os.unlink(skel)
+    with skeleton_beside(str(graph), ".ort.onnx") as skel:
+        assert skel is not None and os.path.dirname(skel) == str(graph.parent.resolve()) and os.path.basename(skel).startswith(".")
+        assert os.path.getsize(skel) < os.path.getsize(graph) / 4  # the weights stay in the graph file
     plain = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(_logits(ort_session(str(graph))), _logits(plain))
     assert sorted(os.listdir(graph.parent)) == before
@@ -44,12 +44,14 @@ def test_unwritable_folder_falls_back_to_the_file(graph, monkeypatch):
     """Where no skeleton can be written (a read-only folder: mkstemp raises), the session is built from the file."""
     import tempfile
 
-    from sq_export.evaluate import _skeleton_file, ort_session
+    from sq_export.evaluate import ort_session
+    from sq_export.onnx_read import skeleton_beside
 
     def refuse(*a, **k):
         raise PermissionError(13, "read-only folder")
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    assert _skeleton_file(str(graph)) is None
+    with skeleton_beside(str(graph), ".ort.onnx") as skel:
+        assert skel is None
     plain = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(_logits(ort_session(str(graph))), _logits(plain))
