@@ -10,7 +10,8 @@
 # (timings never share the GPU with builds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-W=/tmp/sqw; mkdir -p $W/out
+source tools/device_lib.sh
+mkdir -p $W/out
 case ${1:-start} in
   start)
     setsid nohup bash -c "OUT=$W/out bash tools/device_smollm2.sh exports > $W/A_exports.log 2>&1; touch $W/A_exports.done;
@@ -21,11 +22,7 @@ case ${1:-start} in
       while [ ! -f $W/A.done ]; do sleep 5; done; OUT=$W/out bash tools/device_bench.sh time > $W/B_time.log 2>&1; touch $W/B.done" > /dev/null 2>&1 < /dev/null &
     sleep 2; echo started ;;
   poll)
-    end=$(( $(date +%s) + ${POLL:-500} ))
-    while [ $(date +%s) -lt $end ] && [ ! -f $W/B.done ]; do
-      [ -n "${UNTIL:-}" ] && [ -f $W/$UNTIL ] && break
-      sleep 10
-    done
+    wait_done 500 B.done
     ls $W/*.done 2>/dev/null; for f in $W/*.log; do echo "== $f"; tail -n 6 $f; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     cp $W/out/*.tgz "${OUT:-.}/" 2>/dev/null; true ;;

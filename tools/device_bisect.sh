@@ -20,9 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/device_lib.sh
-W=/tmp/sqw; R=$W/res7; mkdir -p $W/out $R $W/smol
-G=$W/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-L=${OPT_LEVEL:-0}
+R=$W/res7; mkdir -p $W/out $R $W/smol
 
 chain() {
   smol_python_env; export OMP_NUM_THREADS=4
@@ -75,8 +73,7 @@ case ${1:-start} in
     setsid nohup bash -c chain > $W/X.out 2>&1 < /dev/null &
     sleep 2; echo started ;;
   poll)
-    end=$(( $(date +%s) + ${POLL:-500} ))
-    while [ $(date +%s) -lt $end ] && [ ! -f $W/X.done ]; do sleep 10; done
+    wait_done 500 X.done
     cat $R/log 2>/dev/null; tail -n 2 $W/X.out
     for f in $R/compare_*_table.txt; do [ -f $f ] && { echo "== $f"; cat $f; }; done
     tar czf "${OUT:-.}/bisect_$(date +%H%M).tgz" -C $R . 2>/dev/null; true ;;

@@ -16,9 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/device_lib.sh
-W=/tmp/sqw; R=$W/res3; mkdir -p $W/out $R
-G=$W/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-L=${OPT_LEVEL:-0}
+R=$W/res3; mkdir -p $W/out $R
 
 chain_g() {
   source /opt/trt86/env.sh
@@ -105,11 +103,7 @@ case ${1:-start} in
     setsid nohup bash -c chain_s > $W/S.out 2>&1 < /dev/null &
     sleep 2; echo started; command -v nsys || echo "no nsys" ;;
   poll)
-    end=$(( $(date +%s) + ${POLL:-500} ))
-    while [ $(date +%s) -lt $end ] && ! { [ -f $W/G.done ] && [ -f $W/S.done ]; }; do
-      [ -n "${UNTIL:-}" ] && [ -f $W/$UNTIL ] && break
-      sleep 10
-    done
+    wait_done 500 G.done S.done
     ls $W/*.done $W/G_timed 2>/dev/null; cat $R/G.log $R/S.log 2>/dev/null; tail -n 3 $W/G.out $W/S.out
     for f in $R/forms.log $R/opt2_time_*.log $R/compare_*table.txt; do [ -f $f ] && { echo "== $f"; tail -n 14 $f; }; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; free -g | head -2

@@ -5,7 +5,8 @@
 #   call:  bash tools/device_final.sh start        calls: POLL=500 bash tools/device_final.sh poll
 set -uo pipefail
 cd "$(dirname "$0")/.."
-W=/tmp/sqw; B=$W/bench; R=$W/res8; mkdir -p $B $R
+source tools/device_lib.sh
+B=$W/bench; R=$W/res8; mkdir -p $B $R
 
 chain_t() {
   source /opt/trt86/env.sh; export PYTHONPATH=.
@@ -46,8 +47,7 @@ chain_b() {
     setsid nohup bash -c chain_b > $W/B.out 2>&1 < /dev/null &
     sleep 2; echo started ;;
   poll)
-    end=$(( $(date +%s) + ${POLL:-500} ))
-    while [ $(date +%s) -lt $end ] && ! { [ -f $W/B.done ] && [ -f $W/T.done ]; }; do sleep 10; done
+    wait_done 500 B.done T.done
     cat $R/log 2>/dev/null; tail -n 2 $W/B.out $W/T.out
     grep -E "FAILED|ERROR|passed|failed" $R/trt_tests.log 2>/dev/null | tail -n 8
     for f in $R/prefill.log $R/prefill_o16.log $R/decode_b1.log $R/decode_b8.log; do [ -f $f ] && { echo "== $f"; tail -n 12 $f; }; done

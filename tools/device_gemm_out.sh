@@ -6,7 +6,8 @@
 #   call: bash tools/device_gemm_out.sh start      calls: bash tools/device_gemm_out.sh poll
 set -uo pipefail
 cd "$(dirname "$0")/.."
-W=/tmp/sqw; B=$W/go; R=$W/res5; mkdir -p $B $R
+source tools/device_lib.sh
+B=$W/go; R=$W/res5; mkdir -p $B $R
 case ${1:-start} in
   start)
     setsid nohup bash -c "
@@ -24,8 +25,7 @@ case ${1:-start} in
       touch $W/GO.done" > /dev/null 2>&1 < /dev/null &
     sleep 1; echo started ;;
   poll)
-    end=$(( $(date +%s) + ${POLL:-300} ))
-    while [ $(date +%s) -lt $end ] && [ ! -f $W/GO.done ]; do sleep 5; done
+    wait_done 300 GO.done
     cat $R/G.log 2>/dev/null; tail -n 3 $R/models.log $R/b_*.log; tail -n 8 $R/a.log $R/b.log 2>/dev/null
     tar czf "${OUT:-.}/gemm_out.tgz" -C $R . 2>/dev/null; true ;;
 esac

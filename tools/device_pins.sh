@@ -14,9 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/device_lib.sh
-W=/tmp/sqw; R=$W/res4; mkdir -p $W/out $R $W/smol
-G=$W/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-L=${OPT_LEVEL:-0}
+R=$W/res4; mkdir -p $W/out $R $W/smol
 
 chain_s() {
   smol_python_env; export OMP_NUM_THREADS=4
@@ -87,11 +85,7 @@ case ${1:-start} in
     setsid nohup bash -c chain_b > $W/B.out 2>&1 < /dev/null &
     sleep 2; echo started ;;
   poll)
-    end=$(( $(date +%s) + ${POLL:-500} ))
-    while [ $(date +%s) -lt $end ] && ! { [ -f $W/B.done ] && [ -f $W/S.done ]; }; do
-      [ -n "${UNTIL:-}" ] && [ -f $W/$UNTIL ] && break
-      sleep 10
-    done
+    wait_done 500 B.done S.done
     ls $W/*.done $W/S_built $W/B_prefill_timed 2>/dev/null; cat $R/S.log $R/B.log 2>/dev/null; tail -n 2 $W/S.out $W/B.out
     for f in $R/bench_prefill*.log $R/ncu_summary.txt $R/compare_*_table.txt $R/bench_decode.log; do [ -f $f ] && { echo "== $f"; tail -n 14 $f; }; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; free -g | head -2

@@ -20,9 +20,7 @@ cd "$(dirname "$0")/.."
 source tools/device_lib.sh
 STAGE=${1:-all}
 OUT=${OUT:-./device_out}; mkdir -p "$OUT"
-W=/tmp/sqw; R=$W/res; mkdir -p $W/smol $R
-G=$W/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-L=${OPT_LEVEL:-0}
+R=$W/res; mkdir -p $W/smol $R
 pack() { tar czf "$OUT/smollm2_$1.tgz" -C $R . 2>/dev/null; ls -la $R; }
 
 exports() {
