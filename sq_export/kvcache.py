@@ -6,7 +6,7 @@ A decode graph (``sq-export export --decode``) has
   outputs  logits [b, s, vocab], present.{i}.key / .value [b, kv_heads, past+s, head_dim]
 
 ``greedy`` drives any backend through a ``step(feed) -> {name: array}`` callable, so ONNX Runtime
-(sq_export.decode) and TensorRT (sq_export.engine.generate) decode with the same loop. When a backend cannot take
+(sq_export.export.decode) and TensorRT (sq_export.engine.generate) decode with the same loop. When a backend cannot take
 an empty cache (a TensorRT profile whose past length starts at 1), the loop starts from ``pad_slots`` cache slots
 of zeros that the attention mask hides: position ids come from the mask (Hugging Face's rule), so the real tokens
 keep positions 0, 1, ... and masked slots get exactly zero attention weight.

@@ -116,7 +116,7 @@ def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
     if model.endswith(".onnx"):
-        from sq_export.export import read_metadata
+        from sq_export.onnxio.meta import read_metadata
 
         src = read_metadata(model).get("source_model")
         if not src:

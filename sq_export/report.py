@@ -116,8 +116,8 @@ def smoothed_reference(model, family, act_max: dict, alpha, linear_pairs: bool):
     same way (`alpha`: a number or {group source: α}, as the SQ model was smoothed)."""
     if not linear_pairs:
         return model
-    from sq_export.recipe import working_copy
-    from sq_export.smooth import apply_smoothing
+    from sq_export.quant.recipe import working_copy
+    from sq_export.quant.smooth import apply_smoothing
 
     ref = working_copy(model, family, smoothing=True, linear_pairs=True)
     apply_smoothing(ref, family, act_max, alpha, linear_pairs=True)
@@ -446,7 +446,7 @@ def _markdown(doc: dict, manifest: dict) -> str:
         L.append(f"| {MODE_LABEL[m]} | " + " | ".join(cells) + " |")
     L.append("")
     L.append(f"Evaluation: first {ev.get('max_tokens') or 'all'} tokens, non-overlapping chunks of {ev.get('seq_len')}. "
-             "Same chunking and arithmetic on every backend (sq_export.ppl), so the columns differ only by their logits.")
+             "Same chunking and arithmetic on every backend (sq_export.measure.perplexity), so the columns differ only by their logits.")
     L.append("")
     for m, v in (doc.get("engine_vs_graph") or {}).items():
         if not v.get("ok", True):

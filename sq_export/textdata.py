@@ -109,7 +109,7 @@ def calibration_samples(ids: np.ndarray, samples: int, seq_len: int, seed: int =
 
 def eval_chunks_npz(tokenizer, text_path, seq_len: int, max_tokens: int | None) -> dict:
     """The evaluation chunks as a token file for the engine side (sq_export.engine reads it)."""
-    from sq_export.ppl import chunk_tokens
+    from sq_export.measure.perplexity import chunk_tokens
 
     chunks = chunk_tokens(tokenize(tokenizer, read_text(text_path, "eval")), seq_len, max_tokens)
     L = max(len(c) for c in chunks)

@@ -5,9 +5,10 @@ import onnx
 import pytest
 
 from conftest import FAMILIES, token_batches
-from sq_export import attention as A
-from sq_export.check import run_check
-from sq_export.export import export_onnx, read_metadata
+from sq_export.quant import attention as A
+from sq_export.passes.check import run_check
+from sq_export.export.exporter import export_onnx
+from sq_export.onnxio.meta import read_metadata
 from test_export import _ort_logits, _quantized, _torch_logits
 
 

@@ -28,7 +28,7 @@ def bad(tmp_path_factory):
     good = d / "llama"
     save_tiny("llama", good)
     trunc = d / "truncated.onnx"
-    from sq_export.export import export_onnx
+    from sq_export.export.exporter import export_onnx
     from conftest import make_tiny
 
     m, fam = make_tiny("opt")

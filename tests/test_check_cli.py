@@ -7,7 +7,7 @@ import pytest
 
 from _sqgraphs import GRAPHS, feeds, run
 from sq_export import cli
-from sq_export.check import run_check
+from sq_export.passes.check import run_check
 from sq_export.errors import BadInput
 
 

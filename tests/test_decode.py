@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_tiny, token_batches
-from sq_export import attention as A
-from sq_export.check import run_check
+from sq_export.quant import attention as A
+from sq_export.passes.check import run_check
 from sq_export.cli import main
-from sq_export.decode import export_decode_onnx, greedy_onnx, greedy_torch, position_ids_for, token_agreement
-from sq_export.evaluate import ort_session
-from sq_export.export import read_metadata
+from sq_export.export.decode import export_decode_onnx, greedy_onnx, greedy_torch, position_ids_for, token_agreement
+from sq_export.measure.perplexity import ort_session
+from sq_export.onnxio.meta import read_metadata
 from test_export import _quantized
 
 # ONNX ops TensorRT 8.6's ONNX parser supports that this exporter emits (onnx-tensorrt 8.6 operators.md)

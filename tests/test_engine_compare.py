@@ -13,7 +13,7 @@ import pytest
 from sq_export.engine.compare import compare, format_table
 from sq_export.engine.run import load_tokens, onnx_perplexity
 from sq_export.errors import BackendMissing, BadInput
-from sq_export.ppl import PerplexityAccumulator
+from sq_export.measure.perplexity import PerplexityAccumulator
 from test_engine_models import reference_logits, tiny_lm, token_file
 
 

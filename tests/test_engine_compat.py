@@ -161,7 +161,7 @@ def test_fp16_export_graph_plans(tmp_path):
     Q/DQ scales with a re-export hint."""
     pytest.importorskip("torch", reason="exports a graph (torch); the TensorRT kit's Python has no torch")
     from conftest import make_tiny
-    from sq_export.export import export_onnx
+    from sq_export.export.exporter import export_onnx
     from test_export import _quantized
 
     model, fam = _quantized("llama")

@@ -160,7 +160,7 @@ def test_real_exports_prescaled_and_equal(family, tmp_path):
     import torch
 
     from conftest import make_tiny
-    from sq_export.export import export_onnx
+    from sq_export.export.exporter import export_onnx
 
     model, fam = make_tiny(family)
     with torch.no_grad():  # a massive activation: one embedding channel of a few tokens

@@ -21,7 +21,7 @@ def test_norm_nodes_found_in_real_exports(family, kind, tmp_path):
     the whole Myelin region in FP32)."""
     pytest.importorskip("torch")
     from conftest import make_tiny
-    from sq_export.export import export_onnx
+    from sq_export.export.exporter import export_onnx
 
     model, fam = make_tiny(family)
     export_onnx(model, fam, tmp_path / "m.onnx")
@@ -55,9 +55,9 @@ def test_norm_nodes_found_in_real_exports(family, kind, tmp_path):
 def test_float_matmuls_are_the_unquantized_ones(family, tmp_path):
     pytest.importorskip("torch")
     from conftest import make_tiny, token_batches
-    from sq_export.calibrate import calibrate
-    from sq_export.export import export_onnx
-    from sq_export.quantize import quantize_model, static_scales
+    from sq_export.quant.calibrate import calibrate
+    from sq_export.export.exporter import export_onnx
+    from sq_export.quant.qlinear import quantize_model, static_scales
 
     model, fam = make_tiny(family)
     act_max = calibrate(model, fam, token_batches())

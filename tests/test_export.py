@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_tiny, token_batches
-from sq_export.calibrate import calibrate
-from sq_export.check import run_check
-from sq_export.evaluate import ort_session
-from sq_export.export import export_onnx, read_metadata
-from sq_export.quantize import quantize_model, static_scales
-from sq_export.smooth import apply_smoothing, smoothed_act_max
+from sq_export.quant.calibrate import calibrate
+from sq_export.passes.check import run_check
+from sq_export.measure.perplexity import ort_session
+from sq_export.export.exporter import export_onnx
+from sq_export.onnxio.meta import read_metadata
+from sq_export.quant.qlinear import quantize_model, static_scales
+from sq_export.quant.smooth import apply_smoothing, smoothed_act_max
 
 
 def _quantized(family, mode="sq"):

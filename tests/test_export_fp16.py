@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import FAMILIES, save_tiny, token_batches
-from sq_export.check import run_check
-from sq_export.evaluate import onnx_perplexity
-from sq_export.export import export_onnx, read_metadata
+from sq_export.passes.check import run_check
+from sq_export.measure.perplexity import onnx_perplexity
+from sq_export.export.exporter import export_onnx
+from sq_export.onnxio.meta import read_metadata
 from test_export import _ort_logits, _quantized
 
 F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT

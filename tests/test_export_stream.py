@@ -2,7 +2,7 @@
 same bytes as the in-memory path it replaced (torch.onnx.export with its weights → onnx.load → proto passes →
 onnx.save_model; less the stale value_info entries that path left for the initializers it dropped), for every
 family, mode, weight form and target, and for the KV-cache decode graph; and
-sq_export.onnx_write.write_model is byte-identical to ir.to_proto(...).SerializeToString()."""
+sq_export.onnxio.write.write_model is byte-identical to ir.to_proto(...).SerializeToString()."""
 
 
 import numpy as np
@@ -12,23 +12,23 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_tiny, token_batches
-from sq_export import export as export_mod
+from sq_export.export import exporter as export_mod
 from sq_export import passes
-from sq_export.calibrate import calibrate
-from sq_export.decode import torch_export_decode
-from sq_export.evaluate import ort_session
-from sq_export.export import _weights_sink, export_onnx, set_metadata, torch_export
-from sq_export.onnx_write import model_without_data, varint, write_model
-from sq_export.quantize import quantize_model, static_scales
-from sq_export.smooth import apply_smoothing, smoothed_act_max
+from sq_export.quant.calibrate import calibrate
+from sq_export.export.decode import torch_export_decode
+from sq_export.measure.perplexity import ort_session
+from sq_export.export.exporter import _weights_sink, export_onnx, set_metadata, torch_export
+from sq_export.onnxio.write import model_without_data, varint, write_model
+from sq_export.quant.qlinear import quantize_model, static_scales
+from sq_export.quant.smooth import apply_smoothing, smoothed_act_max
 
 
 def old_torch_export(model, family, path):
-    """sq_export.export.torch_export as it was: torch.onnx.export with the weights, autograd on."""
+    """sq_export.export.exporter.torch_export as it was: torch.onnx.export with the weights, autograd on."""
     import contextlib
     import warnings
 
-    from sq_export.export import LogitsOnly, _example_inputs
+    from sq_export.export.exporter import LogitsOnly, _example_inputs
 
     wrapper = LogitsOnly(model).eval()
     ids, mask = _example_inputs(vocab=model.config.vocab_size)
@@ -127,7 +127,7 @@ def test_shape_inference_sees_no_float_weights(tmp_path, monkeypatch, skip, floa
 
 
 def test_streamed_decode_export_is_byte_identical(tmp_path):
-    from sq_export.decode import export_decode_onnx
+    from sq_export.export.decode import export_decode_onnx
 
     model, fam = _model("llama", "sq")
     export_decode_onnx(model, fam, tmp_path / "a.onnx", meta={"mode": "sq"})

@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from conftest import save_tiny
-from sq_export.check import run_check
+from sq_export.passes.check import run_check
 from sq_export.cli import main
-from sq_export.export import read_metadata
+from sq_export.onnxio.meta import read_metadata
 
 CAL = ["--samples", "2", "--calib-seq-len", "32"]
 
@@ -75,8 +75,8 @@ def test_lm_head_scale_is_the_heads_input_range(family):
     import torch
 
     from conftest import make_tiny, token_batches
-    from sq_export.lm_head import quantize_lm_head
-    from sq_export.quantize import QLinear, scale_from_amax
+    from sq_export.quant.lm_head import quantize_lm_head
+    from sq_export.quant.qlinear import QLinear, scale_from_amax
 
     model, _ = make_tiny(family)
     ids = token_batches(n=3, seq=16)
@@ -97,7 +97,7 @@ def test_lm_head_smoothing_is_exact_in_float(family):
     import torch
 
     from conftest import make_tiny, token_batches
-    from sq_export.lm_head import quantize_lm_head
+    from sq_export.quant.lm_head import quantize_lm_head
 
     model, _ = make_tiny(family)
     ids = torch.as_tensor(token_batches(n=2, seq=16))

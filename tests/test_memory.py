@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_tiny, token_batches
-from sq_export import memory, tune
-from sq_export.calibrate import calibrate
-from sq_export.recipe import CalibStats, Recipe, working_copy
+from sq_export import memory
+from sq_export.quant import fallback as tune
+from sq_export.quant.calibrate import calibrate
+from sq_export.quant.recipe import CalibStats, Recipe, working_copy
 from sq_export.report import linear_outputs, sqnr_against, sqnr_db
-from sq_export.smooth import logits_of
+from sq_export.quant.smooth import logits_of
 
 
 def _prepare(model, fam, x, **kw):
-    import sq_export.recipe as rc
+    import sq_export.quant.recipe as rc
 
     res = tune.new_reservoir(fam, 256)
     act_max = calibrate(model, fam, token_batches(8, 32), reservoir=res)
@@ -55,7 +56,7 @@ def test_working_copy_shares_read_only_tensors_and_leaves_the_model_alone(family
         # the QLinears hold the float weights themselves (views), not copies: naive W8A8 costs no weight memory
         assert all(t.untyped_storage().data_ptr() in storages for t in shared.parameters())
     else:  # SQ: only what smoothing wrote is new memory, held once (the QLinear views the smoothed copy)
-        from sq_export.quantize import QLinear
+        from sq_export.quant.qlinear import QLinear
 
         new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in shared.parameters()
                if t.untyped_storage().data_ptr() not in storages}
@@ -110,7 +111,7 @@ def test_no_torch_model_is_alive_while_onnx_runtime_evaluates(tiny_dirs, small_t
 
     from transformers import PreTrainedModel
 
-    from sq_export import evaluate
+    from sq_export.measure import perplexity as evaluate
     from sq_export.cli import main
 
     alive = []

@@ -1,4 +1,4 @@
-"""Issue 5 (memory): `check` reads an .onnx file without its weights (sq_export.onnx_read), with the same report."""
+"""Issue 5 (memory): `check` reads an .onnx file without its weights (sq_export.onnxio.read), with the same report."""
 
 import shutil
 
@@ -8,8 +8,8 @@ import onnx_ir as ir
 import pytest
 
 from _sqgraphs import GRAPHS
-from sq_export import onnx_read
-from sq_export.check import run_check
+from sq_export.onnxio import read as onnx_read
+from sq_export.passes.check import run_check
 
 NAMES = sorted(p.stem for p in GRAPHS.glob("*.onnx") if p.stem != "plain_no_norm_no_qdq")
 

@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     from conftest import make_tiny
-    from sq_export.export import export_onnx
+    from sq_export.export.exporter import export_onnx
 
     model, fam = make_tiny("llama")
     d = tmp_path_factory.mktemp("g")
@@ -28,8 +28,8 @@ def _logits(sess):
 
 
 def test_skeleton_session_is_bit_identical_and_leaves_nothing(graph):
-    from sq_export.evaluate import ort_session
-    from sq_export.onnx_read import skeleton_beside
+    from sq_export.measure.perplexity import ort_session
+    from sq_export.onnxio.read import skeleton_beside
 
     before = sorted(os.listdir(graph.parent))
     with skeleton_beside(str(graph), ".ort.onnx") as skel:
@@ -44,8 +44,8 @@ def test_unwritable_folder_falls_back_to_the_file(graph, monkeypatch):
     """Where no skeleton can be written (a read-only folder: mkstemp raises), the session is built from the file."""
     import tempfile
 
-    from sq_export.evaluate import ort_session
-    from sq_export.onnx_read import skeleton_beside
+    from sq_export.measure.perplexity import ort_session
+    from sq_export.onnxio.read import skeleton_beside
 
     def refuse(*a, **k):
         raise PermissionError(13, "read-only folder")

@@ -133,7 +133,7 @@ def test_deterministic_across_folders_and_alpha_change(llama_run, tiny_dirs, tex
 
 
 def test_interrupted_stage_leaves_no_final_file_and_resumes(tiny_dirs, texts, tmp_path, monkeypatch):
-    import sq_export.pipeline as pl
+    import sq_export.run.pipeline as pl
 
     real = pl.export_onnx
     calls = []
@@ -160,7 +160,7 @@ def test_interrupted_stage_leaves_no_final_file_and_resumes(tiny_dirs, texts, tm
     assert all((out / f"model.{x}.onnx").is_file() for x in ("fp", "naive", "sq"))
 
     # a check violation fails the run (exit 1), keeps check.json for reading, and the stage reruns next time
-    import sq_export.check as ck
+    import sq_export.passes.check as ck
     from sq_export.passes._graph import Violation
 
     real_check = ck.run_check
@@ -227,7 +227,7 @@ def test_build_stage_wiring_with_a_fake_tensorrt(llama_run, tiny_dirs, texts, tm
     monkeypatch.setattr(eb, "build_engine", fake_build)
     import numpy as np
 
-    from sq_export.evaluate import onnx_perplexity
+    from sq_export.measure.perplexity import onnx_perplexity
 
     drift = {"factor": 1.0}
 
@@ -281,7 +281,7 @@ def test_accuracy_options_pairs_auto_alpha_then_fallback_then_no_pairs(tiny_dirs
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sq_export.export import read_metadata
+    from sq_export.onnxio.meta import read_metadata
 
     d = tiny_dirs("llama")
     out = tmp_path / "acc"

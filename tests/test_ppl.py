@@ -4,7 +4,7 @@
 def test_blocked_chunk_nll_is_bit_identical_to_all_rows_at_once():
     import numpy as np
 
-    from sq_export.ppl import chunk_nll
+    from sq_export.measure.perplexity import chunk_nll
 
     def at_once(logits, ids):
         lg = np.asarray(logits[:-1], dtype=np.float64)

@@ -22,10 +22,10 @@ def smol():
 def test_smollm2_smoothing_exact_and_static_sq_beats_naive(smol):
     import copy
 
-    from sq_export.calibrate import run_calibration
-    from sq_export.evaluate import torch_perplexity
-    from sq_export.quantize import quantize_model, static_scales
-    from sq_export.smooth import smooth_checked, smoothed_act_max
+    from sq_export.quant.calibrate import run_calibration
+    from sq_export.measure.perplexity import torch_perplexity
+    from sq_export.quant.qlinear import quantize_model, static_scales
+    from sq_export.quant.smooth import smooth_checked, smoothed_act_max
     from sq_export.textdata import read_text, tokenize
 
     model, tok, fam = smol

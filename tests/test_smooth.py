@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import FAMILIES, OUTLIER_CHANNELS, make_tiny, token_batches
-from sq_export.calibrate import calibrate, collect_act_max
+from sq_export.quant.calibrate import calibrate, collect_act_max
 from sq_export.errors import BadInput, NotFoldable, SmoothingChangedOutputs
-from sq_export.quantize import quantize_model, static_scales
-from sq_export.smooth import apply_smoothing, check_unchanged, logits_of, smooth_checked, smoothed_act_max, validate_alpha
+from sq_export.quant.qlinear import quantize_model, static_scales
+from sq_export.quant.smooth import apply_smoothing, check_unchanged, logits_of, smooth_checked, smoothed_act_max, validate_alpha
 
 
 def _calibrated(family):

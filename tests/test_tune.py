@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_tiny, token_batches
-from sq_export.calibrate import calibrate, collect_act_max
-from sq_export.quantize import QLinear, quantize_model, static_scales
-from sq_export.smooth import apply_smoothing, logits_of, smoothed_act_max
-from sq_export import tune
-
+from sq_export.quant.calibrate import calibrate, collect_act_max
+from sq_export.quant.qlinear import QLinear, quantize_model, static_scales
+from sq_export.quant.smooth import apply_smoothing, logits_of, smoothed_act_max
+from sq_export.quant import fallback as tune
 PAIR_FAMILIES = [f for f in FAMILIES if make_tiny(f, outliers=False)[1].linear_pairs]
 
 
@@ -119,8 +118,8 @@ def test_clip_percentile_and_mse():
 
 
 def _prepare(model, fam, **kw):
-    import sq_export.recipe as rc
-    from sq_export.recipe import CalibStats, Recipe
+    import sq_export.quant.recipe as rc
+    from sq_export.quant.recipe import CalibStats, Recipe
 
     score = kw.pop("_score", None)
     res = tune.new_reservoir(fam, 256)
@@ -161,7 +160,7 @@ def test_alpha_auto_searches_without_model_forwards_and_reports_per_group():
 
 
 def test_alpha_grid_reaches_one_and_factors_stay_defined():
-    from sq_export.smooth import smoothing_factors
+    from sq_export.quant.smooth import smoothing_factors
 
     assert list(tune.ALPHA_GRID) == sorted(set(tune.ALPHA_GRID)) and tune.ALPHA_GRID[-1] == 0.95  # 1.0 measured worse
     act = torch.tensor([0.0, 1e-9, 0.5, 300.0])
@@ -395,7 +394,7 @@ def test_cli_eval_export_check_with_tuning(tiny_dirs, small_text, tmp_path, caps
     onnx_path = tmp_path / "fb.onnx"
     code, out, err = _cli(capsys, "-q", "export", d, "-o", onnx_path, "--smooth-pairs", "--fallback", name, "--calib-text", calib, *CAL, "--json")
     assert code == 0, err
-    from sq_export.export import read_metadata
+    from sq_export.onnxio.meta import read_metadata
 
     meta = read_metadata(onnx_path)
     assert meta["fp16_layers"] == name and meta["quantized_layers_total"] == "13" and meta["smooth_pairs"] == "1"

@@ -1,6 +1,6 @@
 """The static W8A8 accuracy path, step by step: naive → SmoothQuant (fixed α) → + Linear-pair smoothing → + auto α
 → + clipped ranges → + float fallback. Loads the model once and calibrates once (act max + a bounded row sample in
-the same pass); every row runs sq_export.recipe.prepare with those statistics, i.e. the code of
+the same pass); every row runs sq_export.quant.recipe.prepare with those statistics, i.e. the code of
 `sq-export eval MODEL --mode sq [--smooth-pairs] [--alpha auto] [--clip C] [--fallback auto]`.
 
     python tools/accuracy_path.py                       # SmolLM2-135M, 32x512 calibration, 8192 held-out tokens
@@ -44,9 +44,8 @@ def run_path(base, tok, fam, stats, calib, measure, clips, fallback, fallback_sc
              select_score=None):
     """select_score: the --fallback auto criterion (default: fallback_score); fallback_score also scores the
     clip rows on calibration windows to pick the clip setting the fallback row builds on."""
-    from sq_export.recipe import Recipe, prepare
-    from sq_export import tune
-
+    from sq_export.quant.recipe import Recipe, prepare
+    from sq_export.quant import fallback as tune
     rows = []
     cache_alpha = {}
     for name, kw in steps(fam.default_alpha, clips, only) + ([("+ fallback", None)] if fallback else []):
@@ -98,14 +97,13 @@ def table(rows, label, fmt, ref_pct=True):
 
 
 def smollm2(a):
-    from sq_export.calibrate import run_calibration
-    from sq_export.evaluate import torch_perplexity
+    from sq_export.quant.calibrate import run_calibration
+    from sq_export.measure.perplexity import torch_perplexity
     from sq_export.families import family_for
     from sq_export.modeling import load_model
-    from sq_export.recipe import CalibOptions, CalibStats
+    from sq_export.quant.recipe import CalibOptions, CalibStats
     from sq_export.textdata import read_text, tokenize
-    from sq_export import tune
-
+    from sq_export.quant import fallback as tune
     t = time.perf_counter()
     base, tok, _ = load_model(a.model)
     fam = family_for(base)
@@ -137,10 +135,9 @@ def tiny(a, family):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import make_tiny, token_batches  # noqa: E402
 
-    from sq_export.calibrate import calibrate
-    from sq_export.recipe import CalibOptions, CalibStats
-    from sq_export import tune
-
+    from sq_export.quant.calibrate import calibrate
+    from sq_export.quant.recipe import CalibOptions, CalibStats
+    from sq_export.quant import fallback as tune
     base, fam = make_tiny(family)
     res = tune.new_reservoir(fam, a.rows)
     act_max = calibrate(base, fam, token_batches(16, 64, seed=0), reservoir=res)
@@ -163,7 +160,7 @@ def tiny(a, family):
 
     n = max(1, len(fam.quantized_linears()) // 10)
     # check_batch needs calibration text: tiny configs use random ids, so smoothing's equivalence check batch too
-    import sq_export.recipe as rc
+    import sq_export.quant.recipe as rc
 
     orig = rc.check_batch
     rc.check_batch = lambda *_a, **_k: x[:2, :32]
@@ -200,8 +197,7 @@ def main():
 
     torch.manual_seed(0)
     if a.fallback_candidates:
-        from sq_export import tune
-
+        from sq_export.quant import fallback as tune
         tune.FALLBACK_CANDIDATES = a.fallback_candidates
     outs = [tiny(a, f) for f in a.tiny.split(",")] if a.tiny else [smollm2(a)]
     for o in outs:

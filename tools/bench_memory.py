@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0
 
-    from sq_export import pipeline
+    from sq_export.run import pipeline
     from sq_export.cli import main as cli_main
 
     cli_args = ["-q", "run", *argv, *([] if resume else ["--force"])]
@@ -131,8 +131,7 @@ def main(argv=None) -> int:
             return orig_export(model, family, path, **kw)
 
     pipeline.Pipeline._stage, pipeline.Pipeline.loaded, pipeline.export_onnx = stage, loaded, export
-    from sq_export import evaluate
-
+    from sq_export.measure import perplexity as evaluate
     orig_ort, orig_torch = evaluate.onnx_perplexity, evaluate.torch_perplexity
 
     def ort_ppl(path, *a, **k):

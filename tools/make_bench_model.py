@@ -34,12 +34,12 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    from sq_export.calibrate import calibrate
-    from sq_export.decode import export_decode_onnx
-    from sq_export.export import export_onnx
+    from sq_export.quant.calibrate import calibrate
+    from sq_export.export.decode import export_decode_onnx
+    from sq_export.export.exporter import export_onnx
     from sq_export.families import family_for
-    from sq_export.quantize import quantize_model, static_scales
-    from sq_export.smooth import apply_smoothing, smoothed_act_max
+    from sq_export.quant.qlinear import quantize_model, static_scales
+    from sq_export.quant.smooth import apply_smoothing, smoothed_act_max
 
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def main():
     write("sq", export_onnx, weights=a.weights)
     write("sq_dec", export_decode_onnx, weights=a.weights)
     if "sq_attn" in want:
-        from sq_export.attention import quantize_attention
+        from sq_export.quant.attention import quantize_attention
 
         quantize_attention(model, fam, ids, batch_size=2)
         meta["quantize_attention"] = "static"

@@ -37,11 +37,11 @@ def tiny_llama():
 def build(out_dir: Path) -> dict:
     from conftest import token_batches
 
-    from sq_export.calibrate import calibrate
-    from sq_export.decode import export_decode_onnx, greedy_onnx, greedy_torch
-    from sq_export.evaluate import ort_session
-    from sq_export.quantize import quantize_model, static_scales
-    from sq_export.smooth import apply_smoothing, smoothed_act_max
+    from sq_export.quant.calibrate import calibrate
+    from sq_export.export.decode import export_decode_onnx, greedy_onnx, greedy_torch
+    from sq_export.measure.perplexity import ort_session
+    from sq_export.quant.qlinear import quantize_model, static_scales
+    from sq_export.quant.smooth import apply_smoothing, smoothed_act_max
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model, fam = tiny_llama()

@@ -3,7 +3,7 @@
 
     python tools/smollm2_table.py --samples 64 --max-tokens 16384 [--alphas 0.5,0.85] [--json out.json]
 
-Each row runs the same code as `sq-export eval smollm2 --mode M --act A --alpha X` (sq_export.recipe.prepare with
+Each row runs the same code as `sq-export eval smollm2 --mode M --act A --alpha X` (sq_export.quant.recipe.prepare with
 saved act scales), so the numbers equal that command's with the same calibration options.
 """
 
@@ -26,11 +26,11 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
 
-    from sq_export.calibrate import run_calibration
-    from sq_export.evaluate import torch_perplexity
+    from sq_export.quant.calibrate import run_calibration
+    from sq_export.measure.perplexity import torch_perplexity
     from sq_export.families import family_for
     from sq_export.modeling import load_model
-    from sq_export.recipe import CalibOptions, Recipe, prepare
+    from sq_export.quant.recipe import CalibOptions, Recipe, prepare
     from sq_export.textdata import read_text, tokenize
 
     t = time.perf_counter()
@@ -55,7 +55,7 @@ def main():
         r = Recipe(mode=mode, act=act or "static", alpha=alpha, calib=calib)
         t = time.perf_counter()
         # reuse the calibration above (the same numbers `prepare` would compute with these options)
-        import sq_export.recipe as rc
+        import sq_export.quant.recipe as rc
 
         orig = rc.get_act_max
         rc.get_act_max = lambda *_a, **_k: ({k: v.clone() for k, v in act_max.items()}, None)

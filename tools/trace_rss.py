@@ -101,8 +101,7 @@ def main(argv=None) -> int:
     th = threading.Thread(target=tr.loop, daemon=True)
     th.start()
     tr.event("imports")
-    from sq_export import pipeline
-
+    from sq_export.run import pipeline
     orig_stage = pipeline.Pipeline._stage
 
     def stage(self, name):

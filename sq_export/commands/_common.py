@@ -36,7 +36,7 @@ def add_recipe(p, modes=True):
 
 def add_quantize_attention(p) -> None:
     """The `--quantize-attention` option, shared by `export`, `eval` and `generate` (defined here, not in
-    sq_export.attention, so building the parser never imports torch)."""
+    sq_export.quant.attention, so building the parser never imports torch)."""
     p.add_argument("--quantize-attention", action="store_true", help="also INT8 Q/DQ on both inputs of both attention MatMuls (q, k; softmax, v), static per-tensor scales from the calibration windows")
 
 
@@ -52,8 +52,8 @@ def _alpha(v: str):
 
 
 def recipe_from(args, act="static"):
-    from sq_export.recipe import CalibOptions, Recipe
-    from sq_export.tune import parse_percent
+    from sq_export.quant.recipe import CalibOptions, Recipe
+    from sq_export.quant.fallback import parse_percent
 
     if args.alpha is not None and args.alpha != "auto" and not (0.0 <= args.alpha <= 1.0):
         raise BadInput(f"--alpha {args.alpha} is outside [0, 1]: the migration strength must be between 0 and 1")

@@ -19,7 +19,7 @@ def run(args):
     import time
     from pathlib import Path
 
-    from sq_export.calibrate import ACT_SCALES_FILE, run_calibration, save_act_scales
+    from sq_export.quant.calibrate import ACT_SCALES_FILE, run_calibration, save_act_scales
     from sq_export.fileio import check_output_path
 
     out = Path(args.output)

@@ -27,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from sq_export.check import run_check
+    from sq_export.passes.check import run_check
 
     report = run_check(args.model, fix_out=args.fix, target=args.target)
     if args.json:

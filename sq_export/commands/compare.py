@@ -68,7 +68,7 @@ def tokens_from_args(args):
     except ImportError as e:
         raise BadInput(f"no tokenizer here ({e.name} missing): prepare the tokens elsewhere with `sq-export tokens` and pass --tokens") from None
     if not args.tokenizer:
-        from sq_export.export import read_metadata
+        from sq_export.onnxio.meta import read_metadata
 
         if not read_metadata(src).get("source_model"):
             raise BadInput(f"compare needs --tokens FILE or --tokenizer MODEL: {src} records no source model to tokenize with")

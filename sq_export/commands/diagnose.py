@@ -36,7 +36,7 @@ def run(args):
     import torch
 
     from sq_export.errors import BadInput
-    from sq_export.recipe import CalibStats, get_act_max, get_rows, prepare
+    from sq_export.quant.recipe import CalibStats, get_act_max, get_rows, prepare
     from sq_export.report import _sqnr_plot, naive_sq_sqnr
 
     if args.windows < 1:

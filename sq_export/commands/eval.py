@@ -37,8 +37,8 @@ def run(args):
     if args.model.endswith(".onnx"):
         res = eval_onnx(args, max_tokens)
     else:
-        from sq_export.evaluate import torch_perplexity
-        from sq_export.recipe import prepare
+        from sq_export.measure.perplexity import torch_perplexity
+        from sq_export.quant.recipe import prepare
 
         recipe = c.recipe_from(args)
         recipe.validate()
@@ -48,7 +48,7 @@ def run(args):
         prep = prepare(model, tok, fam, recipe)
         attn_meta = {}
         if getattr(args, "quantize_attention", False):
-            from sq_export.attention import apply_for_recipe
+            from sq_export.quant.attention import apply_for_recipe
 
             attn_meta = apply_for_recipe(model, fam, tok, recipe)
         t = time.perf_counter()
@@ -81,8 +81,8 @@ def eval_onnx(args, max_tokens):
     from pathlib import Path
 
     from sq_export.errors import BadInput
-    from sq_export.evaluate import onnx_perplexity
-    from sq_export.export import read_metadata
+    from sq_export.measure.perplexity import onnx_perplexity
+    from sq_export.onnxio.meta import read_metadata
     from sq_export.textdata import read_text, tokenize
 
     if not Path(args.model).is_file():

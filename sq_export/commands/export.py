@@ -32,9 +32,9 @@ def add_parser(sub):
 def run(args):
     import time
 
-    from sq_export.export import export_onnx
+    from sq_export.export.exporter import export_onnx
     from sq_export.fileio import check_output_path
-    from sq_export.recipe import onnx_metadata, prepare
+    from sq_export.quant.recipe import onnx_metadata, prepare
 
     check_output_path(args.output)
     if args.dtype == "fp16" and getattr(args, "decode", False):
@@ -52,12 +52,12 @@ def run(args):
     prep = prepare(model, tok, fam, recipe)
     attn_meta = {}
     if getattr(args, "quantize_attention", False):
-        from sq_export.attention import apply_for_recipe
+        from sq_export.quant.attention import apply_for_recipe
 
         attn_meta = apply_for_recipe(model, fam, tok, recipe)
     head_meta = {}
     if args.quantize_lm_head:
-        from sq_export.lm_head import apply_for_recipe as quantize_head
+        from sq_export.quant.lm_head import apply_for_recipe as quantize_head
 
         head_meta = quantize_head(model, tok, recipe, fam)
     calibration = f"{args.samples}x{args.calib_seq_len}" if not args.act_scales else args.act_scales
@@ -67,7 +67,7 @@ def run(args):
     if head_meta:
         meta.update({k: v for k, v in head_meta.items() if k in ("quantize_lm_head", "lm_head_alpha")})
     if getattr(args, "decode", False):
-        from sq_export.decode import export_decode_onnx as write
+        from sq_export.export.decode import export_decode_onnx as write
     else:
         write = export_onnx
     kw = {"dtype": args.dtype} if args.dtype != "fp32" else {}

@@ -63,12 +63,12 @@ def _tokenizer(args, meta):
 
 class _OrtGenerator:
     def __init__(self, path, threads):
-        from sq_export.evaluate import ort_session
+        from sq_export.measure.perplexity import ort_session
 
         self.sess = ort_session(path, threads)
 
     def generate(self, ids, n, eos_token_id=None):
-        from sq_export.decode import greedy_onnx
+        from sq_export.export.decode import greedy_onnx
 
         return greedy_onnx(self.sess, ids, n, eos_token_id)
 
@@ -82,7 +82,7 @@ def run(args):
 
     from sq_export.engine.run import ENGINE_SUFFIXES
     from sq_export.errors import BadInput
-    from sq_export.onnx_meta import read_metadata
+    from sq_export.onnxio.meta import read_metadata
 
     if args.max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
@@ -111,8 +111,8 @@ def run(args):
             if args.prompt is not None:
                 tok = _tokenizer(args, meta)
         else:
-            from sq_export.decode import greedy_torch
-            from sq_export.recipe import prepare
+            from sq_export.export.decode import greedy_torch
+            from sq_export.quant.recipe import prepare
 
             args.act = "static"
             recipe = c.recipe_from(args)
@@ -121,7 +121,7 @@ def run(args):
             prep = prepare(model, tok, fam, recipe)
             attn = {}
             if args.quantize_attention:
-                from sq_export.attention import apply_for_recipe
+                from sq_export.quant.attention import apply_for_recipe
 
                 attn = apply_for_recipe(model, fam, tok, recipe)
 

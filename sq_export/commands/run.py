@@ -49,7 +49,7 @@ def run(args):
     from pathlib import Path
 
     from sq_export import progress
-    from sq_export.pipeline import RunOptions, run_pipeline
+    from sq_export.run.pipeline import RunOptions, run_pipeline
 
     recipe = c.recipe_from(args)
     opts = RunOptions(

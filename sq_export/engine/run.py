@@ -1,7 +1,7 @@
-"""Run ONNX graphs (ONNX Runtime) and TensorRT engines on token files; perplexity with sq_export.ppl.
+"""Run ONNX graphs (ONNX Runtime) and TensorRT engines on token files; perplexity with sq_export.measure.perplexity.
 
 Token file (written by the torch side, ``sq-export tokens``): an ``.npz`` holding
-  input_ids       int64 [n_chunks, seq_len]   the chunks, already cut as eval cuts them (sq_export.ppl.chunk_tokens)
+  input_ids       int64 [n_chunks, seq_len]   the chunks, already cut as eval cuts them (sq_export.measure.perplexity.chunk_tokens)
   attention_mask  int64 [n_chunks, seq_len]   1 on real tokens, 0 on padding
   lengths         int64 [n_chunks] (optional) real length of each chunk; positions >= length are padding and are
                                               excluded from perplexity and from comparisons
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sq_export.errors import BadInput
-from sq_export.ppl import PerplexityAccumulator
+from sq_export.measure.perplexity import PerplexityAccumulator
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 ONNX_SUFFIXES = (".onnx",)

@@ -53,8 +53,8 @@ def _final_norm(model, body, batch) -> str | None:
 def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = True, alpha: float | None = None) -> dict:
     """Calibrate the LM head's input on `batches` ([n, L] token ids) and swap the head for a static QLinear;
     with `alpha`, smooth it first (into the final norm and the head's own weight copy)."""
-    from sq_export.quantize import QLinear, replace_module, scale_from_amax
-    from sq_export.smooth import smoothing_factors
+    from sq_export.quant.qlinear import QLinear, replace_module, scale_from_amax
+    from sq_export.quant.smooth import smoothing_factors
 
     name = lm_head_name(model)
     head = model.get_submodule(name)
@@ -94,7 +94,7 @@ def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = Tr
 def apply_for_recipe(model, tokenizer, recipe, family=None) -> dict:
     """After `prepare(...)`: the W8A8 head on the recipe's calibration windows (smoothed in mode sq, with the
     recipe's α when it is one number, else the family's default). Returns metadata."""
-    from sq_export.attention import calibration_batches
+    from sq_export.quant.attention import calibration_batches
 
     c = recipe.calib
     t = time.perf_counter()

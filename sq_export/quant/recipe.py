@@ -30,7 +30,7 @@ class CalibOptions:
 class Recipe:
     mode: str = "sq"
     act: str = "static"
-    alpha: float | str | dict | None = None  # None: the family's default; "auto": per-group search (sq_export.tune);
+    alpha: float | str | dict | None = None  # None: the family's default; "auto": per-group search (sq_export.quant.fallback);
     # {group source: α}: the result of such a search, replayed
     per_channel: bool = True
     act_scales: str | None = None  # a saved act_scales file instead of calibrating
@@ -46,8 +46,8 @@ class Recipe:
         return self.mode != "fp" and (self.alpha == "auto" or self.clip not in (None, "max") or self.fallback not in (None, "", "none", "0"))
 
     def validate(self):
-        from sq_export.quantize import ACT_MODES
-        from sq_export.smooth import validate_alpha
+        from sq_export.quant.qlinear import ACT_MODES
+        from sq_export.quant.smooth import validate_alpha
 
         if self.mode not in MODES:
             raise BadInput(f"--mode {self.mode} unknown: choose one of {', '.join(MODES)}")
@@ -58,7 +58,7 @@ class Recipe:
                 validate_alpha(a)
         elif self.alpha is not None and self.alpha != "auto":
             validate_alpha(self.alpha)
-        from sq_export.tune import max_fallback_count, parse_clip, parse_fallback
+        from sq_export.quant.fallback import max_fallback_count, parse_clip, parse_fallback
 
         parse_clip(self.clip)
         parse_fallback(self.fallback)
@@ -94,7 +94,7 @@ class CalibStats:
 
 
 def get_act_max(model, family, tokenizer, recipe: Recipe):
-    from sq_export.calibrate import load_act_scales, run_calibration, validate_act_scales
+    from sq_export.quant.calibrate import load_act_scales, run_calibration, validate_act_scales
 
     if recipe.act_scales:
         d = load_act_scales(recipe.act_scales)
@@ -116,8 +116,8 @@ def check_batch(tokenizer, recipe: Recipe) -> torch.Tensor:
 def get_rows(model, family, tokenizer, recipe: Recipe):
     """act max + a bounded row sample per Linear input in one calibration pass (act scales from a file: the row
     sample still needs one pass over the calibration windows; the file's maxima are kept)."""
-    from sq_export.calibrate import run_calibration
-    from sq_export.tune import new_reservoir
+    from sq_export.quant.calibrate import run_calibration
+    from sq_export.quant.fallback import new_reservoir
 
     res = new_reservoir(family, recipe.reservoir_rows)
     c = recipe.calib
@@ -136,10 +136,9 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
     not change it). `fallback_score(model) -> float` (lower is better) replaces the default criterion of
     `--fallback auto` (tune.KLScore: mean KL to the float model on tune.FALLBACK_WINDOWS calibration-split windows;
     a callable with `reference(model)` / `last_ppl` / `last_ppl_upper` is used the same way)."""
-    from sq_export.quantize import quantize_model, static_scales
-    from sq_export.smooth import smooth_checked, smoothed_act_max
-    from sq_export import tune
-
+    from sq_export.quant.qlinear import quantize_model, static_scales
+    from sq_export.quant.smooth import smooth_checked, smoothed_act_max
+    from sq_export.quant import fallback as tune
     recipe.validate()
     times = {}
     alpha = recipe.alpha if recipe.alpha is not None else family.default_alpha

@@ -6,13 +6,13 @@ Stages, in order (each writes into OUT):
 
   calibrate  act_scales.safetensors                        per-channel max|x| at every quantized Linear input
              (+ calib_rows.safetensors)                     bounded row sample per Linear input, only when --alpha auto,
-                                                           --clip or --fallback need it (sq_export.tune)
+                                                           --clip or --fallback need it (sq_export.quant.fallback)
   smooth     smoothed/ (HF folder), channel_stats.safetensors  norm (and with --smooth-pairs Linear→Linear) smoothing,
                                                            α fixed or searched per group (--alpha auto); float-equivalence
                                                            checked; per-channel stats for the report
   export     model.fp.onnx, model.naive.onnx, model.sq.onnx  naive: plain static W8A8 (the baseline); sq: the full recipe
-                                                           (sq_export.recipe.prepare: pairs, α, --clip, --fallback)
-  check      check.json                                    sq_export.check.run_check on the quantized graphs; violations fail (exit 1)
+                                                           (sq_export.quant.recipe.prepare: pairs, α, --clip, --fallback)
+  check      check.json                                    sq_export.passes.check.run_check on the quantized graphs; violations fail (exit 1)
   build      model.*.engine (+ .json), build.json            TensorRT when importable, else recorded as skipped with the reason
   eval       eval.json                                     perplexity: PyTorch fp/naive/sq, ONNX Runtime per ONNX, TensorRT per engine;
                                                            per-Linear SQNR (naive vs SQ) on a calibration batch
@@ -42,9 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sq_export.errors import BadInput, GraphCheckFailed, SqExportError
-from sq_export.export import export_onnx
+from sq_export.export.exporter import export_onnx
 from sq_export.fileio import check_output_path, write_text_atomic
-from sq_export.recipe import CalibOptions, onnx_metadata, working_copy
+from sq_export.quant.recipe import CalibOptions, onnx_metadata, working_copy
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ STAGING_PREFIX = ".staging-"
 
 @dataclass
 class RunOptions:
-    alpha: float | str | None = None  # None: the family's default; "auto": per-group search (sq_export.tune)
+    alpha: float | str | None = None  # None: the family's default; "auto": per-group search (sq_export.quant.fallback)
     act_scales: str | None = None  # use saved act scales instead of calibrating
     per_channel: bool = True
     weights: str = "int8"  # int8 | qdq (see `sq-export export --weights`)
@@ -78,7 +78,7 @@ class RunOptions:
     report_linear: str | None = None  # default: first Linear of the first smoothing group of layer n//2
     force: bool = False
     until: str | None = None
-    # accuracy options, as sq_export.recipe.Recipe (and `eval` / `export`)
+    # accuracy options, as sq_export.quant.recipe.Recipe (and `eval` / `export`)
     linear_pairs: bool = False  # --smooth-pairs
     clip: str | None = None  # None/"max", "pNN.NN", "mse"
     fallback: str | None = None  # None, "auto", "N", "name,name"
@@ -87,7 +87,7 @@ class RunOptions:
     reservoir_rows: int = 512
 
     def recipe(self, mode: str = "sq"):
-        from sq_export.recipe import Recipe
+        from sq_export.quant.recipe import Recipe
 
         return Recipe(mode=mode, alpha=self.alpha, per_channel=self.per_channel, act_scales=self.act_scales, calib=self.calib,
                       linear_pairs=self.linear_pairs, clip=self.clip, fallback=self.fallback,
@@ -173,7 +173,7 @@ def load_rows(path: Path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from sq_export.tune import RowReservoir
+    from sq_export.quant.fallback import RowReservoir
 
     if not Path(path).is_file():
         raise BadInput(f"{path} is missing: rerun (the calibrate stage writes it when --alpha auto, --clip or --fallback is set)")
@@ -341,7 +341,7 @@ class Pipeline:
 
     def act_max(self) -> dict:
         if self._act is None:
-            from sq_export.calibrate import load_act_scales, validate_act_scales
+            from sq_export.quant.calibrate import load_act_scales, validate_act_scales
 
             model, _, fam = self.loaded()
             self._act = load_act_scales(self.out / ACT_SCALES)
@@ -356,14 +356,14 @@ class Pipeline:
 
     def quantized(self, mode: str):
         """The PyTorch model of `mode` (fp: the float model itself). naive: plain static W8A8, the baseline (no
-        smoothing, clipping or fallback); sq: the run's recipe, through sq_export.recipe.prepare as `eval` and
+        smoothing, clipping or fallback); sq: the run's recipe, through sq_export.quant.recipe.prepare as `eval` and
         `export` build it, from this run's calibration (act scales + row sample)."""
         if mode == "fp":
             return self.loaded()[0]
         if mode not in self._quantized:
             from dataclasses import replace
 
-            from sq_export.recipe import CalibStats, prepare
+            from sq_export.quant.recipe import CalibStats, prepare
 
             model, tok, fam = self.loaded()
             recipe = self.recipe(mode)
@@ -566,8 +566,8 @@ class Pipeline:
         return {"model": self.model_path, "calib_text": self.calib_text()}, options
 
     def _run_calibrate(self, staging: Path) -> dict:
-        from sq_export.calibrate import load_act_scales, run_calibration, save_act_scales, validate_act_scales
-        from sq_export.tune import new_reservoir
+        from sq_export.quant.calibrate import load_act_scales, run_calibration, save_act_scales, validate_act_scales
+        from sq_export.quant.fallback import new_reservoir
 
         model, tok, fam = self.loaded()
         c = self.opts.calib
@@ -607,7 +607,7 @@ class Pipeline:
         if "fallback" in keys:
             d["fallback"] = o.fallback or None
             if o.fallback == "auto":
-                from sq_export.tune import FALLBACK_CRITERION
+                from sq_export.quant.fallback import FALLBACK_CRITERION
 
                 d.update({"target_ppl_increase": o.target_ppl_increase, "max_fallback": o.max_fallback,
                           "fallback_windows_seq_len": o.calib.seq_len, "fallback_criterion": FALLBACK_CRITERION})
@@ -630,8 +630,8 @@ class Pipeline:
         from safetensors.torch import save_file
 
         from sq_export.modeling import abs_max, weight_oi
-        from sq_export.recipe import check_batch
-        from sq_export.smooth import smooth_checked, smoothed_act_max
+        from sq_export.quant.recipe import check_batch
+        from sq_export.quant.smooth import smooth_checked, smoothed_act_max
 
         model, tok, fam = self.loaded()
         o = self.opts
@@ -641,7 +641,7 @@ class Pipeline:
         alpha_groups = None
         t_search = None
         if alpha == "auto":
-            from sq_export.tune import search_alpha
+            from sq_export.quant.fallback import search_alpha
 
             t = time.perf_counter()
             alpha_groups = search_alpha(model, fam, act, self.rows(), pairs, per_channel=o.per_channel)
@@ -743,7 +743,7 @@ class Pipeline:
         return {m: self.out / ONNX[m] for m in ("naive", "sq")}, {"target": "trt", "graphs": ["naive", "sq"]}
 
     def _run_check(self, staging: Path) -> dict:
-        from sq_export.check import run_check
+        from sq_export.passes.check import run_check
 
         reports = {}
         for m in ("naive", "sq"):
@@ -836,8 +836,8 @@ class Pipeline:
     def _run_eval(self, staging: Path) -> dict:
         import numpy as np
 
-        from sq_export.evaluate import onnx_perplexity, torch_perplexity
-        from sq_export.recipe import check_batch
+        from sq_export.measure.perplexity import onnx_perplexity, torch_perplexity
+        from sq_export.quant.recipe import check_batch
         from sq_export.report import linear_outputs, smoothed_reference, sqnr_against, sqnr_in_parts
         from sq_export.textdata import token_ids
 
@@ -899,7 +899,7 @@ class Pipeline:
         engines = self.engines()
         if engines:
             from sq_export.engine.run import Tokens, engine_perplexity
-            from sq_export.ppl import chunk_tokens
+            from sq_export.measure.perplexity import chunk_tokens
 
             chunks = chunk_tokens(ids, o.seq_len, o.max_tokens)
             L = max(len(c) for c in chunks)

@@ -25,7 +25,6 @@ import torch
 
 from sq_export.errors import BadInput
 from sq_export.fileio import check_output_path
-from sq_export.onnx_meta import read_metadata  # noqa: F401 (re-exported: callers import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +179,9 @@ def _attach_weights(model, params: dict) -> None:
 
 
 def save_ir(model, path: str | Path, edit=None) -> None:
-    """Atomic write of an onnx_ir model, initializer by initializer (sq_export.onnx_write); graphs over 2 GB put
+    """Atomic write of an onnx_ir model, initializer by initializer (sq_export.onnxio.write); graphs over 2 GB put
     their data in `path` + `.data` beside it. `edit(proto)` changes the ModelProto (without initializers) first."""
-    from sq_export.onnx_write import write_model
+    from sq_export.onnxio.write import write_model
 
     final = check_output_path(path)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -214,7 +213,7 @@ def float16_model(model):
     (the graph gets Cast → Pow → ReduceMean → … → Cast), LayerNorm exports as LayerNormalization with
     stash_type=1 (float32 statistics)."""
     from sq_export.passes.fp16_qdq import fp16_scale
-    from sq_export.quantize import QLinear
+    from sq_export.quant.qlinear import QLinear
 
     params, scales, seen = [], [], set()
     try:
@@ -250,7 +249,7 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     """Export `model` (already prepared: QLinears in place for naive/sq) to `path`. Returns a summary.
 
     `exporter(model, family, raw_path) -> dict | None` writes the raw torch.onnx graph (default: `torch_export`,
-    logits only; sq_export.decode passes its KV-cache graph); its dict joins the metadata and the summary.
+    logits only; sq_export.export.decode passes its KV-cache graph); its dict joins the metadata and the summary.
     `dtype` "fp16": the float parts in float16 (weights that stay float, norms' γ/β, activations, logits), Q/DQ
     with float16 scales at opset 19, norm statistics in float32 (see `float16_model`, passes/fp16_qdq.py); the
     model is float32 again afterwards. Only the logits graph (default exporter).

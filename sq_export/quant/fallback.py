@@ -183,7 +183,7 @@ def _fq_weight_oi(w_oi: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
 def group_error(model, group, act_max, rows: torch.Tensor, alpha: float, head_dim=None, per_channel=True) -> float:
     """Σ over the group's Linears of the squared output error of static W8A8 after smoothing with α (bias cancels)."""
     from sq_export.modeling import weight_oi
-    from sq_export.smooth import group_act_max, smoothing_factors_for_group
+    from sq_export.quant.smooth import group_act_max, smoothing_factors_for_group
 
     s = smoothing_factors_for_group(model, group, act_max, alpha, head_dim=head_dim).float()
     xs = rows / s
@@ -406,7 +406,7 @@ class KLScore:
 
 @torch.no_grad()
 def windows_perplexity(model, windows: np.ndarray) -> float:
-    from sq_export.ppl import PerplexityAccumulator
+    from sq_export.measure.perplexity import PerplexityAccumulator
 
     acc = PerplexityAccumulator()
     for w in windows:
@@ -416,7 +416,7 @@ def windows_perplexity(model, windows: np.ndarray) -> float:
 
 
 def _swap(model, name, mod):
-    from sq_export.quantize import replace_module
+    from sq_export.quant.qlinear import replace_module
 
     replace_module(model, name, mod)
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sq_export.calibrate import run_decoder
+from sq_export.quant.calibrate import run_decoder
 from sq_export.errors import UnsupportedModel
-from sq_export.quantize import QMAX, QMIN
+from sq_export.quant.qlinear import QMAX, QMIN
 
 ATTN_IMPL = "sq_int8_eager"
 P_SCALE = 1.0 / 127.0

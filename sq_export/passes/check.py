@@ -5,7 +5,7 @@
 
 Raises sq_export.errors.BadInput (exit 2) for a missing / non-ONNX / truncated file, for --fix onto the input path,
 and for a graph with neither norms nor Q/DQ. Violations are data, not exceptions (the CLI exits 1 on them).
-Torch-free. The weights' bytes are not read (sq_export.onnx_read: onnx.checker and the passes see the graph with
+Torch-free. The weights' bytes are not read (sq_export.onnxio.read: onnx.checker and the passes see the graph with
 its initializers left in the file; the passes read the few constants they need); files with external data (> 2 GB)
 load lazily through onnx_ir; the fixed model is written with external data beside it when its initializers exceed
 1.5 GB.
@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from sq_export import onnx_read
+from sq_export.onnxio import read as onnx_read
 from sq_export.errors import BadInput
 from sq_export.fileio import atomic_file
 from sq_export.passes._graph import RULES, Violation, find_norms, nodes_of
@@ -110,7 +110,7 @@ def load_model(path_or_model) -> tuple[ir.Model, str]:
     if not os.access(path, os.R_OK):
         raise BadInput(f"{path}: not readable (permissions)")
     try:
-        # weights are not read: only the constants the passes look at are, on demand (sq_export.onnx_read);
+        # weights are not read: only the constants the passes look at are, on demand (sq_export.onnxio.read);
         # a file that reader declines is loaded whole, as before
         model = onnx_read.load_lazy(path) or ir.load(path)
     except Exception as e:  # DecodeError, truncated protobuf, missing external data ...

@@ -40,7 +40,7 @@ def run_decoder(model, batches, batch_size: int = 4, desc: str | None = None) ->
 def collect_act_max(model, names: list[str], batches: np.ndarray, batch_size: int = 4, desc="calibrate", reservoir=None) -> dict[str, torch.Tensor]:
     """Run `batches` ([n, L] token ids) through `model`; return {linear name: max|x| per input channel}.
 
-    `reservoir` (optional, e.g. sq_export.tune.RowReservoir): its `add(name, x)` also sees every input, in the
+    `reservoir` (optional, e.g. sq_export.quant.fallback.RowReservoir): its `add(name, x)` also sees every input, in the
     same pass, to keep a bounded sample of rows; the returned maxima are the same with or without it."""
     stats: dict[str, torch.Tensor] = {}
     hooks = []

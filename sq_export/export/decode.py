@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from sq_export.errors import BadInput
-from sq_export.export import OPSET, torchscript_export
+from sq_export.export.exporter import OPSET, torchscript_export
 from sq_export.kvcache import _as_set, agreement, greedy, input_names, output_names, past_names, position_ids_for  # noqa: F401 (re-exported)
 
 
@@ -94,8 +94,8 @@ def torch_export_decode(model, family, path: Path, opset: int = OPSET) -> dict:
 
 
 def export_decode_onnx(model, family, path, *, weights: str = "int8", target: str = "tensorrt", meta: dict | None = None) -> dict:
-    """sq_export.export.export_onnx (same passes, metadata and atomic write) for the KV-cache decode graph."""
-    from sq_export.export import export_onnx
+    """sq_export.export.exporter.export_onnx (same passes, metadata and atomic write) for the KV-cache decode graph."""
+    from sq_export.export.exporter import export_onnx
 
     def exporter(m, fam, raw):
         shape = torch_export_decode(m, fam, raw)
@@ -132,7 +132,7 @@ def greedy_torch(model, ids: np.ndarray, max_new_tokens: int, eos_token_id=None)
 
 
 def greedy_onnx(session, ids: np.ndarray, max_new_tokens: int, eos_token_id=None, pad_slots: int = 0) -> np.ndarray:
-    """Greedy decoding through a decode graph in ONNX Runtime (`session` from sq_export.evaluate.ort_session).
+    """Greedy decoding through a decode graph in ONNX Runtime (`session` from sq_export.measure.perplexity.ort_session).
     pad_slots: start from that many masked zero cache slots instead of an empty cache (what TensorRT engines
     whose profile starts at past length 1 need; the tokens must not change)."""
     inputs = {i.name: i for i in session.get_inputs()}
@@ -182,7 +182,7 @@ def heldout_agreement(model: str = "smollm2", mode: str = "sq", prompts: int = 8
     """Greedy-token agreement of the fake-quantized model (mode naive/sq) with the float model on held-out prompts."""
     from sq_export.families import family_for
     from sq_export.modeling import load_model
-    from sq_export.recipe import CalibOptions, Recipe, prepare
+    from sq_export.quant.recipe import CalibOptions, Recipe, prepare
 
     fp, tok, _ = load_model(model)
     q, _, _ = load_model(model)
@@ -190,14 +190,14 @@ def heldout_agreement(model: str = "smollm2", mode: str = "sq", prompts: int = 8
     recipe = Recipe(mode=mode, alpha=alpha, linear_pairs=smooth_pairs, calib=CalibOptions(None, samples, seq_len, 4))
     prep = prepare(q, tok, fam, recipe)
     if quantize_attention:
-        from sq_export.attention import apply_for_recipe
+        from sq_export.quant.attention import apply_for_recipe
 
         apply_for_recipe(q, fam, tok, recipe)
     res = token_agreement(fp, q, heldout_prompts(tok, prompts, prompt_tokens), max_new_tokens)
     return {"model": model, "mode": mode, "alpha": prep.alpha, "smooth_pairs": smooth_pairs, "quantize_attention": quantize_attention, "calibration": f"{samples}x{seq_len}", "prompt_tokens": prompt_tokens, **res}
 
 
-if __name__ == "__main__":  # python -m sq_export.decode smollm2 --mode sq --prompts 8 --new-tokens 16
+if __name__ == "__main__":  # python -m sq_export.export.decode smollm2 --mode sq --prompts 8 --new-tokens 16
     import argparse
     import json
 
