@@ -9,17 +9,18 @@ import torch
 
 from conftest import FAMILIES, make_tiny, token_batches
 from sq_export import memory
-from sq_export.quant import fallback as tune
+from sq_export.quant import reservoir
 from sq_export.quant.calibrate import calibrate
-from sq_export.quant.recipe import CalibStats, Recipe, working_copy
-from sq_export.report import linear_outputs, sqnr_against, sqnr_db
+from sq_export.quant.prepare import CalibStats, working_copy
+from sq_export.quant.recipe import Recipe
+from sq_export.measure.sqnr import linear_outputs, sqnr_against, sqnr_db
 from sq_export.quant.smooth import logits_of
 
 
 def _prepare(model, fam, x, **kw):
     import sq_export.quant.recipe as rc
 
-    res = tune.new_reservoir(fam, 256)
+    res = reservoir.new_reservoir(fam, 256)
     act_max = calibrate(model, fam, token_batches(8, 32), reservoir=res)
     orig = rc.check_batch
     rc.check_batch = lambda *_a, **_k: x

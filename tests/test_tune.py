@@ -11,7 +11,7 @@ from conftest import FAMILIES, make_tiny, token_batches
 from sq_export.quant.calibrate import calibrate, collect_act_max
 from sq_export.quant.qlinear import QLinear, quantize_model, static_scales
 from sq_export.quant.smooth import apply_smoothing, logits_of, smoothed_act_max
-from sq_export.quant import fallback as tune
+from sq_export.quant import alpha as alpha_search, clip as clipping, fallback, reservoir
 PAIR_FAMILIES = [f for f in FAMILIES if make_tiny(f, outliers=False)[1].linear_pairs]
 
 
@@ -81,12 +81,12 @@ def test_reservoir_is_bounded_deterministic_and_leaves_act_max_alone():
     model, fam = make_tiny("llama")
     b = token_batches(8, 32)
     plain = collect_act_max(model, fam.quantized_linears(), b)
-    r1, r2 = tune.new_reservoir(fam, rows=50), tune.new_reservoir(fam, rows=50)
+    r1, r2 = reservoir.new_reservoir(fam, rows=50), reservoir.new_reservoir(fam, rows=50)
     with_res = collect_act_max(model, fam.quantized_linears(), b, reservoir=r1)
     collect_act_max(model, fam.quantized_linears(), b, reservoir=r2)
     for n in plain:
         assert torch.equal(plain[n], with_res[n])
-    keys = set(tune.input_keys(fam).values())
+    keys = set(reservoir.input_keys(fam).values())
     assert set(r1.data) == keys and len(keys) == 4 * fam.num_layers()  # q/k/v and gate/up share one sample
     for k in keys:
         assert r1[k].shape[0] == 50 and r1.seen[k] == 8 * 32
@@ -97,32 +97,33 @@ def test_reservoir_is_bounded_deterministic_and_leaves_act_max_alone():
 
 def test_clip_percentile_and_mse():
     rows = torch.arange(1, 1001, dtype=torch.float32).view(10, 100)
-    assert tune.clip_amax(rows, 1000.0, None) == 1000.0
-    assert tune.clip_amax(rows, 1000.0, ("pct", 50.0)) == 500.0
-    assert tune.clip_amax(rows, 1000.0, tune.parse_clip("p100")) == 1000.0
+    assert clipping.clip_amax(rows, 1000.0, None) == 1000.0
+    assert clipping.clip_amax(rows, 1000.0, ("pct", 50.0)) == 500.0
+    assert clipping.clip_amax(rows, 1000.0, clipping.parse_clip("p100")) == 1000.0
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 4096, generator=g) * 2 - 1  # many small values and one moderate outlier:
     x[0, 0] = 4.0  # clipping it costs 3² once, the max range costs (4/127)²/12 on each of 262k values
     mx = 4.0
-    am = tune.clip_amax(x, mx, tune.parse_clip("mse"))
-    err = lambda a: float((tune.fake_quant_tensor(x, a) - x).pow(2).sum())  # noqa: E731
+    am = clipping.clip_amax(x, mx, clipping.parse_clip("mse"))
+    err = lambda a: float((clipping.fake_quant_tensor(x, a) - x).pow(2).sum())  # noqa: E731
     assert am < 0.5 * mx and err(am) < 0.6 * err(mx)
-    assert err(am) <= min(err(mx * r) for r in tune.MSE_CLIP_RATIOS) + 1e-6
+    assert err(am) <= min(err(mx * r) for r in clipping.MSE_CLIP_RATIOS) + 1e-6
     # a lone huge value costs more clipped than the coarser grid costs the rest: mse keeps (nearly) the max
     y = torch.randn(64, 256, generator=g)
     y[0, 0] = 400.0
-    assert tune.clip_amax(y, 400.0, tune.parse_clip("mse")) > 300
+    assert clipping.clip_amax(y, 400.0, clipping.parse_clip("mse")) > 300
     for bad in ("p20", "q99", "median"):
         with pytest.raises(Exception):
-            tune.parse_clip(bad)
+            clipping.parse_clip(bad)
 
 
 def _prepare(model, fam, **kw):
     import sq_export.quant.recipe as rc
-    from sq_export.quant.recipe import CalibStats, Recipe
+    from sq_export.quant.prepare import CalibStats
+    from sq_export.quant.recipe import Recipe
 
     score = kw.pop("_score", None)
-    res = tune.new_reservoir(fam, 256)
+    res = reservoir.new_reservoir(fam, 256)
     act_max = calibrate(model, fam, token_batches(8, 32), reservoir=res)
     x = torch.as_tensor(token_batches(2, 32, seed=9))
     orig = rc.check_batch
@@ -135,7 +136,7 @@ def _prepare(model, fam, **kw):
 
 def test_alpha_auto_searches_without_model_forwards_and_reports_per_group():
     model, fam = _llama_down_outliers()
-    res = tune.new_reservoir(fam, 256)
+    res = reservoir.new_reservoir(fam, 256)
     act_max = calibrate(model, fam, token_batches(8, 32), reservoir=res)
 
     def boom(*a, **k):
@@ -144,25 +145,25 @@ def test_alpha_auto_searches_without_model_forwards_and_reports_per_group():
     fwd = model.forward
     model.forward = boom
     try:
-        alphas = tune.search_alpha(model, fam, act_max, res, linear_pairs=True)
+        alphas = alpha_search.search_alpha(model, fam, act_max, res, linear_pairs=True)
     finally:
         model.forward = fwd
     groups = fam.groups(include_linear_pairs=True)
     assert set(alphas) == {g.source for g in groups}
-    assert all(a in tune.ALPHA_GRID for a in alphas.values())
+    assert all(a in alpha_search.ALPHA_GRID for a in alphas.values())
     # the chosen α is the grid minimum of the group's error, and no worse than the family default
     hd = model.config.head_dim
     for g in (groups[0], groups[3]):  # a norm group and a GQA v→o pair
-        rows = tune.rows_for(res, fam, g.linears[0])
-        e = lambda a: tune.group_error(model, g, act_max, rows, a, hd if g.kind == "linear" else None)  # noqa: E731
-        assert e(alphas[g.source]) <= min(e(a) for a in tune.ALPHA_GRID) + 1e-9
+        rows = reservoir.rows_for(res, fam, g.linears[0])
+        e = lambda a: alpha_search.group_error(model, g, act_max, rows, a, hd if g.kind == "linear" else None)  # noqa: E731
+        assert e(alphas[g.source]) <= min(e(a) for a in alpha_search.ALPHA_GRID) + 1e-9
     # (prepare → Prepared.alpha "auto" + alpha_per_group: test_cli_eval_export_check_with_tuning)
 
 
 def test_alpha_grid_reaches_one_and_factors_stay_defined():
     from sq_export.quant.smooth import smoothing_factors
 
-    assert list(tune.ALPHA_GRID) == sorted(set(tune.ALPHA_GRID)) and tune.ALPHA_GRID[-1] == 0.95  # 1.0 measured worse
+    assert list(alpha_search.ALPHA_GRID) == sorted(set(alpha_search.ALPHA_GRID)) and alpha_search.ALPHA_GRID[-1] == 0.95  # 1.0 measured worse
     act = torch.tensor([0.0, 1e-9, 0.5, 300.0])
     w = [torch.tensor([[0.0, 2.0, 1e-7, 0.1]])]  # a zero weight column and a zero activation channel
     s = smoothing_factors(act, w, 1.0)  # α=1: weights^0 = 1, s = max|x| (clamped), no NaN/inf from the zero column
@@ -214,7 +215,7 @@ def test_fallback_auto_orders_by_measured_gain_not_sqnr():
         return 1.0 + sum(c for n, c in cost.items() if isinstance(m.get_submodule(n), torch.nn.Identity))
 
     sens = {n: float(i) for i, n in enumerate(names)}  # SQNR order l0 < l1 < ... (l0 "worst")
-    r = tune.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
+    r = fallback.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
                              candidates=5)
     assert r["fp16_layers"] == ["l2", "l4"]  # by gain (5, 3), not SQNR order (l0, l1)
     assert r["candidates"] == 5 and "l5" not in r["gains"]  # pre-filter: the 5 lowest SQNR
@@ -223,8 +224,8 @@ def test_fallback_auto_orders_by_measured_gain_not_sqnr():
     assert len(calls) == 2 + 5 + 2  # float + quantized, one per candidate, one per greedy step
     # candidates=2: only l0, l1 are measured, so the big ones are never found
     for n in names:
-        tune._swap(model, n, torch.nn.Identity())
-    r = tune.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
+        fallback._swap(model, n, torch.nn.Identity())
+    r = fallback.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
                              candidates=2)
     assert r["fp16_layers"] == ["l0", "l1"]
 
@@ -254,8 +255,8 @@ def test_fallback_auto_screens_roles_before_sqnr():
         return 1.0 + sum(c for n, c in cost.items() if isinstance(m.get_submodule(n), torch.nn.Identity))
 
     sens = {n: (10.0 if n.endswith(".a") else 40.0) + int(n.split(".")[1]) for n in names}  # role a: worst SQNR
-    assert tune.role_of("model.layers.11.mlp.down_proj") == "model.layers.*.mlp.down_proj"
-    r = tune.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
+    assert fallback.role_of("model.layers.11.mlp.down_proj") == "model.layers.*.mlp.down_proj"
+    r = fallback.select_fallback(model, float_linears, ("auto", None), score, target=0.0, max_count=2, sensitivity=sens,
                              candidates=3)
     assert r["role_gains"] == {"layers.*.a": pytest.approx(0.1), "layers.*.b": pytest.approx(2.15)}
     assert set(r["gains"]) == {"layers.0.b", "layers.1.b", "layers.2.b"}  # the pool: role b, SQNR order within it
@@ -287,25 +288,25 @@ def test_fallback_auto_stops_early_only_when_the_target_holds_beyond_window_nois
         model.add_module(n, torch.nn.Identity())
     cost = {"l0": 8.0, "l1": 1.0, "l2": 0.5, "l3": 0.25, "l4": 0.0}
     fl = {n: torch.nn.Linear(1, 1) for n in names}
-    r = tune.select_fallback(model, fl, ("auto", None), _NoisyPpl(names, cost), target=0.05, max_count=3)
+    r = fallback.select_fallback(model, fl, ("auto", None), _NoisyPpl(names, cost), target=0.05, max_count=3)
     assert r["fp16_layers"] == ["l0", "l1", "l2"] and not r["met"]  # spends the budget while the score improves
     assert r["final_ppl"] <= r["goal"] < r["final_ppl_upper"]
     for n in names:
-        tune._swap(model, n, torch.nn.Identity())
-    r = tune.select_fallback(model, fl, ("auto", None), _NoisyPpl(names, cost, with_bound=False), target=0.05, max_count=3)
+        fallback._swap(model, n, torch.nn.Identity())
+    r = fallback.select_fallback(model, fl, ("auto", None), _NoisyPpl(names, cost, with_bound=False), target=0.05, max_count=3)
     assert r["fp16_layers"] == ["l0"] and r["met"]  # a score without a bound: the point estimate decides
 
 
 def test_ppl_upper_bound():
     g = torch.Generator().manual_seed(0)
     f = [torch.rand(200, generator=g) * 4 for _ in range(2)]
-    assert tune.ppl_upper_bound(f, f) == pytest.approx(math.exp(float(torch.cat(f).mean())))
+    assert fallback.ppl_upper_bound(f, f) == pytest.approx(math.exp(float(torch.cat(f).mean())))
     q = [x + 0.05 + 0.5 * torch.randn(200, generator=g) for x in f]
     point = math.exp(float(torch.cat(q).mean()))
-    up = tune.ppl_upper_bound(q, f)
-    assert up > point and tune.ppl_upper_bound(q, f, z=0.0) == pytest.approx(point)
+    up = fallback.ppl_upper_bound(q, f)
+    assert up > point and fallback.ppl_upper_bound(q, f, z=0.0) == pytest.approx(point)
     q4 = q + [x + 0.05 + 0.5 * torch.randn(200, generator=g) for x in f]  # twice the tokens: a tighter bound
-    assert tune.ppl_upper_bound(q4, f + f) / math.exp(float(torch.cat(q4).mean())) < up / point
+    assert fallback.ppl_upper_bound(q4, f + f) / math.exp(float(torch.cat(q4).mean())) < up / point
 
 
 def test_kl_score_prefix_cache_is_exact_and_skips_the_layers_below():
@@ -316,7 +317,7 @@ def test_kl_score_prefix_cache_is_exact_and_skips_the_layers_below():
     fl = {n: m.get_submodule(n) for n in names}
     quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
     qm = {n: m.get_submodule(n) for n in names}
-    cached, plain = tune.KLScore(wins, layers_path=fam.layers_path), tune.KLScore(wins)
+    cached, plain = fallback.KLScore(wins, layers_path=fam.layers_path), fallback.KLScore(wins)
     cached.reference(model)
     plain.reference(model)
     with pytest.raises(ValueError):
@@ -328,18 +329,18 @@ def test_kl_score_prefix_cache_is_exact_and_skips_the_layers_below():
     h = layer0.register_forward_hook(lambda *_: calls.append(1))
     top = names[-1]
     assert cached.layer_of(top) == fam.num_layers() - 1 == 1 and cached.layer_of("lm_head") == 0
-    tune._swap(m, top, fl[top])
+    fallback._swap(m, top, fl[top])
     part = cached(m, start=1)
     assert calls == [] and isinstance(m.get_submodule(fam.layers_path)[0], type(layer0))  # replayed, then restored
     assert part == pytest.approx(plain(m), abs=1e-9) and len(calls) == 2
     assert cached.last_ppl == pytest.approx(plain.last_ppl, rel=1e-9)
     h.remove()
-    tune._swap(m, top, qm[top])
+    fallback._swap(m, top, qm[top])
     # the whole search gives the same choice and scores with the cache as without it
     res = []
-    for sc in (tune.KLScore(wins, layers_path=fam.layers_path), tune.KLScore(wins)):
+    for sc in (fallback.KLScore(wins, layers_path=fam.layers_path), fallback.KLScore(wins)):
         mm = copy.deepcopy(m)
-        r = tune.select_fallback(mm, {n: copy.deepcopy(fl[n]) for n in names}, ("auto", None), sc, target=0.0,
+        r = fallback.select_fallback(mm, {n: copy.deepcopy(fl[n]) for n in names}, ("auto", None), sc, target=0.0,
                                  max_count=3, candidates=6)
         res.append((r["fp16_layers"], r["final_score"], sorted(r["gains"].items())))
     assert res[0][0] == res[1][0] and len(res[0][0]) >= 1
@@ -350,22 +351,22 @@ def test_kl_score_prefix_cache_is_exact_and_skips_the_layers_below():
 def test_kl_score_is_zero_for_float_and_tracks_perplexity():
     model, fam = _llama_down_outliers()
     wins = token_batches(2, 32, seed=4)
-    kl = tune.KLScore(wins)
+    kl = fallback.KLScore(wins)
     kl.reference(model)
     assert abs(kl(model)) < 1e-3
-    assert kl.last_ppl == pytest.approx(tune.windows_perplexity(model, wins), rel=1e-3)
+    assert kl.last_ppl == pytest.approx(fallback.windows_perplexity(model, wins), rel=1e-3)
     m = copy.deepcopy(model)
     names = fam.quantized_linears()
     quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
-    assert kl(m) > 1e-3 and kl.last_ppl != pytest.approx(tune.windows_perplexity(model, wins), rel=1e-3)
+    assert kl(m) > 1e-3 and kl.last_ppl != pytest.approx(fallback.windows_perplexity(model, wins), rel=1e-3)
 
 
 def test_max_fallback_and_percent_parsing():
-    assert tune.max_fallback_count("10%", 210) == 21
-    assert tune.max_fallback_count("10%", 3) == 1
-    assert tune.max_fallback_count("4", 210) == 4
-    assert tune.parse_percent("2%", "x") == tune.parse_percent("2", "x") == 0.02
-    assert tune.parse_fallback("auto") == ("auto", None) and tune.parse_fallback(None) is None
+    assert fallback.max_fallback_count("10%", 210) == 21
+    assert fallback.max_fallback_count("10%", 3) == 1
+    assert fallback.max_fallback_count("4", 210) == 4
+    assert fallback.parse_percent("2%", "x") == fallback.parse_percent("2", "x") == 0.02
+    assert fallback.parse_fallback("auto") == ("auto", None) and fallback.parse_fallback(None) is None
 
 
 # ----- CLI ------------------------------------------------------------------------------------------------------

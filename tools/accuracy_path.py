@@ -1,6 +1,6 @@
 """The static W8A8 accuracy path, step by step: naive → SmoothQuant (fixed α) → + Linear-pair smoothing → + auto α
 → + clipped ranges → + float fallback. Loads the model once and calibrates once (act max + a bounded row sample in
-the same pass); every row runs sq_export.quant.recipe.prepare with those statistics, i.e. the code of
+the same pass); every row runs sq_export.quant.prepare.prepare with those statistics, i.e. the code of
 `sq-export eval MODEL --mode sq [--smooth-pairs] [--alpha auto] [--clip C] [--fallback auto]`.
 
     python tools/accuracy_path.py                       # SmolLM2-135M, 32x512 calibration, 8192 held-out tokens
@@ -44,8 +44,9 @@ def run_path(base, tok, fam, stats, calib, measure, clips, fallback, fallback_sc
              select_score=None):
     """select_score: the --fallback auto criterion (default: fallback_score); fallback_score also scores the
     clip rows on calibration windows to pick the clip setting the fallback row builds on."""
-    from sq_export.quant.recipe import Recipe, prepare
-    from sq_export.quant import fallback as tune
+    from sq_export.quant.prepare import prepare
+    from sq_export.quant.recipe import Recipe
+    from sq_export.quant import alpha as alpha_search, fallback
     rows = []
     cache_alpha = {}
     for name, kw in steps(fam.default_alpha, clips, only) + ([("+ fallback", None)] if fallback else []):
@@ -57,13 +58,13 @@ def run_path(base, tok, fam, stats, calib, measure, clips, fallback, fallback_sc
         m = copy.deepcopy(base)
         t = time.perf_counter()
         rkw = {k: v for k, v in kw.items() if not k.startswith("_")}
-        saved = tune.ALPHA_GRID
-        tune.ALPHA_GRID = kw.get("_grid", saved)
+        saved = alpha_search.ALPHA_GRID
+        alpha_search.ALPHA_GRID = kw.get("_grid", saved)
         try:
             p = prepare(m, tok, fam, Recipe(calib=calib, target_ppl_increase=target, **rkw), stats=stats,
                         fallback_score=select_score or fallback_score)
         finally:
-            tune.ALPHA_GRID = saved
+            alpha_search.ALPHA_GRID = saved
         prep_s = time.perf_counter() - t
         t = time.perf_counter()
         val = measure(m)
@@ -101,24 +102,25 @@ def smollm2(a):
     from sq_export.measure.perplexity import torch_perplexity
     from sq_export.families import family_for
     from sq_export.modeling import load_model
-    from sq_export.quant.recipe import CalibOptions, CalibStats
+    from sq_export.quant.prepare import CalibStats
+    from sq_export.quant.recipe import CalibOptions
     from sq_export.textdata import read_text, tokenize
-    from sq_export.quant import fallback as tune
+    from sq_export.quant import fallback, reservoir
     t = time.perf_counter()
     base, tok, _ = load_model(a.model)
     fam = family_for(base)
     ids = tokenize(tok, read_text(None, "eval"))
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    res = tune.new_reservoir(fam, a.rows)
+    res = reservoir.new_reservoir(fam, a.rows)
     act_max, _ = run_calibration(base, fam, tok, None, a.samples, a.calib_seq_len, reservoir=res)
     calib_s = time.perf_counter() - t
     print(f"load {load_s:.0f}s, calibration {a.samples}x{a.calib_seq_len} + row sample ({res.nbytes() / 1e6:.0f} MB) {calib_s:.0f}s", flush=True)
-    wins = tune.small_eval_ids(tok, None, a.calib_seq_len, windows=a.fallback_windows)
-    score = lambda m: tune.windows_perplexity(m, wins)  # noqa: E731
+    wins = fallback.small_eval_ids(tok, None, a.calib_seq_len, windows=a.fallback_windows)
+    score = lambda m: fallback.windows_perplexity(m, wins)  # noqa: E731
     select = None
     if a.fallback_score == "kl":
-        select = tune.KLScore(wins, layers_path=fam.layers_path)
+        select = fallback.KLScore(wins, layers_path=fam.layers_path)
         select.reference(base)  # smoothing is exact in float: the base model's distributions serve every row
     measure = lambda m: torch_perplexity(m, ids, a.seq_len, a.max_tokens, desc="eval")["perplexity"]  # noqa: E731
     calib = CalibOptions(None, a.samples, a.calib_seq_len)
@@ -136,10 +138,11 @@ def tiny(a, family):
     from conftest import make_tiny, token_batches  # noqa: E402
 
     from sq_export.quant.calibrate import calibrate
-    from sq_export.quant.recipe import CalibOptions, CalibStats
-    from sq_export.quant import fallback as tune
+    from sq_export.quant.prepare import CalibStats
+    from sq_export.quant.recipe import CalibOptions
+    from sq_export.quant import reservoir
     base, fam = make_tiny(family)
-    res = tune.new_reservoir(fam, a.rows)
+    res = reservoir.new_reservoir(fam, a.rows)
     act_max = calibrate(base, fam, token_batches(16, 64, seed=0), reservoir=res)
     x = torch.as_tensor(token_batches(8, 64, seed=7))
     with torch.no_grad():
@@ -197,8 +200,8 @@ def main():
 
     torch.manual_seed(0)
     if a.fallback_candidates:
-        from sq_export.quant import fallback as tune
-        tune.FALLBACK_CANDIDATES = a.fallback_candidates
+        from sq_export.quant import fallback
+        fallback.FALLBACK_CANDIDATES = a.fallback_candidates
     outs = [tiny(a, f) for f in a.tiny.split(",")] if a.tiny else [smollm2(a)]
     for o in outs:
         print(f"\n### {o['model']}\n\n{o['md']}\n", flush=True)

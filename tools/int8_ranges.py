@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from sq_export.engine.run import load_tokens
 
-    from sq_export.onnxio.meta import GraphIndex
+    from sq_export.onnxio.index import GraphIndex
 
     m = onnx.load(a.onnx)
     g = m.graph

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def bypass(model, patterns: list[str], invert: bool = False) -> list[str]:
     from onnx import numpy_helper
 
-    from sq_export.onnxio.meta import GraphIndex
+    from sq_export.onnxio.index import GraphIndex
 
     g = model.graph
     ix = GraphIndex(g)

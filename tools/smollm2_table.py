@@ -3,7 +3,7 @@
 
     python tools/smollm2_table.py --samples 64 --max-tokens 16384 [--alphas 0.5,0.85] [--json out.json]
 
-Each row runs the same code as `sq-export eval smollm2 --mode M --act A --alpha X` (sq_export.quant.recipe.prepare with
+Each row runs the same code as `sq-export eval smollm2 --mode M --act A --alpha X` (sq_export.quant.prepare.prepare with
 saved act scales), so the numbers equal that command's with the same calibration options.
 """
 
@@ -30,7 +30,8 @@ def main():
     from sq_export.measure.perplexity import torch_perplexity
     from sq_export.families import family_for
     from sq_export.modeling import load_model
-    from sq_export.quant.recipe import CalibOptions, Recipe, prepare
+    from sq_export.quant.prepare import prepare
+    from sq_export.quant.recipe import CalibOptions, Recipe
     from sq_export.textdata import read_text, tokenize
 
     t = time.perf_counter()

@@ -36,8 +36,9 @@ def run(args):
     import torch
 
     from sq_export.errors import BadInput
-    from sq_export.quant.recipe import CalibStats, get_act_max, get_rows, prepare
-    from sq_export.report import _sqnr_plot, naive_sq_sqnr
+    from sq_export.quant.prepare import CalibStats, get_act_max, get_rows, prepare
+    from sq_export.measure.sqnr import naive_sq_sqnr
+    from sq_export.report import _sqnr_plot
 
     if args.windows < 1:
         raise BadInput(f"--windows {args.windows} must be at least 1")

@@ -38,7 +38,7 @@ def run(args):
         res = eval_onnx(args, max_tokens)
     else:
         from sq_export.measure.perplexity import torch_perplexity
-        from sq_export.quant.recipe import prepare
+        from sq_export.quant.prepare import prepare
 
         recipe = c.recipe_from(args)
         recipe.validate()

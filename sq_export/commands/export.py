@@ -34,7 +34,8 @@ def run(args):
 
     from sq_export.export.exporter import export_onnx
     from sq_export.fileio import check_output_path
-    from sq_export.quant.recipe import onnx_metadata, prepare
+    from sq_export.onnxio.meta import onnx_metadata
+    from sq_export.quant.prepare import prepare
 
     check_output_path(args.output)
     if args.dtype == "fp16" and getattr(args, "decode", False):

@@ -112,7 +112,7 @@ def run(args):
                 tok = _tokenizer(args, meta)
         else:
             from sq_export.export.decode import greedy_torch
-            from sq_export.quant.recipe import prepare
+            from sq_export.quant.prepare import prepare
 
             args.act = "static"
             recipe = c.recipe_from(args)

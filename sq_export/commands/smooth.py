@@ -20,7 +20,8 @@ def add_parser(sub):
 def run(args):
     from sq_export.quant.calibrate import load_act_scales, validate_act_scales
     from sq_export.fileio import atomic_dir, check_output_path
-    from sq_export.quant.recipe import CalibOptions, Recipe, check_batch
+    from sq_export.quant.prepare import check_batch
+    from sq_export.quant.recipe import CalibOptions, Recipe
     from sq_export.quant.smooth import smooth_checked, validate_alpha
 
     if args.alpha is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from sq_export.onnxio.meta import GraphIndex
+from sq_export.onnxio.index import GraphIndex
 
 
 def _opset(model) -> int:

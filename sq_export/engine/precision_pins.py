@@ -47,7 +47,7 @@ def norm_node_names(model) -> list[str]:
     """Names of the nodes that compute a decomposed norm: each RMSNorm chain from x² through the multiply by γ.
     LayerNormalization nodes are not pinned: on TensorRT 8.6 an FP32 pin on them turned the whole Myelin region FP32
     (OPT-6.7B-shaped FP16 engine, 4 layers: 36.1 ms and 3,363 MiB instead of 4.4 ms and 1,682 MiB, 2026-11-22)."""
-    from sq_export.onnxio.meta import GraphIndex
+    from sq_export.onnxio.index import GraphIndex
 
     m = _load(model)
     ix = GraphIndex(m.graph)
@@ -93,7 +93,7 @@ def norm_node_names(model) -> list[str]:
 
 def quantized_matmul_node_names(model) -> list[str]:
     """MatMul/Gemm nodes with DequantizeLinear on both inputs: the INT8 GEMMs."""
-    from sq_export.onnxio.meta import GraphIndex
+    from sq_export.onnxio.index import GraphIndex
 
     return [n.name for n, _, _ in GraphIndex(_load(model).graph).quantized_matmuls() if n.name]
 
@@ -101,7 +101,7 @@ def quantized_matmul_node_names(model) -> list[str]:
 def float_matmul_node_names(model) -> list[str]:
     """MatMul/Gemm nodes that are not quantized (not both inputs from DequantizeLinear): attention's score and
     context products, the LM head, Linears kept in float (fallback)."""
-    from sq_export.onnxio.meta import GraphIndex
+    from sq_export.onnxio.index import GraphIndex
 
     ix = GraphIndex(_load(model).graph)
     quantized = {n.name for n, _, _ in ix.quantized_matmuls()}
@@ -113,7 +113,7 @@ def matching_node_names(model, pattern: str) -> list[str]:
     type would take them out of INT8) and Constant nodes: for `build --fp32-nodes`, to find which layer overflows FP16."""
     import re
 
-    from sq_export.onnxio.meta import GraphIndex
+    from sq_export.onnxio.index import GraphIndex
 
     ix = GraphIndex(_load(model).graph)
     skip = {n.name for n, _, _ in ix.quantized_matmuls()}

@@ -182,7 +182,8 @@ def heldout_agreement(model: str = "smollm2", mode: str = "sq", prompts: int = 8
     """Greedy-token agreement of the fake-quantized model (mode naive/sq) with the float model on held-out prompts."""
     from sq_export.families import family_for
     from sq_export.modeling import load_model
-    from sq_export.quant.recipe import CalibOptions, Recipe, prepare
+    from sq_export.quant.prepare import prepare
+    from sq_export.quant.recipe import CalibOptions, Recipe
 
     fp, tok, _ = load_model(model)
     q, _, _ = load_model(model)

@@ -1,23 +1,11 @@
-"""Accuracy tuning for static per-tensor W8A8 (what TensorRT runs): per-group α search, activation-range
-clipping, and float fallback of the most sensitive Linears.
+"""`--fallback`: keep the Linears whose quantization costs most in float (no Q/DQ; TensorRT runs them in FP16).
 
-Everything here works from one calibration pass: `collect_act_max(..., reservoir=RowReservoir(...))` keeps, next to
-the exact per-channel max|x|, a bounded uniform sample of input *rows* (tokens) of every distinct Linear input
-tensor (Linears of one norm group share their input, so one sample serves the group). Rows, not |x| values,
-because the smoothing factor s depends on α: the smoothed input is x/s, computed from the same rows for any α.
-
-- `search_alpha`: per smoothing group, the α ∈ ALPHA_GRID minimizing Σ over the group's Linears of
-  ‖Q_w(W·s)·Q_a(x/s) − W·x‖² on the sampled rows, with the static scale that deployment would use
-  (max over channels of calibrated max|x_j|/s_j, / 127). Groups are independent (float inputs), so this is
-  one pass over the cached rows per α, no model forward.
-- `clip_amax`: the per-tensor range from a percentile of |x| (`p99.99`) or the range minimizing the input's
-  fake-quant MSE (`mse`) on the sampled rows; never above the calibrated max.
-- `select_fallback`: screen each role (down_proj, o_proj, ... of every layer, put in float together) by its gain,
-  take the candidates from the roles that gain most per Linear (SQNR order within a role), measure each
-  candidate's gain alone (mean KL to the float model's distributions on calibration-split windows, never the
-  held-out text), then greedily put them back to float in gain order while the KL improves, until the perplexity
-  on those windows is within the target of float at its 95 % upper confidence bound, or the budget is spent.
-  The scoring replays the unchanged layers below a tried Linear from a cache (`KLScore(layers_path=...)`).
+`select_fallback` screens each role (down_proj, o_proj, ... of every layer, put in float together) by its gain,
+takes the candidates from the roles that gain most per Linear (SQNR order within a role), measures each
+candidate's gain alone (mean KL to the float model's distributions on calibration-split windows, never the
+held-out text), then greedily puts them back to float in gain order while the KL improves, until the perplexity
+on those windows is within the target of float at its 95 % upper confidence bound, or the budget is spent.
+The scoring replays the unchanged layers below a tried Linear from a cache (`KLScore(layers_path=...)`).
 """
 
 from __future__ import annotations
@@ -31,191 +19,21 @@ import numpy as np
 import torch
 
 from sq_export.errors import BadInput
+from sq_export.quant.reservoir import RowReservoir, rows_for
 
 log = logging.getLogger(__name__)
 
-# 0.30 .. 0.95. Extending it with 0.975 and 1.0 was measured worse on SmolLM2 (docs/ACCURACY.md, 2026-11-22
-# 16:37): 65/90 groups then choose α=1.0 by the local output MSE, and held-out perplexity goes from +2.90 % to +3.53 %.
-ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))
-RESERVOIR_ROWS = 512
 FALLBACK_WINDOWS = 4  # calibration-split windows (of ≤512 tokens) scoring --fallback auto
 FALLBACK_CANDIDATES = None  # Linears whose gain alone is measured (role-screened order); None: 2 × the budget
 FALLBACK_CONFIDENCE_Z = 1.645  # ppl_upper_bound: one-sided 95 % upper confidence bound of the window perplexity
 FALLBACK_BLOCK = 64  # tokens per block for that bound's standard error (neighbouring tokens' errors correlate)
 FALLBACK_CRITERION = "kl-roles-ub95"  # `run` records it: a stage chosen by an older --fallback auto criterion reruns
-MSE_CLIP_RATIOS = tuple(0.92 ** k for k in range(40))  # 1.0 down to ~0.04 of the max
 
 
-# ----- bounded row sample ---------------------------------------------------------------------------------------
-class RowReservoir:
-    """Uniform sample (without replacement) of at most `rows` input rows per key, from a stream of batches.
-
-    Priority sampling: every row gets a seeded uniform key; the `rows` largest keys are kept. Memory is bounded by
-    rows × width per key, whatever the calibration size; same seed and stream give the same sample."""
-
-    def __init__(self, keys, rows: int = RESERVOIR_ROWS, seed: int = 0):
-        self.keys = set(keys)
-        self.rows = int(rows)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.data: dict[str, torch.Tensor] = {}
-        self.prio: dict[str, torch.Tensor] = {}
-        self.seen: dict[str, int] = {}
-
-    @torch.no_grad()
-    def add(self, key: str, x: torch.Tensor) -> None:
-        if key not in self.keys:
-            return
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        p = torch.rand(x.shape[0], generator=self.gen)
-        self.seen[key] = self.seen.get(key, 0) + x.shape[0]
-        if key in self.data:
-            x = torch.cat([self.data[key], x])
-            p = torch.cat([self.prio[key], p])
-        if x.shape[0] > self.rows:
-            top = torch.topk(p, self.rows).indices.sort().values
-            x, p = x[top].clone(), p[top]
-        self.data[key], self.prio[key] = x, p
-
-    def __getitem__(self, key) -> torch.Tensor:
-        return self.data[key]
-
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.data.values())
-
-
-def input_keys(family, linear_pairs: bool = True) -> dict[str, str]:
-    """{quantized Linear: the Linear whose input row sample it shares} (one key per distinct input tensor)."""
-    key = {n: n for n in family.quantized_linears()}
-    for g in family.groups(include_linear_pairs=False):
-        for n in g.linears:
-            key[n] = g.linears[0]
-    return key
-
-
-def new_reservoir(family, rows: int = RESERVOIR_ROWS, seed: int = 0) -> RowReservoir:
-    return RowReservoir(set(input_keys(family).values()), rows, seed)
-
-
-def rows_for(res: RowReservoir, family, name: str) -> torch.Tensor:
-    return res[input_keys(family)[name]]
-
-
-# ----- clipping -------------------------------------------------------------------------------------------------
-def parse_clip(spec: str | None):
-    """None/'max' → None; 'p99.99' → ('pct', 99.99); 'mse' → ('mse', None)."""
-    if spec is None or spec == "max":
-        return None
-    s = str(spec).strip().lower()
-    if s == "mse":
-        return ("mse", None)
-    if s.startswith("p"):
-        try:
-            q = float(s[1:])
-        except ValueError:
-            q = float("nan")
-        if 50.0 <= q <= 100.0:
-            return ("pct", q)
-    raise BadInput(f"--clip {spec} unknown: use max (default), a percentile of |x| such as p99.99 (50-100), or mse")
-
-
-@torch.no_grad()
-def fake_quant_tensor(x: torch.Tensor, amax: float) -> torch.Tensor:
-    s = max(float(amax), 1e-8) / 127.0
-    return torch.fake_quantize_per_tensor_affine(x, s, 0, -128, 127)
-
-
-@torch.no_grad()
-def clip_amax(rows: torch.Tensor, amax_max: float, spec) -> float:
-    """Per-tensor activation range for rows (already smoothed) under clip spec (see parse_clip); ≤ amax_max."""
-    if spec is None:
-        return float(amax_max)
-    a = rows.abs().reshape(-1)
-    kind, q = spec
-    if kind == "pct":
-        k = max(1, min(a.numel(), int(math.ceil(a.numel() * q / 100.0))))
-        v = float(torch.kthvalue(a, k).values) if k < a.numel() else float(a.max())
-        return float(min(amax_max, max(v, 1e-8)))
-    # mse: among ratios of the calibrated max, the range whose fake-quant error on the sample is smallest
-    x = rows.reshape(-1)
-    best, best_err = float(amax_max), float("inf")
-    for r in MSE_CLIP_RATIOS:
-        am = float(amax_max) * r
-        err = float((fake_quant_tensor(x, am) - x).pow(2).sum())
-        if err < best_err:
-            best, best_err = am, err
-    return best
-
-
-def divisors(family, factors: dict | None, linear_pairs: bool) -> dict[str, torch.Tensor | None]:
-    """Per quantized Linear: the smoothing vector its input was divided by (None: unsmoothed)."""
-    d = {n: None for n in family.quantized_linears()}
-    if factors:
-        for g in family.groups(include_linear_pairs=linear_pairs):
-            if g.source in factors:
-                for n in g.linears:
-                    d[n] = factors[g.source] if d[n] is None else d[n] * factors[g.source]
-    return d
-
-
-def clipped_scales(family, act_max_smoothed: dict, res: RowReservoir, divs: dict, spec, names) -> tuple[dict, dict]:
-    """Static scales with clipped ranges. Returns ({name: scale}, {name: clipped/max ratio})."""
-    scales, ratio = {}, {}
-    for n in names:
-        mx = float(act_max_smoothed[n].max())
-        rows = rows_for(res, family, n)
-        if divs.get(n) is not None:
-            rows = rows / divs[n].to(rows.dtype)
-        am = clip_amax(rows, mx, spec)
-        scales[n] = max(am, 1e-8) / 127.0
-        ratio[n] = am / mx if mx > 0 else 1.0
-    return scales, ratio
-
-
-# ----- α search -------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _fq_weight_oi(w_oi: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
-    amax = w_oi.abs().amax(dim=1) if per_channel else w_oi.abs().amax().expand(w_oi.shape[0])
-    scale = (amax.clamp(min=1e-8) / 127.0).float().contiguous()
-    return torch.fake_quantize_per_channel_affine(w_oi, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -128, 127)
-
-
-@torch.no_grad()
-def group_error(model, group, act_max, rows: torch.Tensor, alpha: float, head_dim=None, per_channel=True) -> float:
-    """Σ over the group's Linears of the squared output error of static W8A8 after smoothing with α (bias cancels)."""
-    from sq_export.modeling import weight_oi
-    from sq_export.quant.smooth import group_act_max, smoothing_factors_for_group
-
-    s = smoothing_factors_for_group(model, group, act_max, alpha, head_dim=head_dim).float()
-    xs = rows / s
-    amax = float((group_act_max(group, act_max) / s).max())
-    xq = fake_quant_tensor(xs, amax)
-    err = 0.0
-    for n in group.linears:
-        w = weight_oi(model.get_submodule(n)).float()
-        y = rows @ w.t()
-        yq = xq @ _fq_weight_oi(w * s.view(1, -1), per_channel).t()
-        err += float((yq - y).pow(2).sum())
-    return err
-
-
-@torch.no_grad()
-def search_alpha(model, family, act_max, res: RowReservoir, linear_pairs: bool, grid=None, per_channel=True) -> dict:
-    """{group source: best α} on the unsmoothed float model (call before apply_smoothing). grid: ALPHA_GRID."""
-    grid = ALPHA_GRID if grid is None else tuple(grid)
-    hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    out = {}
-    for g in family.groups(include_linear_pairs=linear_pairs):
-        rows = rows_for(res, family, g.linears[0])
-        errs = [group_error(model, g, act_max, rows, a, hd if g.kind == "linear" else None, per_channel) for a in grid]
-        out[g.source] = float(grid[int(np.argmin(errs))])
-    return out
-
-
-# ----- fallback -------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def local_sqnr(model, family, float_linears: dict, res: RowReservoir, divs: dict) -> dict[str, float]:
     """Per quantized Linear: SQNR (dB) of its QLinear output vs its float output on the sampled (smoothed) rows."""
-    from sq_export.report import sqnr_db
+    from sq_export.measure.sqnr import sqnr_db
 
     out = {}
     for n, flin in float_linears.items():

@@ -106,6 +106,17 @@ def smoothed_act_max(act_max: dict[str, torch.Tensor], family: Family, factors: 
     return out
 
 
+def divisors(family, factors: dict | None, linear_pairs: bool) -> dict[str, torch.Tensor | None]:
+    """Per quantized Linear: the smoothing vector its input was divided by (None: unsmoothed)."""
+    d = {n: None for n in family.quantized_linears()}
+    if factors:
+        for g in family.groups(include_linear_pairs=linear_pairs):
+            if g.source in factors:
+                for n in g.linears:
+                    d[n] = factors[g.source] if d[n] is None else d[n] * factors[g.source]
+    return d
+
+
 @torch.no_grad()
 def logits_of(model, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False).logits.float()

@@ -11,7 +11,7 @@ Stages, in order (each writes into OUT):
                                                            α fixed or searched per group (--alpha auto); float-equivalence
                                                            checked; per-channel stats for the report
   export     model.fp.onnx, model.naive.onnx, model.sq.onnx  naive: plain static W8A8 (the baseline); sq: the full recipe
-                                                           (sq_export.quant.recipe.prepare: pairs, α, --clip, --fallback)
+                                                           (sq_export.quant.prepare.prepare: pairs, α, --clip, --fallback)
   check      check.json                                    sq_export.passes.check.run_check on the quantized graphs; violations fail (exit 1)
   build      model.*.engine (+ .json), build.json            TensorRT when importable, else recorded as skipped with the reason
   eval       eval.json                                     perplexity: PyTorch fp/naive/sq, ONNX Runtime per ONNX, TensorRT per engine;
@@ -44,7 +44,10 @@ from pathlib import Path
 from sq_export.errors import BadInput, GraphCheckFailed, SqExportError
 from sq_export.export.exporter import export_onnx
 from sq_export.fileio import check_output_path, write_text_atomic
-from sq_export.quant.recipe import CalibOptions, onnx_metadata, working_copy
+from sq_export.onnxio.meta import onnx_metadata
+from sq_export.quant.prepare import working_copy
+from sq_export.quant.recipe import CalibOptions
+from sq_export.quant.reservoir import load_rows, save_rows
 
 log = logging.getLogger(__name__)
 
@@ -157,33 +160,6 @@ def tool_versions() -> dict:
         "onnxruntime": onnxruntime.__version__,
     }
     return v
-
-
-# ----- the calibration row sample -------------------------------------------------------------------------------
-def save_rows(path: Path, res) -> None:
-    """tune.RowReservoir → safetensors: {input key: rows}, plus the bound and the rows seen per key."""
-    from safetensors.torch import save_file
-
-    meta = {"format": "calib_rows/1", "rows": res.rows, "seen": dict(sorted(res.seen.items()))}
-    save_file({k: res.data[k].contiguous() for k in sorted(res.data)}, str(path), metadata={"sq_export": json.dumps(meta, sort_keys=True)})
-
-
-def load_rows(path: Path):
-    """The RowReservoir `save_rows` wrote (the sampled rows; tune.rows_for reads them)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from sq_export.quant.fallback import RowReservoir
-
-    if not Path(path).is_file():
-        raise BadInput(f"{path} is missing: rerun (the calibrate stage writes it when --alpha auto, --clip or --fallback is set)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("sq_export", "{}"))
-    data = load_file(str(path))
-    res = RowReservoir(set(data), int(meta.get("rows", 0)) or max((v.shape[0] for v in data.values()), default=1))
-    res.data = dict(data)
-    res.seen = {k: int(v) for k, v in (meta.get("seen") or {}).items()}
-    return res
 
 
 # ----- the run -------------------------------------------------------------------------------------------------
@@ -356,14 +332,14 @@ class Pipeline:
 
     def quantized(self, mode: str):
         """The PyTorch model of `mode` (fp: the float model itself). naive: plain static W8A8, the baseline (no
-        smoothing, clipping or fallback); sq: the run's recipe, through sq_export.quant.recipe.prepare as `eval` and
+        smoothing, clipping or fallback); sq: the run's recipe, through sq_export.quant.prepare.prepare as `eval` and
         `export` build it, from this run's calibration (act scales + row sample)."""
         if mode == "fp":
             return self.loaded()[0]
         if mode not in self._quantized:
             from dataclasses import replace
 
-            from sq_export.quant.recipe import CalibStats, prepare
+            from sq_export.quant.prepare import CalibStats, prepare
 
             model, tok, fam = self.loaded()
             recipe = self.recipe(mode)
@@ -567,7 +543,7 @@ class Pipeline:
 
     def _run_calibrate(self, staging: Path) -> dict:
         from sq_export.quant.calibrate import load_act_scales, run_calibration, save_act_scales, validate_act_scales
-        from sq_export.quant.fallback import new_reservoir
+        from sq_export.quant.reservoir import new_reservoir
 
         model, tok, fam = self.loaded()
         c = self.opts.calib
@@ -630,7 +606,7 @@ class Pipeline:
         from safetensors.torch import save_file
 
         from sq_export.modeling import abs_max, weight_oi
-        from sq_export.quant.recipe import check_batch
+        from sq_export.quant.prepare import check_batch
         from sq_export.quant.smooth import smooth_checked, smoothed_act_max
 
         model, tok, fam = self.loaded()
@@ -641,7 +617,7 @@ class Pipeline:
         alpha_groups = None
         t_search = None
         if alpha == "auto":
-            from sq_export.quant.fallback import search_alpha
+            from sq_export.quant.alpha import search_alpha
 
             t = time.perf_counter()
             alpha_groups = search_alpha(model, fam, act, self.rows(), pairs, per_channel=o.per_channel)
@@ -837,8 +813,8 @@ class Pipeline:
         import numpy as np
 
         from sq_export.measure.perplexity import onnx_perplexity, torch_perplexity
-        from sq_export.quant.recipe import check_batch
-        from sq_export.report import linear_outputs, smoothed_reference, sqnr_against, sqnr_in_parts
+        from sq_export.quant.prepare import check_batch
+        from sq_export.measure.sqnr import linear_outputs, smoothed_reference, sqnr_against, sqnr_in_parts
         from sq_export.textdata import token_ids
 
         model, tok, fam = self.loaded()
