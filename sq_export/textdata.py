@@ -52,8 +52,24 @@ def read_text(path: str | Path | None, kind: str = "calib") -> str:
 
 def tokenize(tokenizer, text: str) -> np.ndarray:
     """The whole text as the tokenizer returns it (one BOS at the start if the tokenizer adds one)."""
+    if tokenizer is None:
+        raise BadInput("this model has no tokenizer to turn text into token ids: pass --tokenizer PATH (a folder or "
+                       ".gguf holding one), or save the tokenizer beside the weights")
     ids = tokenizer(text, return_attention_mask=False)["input_ids"]
-    return np.asarray(ids, dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.int64)
+    check_tokenized(ids, tokenizer, "the text", chars=len(text))
+    return ids
+
+
+def check_tokenized(ids: np.ndarray, tokenizer, what: str, chars: int | None = None) -> None:
+    """Text that tokenizes to (almost) nothing means the tokenizer, not the text, is missing or broken (a model
+    folder saved with save_pretrained alone gives a tokenizer without a vocabulary): say so."""
+    n = int(np.asarray(ids).size)
+    if n < 2 and (chars is None or chars >= 16):
+        name = type(tokenizer).__name__
+        raise BadInput(f"the tokenizer ({name}) turned {what}{f' ({chars} characters)' if chars is not None else ''} into "
+                       f"{n} token(s): the model has no usable tokenizer; pass --tokenizer PATH (a folder or .gguf "
+                       "holding one) or save the tokenizer beside the weights (tokenizer.save_pretrained)")
 
 
 _TOKEN_CACHE: dict = {}  # (id(tokenizer), file, size, mtime) -> (weakref to the tokenizer, ids)

@@ -1,6 +1,5 @@
-"""Tiny models of every registered family, built from transformers configs in-process (no downloads), with
-outlier channels injected the way real LLMs have them: a few norm-weight channels ×40, so a few activation
-channels are far larger than the rest and naive per-tensor INT8 loses the others."""
+"""Fixtures: tiny models of every registered family (sq_export.synth: transformers configs in-process, outlier
+channels injected), saved model folders with a tokenizer trained in-process, small calibration/eval texts."""
 
 from __future__ import annotations
 
@@ -14,62 +13,8 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-VOCAB = 256
-HIDDEN = 64
-OUTLIER_CHANNELS = (3, 17, 41)
-OUTLIER_GAIN = 40.0
-
-
-def tiny_config(family: str):
-    import transformers as T
-
-    T.logging.set_verbosity_error()
-    common = dict(vocab_size=VOCAB)
-    if family == "opt":
-        return T.OPTConfig(hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=HIDDEN, max_position_embeddings=512, pad_token_id=1, bos_token_id=2, eos_token_id=2, **common)
-    if family == "bloom":
-        return T.BloomConfig(hidden_size=HIDDEN, n_layer=2, n_head=4, pad_token_id=3, bos_token_id=1, eos_token_id=2, **common)
-    if family == "llama":
-        return T.LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, **common)
-    if family == "gpt2":
-        return T.GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2, **common)
-    if family == "glm":
-        return T.GlmConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=[2], **common)
-    raise KeyError(family)
-
-
-FAMILIES = ["opt", "bloom", "llama", "gpt2", "glm"]
-
-
-@torch.no_grad()
-def inject_outliers(model, fam) -> None:
-    """Scale a few channels of every smoothing norm's γ (and β) ×40, as OPT's LayerNorms do."""
-    g = torch.Generator().manual_seed(1)
-    for grp in fam.groups():
-        norm = model.get_submodule(grp.source)
-        norm.weight.add_(0.2 * torch.randn(norm.weight.shape, generator=g))
-        norm.weight[list(OUTLIER_CHANNELS)] *= OUTLIER_GAIN
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.add_(0.1 * torch.randn(norm.bias.shape, generator=g))
-            norm.bias[list(OUTLIER_CHANNELS)] *= OUTLIER_GAIN
-
-
-def make_tiny(family: str, outliers: bool = True, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    from sq_export.families import family_for
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager").eval()
-    fam = family_for(model)
-    if outliers:
-        inject_outliers(model, fam)
-    return model, fam
-
-
-def token_batches(n=8, seq=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(4, VOCAB, (n, seq), generator=g).numpy()
+from sq_export.synth import (FAMILIES, HIDDEN, OUTLIER_CHANNELS, OUTLIER_GAIN, VOCAB, inject_outliers,  # noqa: F401
+                             make_tiny, tiny_config, token_batches)
 
 
 @pytest.fixture(params=FAMILIES)
@@ -111,18 +56,7 @@ def save_tiny(family: str, path, outliers=True, seed=0):
 
 
 def make_tiny_vocab(family, outliers=True, seed=0):
-    cfg = tiny_config(family)
-    cfg.vocab_size = len(tokenizer())
-    from transformers import AutoModelForCausalLM
-
-    from sq_export.families import family_for
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    fam = family_for(model)
-    if outliers:
-        inject_outliers(model, fam)
-    return model, fam
+    return make_tiny(family, outliers, seed, vocab_size=len(tokenizer()))
 
 
 @pytest.fixture(scope="session")
@@ -148,3 +82,14 @@ def small_text(tmp_path_factory):
     (d / "calib.txt").write_text(DEFAULT_CALIB.read_text()[:20000])
     (d / "eval.txt").write_text(DEFAULT_HELDOUT.read_text()[:8000])
     return d
+
+
+
+def FixedCalibration(act_max, reservoir=None, check=None, ids=None):
+    """A Calibration of random-token statistics: its float-equivalence check batch is `check` (token ids [n, L]);
+    its fallback scoring windows come from `ids` (default: random tokens)."""
+    import numpy as np
+
+    from sq_export.quant.calibrate import Calibration
+
+    return Calibration(act_max, reservoir, np.asarray(ids if ids is not None else token_batches(1, 256, seed=7)[0]), check=check)

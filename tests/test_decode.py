@@ -12,7 +12,9 @@ from conftest import FAMILIES, make_tiny, token_batches
 from sq_export.quant import attention as A
 from sq_export.passes.check import run_check
 from sq_export.cli import main
-from sq_export.export.decode import export_decode_onnx, greedy_onnx, greedy_torch, position_ids_for, token_agreement
+from sq_export.export.decode import export_decode_onnx
+from sq_export.kvcache import position_ids_for
+from sq_export.measure.generate import greedy_onnx, greedy_torch, token_agreement
 from sq_export.measure.perplexity import ort_session
 from sq_export.onnxio.meta import read_metadata
 from test_export import _quantized

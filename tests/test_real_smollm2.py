@@ -22,7 +22,9 @@ def smol():
 def test_smollm2_smoothing_exact_and_static_sq_beats_naive(smol):
     import copy
 
-    from sq_export.quant.calibrate import run_calibration
+    from sq_export.quant.calibrate import calibrate_ids
+    from sq_export.quant.recipe import CalibOptions
+    from sq_export.textdata import token_ids
     from sq_export.measure.perplexity import torch_perplexity
     from sq_export.quant.qlinear import quantize_model, static_scales
     from sq_export.quant.smooth import smooth_checked, smoothed_act_max
@@ -30,7 +32,7 @@ def test_smollm2_smoothing_exact_and_static_sq_beats_naive(smol):
 
     model, tok, fam = smol
     assert fam.name == "llama" and len(fam.quantized_linears()) == 210
-    am, _ = run_calibration(model, fam, tok, None, samples=8, seq_len=256)
+    am = calibrate_ids(model, fam, token_ids(tok, None, "calib"), CalibOptions(None, 8, 256)).act_max
     ids = tokenize(tok, read_text(None, "eval"))
     fp = torch_perplexity(model, ids, 256, 1024)["perplexity"]
     assert 10 < fp < 40  # a real model on real English text

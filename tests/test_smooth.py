@@ -7,7 +7,8 @@ from conftest import FAMILIES, OUTLIER_CHANNELS, make_tiny, token_batches
 from sq_export.quant.calibrate import calibrate, collect_act_max
 from sq_export.errors import BadInput, NotFoldable, SmoothingChangedOutputs
 from sq_export.quant.qlinear import quantize_model, static_scales
-from sq_export.quant.smooth import apply_smoothing, check_unchanged, logits_of, smooth_checked, smoothed_act_max, validate_alpha
+from sq_export.quant.recipe import validate_alpha
+from sq_export.quant.smooth import apply_smoothing, check_unchanged, logits_of, smooth_checked, smoothed_act_max
 
 
 def _calibrated(family):

@@ -12,6 +12,7 @@ from sq_export.quant.calibrate import calibrate, collect_act_max
 from sq_export.quant.qlinear import QLinear, quantize_model, static_scales
 from sq_export.quant.smooth import apply_smoothing, logits_of, smoothed_act_max
 from sq_export.quant import alpha as alpha_search, clip as clipping, fallback, reservoir
+from sq_export.quant import recipe as recipe_mod
 PAIR_FAMILIES = [f for f in FAMILIES if make_tiny(f, outliers=False)[1].linear_pairs]
 
 
@@ -99,39 +100,34 @@ def test_clip_percentile_and_mse():
     rows = torch.arange(1, 1001, dtype=torch.float32).view(10, 100)
     assert clipping.clip_amax(rows, 1000.0, None) == 1000.0
     assert clipping.clip_amax(rows, 1000.0, ("pct", 50.0)) == 500.0
-    assert clipping.clip_amax(rows, 1000.0, clipping.parse_clip("p100")) == 1000.0
+    assert clipping.clip_amax(rows, 1000.0, recipe_mod.parse_clip("p100")) == 1000.0
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 4096, generator=g) * 2 - 1  # many small values and one moderate outlier:
     x[0, 0] = 4.0  # clipping it costs 3² once, the max range costs (4/127)²/12 on each of 262k values
     mx = 4.0
-    am = clipping.clip_amax(x, mx, clipping.parse_clip("mse"))
+    am = clipping.clip_amax(x, mx, recipe_mod.parse_clip("mse"))
     err = lambda a: float((clipping.fake_quant_tensor(x, a) - x).pow(2).sum())  # noqa: E731
     assert am < 0.5 * mx and err(am) < 0.6 * err(mx)
     assert err(am) <= min(err(mx * r) for r in clipping.MSE_CLIP_RATIOS) + 1e-6
     # a lone huge value costs more clipped than the coarser grid costs the rest: mse keeps (nearly) the max
     y = torch.randn(64, 256, generator=g)
     y[0, 0] = 400.0
-    assert clipping.clip_amax(y, 400.0, clipping.parse_clip("mse")) > 300
+    assert clipping.clip_amax(y, 400.0, recipe_mod.parse_clip("mse")) > 300
     for bad in ("p20", "q99", "median"):
         with pytest.raises(Exception):
-            clipping.parse_clip(bad)
+            recipe_mod.parse_clip(bad)
 
 
 def _prepare(model, fam, **kw):
-    import sq_export.quant.recipe as rc
-    from sq_export.quant.prepare import CalibStats
-    from sq_export.quant.recipe import Recipe
+    from conftest import FixedCalibration
+    from sq_export.quant.prepare import prepare
+    from sq_export.quant.recipe import make_recipe
 
     score = kw.pop("_score", None)
     res = reservoir.new_reservoir(fam, 256)
     act_max = calibrate(model, fam, token_batches(8, 32), reservoir=res)
     x = torch.as_tensor(token_batches(2, 32, seed=9))
-    orig = rc.check_batch
-    rc.check_batch = lambda *_a, **_k: x
-    try:
-        return rc.prepare(model, None, fam, Recipe(**kw), stats=CalibStats(act_max, res), fallback_score=score)
-    finally:
-        rc.check_batch = orig
+    return prepare(model, fam, make_recipe("paper", **kw), FixedCalibration(act_max, res, check=x), fallback_score=score)
 
 
 def test_alpha_auto_searches_without_model_forwards_and_reports_per_group():
@@ -362,11 +358,11 @@ def test_kl_score_is_zero_for_float_and_tracks_perplexity():
 
 
 def test_max_fallback_and_percent_parsing():
-    assert fallback.max_fallback_count("10%", 210) == 21
-    assert fallback.max_fallback_count("10%", 3) == 1
-    assert fallback.max_fallback_count("4", 210) == 4
-    assert fallback.parse_percent("2%", "x") == fallback.parse_percent("2", "x") == 0.02
-    assert fallback.parse_fallback("auto") == ("auto", None) and fallback.parse_fallback(None) is None
+    assert recipe_mod.max_fallback_count("10%", 210) == 21
+    assert recipe_mod.max_fallback_count("10%", 3) == 1
+    assert recipe_mod.max_fallback_count("4", 210) == 4
+    assert recipe_mod.parse_percent("2%", "x") == recipe_mod.parse_percent("2", "x") == 0.02
+    assert recipe_mod.parse_fallback("auto") == ("auto", None) and recipe_mod.parse_fallback(None) is None
 
 
 # ----- CLI ------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The static W8A8 accuracy path, step by step: naive → SmoothQuant (fixed α) → + Linear-pair smoothing → + auto α
 → + clipped ranges → + float fallback. Loads the model once and calibrates once (act max + a bounded row sample in
 the same pass); every row runs sq_export.quant.prepare.prepare with those statistics, i.e. the code of
-`sq-export eval MODEL --mode sq [--smooth-pairs] [--alpha auto] [--clip C] [--fallback auto]`.
+`sq-export eval MODEL --recipe paper [--smooth-pairs] [--alpha auto] [--clip C] [--fallback auto]`.
 
     python tools/accuracy_path.py                       # SmolLM2-135M, 32x512 calibration, 8192 held-out tokens
     python tools/accuracy_path.py --tiny opt,bloom      # tiny configs with injected outliers: logits RMS error
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -40,13 +39,14 @@ def steps(default_alpha, clips, only=None):
     return s
 
 
-def run_path(base, tok, fam, stats, calib, measure, clips, fallback, fallback_score=None, target=0.02, log=print, only=None,
+def run_path(base, fam, calibration, measure, clips, fallback, fallback_score=None, target=0.02, log=print, only=None,
              select_score=None):
     """select_score: the --fallback auto criterion (default: fallback_score); fallback_score also scores the
     clip rows on calibration windows to pick the clip setting the fallback row builds on."""
+    from sq_export.quant import alpha as alpha_search
     from sq_export.quant.prepare import prepare
-    from sq_export.quant.recipe import Recipe
-    from sq_export.quant import alpha as alpha_search, fallback
+    from sq_export.quant.recipe import make_recipe
+
     rows = []
     cache_alpha = {}
     for name, kw in steps(fam.default_alpha, clips, only) + ([("+ fallback", None)] if fallback else []):
@@ -61,8 +61,8 @@ def run_path(base, tok, fam, stats, calib, measure, clips, fallback, fallback_sc
         saved = alpha_search.ALPHA_GRID
         alpha_search.ALPHA_GRID = kw.get("_grid", saved)
         try:
-            p = prepare(m, tok, fam, Recipe(calib=calib, target_ppl_increase=target, **rkw), stats=stats,
-                        fallback_score=select_score or fallback_score)
+            r = make_recipe("paper", calib=calibration.options, target_ppl_increase=target, **rkw)
+            p = prepare(m, fam, r, calibration, fallback_score=select_score or fallback_score)
         finally:
             alpha_search.ALPHA_GRID = saved
         prep_s = time.perf_counter() - t
@@ -98,34 +98,31 @@ def table(rows, label, fmt, ref_pct=True):
 
 
 def smollm2(a):
-    from sq_export.quant.calibrate import run_calibration
-    from sq_export.measure.perplexity import torch_perplexity
+    import sq_export as sq
+    from sq_export.api import text_ids
     from sq_export.families import family_for
-    from sq_export.modeling import load_model
-    from sq_export.quant.prepare import CalibStats
-    from sq_export.quant.recipe import CalibOptions
-    from sq_export.textdata import read_text, tokenize
-    from sq_export.quant import fallback, reservoir
+    from sq_export.measure.perplexity import torch_perplexity
+    from sq_export.quant import fallback
+
     t = time.perf_counter()
-    base, tok, _ = load_model(a.model)
+    base, tok = sq.load_model(a.model)
     fam = family_for(base)
-    ids = tokenize(tok, read_text(None, "eval"))
+    ids = text_ids(tok, None, "eval")
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    res = reservoir.new_reservoir(fam, a.rows)
-    act_max, _ = run_calibration(base, fam, tok, None, a.samples, a.calib_seq_len, reservoir=res)
+    calibration = sq.calibrate(base, tok, samples=a.samples, seq_len=a.calib_seq_len, rows=a.rows)
+    res = calibration.reservoir
     calib_s = time.perf_counter() - t
     print(f"load {load_s:.0f}s, calibration {a.samples}x{a.calib_seq_len} + row sample ({res.nbytes() / 1e6:.0f} MB) {calib_s:.0f}s", flush=True)
-    wins = fallback.small_eval_ids(tok, None, a.calib_seq_len, windows=a.fallback_windows)
+    wins = calibration.scoring_windows(a.fallback_windows)
     score = lambda m: fallback.windows_perplexity(m, wins)  # noqa: E731
     select = None
     if a.fallback_score == "kl":
         select = fallback.KLScore(wins, layers_path=fam.layers_path)
         select.reference(base)  # smoothing is exact in float: the base model's distributions serve every row
     measure = lambda m: torch_perplexity(m, ids, a.seq_len, a.max_tokens, desc="eval")["perplexity"]  # noqa: E731
-    calib = CalibOptions(None, a.samples, a.calib_seq_len)
     only = {int(x) for x in a.steps.split(",")} if a.steps else None
-    rows, alphas = run_path(base, tok, fam, CalibStats(act_max, res), calib, measure, a.clips.split(",") if a.clips else [],
+    rows, alphas = run_path(base, fam, calibration, measure, a.clips.split(",") if a.clips else [],
                             a.fallback, score, a.target / 100, only=only, select_score=select)
     return {"model": a.model, "load_s": load_s, "calib_s": calib_s, "rows": rows, "alpha_per_group": alphas,
             "md": table(rows, f"perplexity ({a.max_tokens} held-out tokens)", lambda v: f"{v:.3f}")}
@@ -134,13 +131,11 @@ def smollm2(a):
 def tiny(a, family):
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import make_tiny, token_batches  # noqa: E402
-
-    from sq_export.quant.calibrate import calibrate
-    from sq_export.quant.prepare import CalibStats
-    from sq_export.quant.recipe import CalibOptions
     from sq_export.quant import reservoir
+    from sq_export.quant.calibrate import Calibration, calibrate
+    from sq_export.quant.recipe import CalibOptions
+    from sq_export.synth import make_tiny, token_batches
+
     base, fam = make_tiny(family)
     res = reservoir.new_reservoir(fam, a.rows)
     act_max = calibrate(base, fam, token_batches(16, 64, seed=0), reservoir=res)
@@ -162,16 +157,9 @@ def tiny(a, family):
             return float((m(input_ids=xc).logits.float() - refc).pow(2).mean().sqrt())
 
     n = max(1, len(fam.quantized_linears()) // 10)
-    # check_batch needs calibration text: tiny configs use random ids, so smoothing's equivalence check batch too
-    import sq_export.quant.recipe as rc
-
-    orig = rc.check_batch
-    rc.check_batch = lambda *_a, **_k: x[:2, :32]
-    try:
-        rows, _ = run_path(base, None, fam, CalibStats(act_max, res), CalibOptions(None, 16, 64), measure,
-                           a.clips.split(",") if a.clips else [], str(n), fallback_score=calib_score)
-    finally:
-        rc.check_batch = orig
+    # tiny configs use random ids: so does smoothing's equivalence check batch
+    calibration = Calibration(act_max, res, token_batches(1, 1024, seed=3)[0], CalibOptions(None, 16, 64), check=x[:2, :32])
+    rows, _ = run_path(base, fam, calibration, measure, a.clips.split(",") if a.clips else [], str(n), fallback_score=calib_score)
     rows[0]["value"] = 0.0
     return {"model": f"tiny {family}", "rows": rows,
             "md": table(rows, "logits RMS error vs float (relative)", lambda v: f"{v:.4f}", ref_pct=False)}

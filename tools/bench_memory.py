@@ -103,18 +103,29 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0
 
-    from sq_export.run import pipeline
+    from sq_export import run
     from sq_export.cli import main as cli_main
+    from sq_export.run import context
 
     cli_args = ["-q", "run", *argv, *([] if resume else ["--force"])]
     peaks = Peaks()
     info: dict = {}
 
-    orig_stage, orig_loaded, orig_export = pipeline.Pipeline._stage, pipeline.Pipeline.loaded, pipeline.export_onnx
+    orig_loaded = context.RunContext.loaded
+    import sq_export.export.exporter as exporter
 
-    def stage(self, name):
-        with peaks.section(name):
-            return orig_stage(self, name)
+    orig_export = exporter.export_onnx
+    open_stage: list = []
+
+    def stage(name, event):  # a section per stage, opened and closed by the run's observer events
+        if event == "start":
+            cm = peaks.section(name)
+            cm.__enter__()
+            open_stage.append(cm)
+        elif open_stage:
+            open_stage.pop().__exit__(None, None, None)
+
+    run.add_observer(stage)
 
     def loaded(self):
         if self._loaded is None:
@@ -130,7 +141,7 @@ def main(argv=None) -> int:
         with peaks.section(f"export {Path(path).name}"):
             return orig_export(model, family, path, **kw)
 
-    pipeline.Pipeline._stage, pipeline.Pipeline.loaded, pipeline.export_onnx = stage, loaded, export
+    context.RunContext.loaded, exporter.export_onnx = loaded, export
     from sq_export.measure import perplexity as evaluate
     orig_ort, orig_torch = evaluate.onnx_perplexity, evaluate.torch_perplexity
 

@@ -38,7 +38,8 @@ def build(out_dir: Path) -> dict:
     from conftest import token_batches
 
     from sq_export.quant.calibrate import calibrate
-    from sq_export.export.decode import export_decode_onnx, greedy_onnx, greedy_torch
+    from sq_export.export.decode import export_decode_onnx
+    from sq_export.measure.generate import greedy_onnx, greedy_torch
     from sq_export.measure.perplexity import ort_session
     from sq_export.quant.qlinear import quantize_model, static_scales
     from sq_export.quant.smooth import apply_smoothing, smoothed_act_max

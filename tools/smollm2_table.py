@@ -3,14 +3,13 @@
 
     python tools/smollm2_table.py --samples 64 --max-tokens 16384 [--alphas 0.5,0.85] [--json out.json]
 
-Each row runs the same code as `sq-export eval smollm2 --mode M --act A --alpha X` (sq_export.quant.prepare.prepare with
+Each row runs the same code as `sq-export eval smollm2 --recipe paper --mode M --act A --alpha X` (sq_export.quant.prepare.prepare with
 saved act scales), so the numbers equal that command's with the same calibration options.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
@@ -26,44 +25,32 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
 
-    from sq_export.quant.calibrate import run_calibration
+    import sq_export as sq
+    from sq_export.api import text_ids
     from sq_export.measure.perplexity import torch_perplexity
-    from sq_export.families import family_for
-    from sq_export.modeling import load_model
-    from sq_export.quant.prepare import prepare
-    from sq_export.quant.recipe import CalibOptions, Recipe
-    from sq_export.textdata import read_text, tokenize
+    from sq_export.quant.recipe import CalibOptions, make_recipe
 
     t = time.perf_counter()
-    base, tok, _ = load_model(a.model)
-    fam = family_for(base)
+    base, tok = sq.load_model(a.model)
     load_s = time.perf_counter() - t
-    ids = tokenize(tok, read_text(None, "eval"))
+    ids = text_ids(tok, None, "eval")
     t = time.perf_counter()
-    act_max, _ = run_calibration(base, fam, tok, None, a.samples, a.calib_seq_len)
+    calibration = sq.calibrate(base, tok, samples=a.samples, seq_len=a.calib_seq_len, rows=None)
     calib_s = time.perf_counter() - t
     print(f"load {load_s:.0f}s, calibration {a.samples}x{a.calib_seq_len} {calib_s:.0f}s", flush=True)
 
     rows = [("fp", None, None), ("naive", "none", None), ("naive", "static", None)]
     for al in [float(x) for x in a.alphas.split(",")]:
         rows.append(("sq", "static", al))
-    da = fam.default_alpha
+    da = "default"
     rows += [("sq", "dynamic-tensor", da), ("sq", "dynamic-token", da), ("naive", "dynamic-token", None)]
     out = []
     for mode, act, alpha in rows:
-        m = copy.deepcopy(base)
-        calib = CalibOptions(None, a.samples, a.calib_seq_len)
-        r = Recipe(mode=mode, act=act or "static", alpha=alpha, calib=calib)
+        r = make_recipe("paper" if mode == "sq" else mode, act=act or "static", alpha=alpha,
+                        calib=CalibOptions(None, a.samples, a.calib_seq_len))
         t = time.perf_counter()
-        # reuse the calibration above (the same numbers `prepare` would compute with these options)
-        import sq_export.quant.recipe as rc
-
-        orig = rc.get_act_max
-        rc.get_act_max = lambda *_a, **_k: ({k: v.clone() for k, v in act_max.items()}, None)
-        try:
-            prepare(m, tok, fam, r)
-        finally:
-            rc.get_act_max = orig
+        # the calibration above, shared (the same numbers `quantize` would compute with these options)
+        m = sq.quantize(base, calibration, r, copy=True).model
         res = torch_perplexity(m, ids, a.seq_len, a.max_tokens, desc=f"{mode}/{act}/{alpha}")
         res.update(mode=mode, act=act, alpha=alpha, seconds=round(time.perf_counter() - t, 1))
         out.append(res)

@@ -4,7 +4,7 @@
 
 Runs `sq-export ARGS` in this process exactly as the console script does (malloc settings included; nothing reset,
 unlike tools/bench_memory.py), while a daemon thread polls /proc/self/status (VmRSS, VmHWM) every interval. Stage
-boundaries of `run` are recorded (Pipeline._stage), and the main thread's Python stack is captured whenever RSS
+boundaries of `run` are recorded (sq_export.run.add_observer), and the main thread's Python stack is captured whenever RSS
 climbs to a new maximum and whenever VmHWM rises between two polls (the peak fell between them: the stack shown is
 the one right after it). At the end it prints the stage table (peak per stage from the samples, VmHWM where it
 rose) and the stacks of the highest moments; child processes' peaks come from getrusage(RUSAGE_CHILDREN), which is
@@ -101,17 +101,9 @@ def main(argv=None) -> int:
     th = threading.Thread(target=tr.loop, daemon=True)
     th.start()
     tr.event("imports")
-    from sq_export.run import pipeline
-    orig_stage = pipeline.Pipeline._stage
+    from sq_export import run
 
-    def stage(self, name):
-        tr.event(name)
-        try:
-            return orig_stage(self, name)
-        finally:
-            tr.event(f"after {name}")
-
-    pipeline.Pipeline._stage = stage
+    run.add_observer(lambda name, event: tr.event(name if event == "start" else f"after {name}"))
     from sq_export.cli import main as cli_main
 
     tr.event("cli")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-from sq_export.errors import BadInput
 
 
 def add_model(p, help_extra=""):
@@ -20,55 +19,86 @@ def add_calib(p):
     g.add_argument("--calib-batch", type=int, default=4, metavar="B", help="windows per forward pass (default 4)")
 
 
-def add_recipe(p, modes=True):
+def add_recipe(p, modes=True, runtime=True):
+    """The recipe options (sq_export.quant.recipe): --recipe picks a preset, every other option overrides it."""
+    import argparse
+
+    from sq_export.quant.recipe import RECIPE_HELP
+
+    presets = "; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items() if k != "fp")
+    p.add_argument("--recipe", choices=[k for k in RECIPE_HELP if k != "fp"], default=None,
+                   help=f"the preset the options below override ({presets}); default: default (--mode naive/fp: that mode alone)")
     if modes:
-        p.add_argument("--mode", default="sq", choices=["fp", "naive", "sq"], help="fp: float; naive: W8A8 without smoothing; sq: SmoothQuant W8A8 (default)")
-    p.add_argument("--alpha", type=_alpha, default=None, metavar="A", help="migration strength in [0,1] (default: the family's, e.g. 0.5 OPT/BLOOM, 0.85 Llama), or 'auto': per smoothing group, the alpha in 0.30..0.95 minimizing that group's static W8A8 output error on calibration rows")
-    p.add_argument("--smooth-pairs", action="store_true", help="also smooth Linear inputs that have no norm in front (down_proj via up_proj's rows, o_proj via v_proj's rows) where the family declares an exact fold")
+        p.add_argument("--mode", default=None, choices=["fp", "naive", "sq"], help="fp: float; naive: W8A8 without smoothing; sq: SmoothQuant W8A8 (default)")
+    p.add_argument("--alpha", type=_alpha, default=None, metavar="A", help="migration strength in [0,1], 'default' (the family's: 0.5 OPT/BLOOM, 0.85 Llama), or 'auto' (the default recipe's): per smoothing group, the alpha in 0.30..0.95 minimizing that group's static W8A8 output error on calibration rows")
+    p.add_argument("--smooth-pairs", action=argparse.BooleanOptionalAction, default=None, help="also smooth Linear inputs that have no norm in front (down_proj via up_proj's rows, o_proj via v_proj's rows) where the family declares an exact fold (default recipe: on)")
     p.add_argument("--clip", default=None, metavar="max|pNN.NN|mse", help="static activation range per Linear input: max|x| (default), a percentile of |x| (e.g. p99.99), or mse (the range minimizing the input's INT8 error), from a bounded row sample taken during calibration")
-    p.add_argument("--fallback", default=None, metavar="auto|N|NAME,...", help="keep Linears in float (no Q/DQ; TensorRT runs them FP16): auto (scored by mean KL divergence to the float model on 4 calibration-split windows: each role (down_proj, o_proj, ...) is first put in float as a whole; from the roles that gain most per Linear, twice the --max-fallback budget of Linears are each scored alone, then added greedily by measured gain while the KL drops, until --target-ppl-increase holds at the windows' 95%% upper confidence bound or --max-fallback is reached), N (the N lowest-SQNR Linears), or module names")
-    p.add_argument("--target-ppl-increase", default="2%", metavar="PCT", help="--fallback auto: stop once perplexity on the calibration-split scoring windows is within PCT of float at its one-sided 95%% upper confidence bound (per-token NLL differences to float, 64-token blocks); otherwise the budget is spent while the KL drops (default 2%%)")
-    p.add_argument("--max-fallback", default="10%", metavar="N|PCT", help="--fallback auto: at most N Linears, or PCT of the quantized Linears (default 10%%)")
+    p.add_argument("--fallback", default=None, metavar="auto|none|N|NAME,...", help="keep Linears in float (no Q/DQ; TensorRT runs them FP16): auto (the default recipe's; scored by mean KL divergence to the float model on 4 calibration-split windows: each role (down_proj, o_proj, ...) is first put in float as a whole; from the roles that gain most per Linear, twice the --max-fallback budget of Linears are each scored alone, then added greedily by measured gain while the KL drops, until --target-ppl-increase holds at the windows' 95%% upper confidence bound or --max-fallback is reached), none (every Linear INT8), N (the N lowest-SQNR Linears), or module names")
+    p.add_argument("--target-ppl-increase", default=None, metavar="PCT", help="--fallback auto: stop once perplexity on the calibration-split scoring windows is within PCT of float at its one-sided 95%% upper confidence bound (per-token NLL differences to float, 64-token blocks); otherwise the budget is spent while the KL drops (default 2%%)")
+    p.add_argument("--max-fallback", default=None, metavar="N|PCT", help="--fallback auto: at most N Linears, or PCT of the quantized Linears (default 10%%)")
     p.add_argument("--act-scales", metavar="FILE", help="use saved act scales (act_scales.safetensors or a mit-han-lab .pt) instead of calibrating")
     p.add_argument("--weight-granularity", choices=["channel", "tensor"], default="channel", help="INT8 weight scales per output channel (default) or per tensor")
+    if runtime:
+        add_quantize_attention(p)
+        p.add_argument("--quantize-lm-head", action="store_true", help="also W8A8 the LM head: static per-tensor input scale from the calibration windows, per-channel INT8 weights, in mode sq smoothed into the final norm and the head's own weight copy (a tied input embedding is untouched); stores the head once as INT8 instead of a second float copy; ONNX Runtime prefill 1.8x -> 2.4x FP32 on SmolLM2 for about +1%% perplexity (docs/ONNX.md)")
     add_calib(p)
 
 
+def add_tokenizer(p):
+    p.add_argument("--tokenizer", metavar="PATH", help="load the tokenizer from PATH (a model folder or .gguf) instead of MODEL (a checkpoint saved without one)")
+
+
+def add_export_options(p):
+    """The graph options of `export` (and `run`, which exports too)."""
+    p.add_argument("--weights", choices=["int8", "qdq"], default="int8", help="int8: INT8 initializers -> DQ (half the bytes; TensorRT 10+); qdq: float W -> Q -> DQ (TensorRT 8.6)")
+    add_target(p, "ort: activation Q/DQ as uint8/128 (same grid) so ONNX Runtime runs integer kernels")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="type of the float parts (weights left float, norm gamma/beta, activations, logits); fp16: Q/DQ with float16 scales at opset 19, norm statistics in float32 (TensorRT 10+ strongly typed; ONNX Runtime runs it too)")
+
+
+def add_target(p, what: str):
+    p.add_argument("--target", choices=["tensorrt", "trt", "ort"], default="tensorrt", help=f"tensorrt (also spelled trt) or ort; {what}")
+
+
 def add_quantize_attention(p) -> None:
-    """The `--quantize-attention` option, shared by `export`, `eval` and `generate` (defined here, not in
-    sq_export.quant.attention, so building the parser never imports torch)."""
+    """The `--quantize-attention` option (defined here, not in sq_export.quant.attention, so building the parser never
+    imports torch)."""
     p.add_argument("--quantize-attention", action="store_true", help="also INT8 Q/DQ on both inputs of both attention MatMuls (q, k; softmax, v), static per-tensor scales from the calibration windows")
 
 
 def _alpha(v: str):
-    if v == "auto":
+    if v in ("auto", "default"):
         return v
     try:
         return float(v)
     except ValueError:
         import argparse
 
-        raise argparse.ArgumentTypeError(f"{v!r} is neither a number in [0, 1] nor 'auto'") from None
+        raise argparse.ArgumentTypeError(f"{v!r} is neither a number in [0, 1], 'default' nor 'auto'") from None
 
 
 def recipe_from(args, act="static"):
-    from sq_export.quant.recipe import CalibOptions, Recipe
-    from sq_export.quant.fallback import parse_percent
+    """The recipe the parsed options ask for (sq_export.quant.recipe.make_recipe: preset, then every option given)."""
+    from sq_export.quant.recipe import parse_percent
+    from sq_export.quant.recipe import CalibOptions, make_recipe
 
-    if args.alpha is not None and args.alpha != "auto" and not (0.0 <= args.alpha <= 1.0):
-        raise BadInput(f"--alpha {args.alpha} is outside [0, 1]: the migration strength must be between 0 and 1")
-    return Recipe(
-        mode=getattr(args, "mode", "sq"),
+    mode = getattr(args, "mode", None)
+    preset = getattr(args, "recipe", None) or {"naive": "naive", "fp": "fp"}.get(mode, "default")
+    tpi = getattr(args, "target_ppl_increase", None)
+    return make_recipe(
+        preset,
+        calib=CalibOptions(args.calib_text, args.samples, args.calib_seq_len, args.calib_batch),
+        mode=mode,
         act=getattr(args, "act", act),
         alpha=args.alpha,
         per_channel=args.weight_granularity == "channel",
         act_scales=args.act_scales,
-        calib=CalibOptions(args.calib_text, args.samples, args.calib_seq_len, args.calib_batch),
-        linear_pairs=bool(getattr(args, "smooth_pairs", False)),
+        linear_pairs=getattr(args, "smooth_pairs", None),
         clip=getattr(args, "clip", None),
         fallback=getattr(args, "fallback", None),
-        target_ppl_increase=parse_percent(getattr(args, "target_ppl_increase", "2%"), "--target-ppl-increase"),
-        max_fallback=getattr(args, "max_fallback", "10%"),
+        target_ppl_increase=None if tpi is None else parse_percent(tpi, "--target-ppl-increase"),
+        max_fallback=getattr(args, "max_fallback", None),
+        quantize_attention=getattr(args, "quantize_attention", None) or None,
+        quantize_lm_head=getattr(args, "quantize_lm_head", None) or None,
     )
 
 
@@ -77,9 +107,9 @@ def emit_json(obj) -> None:
 
 
 def load(args, with_tokenizer=True):
+    """(model, tokenizer, family) for MODEL (and --tokenizer)."""
+    from sq_export import api
     from sq_export.families import family_for
-    from sq_export.modeling import env_threads, load_model
 
-    env_threads()
-    model, tok, path = load_model(args.model, with_tokenizer=with_tokenizer)
-    return model, tok, family_for(model), path
+    model, tok = api.load_model(args.model, tokenizer=getattr(args, "tokenizer", None), with_tokenizer=with_tokenizer)
+    return model, tok, family_for(model)

@@ -8,6 +8,7 @@ HELP = "record per-channel max|x| at every quantized Linear input on calibration
 def add_parser(sub):
     p = sub.add_parser("calibrate", help=HELP, description=HELP + ". Example: sq-export calibrate smollm2 --samples 64 -o out/")
     c.add_model(p)
+    c.add_tokenizer(p)
     c.add_calib(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for act_scales.safetensors (created if missing)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -19,14 +20,17 @@ def run(args):
     import time
     from pathlib import Path
 
-    from sq_export.quant.calibrate import ACT_SCALES_FILE, run_calibration, save_act_scales
+    from sq_export import api
     from sq_export.fileio import check_output_path
+    from sq_export.quant.calibrate import ACT_SCALES_FILE, save_act_scales
 
     out = Path(args.output)
     check_output_path(out / "x") if out.is_dir() else check_output_path(out)
-    model, tok, fam, path = c.load(args)
+    model, tok, fam = c.load(args)
     t = time.perf_counter()
-    scales, meta = run_calibration(model, fam, tok, args.calib_text, args.samples, args.calib_seq_len, args.calib_batch)
+    calib = api.calibrate(model, tok, Path(args.calib_text) if args.calib_text else None, samples=args.samples,
+                          seq_len=args.calib_seq_len, batch_size=args.calib_batch, rows=None)
+    scales, meta = calib.act_max, dict(calib.meta)
     secs = meta.pop("seconds")
     out.mkdir(exist_ok=True)
     dest = out / ACT_SCALES_FILE

@@ -1,4 +1,4 @@
-"""sq-export check MODEL.onnx [--fix OUT.onnx] [--json] [--target trt|ort]
+"""sq-export check MODEL.onnx [--fix OUT.onnx] [--json] [--target tensorrt|ort]
 
 Exit codes: 0 clean, 1 violations (after --fix: of the fixed graph), 2 unreadable input / nothing to check.
 """
@@ -20,16 +20,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--fix", metavar="OUT.onnx", default=None,
                    help="fold norm -> Mul/Div smoothing into the norm weights, write OUT.onnx and check it")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
-    p.add_argument("--target", choices=["trt", "ort"], default="trt",
-                   help="trt: int8 zero-points (TensorRT); ort: also accept uint8/128 activations (ONNX Runtime)")
+    p.add_argument("--target", choices=["tensorrt", "trt", "ort"], default="tensorrt",
+                   help="tensorrt (also spelled trt): int8 zero-points (TensorRT); ort: also accept uint8/128 activations (ONNX Runtime)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    from sq_export.passes.check import run_check
+    from sq_export import api
 
-    report = run_check(args.model, fix_out=args.fix, target=args.target)
+    report = api.check(args.model, target=args.target, fix=args.fix)
     if args.json:
         print(json.dumps(report.to_json()))
     else:

@@ -19,14 +19,14 @@ def add_parser(sub):
     p.add_argument("--windows", type=int, default=2, metavar="N", help="calibration windows to measure on (default 2)")
     p.add_argument("--top", type=int, default=20, metavar="K", help="rows of the text table (default 20; --json has all)")
     p.add_argument("-o", "--output", metavar="DIR", help="write DIR/sqnr.png (bar chart) and DIR/diagnose.json")
-    c.add_recipe(p, modes=False)
+    c.add_tokenizer(p)
+    c.add_recipe(p, modes=False, runtime=False)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=run)
     return p
 
 
 def run(args):
-    import copy
     import dataclasses
     import json
     import math
@@ -35,35 +35,29 @@ def run(args):
 
     import torch
 
+    from sq_export import api
     from sq_export.errors import BadInput
-    from sq_export.quant.prepare import CalibStats, get_act_max, get_rows, prepare
     from sq_export.measure.sqnr import naive_sq_sqnr
     from sq_export.report import _sqnr_plot
+    from sq_export.textdata import calibration_samples
 
     if args.windows < 1:
         raise BadInput(f"--windows {args.windows} must be at least 1")
-    if args.fallback:
+    if args.fallback not in (None, "none"):
         raise BadInput("diagnose measures every Linear quantized: --fallback does not apply")
     t0 = time.perf_counter()
-    recipe = c.recipe_from(args, act=args.act)
-    recipe.mode = "sq"
-    recipe.validate()
-    model, tok, fam, _ = c.load(args)
-    from sq_export.textdata import calibration_samples, read_text, tokenize
-
-    ids = tokenize(tok, read_text(recipe.calib.calib_text, "calib"))
+    args.fallback = "none"
+    recipe = dataclasses.replace(c.recipe_from(args, act=args.act), mode="sq")
+    model, tok, fam = c.load(args)
+    ids = api.text_ids(tok, recipe.calib.calib_text and Path(recipe.calib.calib_text), "calib")
     L = min(recipe.calib.seq_len, len(ids))
     batch = torch.as_tensor(calibration_samples(ids, args.windows, L, seed=2))
     # calibrate once (the float model is not changed by calibration), share the statistics between both recipes
-    if recipe.needs_rows():
-        act_max, res = get_rows(model, fam, tok, recipe)
-    else:
-        act_max, res = get_act_max(model, fam, tok, recipe)[0], None
-    stats = CalibStats(act_max, res)
-    naive = copy.deepcopy(model)
-    prepare(naive, tok, fam, dataclasses.replace(recipe, mode="naive", alpha=None, clip=None, linear_pairs=False), stats=stats)
-    sq = copy.deepcopy(model)
-    prep = prepare(sq, tok, fam, recipe, stats=stats)
+    calib = api.calibrate(model, tok, recipe=recipe)
+    act_max = calib.act_max
+    naive = api.quantize(model, calib, recipe.baseline(), copy=True).model
+    qm = api.quantize(model, calib, recipe, copy=True)
+    sq, prep = qm.model, qm.prepared
     names = fam.quantized_linears()
     # with --smooth-pairs, SQ is compared with the smoothed float model (report.smoothed_reference says why)
     table = naive_sq_sqnr(model, naive, sq, names, batch, family=fam, act_max=act_max,

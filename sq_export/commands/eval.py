@@ -16,9 +16,8 @@ def add_parser(sub):
     p.add_argument("--seq-len", type=int, default=512, metavar="L", help="chunk length (default 512)")
     p.add_argument("--max-tokens", type=int, default=32768, metavar="N", help="evaluate the first N tokens (default 32768; 0 = all)")
     p.add_argument("--act", default="static", choices=["static", "dynamic-tensor", "dynamic-token", "none"], help="activation quantization: static per-tensor (O3, TensorRT), dynamic per-tensor (O2), dynamic per-token (O1), none (W8A16)")
-    p.add_argument("--tokenizer", metavar="MODEL", help="for .onnx: where the tokenizer is (default: the source recorded in the ONNX)")
+    p.add_argument("--tokenizer", metavar="MODEL", help="where the tokenizer is (.onnx: default the source recorded in the graph; a model: default MODEL itself)")
     c.add_recipe(p)
-    c.add_quantize_attention(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=run)
     return p
@@ -27,8 +26,8 @@ def add_parser(sub):
 def run(args):
     import time
 
+    from sq_export import api
     from sq_export.errors import BadInput
-    from sq_export.textdata import read_text, tokenize
 
     if args.seq_len < 2:
         raise BadInput(f"--seq-len {args.seq_len} must be at least 2")
@@ -37,27 +36,19 @@ def run(args):
     if args.model.endswith(".onnx"):
         res = eval_onnx(args, max_tokens)
     else:
-        from sq_export.measure.perplexity import torch_perplexity
-        from sq_export.quant.prepare import prepare
-
-        recipe = c.recipe_from(args)
-        recipe.validate()
-        text = read_text(args.text, "eval")
-        model, tok, fam, _ = c.load(args)
-        ids = tokenize(tok, text)
-        prep = prepare(model, tok, fam, recipe)
-        attn_meta = {}
-        if getattr(args, "quantize_attention", False):
-            from sq_export.quant.attention import apply_for_recipe
-
-            attn_meta = apply_for_recipe(model, fam, tok, recipe)
+        recipe = c.recipe_from(args, act=args.act)
+        model, tok, fam = c.load(args)
+        ids = api.text_ids(tok, args.text, "eval")
+        qm = api.quantize(model, recipe=recipe, tokenizer=tok, source=args.model)
+        prep = qm.prepared
         t = time.perf_counter()
-        r = torch_perplexity(model, ids, args.seq_len, max_tokens)
+        r = api.perplexity(qm, text=ids, seq_len=args.seq_len, max_tokens=max_tokens)
         res = {
             **r,
             "backend": "pytorch",
-            "mode": args.mode,
-            "act": args.act if args.mode != "fp" else None,
+            "mode": recipe.mode,
+            "recipe": recipe.describe(),
+            "act": recipe.act if recipe.mode != "fp" else None,
             "alpha": prep.alpha,
             "alpha_per_group": prep.alpha_per_group,
             "smooth_pairs": recipe.linear_pairs,
@@ -67,23 +58,24 @@ def run(args):
             "fp16_layers": list(prep.fp16_layers),
             "eval_seconds": round(time.perf_counter() - t, 1),
             **{k: round(v, 1) for k, v in prep.times.items()},
-            **attn_meta,
+            **prep.graph_meta,
         }
     res["seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:
         c.emit_json(res)
     else:
-        print(f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens ({res.get('backend')}, mode {res.get('mode')}, act {res.get('act')}, alpha {res.get('alpha')})")
+        print(f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens ({res.get('backend')}, "
+              f"{res.get('recipe') or 'mode ' + str(res.get('mode'))}, act {res.get('act')}, alpha {res.get('alpha')})")
     return 0
 
 
 def eval_onnx(args, max_tokens):
     from pathlib import Path
 
+    from sq_export import api
     from sq_export.errors import BadInput
     from sq_export.measure.perplexity import onnx_perplexity
     from sq_export.onnxio.meta import read_metadata
-    from sq_export.textdata import read_text, tokenize
 
     if not Path(args.model).is_file():
         raise BadInput(f"ONNX file {args.model} not found")
@@ -91,9 +83,7 @@ def eval_onnx(args, max_tokens):
     src = args.tokenizer or meta.get("source_model")
     if not src:
         raise BadInput(f"{args.model} does not record its source model: pass --tokenizer MODEL")
-    from sq_export.modeling import load_tokenizer
-
-    ids = tokenize(load_tokenizer(src), read_text(args.text, "eval"))
+    ids = api.text_ids(api.load_tokenizer(src), args.text, "eval")
     r = onnx_perplexity(args.model, ids, args.seq_len, max_tokens)
     return {
         **r,

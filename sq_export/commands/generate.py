@@ -34,7 +34,6 @@ def add_parser(sub):
     p.add_argument("--threads", type=int, default=None, metavar="T", help="ONNX Runtime intra-op threads")
     p.add_argument("--mode", default="fp", choices=["fp", "naive", "sq"], help="PyTorch: fp (default), naive W8A8 or SmoothQuant W8A8 fake quantization")
     c.add_recipe(p, modes=False)
-    c.add_quantize_attention(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=run)
     return p
@@ -68,7 +67,7 @@ class _OrtGenerator:
         self.sess = ort_session(path, threads)
 
     def generate(self, ids, n, eos_token_id=None):
-        from sq_export.export.decode import greedy_onnx
+        from sq_export.measure.generate import greedy_onnx
 
         return greedy_onnx(self.sess, ids, n, eos_token_id)
 
@@ -111,26 +110,21 @@ def run(args):
             if args.prompt is not None:
                 tok = _tokenizer(args, meta)
         else:
-            from sq_export.export.decode import greedy_torch
-            from sq_export.quant.prepare import prepare
+            from sq_export import api
+            from sq_export.measure.generate import greedy_torch
 
-            args.act = "static"
             recipe = c.recipe_from(args)
-            recipe.validate()
-            model, tok, fam, _ = c.load(args)
-            prep = prepare(model, tok, fam, recipe)
-            attn = {}
-            if args.quantize_attention:
-                from sq_export.quant.attention import apply_for_recipe
-
-                attn = apply_for_recipe(model, fam, tok, recipe)
+            model, tok, fam = c.load(args)
+            qm = api.quantize(model, recipe=recipe, tokenizer=tok, source=args.model)
+            prep = qm.prepared
 
             class _Torch:
                 def generate(self, ids, n, eos_token_id=None):
                     return greedy_torch(model, ids, n, eos_token_id)
 
             gen = _Torch()
-            res.update({"backend": "pytorch", "mode": args.mode, "alpha": prep.alpha, "quantize_attention": attn.get("quantize_attention")})
+            res.update({"backend": "pytorch", "mode": recipe.mode, "recipe": recipe.describe(), "alpha": prep.alpha,
+                        "quantize_attention": prep.graph_meta.get("quantize_attention")})
 
         if args.prompts_file:
             from sq_export.engine.generate import generate_file, load_prompts

@@ -9,16 +9,18 @@ STAGES = ("calibrate", "smooth", "export", "check", "build", "eval", "report")
 EXAMPLES = """examples:
   sq-export run smollm2 -o out/                          # everything; OUT/report.md at the end
   sq-export run smollm2 -o out/                          # again: every stage up to date, skipped
-  sq-export run smollm2 -o out/ --alpha 0.7              # redo smooth and later stages, keep the calibration
+  sq-export run smollm2 -o out/ --recipe paper           # deliver the paper's recipe (norm folds, fixed alpha)
+  sq-export run smollm2 -o out/ --fallback none          # every Linear INT8
   sq-export run smollm2 -o out/ --until export           # stop after the ONNX files
-  sq-export run smollm2 -o out/ --smooth-pairs --alpha auto --clip p99.99 --fallback auto   # the accuracy options
+  sq-export run smollm2 -o out/ --weights qdq            # graphs for TensorRT 8.6
   sq-export run smollm2 -o out/ --force --samples 64 --calib-seq-len 256 --max-tokens 2048
 
-The recipe options (--alpha [auto], --smooth-pairs, --clip, --fallback ...) are those of `eval` / `export`; the naive
-graph stays the plain W8A8 baseline. Changing one reruns the stages it affects (e.g. --smooth-pairs: smooth and
-later; --fallback or --clip: export and later; the first option needing the calibration row sample: calibrate too).
+The recipe and graph options are those of `export`: model.sq.onnx is the delivered model (the default recipe unless
+--recipe or an option says otherwise); model.paper.onnx (the paper's setup) and model.naive.onnx (plain W8A8) are
+built beside it with the same calibration, and model.fp.onnx is the float reference. Changing an option reruns the
+stages it affects (e.g. --smooth-pairs: smooth and later; --fallback or --clip: export and later).
 
-OUT holds act_scales.safetensors (+ calib_rows.safetensors), smoothed/, model.{fp,naive,sq}.onnx, check.json, model.*.engine (TensorRT only),
+OUT holds act_scales.safetensors (+ calib_rows.safetensors), smoothed/, model.{fp,naive,paper,sq}.onnx, check.json, model.*.engine (TensorRT only),
 eval.json, report.md, report.json, plots/*.png and manifest.json (per stage: inputs/outputs with sha256, options,
 tool versions, wall time). A stage is skipped when its inputs, options and outputs are unchanged; Ctrl-C leaves no
 partial file at a final path, and the next run resumes with the interrupted stage.
@@ -36,9 +38,9 @@ def add_parser(sub):
     p.add_argument("--text", metavar="FILE", help="evaluation text (default: the shipped held-out split)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="evaluate the first N tokens (default 4096; 0 = all)")
     p.add_argument("--seq-len", type=int, default=512, metavar="L", help="evaluation chunk length (default 512)")
-    p.add_argument("--weights", choices=["int8", "qdq"], default="int8", help="int8: INT8 initializers -> DQ (TensorRT 10+); qdq: float W -> Q -> DQ (TensorRT 8.6)")
     p.add_argument("--report-linear", metavar="NAME", help="Linear whose input channels the report plots (default: the middle layer's q_proj-equivalent)")
     c.add_recipe(p, modes=False)
+    c.add_export_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
     p.set_defaults(func=run)
     return p
@@ -49,20 +51,28 @@ def run(args):
     from pathlib import Path
 
     from sq_export import progress
-    from sq_export.run.pipeline import RunOptions, run_pipeline
+    from sq_export.api import normalize_target
+    from sq_export.quant.recipe import parse_percent
+    from sq_export.quant.recipe import CalibOptions
+    from sq_export.run import RunOptions, run_pipeline
 
-    recipe = c.recipe_from(args)
+    tpi = args.target_ppl_increase
     opts = RunOptions(
-        alpha=recipe.alpha,
+        recipe=args.recipe or "default",
+        alpha=args.alpha,
         act_scales=args.act_scales,
-        per_channel=recipe.per_channel,
-        linear_pairs=recipe.linear_pairs,
-        clip=recipe.clip,
-        fallback=recipe.fallback,
-        target_ppl_increase=recipe.target_ppl_increase,
-        max_fallback=recipe.max_fallback,
+        per_channel=args.weight_granularity == "channel",
+        linear_pairs=args.smooth_pairs,
+        clip=args.clip,
+        fallback=args.fallback,
+        target_ppl_increase=None if tpi is None else parse_percent(tpi, "--target-ppl-increase"),
+        max_fallback=args.max_fallback,
+        quantize_attention=args.quantize_attention,
+        quantize_lm_head=args.quantize_lm_head,
+        calib=CalibOptions(args.calib_text, args.samples, args.calib_seq_len, args.calib_batch),
         weights=args.weights,
-        calib=recipe.calib,
+        target=normalize_target(args.target),
+        dtype=args.dtype,
         eval_text=args.text,
         max_tokens=args.max_tokens or None,
         seq_len=args.seq_len,

@@ -8,6 +8,7 @@ HELP = "fold SmoothQuant factors into norms and Linears; write a smoothed Huggin
 def add_parser(sub):
     p = sub.add_parser("smooth", help=HELP, description=HELP + ". Example: sq-export smooth smollm2 --act-scales out/act_scales.safetensors -o out/smoothed")
     c.add_model(p)
+    c.add_tokenizer(p)
     p.add_argument("--act-scales", required=True, metavar="FILE", help="act_scales.safetensors from `calibrate` (or a mit-han-lab .pt)")
     p.add_argument("--alpha", type=float, default=None, metavar="A", help="migration strength in [0,1] (default: the family's)")
     c.add_calib(p)
@@ -18,21 +19,27 @@ def add_parser(sub):
 
 
 def run(args):
-    from sq_export.quant.calibrate import load_act_scales, validate_act_scales
-    from sq_export.fileio import atomic_dir, check_output_path
-    from sq_export.quant.prepare import check_batch
-    from sq_export.quant.recipe import CalibOptions, Recipe
-    from sq_export.quant.smooth import smooth_checked, validate_alpha
+    from pathlib import Path
 
-    if args.alpha is not None:
+    from sq_export import api
+    from sq_export.errors import BadInput
+    from sq_export.fileio import atomic_dir, check_output_path
+    from sq_export.quant.calibrate import Calibration, load_act_scales, validate_act_scales
+    from sq_export.quant.recipe import CalibOptions, validate_alpha
+    from sq_export.quant.smooth import smooth_checked
+
+    if args.alpha == "auto":
+        raise BadInput("smooth takes one --alpha for every group; the per-group search (--alpha auto) runs in export, eval and run")
+    if args.alpha not in (None, "default"):
         validate_alpha(args.alpha)
     check_output_path(args.output)
     scales = load_act_scales(args.act_scales)
-    model, tok, fam, path = c.load(args)
+    model, tok, fam = c.load(args)
     validate_act_scales(scales, model, fam, f"act scales {args.act_scales}")
-    alpha = fam.default_alpha if args.alpha is None else args.alpha
-    batch = check_batch(tok, Recipe(calib=CalibOptions(args.calib_text, args.samples, args.calib_seq_len)))
-    factors, delta = smooth_checked(model, fam, scales, alpha, batch)
+    alpha = fam.default_alpha if args.alpha in (None, "default") else args.alpha
+    ids = api.text_ids(tok, Path(args.calib_text) if args.calib_text else None, "calib")
+    calib = Calibration(scales, None, ids, CalibOptions(args.calib_text, args.samples, args.calib_seq_len))
+    factors, delta = smooth_checked(model, fam, scales, alpha, calib.check_batch())
     with atomic_dir(args.output) as tmp:
         from safetensors.torch import save_file
 

@@ -46,14 +46,14 @@ def run(args):
         raise BadInput("--reference-tokens needs --prompts N")
     tok = load_tokenizer(args.model)
     if args.prompts:
-        from sq_export.export.decode import heldout_prompts
+        from sq_export.measure.generate import heldout_prompts
 
         rows = heldout_prompts(tok, args.prompts, args.prompt_tokens, args.text)
         if min(len(r) for r in rows) < args.prompt_tokens:
             raise BadInput(f"a held-out paragraph has fewer than {args.prompt_tokens} tokens: lower --prompt-tokens")
         d = {"prompts": np.stack(rows).astype(np.int64)}
         if args.reference_tokens:
-            from sq_export.export.decode import greedy_torch
+            from sq_export.measure.generate import greedy_torch
             from sq_export.modeling import load_model
 
             model, _, _ = load_model(args.model)

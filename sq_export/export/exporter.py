@@ -236,14 +236,6 @@ def float16_model(model):
             mod.w_scale = s
 
 
-def set_metadata(model_proto, meta: dict) -> None:
-    del model_proto.metadata_props[:]
-    for k in sorted(meta):
-        p = model_proto.metadata_props.add()
-        p.key = f"sq_export.{k}"
-        p.value = "" if meta[k] is None else str(meta[k])
-
-
 def export_onnx(model, family, path, *, weights: str = "int8", target: str = "tensorrt", meta: dict | None = None, exporter=None,
                 dtype: str = "fp32") -> dict:
     """Export `model` (already prepared: QLinears in place for naive/sq) to `path`. Returns a summary.
@@ -257,6 +249,7 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     import onnx_ir as ir
 
     from sq_export import passes
+    from sq_export.onnxio.meta import write_metadata
 
     if weights not in ("int8", "qdq"):
         raise BadInput(f"--weights {weights} unknown: int8 (TensorRT 10+) or qdq (TensorRT 8.6)")
@@ -298,7 +291,7 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
         mp.producer_name = "sq_export"
         mp.doc_string = ""
         mp.graph.doc_string = ""
-        set_metadata(mp, {**(meta or {}), "weights": weights, "target": target, **({"dtype": dtype} if dtype != "fp32" else {}), **extra})
+        write_metadata(mp, {**(meta or {}), "weights": weights, "target": target, **({"dtype": dtype} if dtype != "fp32" else {}), **extra})
 
     save_ir(m, final, edit)
     n_nodes = len(m.graph)

@@ -42,12 +42,25 @@ class Family:
     alpha_note: ClassVar[str] = ""
     # Callables (model) -> context manager applied while exporting ONNX (works around exporter limits)
     export_patches: ClassVar[tuple] = ()
+    # --quantize-attention: the attention module of each decoder layer (relative to the layer; None: not supported)
+    attention_module: ClassVar[str | None] = None
+    # the KV-cache decode graph feeds position_ids to the model (BLOOM derives positions from the mask: alibi)
+    position_ids: ClassVar[bool] = True
 
     def __init__(self, model):
         self.model = model
 
     def check_supported(self) -> None:
         """Raise UnsupportedModel when this instance of the architecture cannot be smoothed as declared."""
+
+    def check_attention_supported(self) -> None:
+        """Raise UnsupportedModel when --quantize-attention cannot quantize this instance's attention."""
+
+    def attention_forward(self):
+        """A forward to bind to each attention module for --quantize-attention (sq_export.quant.attention), or
+        None: the family routes attention through transformers' AttentionInterface, which gets the quantizing
+        eager attention instead."""
+        return None
 
     def num_layers(self) -> int:
         mod = self.model.get_submodule(self.layers_path)

@@ -60,6 +60,7 @@ class GLM(Family):
     )
     linear_pairs = (("self_attn.v_proj", "self_attn.o_proj"),)
     default_alpha = 0.85
+    attention_module = "self_attn"
     alpha_note = "Llama-class (RMSNorm, SwiGLU): 0.85 as for Llama"
     export_patches = (_rotary_without_repeat_interleave,)
 

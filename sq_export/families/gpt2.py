@@ -1,3 +1,4 @@
+from sq_export.errors import UnsupportedModel
 from sq_export.families import Family, register
 
 
@@ -14,4 +15,9 @@ class GPT2(Family):
     )
     linears = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     default_alpha = 0.5
+    attention_module = "attn"
     alpha_note = "pre-LN GPT like OPT; paper's 0.5"
+
+    def check_attention_supported(self):
+        if getattr(self.model.config, "reorder_and_upcast_attn", False):
+            raise UnsupportedModel("--quantize-attention: GPT-2 with reorder_and_upcast_attn=True is not supported")

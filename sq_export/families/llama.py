@@ -24,6 +24,7 @@ class Llama(Family):
     # act(gate)·up is linear in up's output rows; attention output is linear in v's rows (GQA: rows repeat).
     linear_pairs = (("mlp.up_proj", "mlp.down_proj"), ("self_attn.v_proj", "self_attn.o_proj"))
     default_alpha = 0.85
+    attention_module = "self_attn"
     alpha_note = "mit-han-lab/smoothquant uses 0.8-0.85 for Llama-class models; see README measurement"
 
     def kv_repeat(self, producer, consumer):

@@ -15,6 +15,7 @@ class OPT(Family):
     # fc1 → ReLU → fc2 is not linear, so fc2's input has no exact fold; v_proj → out_proj is (per head, linear).
     linear_pairs = (("self_attn.v_proj", "self_attn.out_proj"),)
     default_alpha = 0.5
+    attention_module = "self_attn"
     alpha_note = "paper (Xiao et al. 2023) uses 0.5 for OPT"
 
     def check_supported(self):

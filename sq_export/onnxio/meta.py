@@ -1,4 +1,4 @@
-"""sq-export's metadata in an ONNX file (``sq_export.*`` metadata_props), read without torch."""
+"""sq-export's metadata in an ONNX file (``sq_export.*`` metadata_props): one schema, written and read here, torch-free."""
 
 from __future__ import annotations
 
@@ -15,26 +15,38 @@ def read_metadata(path) -> dict:
     return {p.key.removeprefix("sq_export."): p.value for p in m.metadata_props if p.key.startswith("sq_export.")}
 
 
-def onnx_metadata(source_model: str, family, mode: str, prep, calibration: str, *,
-                  linear_pairs: bool = False, clip: str | None = None) -> dict:
-    """The sq_export.* metadata an exported graph carries (`export` and `run` write it; `eval`, `generate` and
-    `compare` read source_model, mode, alpha and fp16_layers back). `prep` is None for a float graph."""
+def graph_metadata(source_model: str, prep, calibration: str, family=None) -> dict:
+    """The sq_export.* metadata an exported graph carries, from what `prepare` did (`prep`: a Prepared; a float
+    model's Prepared has mode fp; `family`: when `prep` no longer holds it). `eval`, `generate`, `compare` and the engine side read source_model, mode, alpha
+    and fp16_layers back."""
     import json
 
+    r = prep.recipe
+    quantized = r.mode != "fp"
     meta = {
         "source_model": source_model,
-        "family": family.name,
-        "mode": mode,
-        "act": "static" if mode != "fp" else None,
-        "alpha": prep.alpha if prep else None,
-        "quantized_layers_total": len(prep.quantized) if prep else 0,
-        "fp16_layers": ",".join(prep.fp16_layers) if prep else "",
+        "family": (family or prep.family).name,
+        "mode": r.mode,
+        "act": "static" if quantized else None,
+        "alpha": prep.alpha,
+        "quantized_layers_total": len(prep.quantized),
+        "fp16_layers": ",".join(prep.fp16_layers),
         "calibration": calibration,
     }
-    if linear_pairs:
+    if r.mode == "sq" and r.linear_pairs:
         meta["smooth_pairs"] = "1"
-    if clip not in (None, "max"):
-        meta["clip"] = clip
-    if prep and prep.alpha_per_group:
+    if quantized and r.clip not in (None, "max"):
+        meta["clip"] = r.clip
+    if prep.alpha_per_group:
         meta["alpha_per_group"] = json.dumps(prep.alpha_per_group, sort_keys=True)
+    meta.update({k: v for k, v in prep.graph_meta.items() if k in ("quantize_attention", "quantize_lm_head", "lm_head_alpha")})
     return meta
+
+
+def write_metadata(model_proto, meta: dict) -> None:
+    """Replace the model's metadata_props with `meta` as sq_export.<key> (keys sorted: same metadata, same bytes)."""
+    del model_proto.metadata_props[:]
+    for k in sorted(meta):
+        p = model_proto.metadata_props.add()
+        p.key = f"sq_export.{k}"
+        p.value = "" if meta[k] is None else str(meta[k])

@@ -31,6 +31,8 @@ from sq_export.passes.norm_precision import find_fp16_norm_statistics
 from sq_export.passes.verify_folded import find_unfolded
 
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
+# --target as the export spells it (tensorrt, ort) and the rule sets' own names (trt, ort)
+CHECK_TARGETS = {"tensorrt": "trt", "trt": "trt", "ort": "ort", "onnxruntime": "ort"}
 
 
 @dataclasses.dataclass
@@ -61,6 +63,16 @@ class CheckReport:
             else [v.to_dict() for v in self.violations_before_fix],
             "fixed_path": self.fixed_path,
         }
+
+    def raise_for_violations(self) -> "CheckReport":
+        """Raise GraphCheckFailed (exit 1) naming the first violations; return self when the graph is clean."""
+        if self.violations:
+            from sq_export.errors import GraphCheckFailed
+
+            first = "; ".join(f"{v.rule} {v.node}" for v in self.violations[:3])
+            raise GraphCheckFailed(f"{self.source}: {len(self.violations)} violation(s) ({first}); run `sq-export check "
+                                   f"{self.source}` for the list")
+        return self
 
     def format_text(self) -> str:
         s = self.summary
@@ -202,8 +214,9 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def run_check(path_or_model, fix_out: str | os.PathLike | None = None, target: str = "trt") -> CheckReport:
-    if target not in ("trt", "ort"):
-        raise BadInput(f"--target must be trt or ort, not {target!r}")
+    target = CHECK_TARGETS.get(str(target).lower())
+    if target is None:
+        raise BadInput(f"--target must be tensorrt (trt) or ort, not {target!r}")
     if fix_out is not None and isinstance(path_or_model, (str, os.PathLike)) and \
             _same_file(Path(path_or_model), Path(fix_out)):
         raise BadInput(f"--fix output {fix_out} is the input file: write the fixed graph to another path")

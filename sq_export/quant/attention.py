@@ -5,11 +5,12 @@ fused-MHA Q/DQ placement: the DQ feeds the MatMul; no op between them). q, k and
 Linears' inputs (max|x| / 127 over the calibration windows, of the model as prepared, i.e. after smoothing and the
 Linears' fake quantization); P ∈ [0, 1] uses the fixed scale 1/127 (its calibrated max is recorded too).
 
-Llama / Mistral / Qwen2, GLM, OPT and GPT-2 route attention through transformers' AttentionInterface: a function
+Families whose attention goes through transformers' AttentionInterface (Llama, GLM, OPT, GPT-2, ...): a function
 registered there under ATTN_IMPL (same math as their eager functions, GQA's repeat_kv included) reads the scales
 from attributes on the attention module, and `config._attn_implementation` is switched to it (the mask interface
-gets the eager mask under the same name). BLOOM computes attention itself (alibi, baddbmm): its attention modules
-get an instance forward with the same quantization points.
+gets the eager mask under the same name). A family that computes attention itself (BLOOM: alibi, baddbmm) gives its
+own forward with the same quantization points (`Family.attention_forward`); `Family.attention_module` names the
+module.
 
     scales = calibrate_attention(model, family, batches)   # {attention module name: {"q","k","v","p"} scales}
     enable_attention_quant(model, scales)                    # fake-quant from now on (PyTorch and ONNX export)
@@ -20,7 +21,6 @@ from __future__ import annotations
 import math
 import types
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,8 +30,6 @@ from sq_export.quant.qlinear import QMAX, QMIN
 
 ATTN_IMPL = "sq_int8_eager"
 P_SCALE = 1.0 / 127.0
-# attention module of each decoder layer, relative to the layer
-ATTN_MODULE = {"llama": "self_attn", "glm": "self_attn", "opt": "self_attn", "gpt2": "attn", "bloom": "self_attention"}
 _STATE = "_sq_attn"  # module attribute: {"q","k","v","p": float scale} (quantize) or {"collect": dict} (calibrate)
 
 
@@ -79,33 +77,6 @@ def sq_attention_forward(module, query, key, value, attention_mask, scaling=None
     return attn_output, attn_weights
 
 
-def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False, output_attentions=False, **kwargs):
-    """BloomAttention.forward (transformers 5) with the four INT8 points; pretraining_tp slicing not supported."""
-    from transformers.models.bloom.modeling_bloom import dropout_add
-
-    st = getattr(self, _STATE, None)
-    batch_size, q_length, _ = hidden_states.shape
-    query_layer, key_layer, value_layer = self._reshape(self.query_key_value(hidden_states))
-    if layer_past is not None:
-        key_layer, value_layer = layer_past.update(key_layer, value_layer, self.layer_idx)
-    query_layer = query_layer.reshape(batch_size * self.num_heads, -1, self.head_dim)
-    key_layer = key_layer.reshape(batch_size * self.num_heads, -1, self.head_dim).transpose(-1, -2)
-    value_layer = value_layer.reshape(batch_size * self.num_heads, -1, self.head_dim)
-    q = _observe(st, "q", query_layer)
-    kt = _observe(st, "k", key_layer)
-    scores = alibi * self.beta + torch.bmm(q, kt) * self.inv_norm_factor
-    attn_weights = scores.view(batch_size, self.num_heads, q_length, -1)
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    probs = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query_layer.dtype)
-    probs = self.attention_dropout(probs)
-    p = _observe(st, "p", probs.view(batch_size * self.num_heads, q_length, -1))
-    v = _observe(st, "v", value_layer)
-    context = self._merge_heads(torch.bmm(p, v))
-    out = self.dense(context)
-    out = dropout_add(out, residual, self.hidden_dropout, self.training)
-    return out, probs
-
 
 def register() -> None:
     from transformers import AttentionInterface
@@ -116,21 +87,22 @@ def register() -> None:
 
 
 def attention_modules(model, family) -> dict[str, torch.nn.Module]:
-    rel = ATTN_MODULE.get(family.name)
+    rel = family.attention_module
     if rel is None:
-        raise UnsupportedModel(f"--quantize-attention: family {family.name} has no attention adapter (supported: {', '.join(sorted(ATTN_MODULE))})")
-    if family.name == "bloom" and getattr(model.config, "pretraining_tp", 1) > 1 and getattr(model.config, "slow_but_exact", False):
-        raise UnsupportedModel("--quantize-attention: BLOOM with pretraining_tp > 1 and slow_but_exact is not supported")
-    if family.name == "gpt2" and getattr(model.config, "reorder_and_upcast_attn", False):
-        raise UnsupportedModel("--quantize-attention: GPT-2 with reorder_and_upcast_attn=True is not supported")
+        from sq_export.families import family_classes
+
+        ok = sorted(c.name for c in family_classes() if c.attention_module)
+        raise UnsupportedModel(f"--quantize-attention: family {family.name} has no attention adapter (supported: {', '.join(ok)})")
+    family.check_attention_supported()
     return {family.layer_prefix(i) + rel: model.get_submodule(family.layer_prefix(i) + rel) for i in range(family.num_layers())}
 
 
 def _install(model, family) -> dict[str, torch.nn.Module]:
     mods = attention_modules(model, family)
-    if family.name == "bloom":
+    fwd = family.attention_forward()
+    if fwd is not None:
         for m in mods.values():
-            m.forward = types.MethodType(_bloom_forward, m)
+            m.forward = types.MethodType(fwd, m)
     else:
         register()
         for cfg in {id(c): c for c in _configs(model)}.values():
@@ -186,22 +158,3 @@ def quantize_attention(model, family, batches, batch_size: int = 4) -> dict:
     scales = calibrate_attention(model, family, batches, batch_size)
     enable_attention_quant(model, scales, family)
     return scales
-
-
-def calibration_batches(tokenizer, calib_text=None, samples=512, seq_len=512) -> np.ndarray:
-    """The same calibration windows the Linears are calibrated on."""
-    from sq_export.textdata import calibration_samples, read_text, tokenize
-
-    return calibration_samples(tokenize(tokenizer, read_text(calib_text, "calib")), samples, seq_len)
-
-
-def apply_for_recipe(model, family, tokenizer, recipe) -> dict:
-    """After `prepare(...)`: calibrate the attention points on the recipe's calibration windows and enable them.
-    Returns metadata for the ONNX / JSON output."""
-    import time
-
-    c = recipe.calib
-    t = time.perf_counter()
-    batches = calibration_batches(tokenizer, c.calib_text, c.samples, c.seq_len)
-    scales = quantize_attention(model, family, batches, c.batch_size)
-    return {"quantize_attention": "static", "attention_layers": len(scales), "attention_calibrate_s": round(time.perf_counter() - t, 1)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from sq_export import progress
 from sq_export.errors import BadInput
 from sq_export.fileio import atomic_file
 from sq_export.modeling import in_features
+from sq_export.quant.recipe import CalibOptions
 
 ACT_SCALES_FILE = "act_scales.safetensors"
 
@@ -124,18 +126,84 @@ def validate_act_scales(scales: dict[str, torch.Tensor], model, family, source: 
             raise BadInput(f"{source}: {n} holds NaN/Inf or negative values")
 
 
-def run_calibration(model, family, tokenizer, calib_text=None, samples=512, seq_len=512, batch_size=4, reservoir=None):
-    """Text → windows → act max (and, with `reservoir`, a bounded row sample in the same pass). Returns (scales, meta)."""
-    from sq_export.textdata import calibration_samples, token_ids
+@dataclass
+class Calibration:
+    """What calibration measured and the token stream it came from: everything `prepare` needs besides the model.
 
-    ids = token_ids(tokenizer, calib_text, "calib")
-    batches = calibration_samples(ids, samples, seq_len)
+    `act_max`: per quantized Linear, max|x| per input channel (keys: qualified module names). `reservoir`: the row
+    sample (sq_export.quant.reservoir) when the recipe needs one (α search, clipping, fallback). `ids`: the whole
+    calibration text's token ids; the calibration windows, the float-equivalence check batch and the fallback's
+    scoring windows are all drawn from it with fixed seeds, so the same text and options give the same scales."""
+
+    act_max: dict
+    reservoir: object | None = None
+    ids: np.ndarray | None = None
+    options: CalibOptions = field(default_factory=CalibOptions)
+    meta: dict = field(default_factory=dict)
+    check: object | None = None  # token ids [n, L] for the float-equivalence check instead of calibration windows
+
+    def _ids(self) -> np.ndarray:
+        if self.ids is None:
+            raise BadInput("this Calibration holds no token ids (calibrate with text to get them)")
+        return self.ids
+
+    def windows(self) -> np.ndarray:
+        """The calibration windows: [samples, seq_len] token ids (what the statistics were taken on)."""
+        from sq_export.textdata import calibration_samples
+
+        return calibration_samples(self._ids(), self.options.samples, self.options.seq_len)
+
+    def check_batch(self):
+        """Two windows of ≤128 tokens: the float-equivalence check of smoothing runs on them (`check` when given)."""
+        from sq_export.textdata import calibration_samples
+
+        if self.check is not None:
+            return torch.as_tensor(self.check)
+        ids = self._ids()
+        return torch.as_tensor(calibration_samples(ids, 2, min(128, self.options.seq_len, len(ids))))
+
+    def scoring_windows(self, n: int, seed: int = 1) -> np.ndarray:
+        """`n` calibration-split windows of ≤512 tokens at another seed than calibration (`--fallback auto` scores
+        on them: never the held-out text)."""
+        from sq_export.textdata import calibration_samples
+
+        ids = self._ids()
+        return calibration_samples(ids, n, min(self.options.seq_len, 512, len(ids)), seed=seed)
+
+
+def calibrate_ids(model, family, ids: np.ndarray, options: CalibOptions | None = None, *, rows: int | None = None,
+                  act_scales: str | None = None) -> Calibration:
+    """Calibrate `model` on windows of the token stream `ids`. `rows`: also keep a row sample of that many rows per
+    Linear input. `act_scales`: take the maxima from that file (validated against the model); a row sample, if
+    asked for, still needs the pass over the windows."""
+    from sq_export.quant.reservoir import new_reservoir
+    from sq_export.textdata import calibration_samples
+
+    o = options or CalibOptions()
+    o.validate()
+    ids = np.asarray(ids)
+    res = new_reservoir(family, rows) if rows else None
+    meta: dict = {"samples": o.samples, "calib_seq_len": o.seq_len}
+    if act_scales and res is None:
+        act = load_act_scales(act_scales)
+        validate_act_scales(act, model, family, f"act scales {act_scales}")
+        return Calibration(act, None, ids, o, {"source": Path(act_scales).name})
+    batches = calibration_samples(ids, o.samples, o.seq_len)
     t = time.perf_counter()
-    scales = calibrate(model, family, batches, batch_size, reservoir=reservoir)
-    meta = {
-        "samples": samples,
-        "calib_seq_len": seq_len,
-        "tokens_fingerprint": text_fingerprint(batches),
-        "seconds": round(time.perf_counter() - t, 1),
-    }
-    return scales, meta
+    act = calibrate(model, family, batches, o.batch_size, reservoir=res)
+    meta.update({"tokens_fingerprint": text_fingerprint(batches), "seconds": round(time.perf_counter() - t, 1)})
+    if act_scales:
+        act = load_act_scales(act_scales)
+        validate_act_scales(act, model, family, f"act scales {act_scales}")
+        meta = {"source": Path(act_scales).name}
+    return Calibration(act, res, ids, o, meta)
+
+
+def calibrate_for(model, family, tokenizer, recipe) -> Calibration:
+    """The calibration `recipe` needs (its text and options; a row sample when it searches α, clips or falls back;
+    its --act-scales file when given), on the tokenizer's ids of the calibration text."""
+    from sq_export.textdata import token_ids
+
+    ids = token_ids(tokenizer, recipe.calib.calib_text, "calib")
+    return calibrate_ids(model, family, ids, recipe.calib, rows=recipe.reservoir_rows if recipe.needs_rows() else None,
+                         act_scales=recipe.act_scales)

@@ -7,27 +7,11 @@ import math
 
 import torch
 
-from sq_export.errors import BadInput
 from sq_export.quant.reservoir import RowReservoir, rows_for
 
 MSE_CLIP_RATIOS = tuple(0.92 ** k for k in range(40))  # 1.0 down to ~0.04 of the max
 
 
-def parse_clip(spec: str | None):
-    """None/'max' → None; 'p99.99' → ('pct', 99.99); 'mse' → ('mse', None)."""
-    if spec is None or spec == "max":
-        return None
-    s = str(spec).strip().lower()
-    if s == "mse":
-        return ("mse", None)
-    if s.startswith("p"):
-        try:
-            q = float(s[1:])
-        except ValueError:
-            q = float("nan")
-        if 50.0 <= q <= 100.0:
-            return ("pct", q)
-    raise BadInput(f"--clip {spec} unknown: use max (default), a percentile of |x| such as p99.99 (50-100), or mse")
 
 
 @torch.no_grad()

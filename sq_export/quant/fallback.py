@@ -45,38 +45,10 @@ def local_sqnr(model, family, float_linears: dict, res: RowReservoir, divs: dict
     return out
 
 
-def parse_fallback(spec: str | None):
-    """None → None; 'auto' → ('auto', None); '5' → ('n', 5); 'a.b,c.d' → ('names', [...])."""
-    if spec is None or spec in ("", "none", "0"):
-        return None
-    s = str(spec).strip()
-    if s == "auto":
-        return ("auto", None)
-    if s.isdigit():
-        return ("n", int(s))
-    return ("names", [x.strip() for x in s.split(",") if x.strip()])
 
 
-def parse_percent(v, what: str) -> float:
-    """'2', '2%', 2.0 → 0.02."""
-    s = str(v).strip().rstrip("%")
-    try:
-        f = float(s)
-    except ValueError:
-        raise BadInput(f"{what} {v} is not a percentage (e.g. 2 or 2%)") from None
-    if not (0 <= f <= 1000):
-        raise BadInput(f"{what} {v} is outside 0..1000 %")
-    return f / 100.0
 
 
-def max_fallback_count(spec, total: int) -> int:
-    """'10%' (default) → 10 % of `total` (at least 1); '7' → 7."""
-    s = str(spec if spec is not None else "10%").strip()
-    if s.endswith("%"):
-        return max(1, int(math.floor(total * parse_percent(s, "--max-fallback"))))
-    if s.isdigit():
-        return int(s)
-    raise BadInput(f"--max-fallback {spec} must be a count or a percentage such as 10%")
 
 
 def small_eval_ids(tokenizer, calib_text, seq_len: int, windows: int = 4, seed: int = 1) -> np.ndarray:

@@ -17,7 +17,6 @@ what keeps the INT8 graph's prefill short of 2× the FP32 graph (docs/ONNX.md). 
 
 from __future__ import annotations
 
-import time
 
 import torch
 
@@ -90,20 +89,3 @@ def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = Tr
     replace_module(model, name, QLinear(src, "static", scale, per_channel))
     return {"name": name, "act_scale": scale, "smoothed_into": norm, "alpha": alpha if norm is not None else None}
 
-
-def apply_for_recipe(model, tokenizer, recipe, family=None) -> dict:
-    """After `prepare(...)`: the W8A8 head on the recipe's calibration windows (smoothed in mode sq, with the
-    recipe's α when it is one number, else the family's default). Returns metadata."""
-    from sq_export.quant.attention import calibration_batches
-
-    c = recipe.calib
-    t = time.perf_counter()
-    alpha = None
-    if recipe.mode == "sq":
-        alpha = recipe.alpha if isinstance(recipe.alpha, float) else getattr(family, "default_alpha", 0.5)
-    batches = calibration_batches(tokenizer, c.calib_text, c.samples, c.seq_len)
-    r = quantize_lm_head(model, batches, c.batch_size, recipe.per_channel, alpha)
-    meta = {"quantize_lm_head": r["name"], "lm_head_calibrate_s": round(time.perf_counter() - t, 1)}
-    if r["smoothed_into"]:
-        meta.update({"lm_head_smoothed_into": r["smoothed_into"], "lm_head_alpha": r["alpha"]})
-    return meta

@@ -1,6 +1,14 @@
-"""The one function that turns a float model into its quantized form for a recipe: `prepare` (calibrate or take
-calibration statistics, search α, smooth with the float-equivalence check, clip, swap Linears for QLinears, fall
-back); `working_copy` gives a copy to prepare that shares every tensor preparation does not write."""
+"""The one function that turns a float model into its quantized form for a recipe.
+
+    calib = calibrate_for(model, family, tokenizer, recipe)      # sq_export.quant.calibrate
+    prep = prepare(model, family, recipe, calib)                 # in place; `working_copy` first to keep the float model
+
+`prepare` runs the whole chain in order: α search (--alpha auto), smoothing with the float-equivalence check (the
+model must give the same float logits, or SmoothingChangedOutputs), static scales (clipped with --clip), Linears →
+QLinears, float fallback (--fallback), attention Q/DQ (--quantize-attention) and the W8A8 LM head
+(--quantize-lm-head), the last two calibrated on the prepared model over the same calibration windows. Every
+command and the Python API go through it, so a recipe means one thing wherever it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from sq_export.errors import BadInput
+from sq_export.quant.calibrate import Calibration
 from sq_export.quant.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -18,103 +25,71 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Prepared:
+    """What `prepare` decided (the model itself is changed in place)."""
+
     model: object
-    tokenizer: object
     family: object
-    alpha: float | None
-    quantized: list
+    recipe: Recipe
+    alpha: float | str | None  # the α used (a number, or "auto" with alpha_per_group); None unless mode sq
+    quantized: list  # the Linears that are W8A8
     times: dict
-    act_max: dict | None = None
-    factors: dict | None = None
-    smooth_delta: float | None = None
+    act_max: dict | None = None  # static ranges after smoothing
+    factors: dict | None = None  # {smoothing group source: s}
+    smooth_delta: float | None = None  # max |Δ float logits| of the smoothing check
     alpha_per_group: dict | None = None
-    fp16_layers: list = field(default_factory=list)
-    tune: dict = field(default_factory=dict)
+    fp16_layers: list = field(default_factory=list)  # Linears kept in float (--fallback)
+    tune: dict = field(default_factory=dict)  # clip ratios, the fallback search's record
+    graph_meta: dict = field(default_factory=dict)  # attention / LM head facts for the ONNX metadata
+
+    def decisions(self) -> Recipe:
+        """The recipe with its searches' results filled in (α per group, the fallback's Linears): preparing another
+        copy of the same float model with it, on the same calibration, gives the same model without searching."""
+        import dataclasses
+
+        r = self.recipe
+        if self.alpha_per_group is not None:
+            r = dataclasses.replace(r, alpha=dict(self.alpha_per_group))
+        if r.fallback_spec() is not None:
+            r = dataclasses.replace(r, fallback=",".join(self.fp16_layers) or None)
+        return r
+
+    def summary(self) -> dict:
+        return {"recipe": self.recipe.describe(), "alpha": self.alpha, "alpha_per_group": self.alpha_per_group,
+                "quantized_linears": len(self.quantized), "fp16_layers": list(self.fp16_layers), **self.graph_meta}
 
 
-@dataclass
-class CalibStats:
-    """Calibration results that `prepare` can take instead of calibrating (tools that evaluate many recipes)."""
-
-    act_max: dict
-    reservoir: object | None = None
-
-
-def get_act_max(model, family, tokenizer, recipe: Recipe):
-    from sq_export.quant.calibrate import load_act_scales, run_calibration, validate_act_scales
-
-    if recipe.act_scales:
-        d = load_act_scales(recipe.act_scales)
-        validate_act_scales(d, model, family, f"act scales {recipe.act_scales}")
-        return d, None
-    c = recipe.calib
-    d, meta = run_calibration(model, family, tokenizer, c.calib_text, c.samples, c.seq_len, c.batch_size)
-    return d, meta
-
-
-def check_batch(tokenizer, recipe: Recipe) -> torch.Tensor:
-    """A small calibration batch for the float-equivalence check (first window of the calibration windows)."""
-    from sq_export.textdata import calibration_samples, token_ids
-
-    ids = token_ids(tokenizer, recipe.calib.calib_text, "calib")
-    return torch.as_tensor(calibration_samples(ids, 2, min(128, recipe.calib.seq_len, len(ids))))
-
-
-def get_rows(model, family, tokenizer, recipe: Recipe):
-    """act max + a bounded row sample per Linear input in one calibration pass (act scales from a file: the row
-    sample still needs one pass over the calibration windows; the file's maxima are kept)."""
-    from sq_export.quant.calibrate import run_calibration
-    from sq_export.quant.reservoir import new_reservoir
-
-    res = new_reservoir(family, recipe.reservoir_rows)
-    c = recipe.calib
-    if recipe.act_scales:
-        d, _ = get_act_max(model, family, tokenizer, recipe)
-        run_calibration(model, family, tokenizer, c.calib_text, c.samples, c.seq_len, c.batch_size, reservoir=res)
-        return d, res
-    d, _ = run_calibration(model, family, tokenizer, c.calib_text, c.samples, c.seq_len, c.batch_size, reservoir=res)
-    return d, res
-
-
-def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None = None, fallback_score=None) -> Prepared:
-    """Calibrate, smooth (mode sq) and swap Linears for QLinears (mode naive/sq), in place.
-
-    `stats`: calibration already done (must come from this unsmoothed model with the same options; prepare does
-    not change it). `fallback_score(model) -> float` (lower is better) replaces the default criterion of
-    `--fallback auto` (fallback.KLScore: mean KL to the float model on fallback.FALLBACK_WINDOWS calibration-split windows;
-    a callable with `reference(model)` / `last_ppl` / `last_ppl_upper` is used the same way)."""
+def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_score=None) -> Prepared:
+    """Smooth (mode sq) and swap Linears for QLinears (mode naive/sq) of `model` in place, with `calib` (from this
+    unsmoothed model, with the recipe's options; prepare does not change it). `fallback_score(model) -> float`
+    (lower is better) replaces the default criterion of `--fallback auto` (fallback.KLScore: mean KL to the float
+    model on fallback.FALLBACK_WINDOWS calibration-split windows; a callable with `reference(model)` / `last_ppl` /
+    `last_ppl_upper` is used the same way)."""
+    from sq_export.quant import alpha as alpha_search, clip as clipping, fallback, recipe as recipe_mod, smooth as smoothing
     from sq_export.quant.qlinear import quantize_model, static_scales
-    from sq_export.quant.smooth import smooth_checked, smoothed_act_max
-    from sq_export.quant import alpha as alpha_search, clip as clipping, fallback, smooth as smoothing
+
     recipe.validate()
     times = {}
+    if recipe.mode == "fp":
+        return Prepared(model, family, recipe, None, [], times)
     alpha = recipe.alpha if recipe.alpha is not None else family.default_alpha
     searched = None
     if isinstance(alpha, dict):  # the α per group an earlier --alpha auto search chose: use them, as "auto"
         searched, alpha = dict(alpha), "auto"
-    if recipe.mode == "fp":
-        return Prepared(model, tokenizer, family, None, [], times)
-    fb = fallback.parse_fallback(recipe.fallback)
-    if fb and fb[0] == "names":  # refuse unknown names before the (long) calibration
+    fb = recipe.fallback_spec()
+    if fb and fb[0] == "names":  # refuse unknown names before anything long
         known = set(family.quantized_linears())
         bad = [n for n in fb[1] if n not in known]
         if bad:
             raise BadInput(f"--fallback: {bad[0]} is not a quantized Linear of this model (e.g. {family.quantized_linears()[0]})")
-    need_calib = recipe.mode == "sq" or recipe.act == "static" or recipe.needs_rows()
-    act_max = factors = delta = res = None
-    alpha_per_group = None
+    if recipe.needs_calibration() and calib is None:
+        raise BadInput("this recipe needs calibration statistics (sq_export.calibrate)")
+    act_max = res = None
+    if calib is not None:
+        act_max, res = calib.act_max, calib.reservoir
+        if recipe.needs_rows() and res is None:
+            raise BadInput("this recipe (alpha auto, clip or fallback) needs a calibration row sample: calibrate with rows")
+    factors = delta = alpha_per_group = None
     info = {}
-    if need_calib:
-        t = time.perf_counter()
-        if stats is not None:
-            act_max, res = stats.act_max, stats.reservoir
-            if recipe.needs_rows() and res is None:
-                raise BadInput("this recipe needs a calibration row sample (CalibStats.reservoir)")
-        elif recipe.needs_rows():
-            act_max, res = get_rows(model, family, tokenizer, recipe)
-        else:
-            act_max, _ = get_act_max(model, family, tokenizer, recipe)
-        times["calibrate_s"] = time.perf_counter() - t
     if recipe.mode == "sq":
         t = time.perf_counter()
         if alpha == "auto" and searched is not None:
@@ -123,14 +98,14 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
             alpha_per_group = alpha_search.search_alpha(model, family, act_max, res, recipe.linear_pairs, per_channel=recipe.per_channel)
             times["alpha_search_s"] = time.perf_counter() - t
         a = alpha_per_group if alpha == "auto" else alpha
-        factors, delta = smooth_checked(model, family, act_max, a, check_batch(tokenizer, recipe), linear_pairs=recipe.linear_pairs)
-        act_max = smoothed_act_max(act_max, family, factors, recipe.linear_pairs)
+        factors, delta = smoothing.smooth_checked(model, family, act_max, a, calib.check_batch(), linear_pairs=recipe.linear_pairs)
+        act_max = smoothing.smoothed_act_max(act_max, family, factors, recipe.linear_pairs)
         times["smooth_s"] = time.perf_counter() - t
     names = family.quantized_linears()
     divs = smoothing.divisors(family, factors, recipe.linear_pairs)
     scales = None
     if recipe.act == "static":
-        clip = clipping.parse_clip(recipe.clip)
+        clip = recipe_mod.parse_clip(recipe.clip)
         if clip is None:
             scales = static_scales(act_max, names)
         else:
@@ -148,16 +123,33 @@ def prepare(model, tokenizer, family, recipe: Recipe, stats: CalibStats | None =
         sens = fallback.local_sqnr(model, family, float_linears, res, divs) if fb[0] != "names" else None
         score = fallback_score
         if score is None and fb[0] == "auto":
-            wins = fallback.small_eval_ids(tokenizer, recipe.calib.calib_text, recipe.calib.seq_len, windows=fallback.FALLBACK_WINDOWS)
-            score = fallback.KLScore(wins, layers_path=family.layers_path)
+            score = fallback.KLScore(calib.scoring_windows(fallback.FALLBACK_WINDOWS), layers_path=family.layers_path)
         r = fallback.select_fallback(model, float_linears, fb, score, target=recipe.target_ppl_increase,
-                                 max_count=fallback.max_fallback_count(recipe.max_fallback, len(quantized)), sensitivity=sens)
+                                     max_count=recipe_mod.max_fallback_count(recipe.max_fallback, len(quantized)), sensitivity=sens)
         fp16 = r["fp16_layers"]
         info["fallback"] = {k: v for k, v in r.items() if k != "fp16_layers"}
         quantized = [n for n in quantized if n not in set(fp16)]
         times["fallback_s"] = time.perf_counter() - t
-    return Prepared(model, tokenizer, family, alpha if recipe.mode == "sq" else None, quantized, times, act_max, factors, delta,
-                    alpha_per_group, fp16, info)
+    graph_meta = {}
+    if recipe.quantize_attention:
+        from sq_export.quant.attention import quantize_attention
+
+        t = time.perf_counter()
+        att = quantize_attention(model, family, calib.windows(), recipe.calib.batch_size)
+        graph_meta.update({"quantize_attention": "static", "attention_layers": len(att)})
+        times["attention_calibrate_s"] = time.perf_counter() - t
+    if recipe.quantize_lm_head:
+        from sq_export.quant.lm_head import quantize_lm_head
+
+        t = time.perf_counter()
+        head_alpha = (recipe.alpha if isinstance(recipe.alpha, float) else family.default_alpha) if recipe.mode == "sq" else None
+        h = quantize_lm_head(model, calib.windows(), recipe.calib.batch_size, recipe.per_channel, head_alpha)
+        graph_meta["quantize_lm_head"] = h["name"]
+        if h["smoothed_into"]:
+            graph_meta.update({"lm_head_smoothed_into": h["smoothed_into"], "lm_head_alpha": h["alpha"]})
+        times["lm_head_calibrate_s"] = time.perf_counter() - t
+    return Prepared(model, family, recipe, alpha if recipe.mode == "sq" else None, quantized, times, act_max, factors, delta,
+                    alpha_per_group, fp16, info, graph_meta)
 
 
 def working_copy(model, family, *, smoothing: bool, linear_pairs: bool = False):

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from sq_export.modeling import abs_max, is_conv1d
+from sq_export.quant.recipe import ACT_MODES
 
-ACT_MODES = ("static", "dynamic-tensor", "dynamic-token", "none")
 QMIN, QMAX = -128, 127
 
 

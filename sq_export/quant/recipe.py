@@ -1,52 +1,112 @@
-"""The quantization recipe shared by `eval`, `export` and `run`: load → calibrate → (smooth) → quantize.
+"""The quantization recipe: what `prepare` does to a float model, in one object, assembled in one place.
 
-Same options and inputs give the same scales whichever command computes them.
+    Recipe()                       the default: the most accurate TensorRT-expressible recipe the project knows
+    Recipe.paper()                 the paper's setup: norm folds only, the family's fixed α
+    Recipe.naive()                 plain static W8A8, no smoothing (the baseline)
+    make_recipe("paper", alpha=0.7, quantize_attention=True)   a preset with options overriding it
+
+Every command (`eval`, `export`, `run`, `diagnose`, `generate`), the Python API and the tools build their recipe
+with `make_recipe`, so the same names mean the same thing everywhere and a preset is defined once (RECIPES).
+Torch-free: parsing and validating a recipe imports nothing heavy.
+
+The default (measured on SmolLM2-135M, docs/ACCURACY.md): pair smoothing (up→down and v→o folded into the
+producer's rows) + α searched per smoothing group + automatic float fallback of the few Linears that cost most,
+scored on calibration-split windows, within a budget of 10 % of the Linears. Static per-tensor activation scales
+throughout (the only form TensorRT runs).
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import math
 from dataclasses import dataclass, field
-
 
 from sq_export.errors import BadInput
 
-log = logging.getLogger(__name__)
-
 MODES = ("fp", "naive", "sq")
+ACT_MODES = ("static", "dynamic-tensor", "dynamic-token", "none")
+
+# The presets: each a set of field values over the dataclass defaults (which are "default" itself).
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "paper": {"alpha": None, "linear_pairs": False, "fallback": None},
+    "naive": {"mode": "naive", "alpha": None, "linear_pairs": False, "fallback": None},
+    "fp": {"mode": "fp", "alpha": None, "linear_pairs": False, "fallback": None},
+}
+RECIPE_HELP = {
+    "default": "pair smoothing + per-group alpha search + automatic float fallback (the most accurate)",
+    "paper": "SmoothQuant as published: norm folds only, the family's fixed alpha",
+    "naive": "static W8A8 without smoothing (the baseline)",
+    "fp": "no quantization",
+}
 
 
 @dataclass
 class CalibOptions:
-    calib_text: str | None = None
+    calib_text: str | None = None  # None: the shipped calibration split
     samples: int = 512
     seq_len: int = 512
     batch_size: int = 4
 
+    def validate(self) -> None:
+        if self.samples < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise BadInput("--samples and --calib-batch must be >= 1 and --calib-seq-len >= 2")
+
+    def label(self) -> str:
+        return f"{self.samples}x{self.seq_len}"
+
 
 @dataclass
 class Recipe:
-    mode: str = "sq"
-    act: str = "static"
-    alpha: float | str | dict | None = None  # None: the family's default; "auto": per-group search (sq_export.quant.fallback);
+    mode: str = "sq"  # fp | naive | sq
+    act: str = "static"  # static (TensorRT's form) | dynamic-tensor | dynamic-token | none (PyTorch measurement)
+    # None: the family's default α; a number in [0, 1]; "auto": per-group search (sq_export.quant.alpha);
     # {group source: α}: the result of such a search, replayed
-    per_channel: bool = True
+    alpha: float | str | dict | None = "auto"
+    per_channel: bool = True  # INT8 weight scales per output channel (else per tensor)
     act_scales: str | None = None  # a saved act_scales file instead of calibrating
     calib: CalibOptions = field(default_factory=CalibOptions)
-    linear_pairs: bool = False  # also smooth Linear → Linear pairs (up→down, v→o), see Family.linear_pairs
-    clip: str | None = None  # static ranges: None/"max" (default), "pNN.NN" percentile of |x|, or "mse"
-    fallback: str | None = None  # None, "auto", "N", or "name,name": Linears kept in float (FP16 in TensorRT)
-    target_ppl_increase: float = 0.02  # --fallback auto: stop when the ppl upper bound ≤ float·(1+this) on calibration windows
+    linear_pairs: bool = True  # also smooth Linear → Linear pairs (up→down, v→o), see Family.linear_pairs
+    clip: str | None = None  # static ranges: None/"max", "pNN.NN" percentile of |x|, or "mse"
+    fallback: str | None = "auto"  # None, "auto", "N", or "name,name": Linears kept in float (FP16 in TensorRT)
+    target_ppl_increase: float = 0.02  # --fallback auto: stop when the ppl upper bound ≤ float·(1+this)
     max_fallback: str = "10%"  # --fallback auto: at most this many (count or % of quantized Linears)
     reservoir_rows: int = 512  # rows per Linear input kept during calibration for auto α / clip / fallback
+    quantize_attention: bool = False  # Q/DQ on both inputs of Q·Kᵀ and P·V (sq_export.quant.attention)
+    quantize_lm_head: bool = False  # the LM head W8A8 too (sq_export.quant.lm_head)
+
+    # ----- presets ---------------------------------------------------------------------------------------------
+    @classmethod
+    def paper(cls, **overrides) -> "Recipe":
+        return make_recipe("paper", **overrides)
+
+    @classmethod
+    def naive(cls, **overrides) -> "Recipe":
+        return make_recipe("naive", **overrides)
+
+    @classmethod
+    def fp(cls, **overrides) -> "Recipe":
+        return make_recipe("fp", **overrides)
+
+    # ----- what it needs ---------------------------------------------------------------------------------------
+    def fallback_spec(self):
+        return parse_fallback(self.fallback) if self.mode != "fp" else None
 
     def needs_rows(self) -> bool:
-        return self.mode != "fp" and (self.alpha == "auto" or self.clip not in (None, "max") or self.fallback not in (None, "", "none", "0"))
+        """Whether calibration must also keep a row sample (sq_export.quant.reservoir)."""
+        if self.mode == "fp":
+            return False
+        return (self.mode == "sq" and self.alpha == "auto") or self.clip not in (None, "max") or self.fallback_spec() is not None
 
-    def validate(self):
-        from sq_export.quant.qlinear import ACT_MODES
-        from sq_export.quant.smooth import validate_alpha
+    def needs_calibration(self) -> bool:
+        return self.mode == "sq" or (self.mode == "naive" and self.act == "static") or self.needs_rows() \
+            or (self.mode != "fp" and (self.quantize_attention or self.quantize_lm_head))
 
+    def baseline(self) -> "Recipe":
+        """The plain W8A8 baseline with this recipe's calibration and runtime options (what `run` reports beside it)."""
+        return dataclasses.replace(self, mode="naive", alpha=None, linear_pairs=False, clip=None, fallback=None)
+
+    def validate(self) -> "Recipe":
         if self.mode not in MODES:
             raise BadInput(f"--mode {self.mode} unknown: choose one of {', '.join(MODES)}")
         if self.act not in ACT_MODES:
@@ -56,13 +116,128 @@ class Recipe:
                 validate_alpha(a)
         elif self.alpha is not None and self.alpha != "auto":
             validate_alpha(self.alpha)
-        from sq_export.quant.clip import parse_clip
-        from sq_export.quant.fallback import max_fallback_count, parse_fallback
-
         parse_clip(self.clip)
         parse_fallback(self.fallback)
         max_fallback_count(self.max_fallback, 100)
+        if not float(self.target_ppl_increase) >= 0.0:
+            raise BadInput(f"--target-ppl-increase {self.target_ppl_increase} must be a non-negative fraction")
+        if self.reservoir_rows < 1:
+            raise BadInput(f"reservoir_rows {self.reservoir_rows} must be at least 1")
+        self.calib.validate()
         if self.mode == "fp" and (self.clip not in (None, "max") or parse_fallback(self.fallback)):
             raise BadInput("--clip/--fallback apply to quantized modes (naive, sq), not --mode fp")
+        if self.mode == "fp" and self.quantize_lm_head:
+            raise BadInput("--quantize-lm-head applies to quantized modes (naive, sq), not --mode fp")
         if self.act != "static" and self.clip not in (None, "max"):
             raise BadInput(f"--clip sets static activation ranges; it has no effect with --act {self.act}")
+        return self
+
+    def describe(self) -> str:
+        """One line: what this recipe does (reports, logs)."""
+        if self.mode == "fp":
+            return "float"
+        if self.mode == "naive":
+            parts = ["naive W8A8"]
+        else:
+            a = self.alpha
+            alpha = "alpha auto (per group)" if a == "auto" or isinstance(a, dict) else f"alpha {a if a is not None else 'family default'}"
+            parts = ["SmoothQuant W8A8", "norm + pair smoothing" if self.linear_pairs else "norm smoothing", alpha]
+        if self.clip not in (None, "max"):
+            parts.append(f"clip {self.clip}")
+        fb = self.fallback_spec()
+        if fb is not None:
+            parts.append(f"fallback {self.fallback} (max {self.max_fallback})")
+        if self.quantize_attention:
+            parts.append("attention Q/DQ")
+        if self.quantize_lm_head:
+            parts.append("W8A8 LM head")
+        return ", ".join(parts)
+
+
+def validate_alpha(alpha) -> float:
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise BadInput(f"--alpha {alpha!r} is neither a number in [0, 1] nor 'auto'") from None
+    if not (0.0 <= a <= 1.0):  # also rejects NaN
+        raise BadInput(f"--alpha {alpha} is outside [0, 1]: the migration strength must be between 0 and 1")
+    return a
+
+
+# ----- option parsers (torch-free; clip.py and fallback.py use them too) ---------------------------------------
+def parse_clip(spec: str | None):
+    """None/'max' → None; 'p99.99' → ('pct', 99.99); 'mse' → ('mse', None)."""
+    if spec is None or spec == "max":
+        return None
+    s = str(spec).strip().lower()
+    if s == "mse":
+        return ("mse", None)
+    if s.startswith("p"):
+        try:
+            q = float(s[1:])
+        except ValueError:
+            q = float("nan")
+        if 50.0 <= q <= 100.0:
+            return ("pct", q)
+    raise BadInput(f"--clip {spec} unknown: use max (default), a percentile of |x| such as p99.99 (50-100), or mse")
+
+
+def parse_fallback(spec: str | None):
+    """None → None; 'auto' → ('auto', None); '5' → ('n', 5); 'a.b,c.d' → ('names', [...])."""
+    if spec is None or spec in ("", "none", "0"):
+        return None
+    s = str(spec).strip()
+    if s == "auto":
+        return ("auto", None)
+    if s.isdigit():
+        return ("n", int(s))
+    return ("names", [x.strip() for x in s.split(",") if x.strip()])
+
+
+def parse_percent(v, what: str) -> float:
+    """'2', '2%', 2.0 → 0.02."""
+    s = str(v).strip().rstrip("%")
+    try:
+        f = float(s)
+    except ValueError:
+        raise BadInput(f"{what} {v} is not a percentage (e.g. 2 or 2%)") from None
+    if not (0 <= f <= 1000):
+        raise BadInput(f"{what} {v} is outside 0..1000 %")
+    return f / 100.0
+
+
+def max_fallback_count(spec, total: int) -> int:
+    """'10%' (default) → 10 % of `total` (at least 1); '7' → 7."""
+    s = str(spec if spec is not None else "10%").strip()
+    if s.endswith("%"):
+        return max(1, int(math.floor(total * parse_percent(s, "--max-fallback"))))
+    if s.isdigit():
+        return int(s)
+    raise BadInput(f"--max-fallback {spec} must be a count or a percentage such as 10%")
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+
+def make_recipe(name: str | None = "default", *, calib: CalibOptions | None = None, **overrides) -> Recipe:
+    """The one place a recipe is assembled: preset `name` (RECIPES), then every option given (not None) on top.
+
+    `overrides` take Recipe's field names; None means "not given" (so a CLI passes its parsed options as they are):
+    to switch an option off, give its off value (`fallback="none"`, `linear_pairs=False`). `alpha` "default"
+    means the family's default α."""
+    name = name or "default"
+    if name not in RECIPES:
+        raise BadInput(f"--recipe {name} unknown: choose one of {', '.join(RECIPES)}")
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"make_recipe: unknown option(s) {', '.join(unknown)}")
+    values = dict(RECIPES[name])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("alpha") == "default":
+        values["alpha"] = None
+    if values.get("fallback") in ("", "none", "0"):
+        values["fallback"] = None
+    if isinstance(values.get("alpha"), str) and values["alpha"] != "auto":
+        values["alpha"] = validate_alpha(values["alpha"])
+    r = Recipe(calib=calib or CalibOptions(), **values)
+    return r.validate()

@@ -17,12 +17,6 @@ from sq_export.modeling import abs_max, check_plain_norm, fp_tolerance, weight_o
 log = logging.getLogger(__name__)
 
 
-def validate_alpha(alpha: float) -> float:
-    a = float(alpha)
-    if not (0.0 <= a <= 1.0):  # also rejects NaN
-        raise BadInput(f"--alpha {alpha} is outside [0, 1]: the migration strength must be between 0 and 1")
-    return a
-
 
 @torch.no_grad()
 def smoothing_factors(act_max: torch.Tensor, weights_oi: list[torch.Tensor], alpha: float) -> torch.Tensor:

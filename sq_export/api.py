@@ -1,0 +1,262 @@
+"""The Python API: what `sq-export`'s commands call, for export scripts that already hold a model.
+
+    import sq_export as sq
+
+    model, tok = sq.load_model("smollm2")                       # or any HF causal LM + tokenizer already loaded
+    calib = sq.calibrate(model, tok, samples=64, seq_len=512)   # real text: the shipped split, a file, str or list[str]
+    qm = sq.quantize(model, calib, sq.Recipe())                  # the accurate recipe; sq.Recipe.paper(), .naive()
+    sq.export_onnx(qm, "model.onnx", weights="qdq")             # TensorRT 8.6 form; weights="int8" for 10+
+    sq.check("model.onnx").raise_for_violations()
+    from sq_export.engine import build_engine                    # torch-free
+    build_engine("model.onnx", "model.engine", precision="int8")
+
+Every function raises the typed errors of sq_export.errors (BadInput, NotFoldable, SmoothingChangedOutputs, ...),
+which the CLI turns into one line and an exit code. Nothing here writes a file unless given a path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from sq_export.errors import BadInput
+from sq_export.quant.recipe import CalibOptions, Recipe, make_recipe
+
+if TYPE_CHECKING:  # torch is imported only by the functions that need it: `check` works where torch is absent
+    from sq_export.quant.calibrate import Calibration
+
+__all__ = [
+    "load_model", "load_tokenizer", "calibrate", "quantize", "export_onnx", "check", "perplexity", "run_pipeline",
+    "QuantizedModel", "ExportResult", "Recipe", "CalibOptions", "make_recipe", "normalize_target", "text_ids",
+]
+
+
+# ----- loading --------------------------------------------------------------------------------------------------
+def load_model(model: str | Path, *, tokenizer: str | Path | None = None, with_tokenizer: bool = True):
+    """(model, tokenizer) from a Hugging Face folder, a .gguf file or an alias ('smollm2'): float32, eval mode,
+    eager attention. `tokenizer`: load the tokenizer from there instead (a checkpoint saved without one)."""
+    from sq_export.modeling import env_threads, load_model as _load, load_tokenizer as _tok
+
+    env_threads()
+    m, tok, _ = _load(str(model), with_tokenizer=with_tokenizer and tokenizer is None)
+    if tokenizer is not None and with_tokenizer:
+        tok = _tok(str(tokenizer))
+    m._sq_source = str(model)  # recorded as source_model in exported graphs
+    return m, tok
+
+
+def load_tokenizer(model: str | Path):
+    from sq_export.modeling import load_tokenizer as _tok
+
+    return _tok(str(model))
+
+
+# ----- calibration ----------------------------------------------------------------------------------------------
+def text_ids(tokenizer, texts, kind: str = "calib") -> np.ndarray:
+    """Token ids of `texts`: None (the shipped split of `kind`), a path, a string, a list of strings (joined by
+    blank lines), or token ids already (a 1-D integer array)."""
+    from sq_export.textdata import token_ids, tokenize
+
+    if isinstance(texts, np.ndarray):
+        if texts.ndim != 1 or not np.issubdtype(texts.dtype, np.integer):
+            raise BadInput(f"token ids must be a 1-D integer array, got {texts.dtype} {list(texts.shape)}")
+        return texts
+    if texts is None or isinstance(texts, Path):
+        return _checked(token_ids(tokenizer, texts, kind), tokenizer, "the text")
+    if tokenizer is None:
+        raise BadInput("texts need a tokenizer to become token ids: pass the model's tokenizer")
+    if isinstance(texts, str):
+        if "\n" not in texts and len(texts) < 4096:
+            if Path(texts).is_file():
+                return _checked(token_ids(tokenizer, texts, kind), tokenizer, texts)
+            if Path(texts).suffix.lower() in (".txt", ".md", ".text", ".json", ".jsonl") and " " not in texts:
+                raise BadInput(f"text file {texts} not found: pass an existing UTF-8 text file (or the text itself)")
+        return _checked(tokenize(tokenizer, texts), tokenizer, "the text")
+    if isinstance(texts, Sequence) and all(isinstance(t, str) for t in texts):
+        return _checked(tokenize(tokenizer, "\n\n".join(texts)), tokenizer, "the texts")
+    raise BadInput(f"texts must be None, a path, a string, a list of strings or token ids, not {type(texts).__name__}")
+
+
+def _checked(ids, tokenizer, what) -> np.ndarray:
+    from sq_export.textdata import check_tokenized
+
+    check_tokenized(ids, tokenizer, what)
+    return ids
+
+
+def calibrate(model, tokenizer=None, texts=None, *, samples: int = 512, seq_len: int = 512, batch_size: int = 4,
+              rows: int | None = 512, act_scales: str | None = None, recipe: Recipe | None = None) -> Calibration:
+    """Per-channel max|x| at every quantized Linear's input (and a bounded row sample per input when `rows`, which
+    the default recipe's α search and fallback need) on `samples` windows of `seq_len` tokens of real text.
+    `recipe`: take the calibration options and the row sample's need from it instead."""
+    from sq_export.families import family_for
+    from sq_export.quant.calibrate import calibrate_ids
+
+    if recipe is not None:
+        o = recipe.calib
+        rows = recipe.reservoir_rows if recipe.needs_rows() else None
+        act_scales = act_scales or recipe.act_scales
+        texts = texts if texts is not None else (Path(o.calib_text) if o.calib_text else None)
+    else:
+        o = CalibOptions(None if texts is None or not isinstance(texts, (str, Path)) else str(texts), samples, seq_len, batch_size)
+    fam = family_for(model)
+    ids = text_ids(tokenizer, texts, "calib")
+    return calibrate_ids(model, fam, ids, o, rows=rows, act_scales=act_scales)
+
+
+# ----- quantization ---------------------------------------------------------------------------------------------
+@dataclass
+class QuantizedModel:
+    """A model prepared for a recipe (smoothed, Linears swapped for fake-quantized QLinears), with what was decided."""
+
+    model: Any
+    family: Any
+    recipe: Recipe
+    prepared: Any  # sq_export.quant.prepare.Prepared
+    calibration: "Calibration | None" = None
+    source: str | None = None  # the model path it was loaded from, when known (recorded in the ONNX metadata)
+
+    @property
+    def alpha(self):
+        return self.prepared.alpha_per_group or self.prepared.alpha
+
+    @property
+    def fp16_layers(self) -> list[str]:
+        return list(self.prepared.fp16_layers)
+
+    def summary(self) -> dict:
+        return self.prepared.summary()
+
+    def export_onnx(self, path, **kw) -> "ExportResult":
+        return export_onnx(self, path, **kw)
+
+
+def quantize(model, calib: Calibration | None = None, recipe: Recipe | None = None, *, tokenizer=None,
+             copy: bool = False, source: str | None = None, fallback_score=None) -> QuantizedModel:
+    """Prepare `model` for `recipe` (default: `Recipe()`, the most accurate recipe) with calibration `calib` (from
+    this float model; when None it is taken here with the recipe's options, which needs `tokenizer`).
+
+    In place, like ModelOpt's `mtq.quantize`: `model` becomes the quantized model. `copy=True` prepares a copy that
+    shares every tensor preparation does not write (the float model stays usable)."""
+    from sq_export.families import family_for
+    from sq_export.quant.prepare import prepare, working_copy
+
+    recipe = (recipe or Recipe()).validate()
+    fam = family_for(model)
+    if calib is None and recipe.needs_calibration():
+        if tokenizer is None:
+            raise BadInput("quantize needs calibration statistics (sq_export.calibrate) or a tokenizer to take them")
+        calib = calibrate(model, tokenizer, recipe=recipe)
+    if calib is not None and recipe.needs_rows() and calib.reservoir is None:
+        raise BadInput("this recipe (alpha auto, clip or fallback) needs a row sample: calibrate with rows=512 (the default)")
+    m = working_copy(model, fam, smoothing=recipe.mode == "sq", linear_pairs=recipe.linear_pairs) if copy else model
+    fam_m = fam if m is model else family_for(m)
+    prep = prepare(m, fam_m, recipe, calib, fallback_score=fallback_score)
+    return QuantizedModel(m, fam_m, recipe, prep, calib, source or getattr(model, "_sq_source", None))
+
+
+# ----- export ---------------------------------------------------------------------------------------------------
+@dataclass
+class ExportResult:
+    path: Path
+    bytes: int
+    nodes: int
+    metadata: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"onnx": str(self.path), "bytes": self.bytes, "nodes": self.nodes, **self.metadata}
+
+
+def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt", dtype: str = "fp32",
+                decode: bool = False, source_model: str | None = None) -> ExportResult:
+    """Write `model` (a QuantizedModel, or a float HF model for the FP32/FP16 reference graph) as ONNX at `path`,
+    atomically. `weights`: "int8" (INT8 initializers → DQ, TensorRT 10+) or "qdq" (float W → Q → DQ, TensorRT 8.6);
+    `target`: "tensorrt" or "ort" (uint8 activations for ONNX Runtime's integer kernels); `dtype` "fp16": float
+    parts in float16 (opset 19); `decode`: the KV-cache graph instead of the logits graph."""
+    from sq_export.export.exporter import export_onnx as _export
+    from sq_export.onnxio.meta import graph_metadata
+
+    target = normalize_target(target)
+    if dtype == "fp16" and decode:
+        raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
+    qm = model if isinstance(model, QuantizedModel) else _float(model)
+    r = qm.recipe
+    calibration = Path(r.act_scales).name if r.act_scales else r.calib.label()
+    meta = graph_metadata(source_model or qm.source or "", qm.prepared, calibration)
+    if decode:
+        from sq_export.export.decode import export_decode_onnx
+
+        res = export_decode_onnx(qm.model, qm.family, path, weights=weights, target=target, meta=meta)
+    else:
+        res = _export(qm.model, qm.family, path, weights=weights, target=target, meta=meta, **({"dtype": dtype} if dtype != "fp32" else {}))
+    return ExportResult(Path(res.pop("onnx")), res.pop("bytes"), res.pop("nodes"), {**meta, **res})
+
+
+def _float(model) -> QuantizedModel:
+    from sq_export.families import family_for
+    from sq_export.quant.prepare import prepare
+
+    fam = family_for(model)
+    r = Recipe.fp()
+    return QuantizedModel(model, fam, r, prepare(model, fam, r, None), None, getattr(model, "_sq_source", None))
+
+
+TARGETS = {"tensorrt": "tensorrt", "trt": "tensorrt", "ort": "ort", "onnxruntime": "ort"}
+
+
+def normalize_target(target: str) -> str:
+    """"tensorrt" (also "trt") or "ort" (also "onnxruntime"): the one spelling of --target everywhere."""
+    t = TARGETS.get(str(target).lower())
+    if t is None:
+        raise BadInput(f"--target {target} unknown: tensorrt or ort")
+    return t
+
+
+# ----- check ----------------------------------------------------------------------------------------------------
+def check(path, *, target: str = "tensorrt", fix: str | Path | None = None):
+    """The graph passes on an exported file (smoothing folded, Q/DQ where TensorRT needs them): a CheckReport, whose
+    `raise_for_violations()` raises GraphCheckFailed when any rule is violated. `fix`: fold what can be folded and
+    write the fixed graph there."""
+    from sq_export.passes.check import run_check
+
+    return run_check(path, fix_out=fix, target=normalize_target(target))
+
+
+# ----- measurement ----------------------------------------------------------------------------------------------
+def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_tokens: int | None = None) -> dict:
+    """Perplexity ({"perplexity", "tokens"}) of a torch model, a QuantizedModel or an .onnx path (ONNX Runtime) on
+    `text` (None: the shipped held-out split; a path, a string, a list of strings, or token ids), chunks of
+    `seq_len` (the same chunking on every backend)."""
+    from sq_export.measure.perplexity import onnx_perplexity, torch_perplexity
+
+    if seq_len < 2:
+        raise BadInput(f"--seq-len {seq_len} must be at least 2")
+    if isinstance(model, (str, Path)):
+        if tokenizer is None:
+            from sq_export.onnxio.meta import read_metadata
+
+            src = read_metadata(model).get("source_model")
+            if not src:
+                raise BadInput(f"{model} does not record its source model: pass its tokenizer")
+            tokenizer = load_tokenizer(src)
+        return onnx_perplexity(str(model), text_ids(tokenizer, text, "eval"), seq_len, max_tokens)
+    m = model.model if isinstance(model, QuantizedModel) else model
+    return torch_perplexity(m, text_ids(tokenizer, text, "eval"), seq_len, max_tokens)
+
+
+# ----- the whole pipeline ---------------------------------------------------------------------------------------
+def run_pipeline(model, out, options=None, **kw) -> dict:
+    """`sq-export run` from Python: the resumable pipeline into folder `out`; returns the manifest. `options`: a
+    sq_export.run.RunOptions, or its fields as keywords (recipe="paper", weights="qdq", ...)."""
+    from sq_export import run as _run
+
+    if options is None:
+        options = _run.RunOptions(**kw)
+    elif kw:
+        options = dataclasses.replace(options, **kw)
+    return _run.run_pipeline(str(model), out, options)
+

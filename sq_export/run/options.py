@@ -1,0 +1,107 @@
+"""What `sq-export run` is asked to do: the recipe (a preset and its overrides, as `export` takes them), the graph
+options, evaluation and the driver's controls; the artifact names in OUT."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from sq_export.errors import BadInput
+from sq_export.quant.recipe import CalibOptions, Recipe, make_recipe
+
+STAGES = ("calibrate", "smooth", "export", "check", "build", "eval", "report")
+
+MANIFEST = "manifest.json"
+ACT_SCALES = "act_scales.safetensors"
+CALIB_ROWS = "calib_rows.safetensors"
+SMOOTHED = "smoothed"
+CHANNEL_STATS = "channel_stats.safetensors"
+CHECK = "check.json"
+BUILD = "build.json"
+EVAL = "eval.json"
+STAGING_PREFIX = ".staging-"
+
+
+def onnx_name(mode: str) -> str:
+    return f"model.{mode}.onnx"
+
+
+def engine_name(mode: str) -> str:
+    return f"model.{mode}.engine"
+
+
+@dataclass
+class RunOptions:
+    # the delivered model's recipe: a preset (sq_export.quant.recipe.RECIPES) and the options overriding it (None:
+    # the preset's value), exactly as `export` takes them
+    recipe: str = "default"
+    alpha: float | str | None = None  # a number, "auto" (per-group search), "default" (the family's)
+    act_scales: str | None = None  # use saved act scales instead of calibrating
+    per_channel: bool = True
+    linear_pairs: bool | None = None  # --smooth-pairs / --no-smooth-pairs
+    clip: str | None = None  # None/"max", "pNN.NN", "mse"
+    fallback: str | None = None  # "auto", "none", "N", "name,name"
+    target_ppl_increase: float | None = None
+    max_fallback: str | None = None
+    reservoir_rows: int = 512
+    quantize_attention: bool = False
+    quantize_lm_head: bool = False
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    # the graphs
+    weights: str = "int8"  # int8 | qdq (see `sq-export export --weights`)
+    target: str = "tensorrt"  # tensorrt | ort
+    dtype: str = "fp32"  # fp32 | fp16
+    # evaluation and the report
+    eval_text: str | None = None
+    max_tokens: int | None = 4096
+    seq_len: int = 512
+    report_linear: str | None = None  # default: first Linear of the first smoothing group of layer n//2
+    # the driver
+    force: bool = False
+    until: str | None = None
+
+    def recipe_for(self, mode: str = "sq") -> Recipe:
+        """The recipe of each model the run builds: sq is the delivered one (the run's recipe); paper the paper's
+        setup and naive plain W8A8 beside it, with the same calibration and graph options; fp the float model."""
+        runtime = dict(quantize_attention=self.quantize_attention or None, quantize_lm_head=self.quantize_lm_head or None,
+                       per_channel=self.per_channel, act_scales=self.act_scales, reservoir_rows=self.reservoir_rows)
+        if mode == "fp":
+            return make_recipe("fp", calib=self.calib)
+        if mode == "paper":
+            return make_recipe("paper", calib=self.calib, **runtime)
+        main = make_recipe(self.recipe, calib=self.calib, alpha=self.alpha, linear_pairs=self.linear_pairs, clip=self.clip,
+                           fallback=self.fallback, target_ppl_increase=self.target_ppl_increase,
+                           max_fallback=self.max_fallback, **runtime)
+        if mode == "naive":
+            return main.baseline()
+        if mode == "sq":
+            return main
+        raise KeyError(mode)
+
+    def modes(self) -> tuple[str, ...]:
+        """The models the run builds, in order: fp, naive, paper (unless the run's recipe is the paper's), sq."""
+        main = self.recipe_for("sq")
+        if main.mode != "sq":
+            raise BadInput(f"--recipe {self.recipe}: run delivers a SmoothQuant model (default or paper); the float and "
+                           "naive models are always built beside it")
+        return ("fp", "naive", "sq") if main == self.recipe_for("paper") else ("fp", "naive", "paper", "sq")
+
+    def validate(self) -> None:
+        self.recipe_for("sq")  # the preset and every recipe option (make_recipe validates)
+        self.modes()
+        if self.weights not in ("int8", "qdq"):
+            raise BadInput(f"--weights {self.weights} unknown: int8 (TensorRT 10+) or qdq (TensorRT 8.6)")
+        if self.target not in ("tensorrt", "ort"):
+            raise BadInput(f"--target {self.target} unknown: tensorrt or ort")
+        if self.dtype not in ("fp32", "fp16"):
+            raise BadInput(f"--dtype {self.dtype} unknown: fp32 or fp16")
+        if self.until is not None and self.until not in STAGES:
+            raise BadInput(f"--until {self.until} unknown: choose one of {', '.join(STAGES)}")
+        if self.seq_len < 2:
+            raise BadInput(f"--seq-len {self.seq_len} must be at least 2")
+        if self.reservoir_rows < 1:
+            raise BadInput(f"reservoir_rows {self.reservoir_rows} must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise BadInput(f"--max-tokens {self.max_tokens} must be at least 2 (or 0 for all)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
