@@ -8,7 +8,10 @@ QUIET = False
 
 
 def bar(iterable=None, *, total=None, desc: str = "", unit: str = "it"):
-    from tqdm.auto import tqdm
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the engine side's minimal environments (the TensorRT kit) may lack tqdm
+        return _Plain(iterable)
 
     return tqdm(
         iterable,
@@ -20,3 +23,20 @@ def bar(iterable=None, *, total=None, desc: str = "", unit: str = "it"):
         dynamic_ncols=True,
         mininterval=1.0,
     )
+
+
+class _Plain:
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def update(self, n=1):
+        pass
+
+    def set_description(self, desc):
+        pass
+
+    def close(self):
+        pass

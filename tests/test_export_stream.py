@@ -17,7 +17,8 @@ from sq_export import passes
 from sq_export.quant.calibrate import calibrate
 from sq_export.export.decode import torch_export_decode
 from sq_export.measure.perplexity import ort_session
-from sq_export.export.exporter import _weights_sink, export_onnx, set_metadata, torch_export
+from sq_export.export.exporter import _weights_sink, export_onnx, torch_export
+from sq_export.onnxio.meta import write_metadata as set_metadata
 from sq_export.onnxio.write import model_without_data, varint, write_model
 from sq_export.quant.qlinear import quantize_model, static_scales
 from sq_export.quant.smooth import apply_smoothing, smoothed_act_max

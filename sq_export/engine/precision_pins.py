@@ -40,7 +40,9 @@ CHAIN = ("ReduceMean", "Add", "Sqrt", "Div", "Reciprocal")
 
 def _load(model):
     """A path's graph (without external weights), or the ModelProto itself."""
-    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    from sq_export.onnxio.read import load_proto
+
+    return model if isinstance(model, onnx.ModelProto) else load_proto(model)
 
 
 def norm_node_names(model) -> list[str]:

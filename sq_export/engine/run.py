@@ -74,14 +74,26 @@ class Tokens:
         lens = self.lengths[rows]
         return np.arange(self.seq_len)[None, :] < lens[:, None]
 
+    @classmethod
+    def from_chunks(cls, chunks, path: str = "<chunks>") -> "Tokens":
+        """Chunks of token ids (sq_export.measure.perplexity.chunk_tokens), right-padded into one array."""
+        L = max(len(c) for c in chunks)
+        ids = np.zeros((len(chunks), L), dtype=np.int64)
+        for i, c in enumerate(chunks):
+            ids[i, : len(c)] = c
+        lengths = np.array([len(c) for c in chunks], dtype=np.int64)
+        return cls(ids, (np.arange(L)[None] < lengths[:, None]).astype(np.int64), lengths, path=path)
+
     def batches(self, batch_size: int, max_batches: int | None = None):
-        """Yield (row slice, feed dict with int64 input_ids/attention_mask)."""
+        """Yield (row slice, feed dict with int64 input_ids/attention_mask), each batch cut to its longest chunk
+        (right padding only, so the real positions see the same tokens: a batch of one is exactly its chunk)."""
         n = 0
         for start in range(0, self.n_chunks, batch_size):
             if max_batches is not None and n >= max_batches:
                 return
             rows = slice(start, min(start + batch_size, self.n_chunks))
-            yield rows, {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows]}
+            L = int(self.lengths[rows].max())
+            yield rows, {"input_ids": self.input_ids[rows, :L], "attention_mask": self.attention_mask[rows, :L]}
             n += 1
 
 
@@ -210,7 +222,11 @@ def open_runner(path, name: str | None = None, providers=None):
         _check_readable(path, "ONNX file")
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-        return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["cpu"]), name=name)
+        if providers and list(providers) != ["cpu"]:
+            return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers), name=name)
+        from sq_export.measure.perplexity import ort_session  # the one ONNX Runtime session factory
+
+        return OnnxrtRunner(lambda: ort_session(str(path)), name=name)
     from polygraphy.backend.trt import TrtRunner
 
     return TrtRunner(load_engine(path), name=name)
@@ -308,8 +324,11 @@ def check_fits_profile(runner_or_engine, tokens: Tokens, batch_size: int, clamp:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def model_perplexity(model_path, tokens, batch_size: int = 1, max_batches: int | None = None) -> dict:
-    """Perplexity of an ONNX graph or engine on a token file (path or Tokens); same arithmetic as eval."""
+def model_perplexity(model_path, tokens, batch_size: int = 1, max_batches: int | None = None, desc: str | None = None) -> dict:
+    """Perplexity of an ONNX graph (ONNX Runtime) or engine (TensorRT) on a token file (path or Tokens): the one
+    perplexity loop of every graph backend (`eval` and `run` of .onnx files come here too)."""
+    from sq_export import progress
+
     tok = tokens if isinstance(tokens, Tokens) else load_tokens(tokens)
     runner = open_runner(model_path)
     acc = PerplexityAccumulator()
@@ -318,7 +337,9 @@ def model_perplexity(model_path, tokens, batch_size: int = 1, max_batches: int |
     with polygraphy_logging(), runner as r:
         dtypes = input_dtypes(r)
         batch_size = check_fits_profile(r, tok, batch_size)
-        for rows, feed in tok.batches(batch_size, max_batches):
+        batches = tok.batches(batch_size, max_batches)
+        n_total = -(-tok.n_chunks // batch_size) if max_batches is None else min(max_batches, -(-tok.n_chunks // batch_size))
+        for rows, feed in progress.bar(batches, total=n_total, desc=desc, unit="batch") if desc else batches:
             out = r.infer(feed_for(r, feed, dtypes))
             _name, logits = pick_logits(out)
             ids = feed["input_ids"]

@@ -217,21 +217,9 @@ def graph_facts_from_model(model) -> GraphFacts:
 
 def load_graph(onnx_path):
     """The onnx.ModelProto of `onnx_path` without its external weights; BadInput when unreadable or empty."""
-    import onnx
+    from sq_export.onnxio.read import load_proto
 
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except FileNotFoundError:
-        raise BadInput(f"ONNX file {onnx_path} does not exist") from None
-    except IsADirectoryError:
-        raise BadInput(f"{onnx_path} is a folder, not an ONNX file") from None
-    except PermissionError:
-        raise BadInput(f"ONNX file {onnx_path} is not readable (permission denied)") from None
-    except Exception as e:
-        raise BadInput(f"{onnx_path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
-    if len(model.graph.node) == 0:
-        raise BadInput(f"{onnx_path} holds no ONNX graph (empty or not an ONNX file)")
-    return model
+    return load_proto(onnx_path)
 
 
 def graph_facts(onnx_path) -> GraphFacts:

@@ -25,12 +25,12 @@ import torch
 
 from sq_export.errors import BadInput
 from sq_export.fileio import check_output_path
+from sq_export.onnxio.write import save_model
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
 OPSET_FP16 = 19  # float16 QuantizeLinear/DequantizeLinear scales need opset 19
-TWO_GB = 2**31 - 1
 DTYPES = ("fp32", "fp16")
 
 
@@ -178,23 +178,6 @@ def _attach_weights(model, params: dict) -> None:
         g.register_initializer(v)
 
 
-def save_ir(model, path: str | Path, edit=None) -> None:
-    """Atomic write of an onnx_ir model, initializer by initializer (sq_export.onnxio.write); graphs over 2 GB put
-    their data in `path` + `.data` beside it. `edit(proto)` changes the ModelProto (without initializers) first."""
-    from sq_export.onnxio.write import write_model
-
-    final = check_output_path(path)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        tmp = tmpdir / final.name
-        if write_model(model, tmp, edit=edit, limit=TWO_GB):
-            os.replace(tmpdir / (final.name + ".data"), final.parent / (final.name + ".data"))
-        os.replace(tmp, final)
-    finally:
-        import shutil
-
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
 
 def _drop_unused_initializers(graph) -> None:
     """Initializers left behind by the passes (e.g. zero-points of folded weight Q nodes) are removed."""
@@ -293,7 +276,7 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
         mp.graph.doc_string = ""
         write_metadata(mp, {**(meta or {}), "weights": weights, "target": target, **({"dtype": dtype} if dtype != "fp32" else {}), **extra})
 
-    save_ir(m, final, edit)
+    save_model(m, final, edit)
     n_nodes = len(m.graph)
     del m
     size = final.stat().st_size + (os.path.getsize(str(final) + ".data") if os.path.exists(str(final) + ".data") else 0)

@@ -96,10 +96,9 @@ def ort_session(path: str, threads: int | None = None):
 
 
 def onnx_perplexity(path: str, ids: np.ndarray, seq_len: int = 512, max_tokens: int | None = None) -> dict:
-    sess = ort_session(path)
-    acc = PerplexityAccumulator()
-    for c in progress.bar(chunk_tokens(ids, seq_len, max_tokens), desc="eval (onnxruntime)", unit="chunk"):
-        x = c[None].astype(np.int64)
-        logits = sess.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x)})[0][0]
-        acc.add(logits, c)
-    return {"perplexity": acc.perplexity, "tokens": acc.tokens}
+    """Perplexity of an ONNX graph through ONNX Runtime, chunked as `torch_perplexity` (the engine side's loop,
+    sq_export.engine.run.model_perplexity, one chunk per run)."""
+    from sq_export.engine.run import Tokens, model_perplexity
+
+    r = model_perplexity(path, Tokens.from_chunks(chunk_tokens(ids, seq_len, max_tokens), "<text>"), desc="eval (onnxruntime)")
+    return {"perplexity": r["perplexity"], "tokens": r["predicted_tokens"]}

@@ -6,10 +6,11 @@ from sq_export.errors import BadInput
 
 
 def read_metadata(path) -> dict:
-    import onnx
+    """{key: value} of the graph's sq_export.* metadata (the weights are not read)."""
+    from sq_export.onnxio.read import load_graph_only
 
     try:
-        m = onnx.load(str(path), load_external_data=False)
+        m = load_graph_only(path)
     except Exception as e:
         raise BadInput(f"{path} is not a readable ONNX file ({type(e).__name__}); export it again") from e
     return {p.key.removeprefix("sq_export."): p.value for p in m.metadata_props if p.key.startswith("sq_export.")}

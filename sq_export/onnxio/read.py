@@ -216,3 +216,71 @@ def checker_message(path: str | os.PathLike) -> tuple[bool, str | None]:
             msg = str(e).strip().splitlines()
             return True, msg[0] if msg else type(e).__name__
         return True, None
+
+
+# ----- the loaders the rest of the package uses --------------------------------------------------------------------
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """The onnx.ModelProto of `path` without its external weights (internal weights included, as TensorRT's parser
+    needs them); BadInput when unreadable or empty. The engine side builds from it."""
+    from sq_export.errors import BadInput
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise BadInput(f"ONNX file {path} does not exist") from None
+    except IsADirectoryError:
+        raise BadInput(f"{path} is a folder, not an ONNX file") from None
+    except PermissionError:
+        raise BadInput(f"ONNX file {path} is not readable (permission denied)") from None
+    except Exception as e:
+        raise BadInput(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+    if len(model.graph.node) == 0:
+        raise BadInput(f"{path} holds no ONNX graph (empty or not an ONNX file)")
+    return model
+
+
+def load_graph_only(path: str | os.PathLike) -> onnx.ModelProto:
+    """The ModelProto of `path` with no initializer data at all (`read_skeleton`; `load_proto` where it declines):
+    for reading metadata, names and shapes of a graph of any size."""
+    got = read_skeleton(Path(path)) if Path(path).is_file() else None
+    return got[0] if got is not None else load_proto(path)
+
+
+def load_ir(path_or_model) -> tuple:
+    """An onnx_ir model of a path (weights read lazily, `load_lazy`), ModelProto or IR model, with a display name;
+    BadInput for anything that is not a readable ONNX model."""
+    import onnx_ir as ir
+
+    from sq_export.errors import BadInput
+
+    if isinstance(path_or_model, ir.Model):
+        return path_or_model, path_or_model.graph.name or "<model>"
+    if isinstance(path_or_model, onnx.ModelProto):
+        try:
+            model = ir.from_proto(path_or_model)
+        except Exception as e:
+            raise BadInput(f"<model>: not a valid ONNX model ({type(e).__name__}: {e})") from e
+        return validated(model, "<model>"), "<model>"
+    path = Path(path_or_model)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file")
+    if path.is_dir():
+        raise BadInput(f"{path}: is a folder, expected an .onnx file")
+    if not os.access(path, os.R_OK):
+        raise BadInput(f"{path}: not readable (permissions)")
+    try:
+        # weights are not read: only the constants the passes look at are, on demand (sq_export.onnxio.read);
+        # a file that reader declines is loaded whole, as before
+        model = load_lazy(path) or ir.load(path)
+    except Exception as e:  # DecodeError, truncated protobuf, missing external data ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInput(f"{path}: not a readable ONNX model ({msg}); is it truncated or another format?") from e
+    return validated(model, str(path)), str(path)
+
+
+def validated(model, name: str):
+    from sq_export.errors import BadInput
+
+    if not model.opset_imports or len(model.graph) == 0 or not model.graph.outputs:
+        raise BadInput(f"{name}: not an ONNX model (no opset, nodes or outputs); is it truncated or another format?")
+    return model

@@ -200,3 +200,23 @@ def write_model(model: ir.Model, path: str | os.PathLike, *, edit: Callable[[onn
         f.write(g_hi_b)
         f.write(tail_b)
     return external
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, edit: Callable[[onnx.ModelProto], None] | None = None) -> None:
+    """Atomic write of an onnx_ir model, initializer by initializer (`write_model`): the one rule for every .onnx
+    this package writes (export, `check --fix`). A model whose file would exceed protobuf's 2 GB puts its data in
+    `path` + `.data` beside it. `edit(proto)` changes the ModelProto (without initializers) first."""
+    import shutil
+    import tempfile
+
+    from sq_export.fileio import check_output_path
+
+    final = check_output_path(path)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        tmp = tmpdir / final.name
+        if write_model(model, tmp, edit=edit, limit=TWO_GB):
+            os.replace(tmpdir / (final.name + ".data"), final.parent / (final.name + ".data"))
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

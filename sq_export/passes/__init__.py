@@ -20,22 +20,30 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 
-from sq_export.passes._graph import RULES, Norm, Violation, find_norms, to_ir, to_proto
-from sq_export.passes.fold_smoothing import Fold, FoldSmoothingPass
-from sq_export.passes.fp16_qdq import Float16QDQPass
-from sq_export.passes.lint_qdq import LintQDQPass
-from sq_export.passes.norm_precision import NormPrecisionPass
-from sq_export.passes.ort_uint8 import ActivationsToUint8Pass
-from sq_export.passes.tidy_qdq_constants import TidyQDQConstantsPass
-from sq_export.passes.verify_folded import VerifyFoldedPass
-from sq_export.passes.weights_int8 import WeightsToInt8Pass, quantize_like_onnx
+import importlib
+import pkgutil
+
+from sq_export.passes._graph import Norm, Violation, find_norms, to_ir, to_proto
+from sq_export.passes.registry import CHECKS, CheckPass, graph_check, rules
+
+# every module of this package registers what it declares: a new graph check is one new file here
+for _m in pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_") and _m.name not in ("check", "registry"):
+        importlib.import_module(f"{__name__}.{_m.name}")
+
+from sq_export.passes.fold_smoothing import Fold, FoldSmoothingPass  # noqa: E402
+from sq_export.passes.fp16_qdq import Float16QDQPass  # noqa: E402
+from sq_export.passes.ort_uint8 import ActivationsToUint8Pass  # noqa: E402
+from sq_export.passes.tidy_qdq_constants import TidyQDQConstantsPass  # noqa: E402
+from sq_export.passes.weights_int8 import WeightsToInt8Pass, quantize_like_onnx  # noqa: E402
+
+RULES = rules()
 
 __all__ = [
-    "RULES", "Violation", "Fold", "Norm", "find_norms",
+    "RULES", "CHECKS", "CheckPass", "graph_check", "Violation", "Fold", "Norm", "find_norms",
     "verify_folded", "fold_smoothing", "lint_qdq", "weights_to_int8", "activations_to_uint8", "tidy_qdq_constants", "qdq_to_fp16",
-    "VerifyFoldedPass", "FoldSmoothingPass", "LintQDQPass", "WeightsToInt8Pass", "ActivationsToUint8Pass", "TidyQDQConstantsPass",
-    "Float16QDQPass", "NormPrecisionPass", "norm_precision",
-    "quantize_like_onnx", "to_ir", "to_proto",
+    "FoldSmoothingPass", "WeightsToInt8Pass", "ActivationsToUint8Pass", "TidyQDQConstantsPass", "Float16QDQPass",
+    "norm_precision", "quantize_like_onnx", "to_ir", "to_proto",
 ]
 
 
@@ -52,10 +60,14 @@ def _copy(model) -> ir.Model:
     return to_ir(model)  # from_proto / load already build a fresh IR model
 
 
-def verify_folded(model) -> list[Violation]:
-    p = VerifyFoldedPass()
+def _violations(name: str, model, target: str = "trt") -> list[Violation]:
+    p = CheckPass(name, target)
     p(_read(model))
     return p.violations
+
+
+def verify_folded(model) -> list[Violation]:
+    return _violations("verify_folded", model)
 
 
 def fold_smoothing(model) -> tuple[onnx.ModelProto, list[Fold]]:
@@ -65,15 +77,11 @@ def fold_smoothing(model) -> tuple[onnx.ModelProto, list[Fold]]:
 
 
 def lint_qdq(model, target: str = "trt") -> list[Violation]:
-    p = LintQDQPass(target)
-    p(_read(model))
-    return p.violations
+    return _violations("lint_qdq", model, target)
 
 
 def norm_precision(model) -> list[Violation]:
-    p = NormPrecisionPass()
-    p(_read(model))
-    return p.violations
+    return _violations("norm_precision", model)
 
 
 def weights_to_int8(model) -> onnx.ModelProto:

@@ -19,26 +19,6 @@ import onnx_ir as ir
 # ops that hand a tensor on unchanged along the hidden (last) axis
 PASS_THROUGH = frozenset({"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 
-RULES: dict[str, str] = {
-    "SQ001": "unfolded smoothing: per-channel Mul/Div between a norm output and its QuantizeLinear",
-    "SQ002": "unfolded smoothing: per-channel Mul/Div straight in front of a QuantizeLinear (fold it into the "
-    "preceding Linear)",
-    "SQ003": "smoothing Mul/Div after a norm could not be folded by --fix",
-    "QDQ001": "quantized MatMul/Gemm with DequantizeLinear on only one input",
-    "QDQ002": "activation scale not a positive finite scalar constant",
-    "QDQ003": "weight scale not positive finite constant",
-    "QDQ004": "weight scale not per-channel of length N on the output-channel axis",
-    "QDQ005": "zero-point not all zero",
-    "QDQ006": "zero-point type not int8 (or missing: QuantizeLinear then defaults to uint8)",
-    "QDQ007": "QuantizeLinear and its DequantizeLinear use different scale, zero-point or axis",
-    "QDQ008": "dangling QuantizeLinear (not followed by DequantizeLinear only)",
-    "QDQ009": "dangling DequantizeLinear (no consumer, or activation DQ not fed by a QuantizeLinear)",
-    "QDQ010": "the same tensor is quantized by more than one QuantizeLinear",
-    "QDQ011": "Q/DQ on a graph output",
-    "QDQ012": "decomposed LayerNorm (ReduceMean -> Sub -> Pow -> ReduceMean ...): export LayerNormalization",
-    "FP16001": "float16 graph computes norm statistics in float16 (mean(x^2) overflows for |x| > 256)",
-    "ONNX001": "onnx.checker rejected the model",
-}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,15 +22,14 @@ import onnx
 import onnx_ir as ir
 
 from sq_export.onnxio import read as onnx_read
+from sq_export.onnxio.read import load_ir as load_model  # noqa: F401 (public name)
 from sq_export.errors import BadInput
-from sq_export.fileio import atomic_file
-from sq_export.passes._graph import RULES, Violation, find_norms, nodes_of
+from sq_export.onnxio.write import save_model
+from sq_export.passes import RULES
+from sq_export.passes._graph import Violation, find_norms, nodes_of
 from sq_export.passes.fold_smoothing import Fold, fold_graph
-from sq_export.passes.lint_qdq import lint_graph
-from sq_export.passes.norm_precision import find_fp16_norm_statistics
-from sq_export.passes.verify_folded import find_unfolded
+from sq_export.passes.registry import run_checks
 
-EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 # --target as the export spells it (tensorrt, ort) and the rule sets' own names (trt, ort)
 CHECK_TARGETS = {"tensorrt": "trt", "trt": "trt", "ort": "ort", "onnxruntime": "ort"}
 
@@ -103,38 +102,6 @@ class CheckReport:
         return "\n".join(lines)
 
 
-# ----- loading ---------------------------------------------------------------------------------------------------
-def load_model(path_or_model) -> tuple[ir.Model, str]:
-    """IR model + a display name; BadInput for anything that is not a readable ONNX model."""
-    if isinstance(path_or_model, ir.Model):
-        return path_or_model, path_or_model.graph.name or "<model>"
-    if isinstance(path_or_model, onnx.ModelProto):
-        try:
-            model = ir.from_proto(path_or_model)
-        except Exception as e:
-            raise BadInput(f"<model>: not a valid ONNX model ({type(e).__name__}: {e})") from e
-        return _validated(model, "<model>"), "<model>"
-    path = Path(path_or_model)
-    if not path.exists():
-        raise BadInput(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInput(f"{path}: is a folder, expected an .onnx file")
-    if not os.access(path, os.R_OK):
-        raise BadInput(f"{path}: not readable (permissions)")
-    try:
-        # weights are not read: only the constants the passes look at are, on demand (sq_export.onnxio.read);
-        # a file that reader declines is loaded whole, as before
-        model = onnx_read.load_lazy(path) or ir.load(path)
-    except Exception as e:  # DecodeError, truncated protobuf, missing external data ...
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadInput(f"{path}: not a readable ONNX model ({msg}); is it truncated or another format?") from e
-    return _validated(model, str(path)), str(path)
-
-
-def _validated(model: ir.Model, name: str) -> ir.Model:
-    if not model.opset_imports or len(model.graph) == 0 or not model.graph.outputs:
-        raise BadInput(f"{name}: not an ONNX model (no opset, nodes or outputs); is it truncated or another format?")
-    return model
 
 
 def _checker_message(path_or_model, model: ir.Model | None = None) -> str | None:
@@ -187,21 +154,9 @@ def summarize(model: ir.Model, violations: list[Violation]) -> dict:
 
 
 def check_model(model: ir.Model, target: str = "trt") -> list[Violation]:
-    return find_unfolded(model.graph) + lint_graph(model.graph, target) + find_fp16_norm_statistics(model.graph)
+    """Every registered graph check (sq_export.passes.registry) that applies to `target`."""
+    return run_checks(model.graph, target)
 
-
-def save_model(model: ir.Model, path: str | os.PathLike) -> None:
-    """Atomic write; external data (`<name>.data` beside it) above 1.5 GB of initializers."""
-    final = Path(path)
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    with atomic_file(final, suffix=".onnx") as tmp:
-        if size > EXTERNAL_DATA_THRESHOLD:
-            # the data file gets its final name (ir.save writes it atomically); the .onnx appears last
-            ir.save(model, tmp, external_data=final.name + ".data")
-        else:
-            # small enough for one file: never keep references into the *input's* external data file
-            ir.external_data.load_to_model(model)
-            ir.save(model, tmp)
 
 
 def _same_file(a: Path, b: Path) -> bool:

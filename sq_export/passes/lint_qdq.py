@@ -1,6 +1,6 @@
 """lint_qdq: Q/DQ placement rules TensorRT needs for explicit INT8 (and the exporter's own contract).
 
-Rule ids (see _graph.RULES): QDQ001 one-sided DQ on a MatMul/Gemm; QDQ002 activation scale; QDQ003 weight scale;
+Rule ids (declared below, sq_export.passes.registry): QDQ001 one-sided DQ on a MatMul/Gemm; QDQ002 activation scale; QDQ003 weight scale;
 QDQ004 weight scale axis/length; QDQ005 zero-point not zero; QDQ006 zero-point not int8; QDQ007 Q/DQ pair mismatch;
 QDQ008 dangling Q; QDQ009 dangling DQ; QDQ010 duplicate Q of one tensor; QDQ011 Q/DQ on a graph output;
 QDQ012 decomposed LayerNorm.
@@ -16,6 +16,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from sq_export.passes.registry import graph_check
 from sq_export.passes._graph import (
     Violation,
     attr_int,
@@ -112,6 +113,20 @@ def _same(a: ir.Value | None, b: ir.Value | None) -> bool:
         x, y, equal_nan=x.dtype.kind == "f")
 
 
+@graph_check("lint_qdq", {
+    'QDQ001': 'quantized MatMul/Gemm with DequantizeLinear on only one input',
+    'QDQ002': 'activation scale not a positive finite scalar constant',
+    'QDQ003': 'weight scale not positive finite constant',
+    'QDQ004': 'weight scale not per-channel of length N on the output-channel axis',
+    'QDQ005': 'zero-point not all zero',
+    'QDQ006': 'zero-point type not int8 (or missing: QuantizeLinear then defaults to uint8)',
+    'QDQ007': 'QuantizeLinear and its DequantizeLinear use different scale, zero-point or axis',
+    'QDQ008': 'dangling QuantizeLinear (not followed by DequantizeLinear only)',
+    'QDQ009': 'dangling DequantizeLinear (no consumer, or activation DQ not fed by a QuantizeLinear)',
+    'QDQ010': 'the same tensor is quantized by more than one QuantizeLinear',
+    'QDQ011': 'Q/DQ on a graph output',
+    'QDQ012': 'decomposed LayerNorm (ReduceMean -> Sub -> Pow -> ReduceMean ...): export LayerNormalization',
+}, order=20)
 def lint_graph(graph: ir.Graph, target: str = "trt") -> list[Violation]:
     out: list[Violation] = []
     qs, dqs = nodes_of(graph, "QuantizeLinear"), nodes_of(graph, "DequantizeLinear")
@@ -195,17 +210,3 @@ def lint_graph(graph: ir.Graph, target: str = "trt") -> list[Violation]:
                              "export it as one LayerNormalization op (opset >= 17) so TensorRT keeps it fused"))
     return out
 
-
-class LintQDQPass(ir.passes.InPlacePass):
-    """Read-only; results in `self.violations`."""
-
-    def __init__(self, target: str = "trt") -> None:
-        super().__init__()
-        if target not in ("trt", "ort"):
-            raise ValueError(f"target must be 'trt' or 'ort', not {target!r}")
-        self.target = target
-        self.violations: list[Violation] = []
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.violations = lint_graph(model.graph, self.target)
-        return ir.passes.PassResult(model, modified=False)

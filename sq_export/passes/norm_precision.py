@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from sq_export.passes.registry import graph_check
 from sq_export.passes._graph import Violation, _rsqrt_of, attr_int, find_norms, label, walk_back
 
 
@@ -47,7 +48,10 @@ def _float32(value: ir.Value | None) -> bool:
     return p is not None and p.op_type == "Cast" and attr_int(p, "to", 0) == ir.DataType.FLOAT.value
 
 
-def find_fp16_norm_statistics(graph: ir.Graph) -> list[Violation]:
+@graph_check("norm_precision", {
+    'FP16001': 'float16 graph computes norm statistics in float16 (mean(x^2) overflows for |x| > 256)',
+}, order=30)
+def find_fp16_norm_statistics(graph: ir.Graph, target: str = "trt") -> list[Violation]:
     if not _is_float16_graph(graph):
         return []
     out = []
@@ -65,14 +69,3 @@ def find_fp16_norm_statistics(graph: ir.Graph) -> list[Violation]:
                                      "square and back after the normalization"))
     return out
 
-
-class NormPrecisionPass(ir.passes.InPlacePass):
-    """Read-only; results in `self.violations`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.violations: list[Violation] = []
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.violations = find_fp16_norm_statistics(model.graph)
-        return ir.passes.PassResult(model, modified=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from sq_export.passes.registry import graph_check
 from sq_export.passes._graph import (
     PASS_THROUGH,
     Norm,
@@ -50,7 +51,11 @@ def _offenders_to_q(value: ir.Value, depth: int = 0) -> tuple[bool, list[ir.Node
     return reaches, bad
 
 
-def find_unfolded(graph: ir.Graph, norms: list[Norm] | None = None) -> list[Violation]:
+@graph_check("verify_folded", {
+    'SQ001': 'unfolded smoothing: per-channel Mul/Div between a norm output and its QuantizeLinear',
+    'SQ002': 'unfolded smoothing: per-channel Mul/Div straight in front of a QuantizeLinear (fold it into the preceding Linear)',
+}, order=10)
+def find_unfolded(graph: ir.Graph, target: str = "trt", norms: list[Norm] | None = None) -> list[Violation]:
     norms = find_norms(graph) if norms is None else norms
     out: list[Violation] = []
     reported: set[int] = set()
@@ -81,14 +86,3 @@ def find_unfolded(graph: ir.Graph, norms: list[Norm] | None = None) -> list[Viol
                                  f"{label(q)}: smoothing not folded into the preceding layer's weights"))
     return out
 
-
-class VerifyFoldedPass(ir.passes.InPlacePass):
-    """Read-only check; never modifies the model. Results in `self.violations`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.violations: list[Violation] = []
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.violations = find_unfolded(model.graph)
-        return ir.passes.PassResult(model, modified=False)

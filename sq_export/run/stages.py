@@ -419,13 +419,7 @@ def run_eval(ctx: RunContext, staging: Path) -> dict:
         from sq_export.engine.run import Tokens, engine_perplexity
         from sq_export.measure.perplexity import chunk_tokens
 
-        chunks = chunk_tokens(ids, o.seq_len, o.max_tokens)
-        L = max(len(c) for c in chunks)
-        arr = np.zeros((len(chunks), L), dtype=np.int64)
-        for i, c in enumerate(chunks):
-            arr[i, : len(c)] = c
-        lengths = np.array([len(c) for c in chunks], dtype=np.int64)
-        toks = Tokens(arr, (np.arange(L)[None] < lengths[:, None]).astype(np.int64), lengths, path="<eval text>")
+        toks = Tokens.from_chunks(chunk_tokens(ids, o.seq_len, o.max_tokens), "<eval text>")
         ppl["tensorrt"], secs["tensorrt"] = {}, {}
         for mode, p in built.items():
             t = time.perf_counter()
