@@ -19,9 +19,17 @@ from pathlib import Path
 
 from sq_export.errors import BadInput
 
-MODE_LABEL = {"fp": "FP32", "naive": "naive W8A8", "sq": "SmoothQuant W8A8"}
+MODE_LABEL = {"fp": "FP32", "naive": "naive W8A8", "paper": "SmoothQuant W8A8, paper recipe", "sq": "SmoothQuant W8A8"}
+ROW_ORDER = ("fp", "sq", "paper", "naive")  # the delivered model first after the float reference
 BACKEND_LABEL = {"pytorch": "PyTorch", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
-COLORS = {"fp": "#4c72b0", "naive": "#dd8452", "sq": "#55a868", "before": "#c44e52", "after": "#55a868"}
+COLORS = {"fp": "#4c72b0", "naive": "#dd8452", "paper": "#8172b3", "sq": "#55a868", "before": "#c44e52", "after": "#55a868"}
+
+
+def mode_label(mode: str, recipe_name: str | None = None) -> str:
+    """The delivered model (sq) is named by its recipe ("default recipe") when the run says which."""
+    if mode == "sq" and recipe_name:
+        return f"SmoothQuant W8A8, {recipe_name} recipe (delivered)"
+    return MODE_LABEL[mode]
 
 
 # ----- helpers --------------------------------------------------------------------------------------------------
@@ -127,17 +135,19 @@ def _sqnr_plot(path: Path, sqnr: dict) -> None:
     _save(fig, path)
 
 
-def _ppl_plot(path: Path, ppl: dict) -> None:
+def _ppl_plot(path: Path, ppl: dict, recipe_name: str | None = None) -> None:
     import numpy as np
 
     backends = [b for b in ("pytorch", "onnxruntime", "tensorrt") if ppl.get(b)]
-    fig = _new_fig(7, 3.8)
+    modes = [m for m in ROW_ORDER if any(m in ppl[b] for b in backends)]
+    fig = _new_fig(7.5, 3.8)
     ax = fig.subplots()
     x = np.arange(len(backends))
-    for i, mode in enumerate(("fp", "naive", "sq")):
+    w = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
         vals = [ppl[b].get(mode) for b in backends]
         vals = [np.nan if v is None else v for v in vals]
-        bars = ax.bar(x + (i - 1) * 0.27, vals, width=0.27, color=COLORS[mode], label=MODE_LABEL[mode])
+        bars = ax.bar(x + (i - (len(modes) - 1) / 2) * w, vals, width=w, color=COLORS[mode], label=mode_label(mode, recipe_name))
         for r, v in zip(bars, vals):
             if np.isfinite(v):
                 ax.annotate(f"{v:.2f}", (r.get_x() + r.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
@@ -194,12 +204,13 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
     if sqnr:
         _sqnr_plot(plots / "sqnr.png", sqnr)
     ppl = ev.get("perplexity") or {}
+    rc = ev.get("recipe") or {}
     if ppl:
-        _ppl_plot(plots / "perplexity.png", ppl)
+        _ppl_plot(plots / "perplexity.png", ppl, rc.get("name"))
 
     # --- numbers ---
     pt = ppl.get("pytorch", {})
-    fp, nv, sq = pt.get("fp"), pt.get("naive"), pt.get("sq")
+    fp, nv, sq, paper = pt.get("fp"), pt.get("naive"), pt.get("sq"), pt.get("paper")
     recovered = None
     if None not in (fp, nv, sq) and nv - fp > 1e-9:
         recovered = (nv - sq) / (nv - fp)
@@ -217,8 +228,9 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
         else ", ".join(f"{m}: {'built' if v.get('built') else 'not built (' + str(v.get('reason'))[:120] + ')'}" for m, v in (build or {}).items())
     )
     calib = (stages.get("calibrate") or {}).get("options", {})
-    rc = ev.get("recipe") or {}
     recipe = {
+        "name": rc.get("name"),
+        "describe": rc.get("describe"),
         "alpha": alpha,
         "alpha_per_group": meta.get("alpha_per_group") or rc.get("alpha_per_group"),
         "smooth_pairs": bool(meta.get("smooth_pairs") or rc.get("smooth_pairs")),
@@ -229,7 +241,7 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
     }
     headline = {
         "model": manifest.get("model", {}).get("arg"),
-        "perplexity_pytorch": {"fp": fp, "naive": nv, "sq": sq},
+        "perplexity_pytorch": {"fp": fp, "naive": nv, "sq": sq, **({"paper": paper} if paper is not None else {})},
         "sq_recovers_fraction_of_naive_gap": recovered,
         "eval_tokens": ev.get("tokens"),
         "check_ok": check_ok,
@@ -248,7 +260,7 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
     doc = {
         "headline": headline,
         "perplexity": ppl,
-        "eval": {k: ev.get(k) for k in ("tokens", "seq_len", "max_tokens", "eval_text")},
+        "eval": {k: ev.get(k) for k in ("tokens", "seq_len", "max_tokens", "eval_text", "modes", "recipes")},
         "engine_vs_graph": ev.get("engine_vs_graph") or {},
         "alpha": alpha,
         "alpha_per_group": recipe["alpha_per_group"],
@@ -281,6 +293,7 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
 
 def _recipe_line(r: dict) -> str:
     apg = r.get("alpha_per_group") or {}
+    head = f"**{r['name']}** ({r['describe']}): " if r.get("name") and r.get("describe") else ""
     a = f"alpha {r.get('alpha')}" + (f" (per group {min(apg.values()):.2f}..{max(apg.values()):.2f})" if apg else "")
     parts = [a, "norm and Linear→Linear (up→down, v→o) smoothing" if r.get("smooth_pairs") else "norm smoothing",
              f"activation ranges {r.get('clip') or 'max'}"]
@@ -290,7 +303,7 @@ def _recipe_line(r: dict) -> str:
                      + ", ".join(f"`{n}`" for n in fp16))
     elif r.get("fallback"):
         parts.append(f"--fallback {r['fallback']}: every Linear stays quantized")
-    return "; ".join(parts)
+    return head + "; ".join(parts)
 
 
 def _markdown(doc: dict, manifest: dict) -> str:
@@ -301,13 +314,16 @@ def _markdown(doc: dict, manifest: dict) -> str:
     L = []
     L.append(f"# SmoothQuant W8A8 report: {h['model']}")
     L.append("")
+    rname = doc["recipe"].get("name")
+    beside = [f"{MODE_LABEL[m]} {_fmt_ppl(p[m])}{_pct(p[m], p['fp'])}" for m in ("paper", "naive") if p.get(m) is not None]
     L.append(f"**Perplexity** (PyTorch, {ev.get('tokens')} predicted tokens of {ev.get('eval_text')}, chunks of {ev.get('seq_len')}): "
-             f"FP32 **{_fmt_ppl(p['fp'])}** · naive W8A8 **{_fmt_ppl(p['naive'])}**{_pct(p['naive'], p['fp'])} · "
-             f"SmoothQuant W8A8 **{_fmt_ppl(p['sq'])}**{_pct(p['sq'], p['fp'])}")
+             f"{mode_label('sq', rname)} **{_fmt_ppl(p['sq'])}**{_pct(p['sq'], p['fp'])} vs FP32 **{_fmt_ppl(p['fp'])}**; "
+             f"beside it: " + " · ".join(beside))
     L.append("")
     bullets = []
     if h["sq_recovers_fraction_of_naive_gap"] is not None:
-        bullets.append(f"SmoothQuant closes **{h['sq_recovers_fraction_of_naive_gap'] * 100:.0f}%** of the naive-INT8 perplexity gap (alpha {doc['alpha']}).")
+        bullets.append(f"The delivered recipe closes **{h['sq_recovers_fraction_of_naive_gap'] * 100:.0f}%** of the naive-INT8 perplexity gap"
+                       + (f" (the paper recipe: {(p['naive'] - p['paper']) / (p['naive'] - p['fp']) * 100:.0f}%)." if p.get("paper") is not None else "."))
     if h["mean_sqnr_db"]:
         bullets.append(f"Mean per-Linear output SQNR: naive {h['mean_sqnr_db']['naive']:.1f} dB → SmoothQuant {h['mean_sqnr_db']['sq']:.1f} dB.")
     r = h["outlier_ratio_max_over_median"]
@@ -328,18 +344,18 @@ def _markdown(doc: dict, manifest: dict) -> str:
     backends = [b for b in ("pytorch", "onnxruntime", "tensorrt") if doc["perplexity"].get(b)]
     L.append("| model | " + " | ".join(BACKEND_LABEL[b] for b in backends) + (" | TensorRT |" if "tensorrt" not in backends else " |"))
     L.append("|---|" + "---:|" * (len(backends) + (0 if "tensorrt" in backends else 1)))
-    for m in ("fp", "naive", "sq"):
+    for m in [m for m in ROW_ORDER if any(m in doc["perplexity"][b] for b in backends)]:
         cells = [_fmt_ppl(doc["perplexity"][b].get(m)) for b in backends]
         if "tensorrt" not in backends:
             cells.append("n/a")
-        L.append(f"| {MODE_LABEL[m]} | " + " | ".join(cells) + " |")
+        L.append(f"| {mode_label(m, rname)} | " + " | ".join(cells) + " |")
     L.append("")
     L.append(f"Evaluation: first {ev.get('max_tokens') or 'all'} tokens, non-overlapping chunks of {ev.get('seq_len')}. "
              "Same chunking and arithmetic on every backend (sq_export.measure.perplexity), so the columns differ only by their logits.")
     L.append("")
     for m, v in (doc.get("engine_vs_graph") or {}).items():
         if not v.get("ok", True):
-            L.append(f"**The TensorRT engine of {MODE_LABEL[m]} does not compute its graph** (perplexity {v['engine']:.4g} vs "
+            L.append(f"**The TensorRT engine of {mode_label(m, rname)} does not compute its graph** (perplexity {v['engine']:.4g} vs "
                      f"{v['onnxruntime']:.4g} in ONNX Runtime, {v['ratio']:.3g}x): do not deploy it; rebuild with "
                      "`sq-export build --no-fp16` (docs/TENSORRT.md).")
             L.append("")

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parent.parent
-GRAPHS = ROOT / "graphs"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GRAPHS = FIXTURES / "graphs"
 
 
 def load(name: str) -> onnx.ModelProto:
@@ -19,7 +19,7 @@ def load(name: str) -> onnx.ModelProto:
 
 
 def make_graphs_module():
-    spec = importlib.util.spec_from_file_location("make_graphs", ROOT / "tools" / "make_graphs.py")
+    spec = importlib.util.spec_from_file_location("make_graphs", FIXTURES / "make_graphs.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -102,11 +102,11 @@ def test_cli_export_decode_and_generate(tiny_dirs, small_text, tmp_path, capsys)
 
 
 def test_decode_fixtures_are_current():
-    """graphs/decode_llama_* (tools/make_decode_fixtures.py) feed the TensorRT decode tests on the GPU machine;
+    """graphs/decode_llama_* (tests/fixtures/make_decode_fixtures.py) feed the TensorRT decode tests on the GPU machine;
     ONNX Runtime must still produce the tokens stored with them, with and without a masked pad slot."""
     from pathlib import Path
 
-    g = Path(__file__).resolve().parent.parent / "graphs"
+    g = Path(__file__).resolve().parent / "fixtures" / "graphs"
     d = np.load(g / "decode_llama.npz")
     for kind in ("fp", "sq"):
         sess = ort_session(g / f"decode_llama_{kind}.onnx")

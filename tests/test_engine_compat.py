@@ -133,7 +133,7 @@ def test_decode_profile_shapes_from_the_graph():
     from sq_export.engine.trt_compat import graph_facts
     from sq_export.errors import BadInput
 
-    g = Path(__file__).resolve().parent.parent / "graphs"
+    g = Path(__file__).resolve().parent / "fixtures" / "graphs"
     facts = graph_facts(g / "decode_llama_fp.onnx")
     shapes = profile_shapes(facts, (1, 2, 4), (1, 8, 16), (1, 16, 32))
     assert shapes["input_ids"] == ((1, 1), (2, 8), (4, 16)) and shapes["position_ids"] == shapes["input_ids"]

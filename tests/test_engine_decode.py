@@ -1,5 +1,5 @@
 """TensorRT decode engines (skipped without TensorRT and a GPU): build FP16 and INT8 engines of the KV-cache
-decode fixtures (graphs/decode_llama_*, tools/make_decode_fixtures.py), check each decode step against ONNX
+decode fixtures (graphs/decode_llama_*, tests/fixtures/make_decode_fixtures.py), check each decode step against ONNX
 Runtime on the same inputs (teacher-forced, so one flip cannot cascade), and greedy generation through
 `sq-export generate ENGINE --prompts-file`."""
 
@@ -27,7 +27,7 @@ from sq_export.engine.generate import EngineDecoder  # noqa: E402
 from sq_export.kvcache import output_names, position_ids_for  # noqa: E402
 
 pytestmark = pytest.mark.trt
-G = Path(__file__).resolve().parent.parent / "graphs"
+G = Path(__file__).resolve().parent / "fixtures" / "graphs"
 FIX = np.load(G / "decode_llama.npz")
 PROFILE = dict(batch=(1, 1, 4), seq=(1, 8, 16), past=(1, 16, 32))
 

@@ -2,7 +2,7 @@
 engines of a tiny language model made with onnx.helper, run them, and compare them with ONNX Runtime.
 
 On the lent GPU (TensorRT 8.6 kit, CPython 3.10, no pytest there):
-    source /opt/trt86/env.sh && PYTHONPATH=.:tests $TRTPY tools/run_trt_tests.py tests/test_engine_trt.py
+    source /opt/trt86/env.sh && PYTHONPATH=.:tests $TRTPY $TRTPY -m pytest --noconftest tests/test_engine_trt.py
 or with pytest available:  python -m pytest tests/test_engine_trt.py
 """
 

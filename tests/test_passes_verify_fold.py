@@ -11,7 +11,7 @@ ALL = sorted(make_graphs_module().FIXTURES)
 def test_fixtures_are_up_to_date():
     mg = make_graphs_module()
     for name, kw in mg.FIXTURES.items():
-        assert load(name).SerializeToString() == mg.build(**kw).SerializeToString(), f"rerun tools/make_graphs.py ({name})"
+        assert load(name).SerializeToString() == mg.build(**kw).SerializeToString(), f"rerun tests/fixtures/make_graphs.py ({name})"
 
 
 @pytest.mark.parametrize("name", ["clean_rms", "clean_ln", "clean_rms_int8w", "clean_ln_int8w", "float_rms",

@@ -1,19 +1,19 @@
-"""Accuracy cost of --quantize-attention on the tiny test models (PyTorch fake quant vs float), per family.
+"""Accuracy cost of --quantize-attention on the tiny synthetic models (PyTorch fake quant vs float), per family.
 
     python tools/attention_cost.py          # prints the table in docs/RUNTIME.md
-"""
 
-import sys
-from pathlib import Path
+Each family's tiny model (sq_export.synth, outliers injected) is calibrated on random token windows and prepared
+with the paper recipe, with and without attention Q/DQ (the same calibration), then compared with the float model.
+"""
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import FAMILIES, token_batches  # noqa: E402
-from test_export import _quantized, _torch_logits  # noqa: E402
-
-from sq_export import attention  # noqa: E402
+from sq_export.families import family_for
+from sq_export.quant.calibrate import Calibration, calibrate
+from sq_export.quant.prepare import prepare, working_copy
+from sq_export.quant.recipe import CalibOptions, make_recipe
+from sq_export.synth import FAMILIES, make_tiny, token_batches
 
 
 def stats(x, ref):
@@ -24,16 +24,26 @@ def stats(x, ref):
     return f"rel {rel:.3f}, top-1 {(x.argmax(-1) == ref.argmax(-1)).mean() * 100:.1f}%, KL {kl:.4f}"
 
 
+def logits(model, ids):
+    with torch.no_grad():
+        x = torch.as_tensor(ids)
+        return model(input_ids=x, attention_mask=torch.ones_like(x)).logits.numpy()
+
+
 def main():
     ids = token_batches(n=4, seq=32, seed=11)
     print("| family | SQ W8A8 vs float | SQ W8A8 + attention INT8 vs float |\n|---|---|---|")
     for f in FAMILIES:
-        fp, _ = _quantized(f, "fp")
-        ref = _torch_logits(fp, ids)
-        m, fam = _quantized(f)
-        q = _torch_logits(m, ids)
-        attention.quantize_attention(m, fam, token_batches(n=8))
-        print(f"| {f} | {stats(q, ref)} | {stats(_torch_logits(m, ids), ref)} |")
+        fp, fam = make_tiny(f)
+        ref = logits(fp, ids)
+        stream = token_batches(n=1, seq=8 * 32, seed=0)[0]
+        calib = Calibration(calibrate(fp, fam, token_batches()), None, stream, CalibOptions(None, 8, 32), check=ids[:2])
+        row = []
+        for attn in (False, True):
+            m = working_copy(fp, fam, smoothing=True)
+            prepare(m, family_for(m), make_recipe("paper", quantize_attention=attn, calib=calib.options), calib)
+            row.append(stats(logits(m, ids), ref))
+        print(f"| {f} | {row[0]} | {row[1]} |")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # Engine-side checks on the lent GPU with the TensorRT 8.6 kit (../shared/trt86/README.md says how to stage it).
 # From the repository root, in the same device call as (or a later warm call after) the kit staging:
 #
-#   test -f /opt/trt86/.ready && source /opt/trt86/env.sh && bash tools/device_trt.sh [options] [MODEL.onnx ...]
+#   test -f /opt/trt86/.ready && source /opt/trt86/env.sh && bash lab/2026-11-22/device_trt.sh [options] [MODEL.onnx ...]
 #
 # options:
 #   --tokens FILE           token file (.npz from `sq-export tokens`) for comparisons and perplexity
@@ -12,7 +12,7 @@
 #   --skip-tests            do not run the test suite
 #
 # Steps, each logged to $OUT (the device tool's result folder; ./device_out when unset):
-#   1. the engine tests (tests/test_engine_*.py) with $TRTPY: pytest is not in the kit, so tools/run_trt_tests.py
+#   1. the engine tests (tests/test_engine_*.py) with $TRTPY: pytest is not in the kit, so $TRTPY -m pytest --noconftest
 #      runs them (it uses pytest instead when one is importable)                  -> tests.log
 #   2. every MODEL.onnx built into an engine: INT8 when the graph holds Q/DQ nodes, FP16 otherwise
 #                                                                                 -> NAME.build.json/.log, engines/
@@ -22,7 +22,7 @@
 # Exit status: 0 when every step passed, else the number of failed steps (capped at 100).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source tools/device_lib.sh
+source lab/2026-11-22/device_lib.sh
 
 if [ -z "${TRTPY:-}" ]; then
   if [ -f /opt/trt86/env.sh ]; then source /opt/trt86/env.sh; else
@@ -62,8 +62,8 @@ step() { echo; echo "=== $* ==="; }
 } 2>&1 | tee "$OUT/env.txt"
 
 if [ "$SKIP_TESTS" = 0 ]; then
-  step "engine tests ($TRTPY tools/run_trt_tests.py)"
-  "$TRTPY" tools/run_trt_tests.py tests/test_engine_*.py 2>&1 | tee "$OUT/tests.log"
+  step "engine tests ($TRTPY $TRTPY -m pytest --noconftest)"
+  "$TRTPY" $TRTPY -m pytest --noconftest tests/test_engine_*.py 2>&1 | tee "$OUT/tests.log"
   rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "tests: FAILED (rc $rc)"; FAILED=$((FAILED + 1)); }
 fi
 

@@ -2,15 +2,15 @@
 # Issue 4, fourth session: the engine test suite with the norm prescale on by default, and the OPT-6.7B-shaped
 # 4-layer benchmark again (prefill FP16 / INT8 + attention Q/DQ / the same with INT8 GEMMs writing FP16; decode
 # timing, lost last session). Kit staged first (../shared/trt86/README.md).
-#   call:  bash tools/device_final.sh start        calls: POLL=500 bash tools/device_final.sh poll
+#   call:  bash lab/2026-11-22/device_final.sh start        calls: POLL=500 bash lab/2026-11-22/device_final.sh poll
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source tools/device_lib.sh
+source lab/2026-11-22/device_lib.sh
 B=$W/bench; R=$W/res8; mkdir -p $B $R
 
 chain_t() {
   source /opt/trt86/env.sh; export PYTHONPATH=.
-  timeout 1200 "$TRTPY" tools/run_trt_tests.py tests/test_engine_*.py > $R/trt_tests.log 2>&1
+  timeout 1200 "$TRTPY" $TRTPY -m pytest --noconftest tests/test_engine_*.py > $R/trt_tests.log 2>&1
   echo "tests rc $?" >> $R/log; touch $W/T.done
 }
 

@@ -3,17 +3,17 @@
 # MatMuls of INT8 engines FP16): do the SmoothQuant INT8 engines of SmolLM2 now match their ONNX graphs, and how
 # fast is the OPT-6.7B-shaped INT8 engine against FP16? Two background chains, polled:
 #
-#   call:  cp .devcarry/smol.gguf.part_01 .devcarry/smol.gguf.sha256 /tmp/sqw/ && bash tools/device_pins.sh start
-#   calls: POLL=500 bash tools/device_pins.sh poll
+#   call:  cp .devcarry/smol.gguf.part_01 .devcarry/smol.gguf.sha256 /tmp/sqw/ && bash lab/2026-11-22/device_pins.sh start
+#   calls: POLL=500 bash lab/2026-11-22/device_pins.sh poll
 #
 # Chain S: SmolLM2 exports fp, sq (alpha 0.85), best (--smooth-pairs --alpha auto --fallback auto) -> engines fp16,
 #   sq, sq_nomm (sq built with --no-fp16-matmuls, the control), best -> perplexities (Polygraphy compare).
-# Chain B: tools/device_bench.sh models (4 layers) -> prefill engines (+ a control INT8 engine without the FP16
+# Chain B: lab/2026-11-22/device_bench.sh models (4 layers) -> prefill engines (+ a control INT8 engine without the FP16
 #   MatMul pins) -> prefill timings once S's builds are done -> Nsight Compute kernel split -> decode engines and
 #   timings once S's comparisons are done. No timing shares the GPU with a build or a comparison.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source tools/device_lib.sh
+source lab/2026-11-22/device_lib.sh
 R=$W/res4; mkdir -p $W/out $R $W/smol
 
 chain_s() {
@@ -47,7 +47,7 @@ chain_s() {
 
 chain_b() {
   local B=/tmp/sqw/bench t0=$(date +%s)
-  OUT=$W/out bash tools/device_bench.sh models > $R/bench_models.log 2>&1
+  OUT=$W/out bash lab/2026-11-22/device_bench.sh models > $R/bench_models.log 2>&1
   echo "bench models $(( $(date +%s) - t0 ))s" >> $R/B.log
   source /opt/trt86/env.sh; export PYTHONPATH=.
   for l in fp16 int8 int8:sq_attn; do

@@ -2,8 +2,8 @@
 # Issue 4 diagnosis on the lent GPU, two background chains started in one call and polled (device processes outlive
 # the call while the machine stays warm):
 #
-#   call:  cp .devcarry/smol.gguf.part_01 .devcarry/smol.gguf.sha256 /tmp/sqw/ && bash tools/device_diag.sh start
-#   calls: POLL=500 bash tools/device_diag.sh poll      # progress; results tarred to $OUT/diag_*.tgz
+#   call:  cp .devcarry/smol.gguf.part_01 .devcarry/smol.gguf.sha256 /tmp/sqw/ && bash lab/2026-11-22/device_diag.sh start
+#   calls: POLL=500 bash lab/2026-11-22/device_diag.sh poll      # progress; results tarred to $OUT/diag_*.tgz
 #
 # Chain G (speed): why INT8 engines of our exported decoders are slower than FP16 when the kit's MLP-only graph
 #   gets 1.63x. (1) tools/bench_qdq_forms.py: MLP stacks in several ONNX forms, FP16 vs INT8; (2) our exporter's
@@ -15,7 +15,7 @@
 # S's builds wait for G's timings, so no timing shares the GPU with a build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source tools/device_lib.sh
+source lab/2026-11-22/device_lib.sh
 R=$W/res3; mkdir -p $W/out $R
 
 chain_g() {
@@ -53,7 +53,7 @@ chain_g() {
   else
     echo "no nsys on this image: $(ls /usr/local/cuda/bin 2>/dev/null | tr '\n' ' ')" >> $R/G.log
   fi
-  PYTHONPATH=.:tests timeout 900 "$TRTPY" tools/run_trt_tests.py tests/test_engine_*.py > $R/trt_tests.log 2>&1
+  PYTHONPATH=.:tests timeout 900 "$TRTPY" $TRTPY -m pytest --noconftest tests/test_engine_*.py > $R/trt_tests.log 2>&1
   echo "trt tests rc $? $(( $(date +%s) - t0 ))s" >> $R/G.log
   touch $W/G.done
 }

@@ -4,9 +4,9 @@
 # whether `build --prescale-norms` (engine/norm_prescale.py: each token divided by its max |x| before squaring; exact)
 # fixes it. One round of parallel exports and builds, then perplexities (ONNX Runtime on each graph as reference):
 #
-#   (kit staged; GGUF parts in /tmp/sqw as for tools/device_pins.sh)
-#   call:  cp .devcarry/smol.gguf.part_01 .devcarry/smol.gguf.sha256 /tmp/sqw/ && bash tools/device_bisect.sh start
-#   calls: POLL=500 bash tools/device_bisect.sh poll
+#   (kit staged; GGUF parts in /tmp/sqw as for lab/2026-11-22/device_pins.sh)
+#   call:  cp .devcarry/smol.gguf.part_01 .devcarry/smol.gguf.sha256 /tmp/sqw/ && bash lab/2026-11-22/device_bisect.sh start
+#   calls: POLL=500 bash lab/2026-11-22/device_bisect.sh poll
 #
 # Engines:
 #   sq_ps        sq graph (alpha 0.85), INT8, --prescale-norms                    the candidate fix
@@ -19,7 +19,7 @@
 #   fp16_ps      float graph, FP16, --prescale-norms                            still right?
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source tools/device_lib.sh
+source lab/2026-11-22/device_lib.sh
 R=$W/res7; mkdir -p $W/out $R $W/smol
 
 chain() {

@@ -1,9 +1,9 @@
 #!/bin/bash
 # The OPT-6.7B-shaped benchmark on the lent GPU (issues 4 and 6), in stages that fit one device call each:
 #
-#   bash tools/device_bench.sh models   # device python3: 4 layers at OPT-6.7B width exported by our exporter (~3 min)
-#   bash tools/device_bench.sh build    # $TRTPY: every engine, prefill and decode builds in parallel
-#   bash tools/device_bench.sh time     # $TRTPY: timings one engine at a time (GPU not shared), tables
+#   bash lab/2026-11-22/device_bench.sh models   # device python3: 4 layers at OPT-6.7B width exported by our exporter (~3 min)
+#   bash lab/2026-11-22/device_bench.sh build    # $TRTPY: every engine, prefill and decode builds in parallel
+#   bash lab/2026-11-22/device_bench.sh time     # $TRTPY: timings one engine at a time (GPU not shared), tables
 #
 # Graphs (tools/make_bench_model.py): fp, sq (W8A8 Q/DQ), sq_attn (+ INT8 attention MatMuls), fp_dec, sq_dec.
 # Prefill: one profile batch 1..8 x seq 1..512 optimized for 4 x 256, timed at 4 x 256 and 8 x 512.

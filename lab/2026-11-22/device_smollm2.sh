@@ -1,14 +1,14 @@
 #!/bin/bash
 # SmolLM2-135M on the lent GPU, in stages that each fit one device call (10 min) and skip what is already done:
 #
-#   bash tools/device_smollm2.sh exports    # device python3 (torch): ONNX graphs, token + prompt files  (~5 min)
-#   bash tools/device_smollm2.sh builds     # $TRTPY: five TensorRT 8.6 engines, in parallel             (~6-9 min)
-#   bash tools/device_smollm2.sh compare    # $TRTPY: Polygraphy comparison + perplexity, TensorRT generate
+#   bash lab/2026-11-22/device_smollm2.sh exports    # device python3 (torch): ONNX graphs, token + prompt files  (~5 min)
+#   bash lab/2026-11-22/device_smollm2.sh builds     # $TRTPY: five TensorRT 8.6 engines, in parallel             (~6-9 min)
+#   bash lab/2026-11-22/device_smollm2.sh compare    # $TRTPY: Polygraphy comparison + perplexity, TensorRT generate
 #
 # Before: the kit staged (../shared/trt86/README.md) and the GGUF parts copied to /tmp/sqw in earlier calls:
 #   call A: carry [.devcarry/smol.gguf.part_00]  command: mkdir -p /tmp/sqw && cp .devcarry/smol.gguf.part_00 /tmp/sqw/
 #   call B: carry [.devcarry/smol.gguf.part_01, .devcarry/smol.gguf.sha256, .devcarry/whl]
-#           command: cp .devcarry/smol.gguf.part_01 .devcarry/smol.gguf.sha256 /tmp/sqw/ && bash tools/device_smollm2.sh exports
+#           command: cp .devcarry/smol.gguf.part_01 .devcarry/smol.gguf.sha256 /tmp/sqw/ && bash lab/2026-11-22/device_smollm2.sh exports
 # (.devcarry is made here: docs/TENSORRT.md, "Device recipe".)
 #
 # Graphs: fp (float), sq (SmoothQuant α 0.85, 64 × 512 calibration: the ONNX Runtime table's recipe), best
@@ -17,7 +17,7 @@
 # Results go to /tmp/sqw/res and, tarred, to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source tools/device_lib.sh
+source lab/2026-11-22/device_lib.sh
 STAGE=${1:-all}
 OUT=${OUT:-./device_out}; mkdir -p "$OUT"
 R=$W/res; mkdir -p $W/smol $R

@@ -3,10 +3,10 @@
 # OPT-6.7B-shaped decoder, LAYERS (default 1) layers, static 4 x 256: FP16 engine, INT8 engine (default pins), INT8
 # engine with tools/bench_trt.py --int8-gemm-output fp16; one FP16 engine timed against both. Its FP16 engine's time
 # and size also show whether the FP16 engine of an OPT-shaped graph runs in FP16 (LayerNorm pins, docs/TENSORRT.md).
-#   call: bash tools/device_gemm_out.sh start      calls: bash tools/device_gemm_out.sh poll
+#   call: bash lab/2026-11-22/device_gemm_out.sh start      calls: bash lab/2026-11-22/device_gemm_out.sh poll
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source tools/device_lib.sh
+source lab/2026-11-22/device_lib.sh
 B=$W/go; R=$W/res5; mkdir -p $B $R
 case ${1:-start} in
   start)
