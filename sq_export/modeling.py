@@ -57,10 +57,8 @@ def load_model(model: str, *, with_tokenizer: bool = True):
                 kw["quantization_config"] = transformers.GgufConfig(gguf_file=path.name, dequantize=True)
             m = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
             _forget_gguf_quantizer(m)
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if with_tokenizer else None
         else:
             m = AutoModelForCausalLM.from_pretrained(path, **kw)
-            tok = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     except BadInput:
         raise
     except Exception as e:
@@ -75,6 +73,14 @@ def load_model(model: str, *, with_tokenizer: bool = True):
         raise BadInput(f"could not load model {model}: {type(e).__name__}: {msg[:300]} (is the file complete?)") from e
     m.eval()
     check_finite_weights(m, model)
+    tok = None
+    if with_tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.is_file() else AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            raise BadInput(f"model {model} has no usable tokenizer ({type(e).__name__}: {first}); pass "
+                           "--tokenizer PATH (a folder or .gguf holding one) or save the tokenizer beside the weights") from e
     return m, tok, path
 
 

@@ -11,4 +11,18 @@ Modules:
   build       build_engine(): ONNX -> serialized engine + JSON sidecar (atomic writes)
   run         load_tokens(), open_runner(), engine_perplexity(), onnx_perplexity()
   compare     compare(): Polygraphy Comparator over real token batches; format_table()
+
+    from sq_export.engine import build_engine, model_perplexity   # (imported on first use)
 """
+
+_LAZY = {"build_engine": "sq_export.engine.build",
+         "model_perplexity": "sq_export.engine.run", "engine_perplexity": "sq_export.engine.run",
+         "load_tokens": "sq_export.engine.run", "open_runner": "sq_export.engine.run"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sq_export.engine' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -182,6 +182,10 @@ def calibrate_ids(model, family, ids: np.ndarray, options: CalibOptions | None =
     o = options or CalibOptions()
     o.validate()
     ids = np.asarray(ids)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab and len(ids) and int(ids.max()) >= vocab:
+        raise BadInput(f"the calibration text's token ids reach {int(ids.max())} but the model's vocabulary has {vocab} "
+                       "entries: the tokenizer is not this model's (--tokenizer)")
     res = new_reservoir(family, rows) if rows else None
     meta: dict = {"samples": o.samples, "calib_seq_len": o.seq_len}
     if act_scales and res is None:
