@@ -24,9 +24,10 @@ def _fq_weight_oi(w_oi: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_error(model, group, act_max, rows: torch.Tensor, alpha: float, head_dim=None, per_channel=True) -> float:
-    """Σ over the group's Linears of the squared output error of static W8A8 after smoothing with α (bias cancels)."""
-    from sq_export.modeling import weight_oi
+def group_error(model, group, act_max, rows: torch.Tensor, alpha: float, head_dim=None, per_channel=True, float_outputs=None) -> float:
+    """Σ over the group's Linears of the squared output error of static W8A8 after smoothing with α (bias cancels).
+    `float_outputs`: the group's (float32 weight, float output on `rows`) per Linear, which do not depend on α
+    (`float_outputs_of`; computed here when not given)."""
     from sq_export.quant.smooth import group_act_max, smoothing_factors_for_group
 
     s = smoothing_factors_for_group(model, group, act_max, alpha, head_dim=head_dim).float()
@@ -34,12 +35,22 @@ def group_error(model, group, act_max, rows: torch.Tensor, alpha: float, head_di
     amax = float((group_act_max(group, act_max) / s).max())
     xq = fake_quant_tensor(xs, amax)
     err = 0.0
-    for n in group.linears:
-        w = weight_oi(model.get_submodule(n)).float()
-        y = rows @ w.t()
+    for w, y in float_outputs or float_outputs_of(model, group, rows):
         yq = xq @ _fq_weight_oi(w * s.view(1, -1), per_channel).t()
         err += float((yq - y).pow(2).sum())
     return err
+
+
+@torch.no_grad()
+def float_outputs_of(model, group, rows: torch.Tensor) -> list:
+    """[(float32 weight [out, in], rows @ weightᵀ)] for each Linear of the group."""
+    from sq_export.modeling import weight_oi
+
+    out = []
+    for n in group.linears:
+        w = weight_oi(model.get_submodule(n)).float()
+        out.append((w, rows @ w.t()))
+    return out
 
 
 @torch.no_grad()
@@ -50,6 +61,7 @@ def search_alpha(model, family, act_max, res: RowReservoir, linear_pairs: bool, 
     out = {}
     for g in family.groups(include_linear_pairs=linear_pairs):
         rows = rows_for(res, family, g.linears[0])
-        errs = [group_error(model, g, act_max, rows, a, hd if g.kind == "linear" else None, per_channel) for a in grid]
+        ref = float_outputs_of(model, g, rows)  # the same for every α: computed once per group
+        errs = [group_error(model, g, act_max, rows, a, hd if g.kind == "linear" else None, per_channel, ref) for a in grid]
         out[g.source] = float(grid[int(np.argmin(errs))])
     return out
