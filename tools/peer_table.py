@@ -9,7 +9,7 @@ Rows (the model is loaded once; every row works on its own copy):
     fp32                 the float model
     naive                this project, naive W8A8, static per-tensor activations (`--mode naive`)
     paper                this project, SmoothQuant with the norm folds only, α = the family default (Llama: 0.85)
-    accurate_fallback    this project, Recipe(linear_pairs=True, alpha="auto", fallback="auto")
+    accurate_fallback    this project, the default recipe: sq.Recipe() (pairs + α per group + fallback auto)
     accurate             the same α per group without fallback: every Linear INT8
     modelopt_sq_1.0      ModelOpt mtq.INT8_SMOOTHQUANT_CFG as shipped (α 1.0)
     modelopt_sq_0.85     the same config with algorithm {"method": "smoothquant", "alpha": 0.85}
@@ -22,8 +22,8 @@ Same inputs for everybody: ModelOpt's `forward_loop` feeds exactly the windows s
 `calibration_samples(token_ids(tok, CALIB_TEXT, "calib"), samples, calib_seq_len)` (seeded; default: the shipped
 calibration split), in batches of 4 through the decoder body as sq_export's own calibration does (batching does
 not change a max). Every row, ModelOpt's fake-quantized models included, is measured by the same function,
-`sq_export.evaluate.torch_perplexity` (the held-out text's first --max-tokens tokens in chunks of --seq-len,
-`ppl.chunk_tokens` / `ppl.PerplexityAccumulator`). Both sides quantize the same 7 Linears per decoder layer
+`sq_export.measure.perplexity.torch_perplexity` (the held-out text's first --max-tokens tokens in chunks of --seq-len,
+`chunk_tokens` / `PerplexityAccumulator`). Both sides quantize the same 7 Linears per decoder layer
 (weights INT8 per output channel, activations INT8 static per-tensor from the calibration max, symmetric, round
 half to even, [-128, 127]) and leave the LM head, embeddings and attention matmuls in float: ModelOpt's
 fake quantization (`narrow_range=False`, `torch.round`) is the same arithmetic as sq_export's QLinear.
@@ -112,15 +112,6 @@ def labels(default_alpha) -> dict:
     }
 
 
-def _stats(act_max):
-    """Calibration results for `prepare(stats=...)` where sq_export offers that; None: prepare calibrates again
-    (same windows, same numbers, only slower)."""
-    import sq_export.recipe as rc
-
-    cls = getattr(rc, "CalibStats", None)
-    if cls is None or act_max is None:
-        return None
-    return cls({k: v.clone() for k, v in act_max.items()})
 
 
 # ---------------------------------------------------------------------------------------------------- ModelOpt side
@@ -285,10 +276,12 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
     """Every row in `rows` (keys of ALL_ROWS, run in ALL_ROWS order) on one loaded model; returns the results."""
     import torch
 
-    from sq_export.evaluate import torch_perplexity
+    import sq_export as sq
     from sq_export.families import family_for
+    from sq_export.measure.perplexity import torch_perplexity
     from sq_export.modeling import load_model
-    from sq_export.recipe import CalibOptions, Recipe, prepare, working_copy
+    from sq_export.quant.calibrate import calibrate_ids
+    from sq_export.quant.prepare import prepare, working_copy
     from sq_export.textdata import calibration_samples, token_ids
 
     unknown = [r for r in rows if r not in ALL_ROWS]
@@ -308,7 +301,8 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
     calib_ids = token_ids(tok, calib_text, "calib")
     windows = calibration_samples(calib_ids, samples, calib_seq_len)  # what sq_export calibrates on
     names = fam.quantized_linears()
-    calib = CalibOptions(calib_text, samples, calib_seq_len)
+    calib = sq.CalibOptions(calib_text, samples, calib_seq_len)
+    calibration = None  # our rows share one calibration pass (act max + row sample), taken by the first of them
     lab = labels(fam.default_alpha)
     log(f"loaded {path.name if hasattr(path, 'name') else path} ({fam.name}, {len(names)} quantizable Linears) in {load_s:.1f}s; "
         f"calibration {samples}x{calib_seq_len} windows, held-out {len(eval_ids)} tokens (first {max_tokens}, chunks of {seq_len})")
@@ -319,7 +313,7 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
         return r, time.perf_counter() - t0
 
     out, quantizers = [], {}
-    act_max = alpha_per_group = None
+    alpha_per_group = None
     mo_keep = None
     for key in rows:
         torch.manual_seed(0)
@@ -328,19 +322,19 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
         if key == "fp32":
             m, nfloat, nq = base, len(names), 0
         elif key in OURS:
+            if calibration is None:
+                calibration = calibrate_ids(base, fam, calib_ids, calib, rows=512)
+                notes.append("calibration (act max + row sample) taken here, shared by every sq_export row")
             if key == "naive":
-                r = Recipe(mode="naive", calib=calib)
                 m = working_copy(base, fam, smoothing=False)
-                p = prepare(m, tok, fam, r)
-                act_max = p.act_max  # raw per-channel max|x| (naive does not smooth): shared with the rows below
+                p = prepare(m, family_for(m), sq.make_recipe("naive", calib=calib), calibration)
             elif key == "paper":
                 m = working_copy(base, fam, smoothing=True)
-                st = _stats(act_max)
-                p = prepare(m, tok, fam, Recipe(mode="sq", calib=calib), stats=st)
-                notes.append(f"α {p.alpha}" + ("; calibration of the naive row" if st else ""))
+                p = prepare(m, family_for(m), sq.make_recipe("paper", calib=calib), calibration)
+                notes.append(f"α {p.alpha}")
             elif key == "accurate_fallback":
                 m = working_copy(base, fam, smoothing=True, linear_pairs=True)
-                p = prepare(m, tok, fam, Recipe(mode="sq", linear_pairs=True, alpha="auto", fallback="auto", calib=calib))
+                p = prepare(m, family_for(m), sq.make_recipe("default", calib=calib), calibration)
                 alpha_per_group = p.alpha_per_group
                 fb = p.tune.get("fallback", {})
                 notes.append(f"float: {', '.join(p.fp16_layers) or 'none'}")
@@ -348,9 +342,8 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
                     notes.append(f"fallback search {p.times.get('fallback_s', 0):.0f}s")
             else:  # accurate: the same α per group, no fallback
                 m = working_copy(base, fam, smoothing=True, linear_pairs=True)
-                st = _stats(act_max) if alpha_per_group else None
-                r = Recipe(mode="sq", linear_pairs=True, alpha=alpha_per_group or "auto", calib=calib)
-                p = prepare(m, tok, fam, r, stats=st)
+                r = sq.make_recipe("default", alpha=alpha_per_group or "auto", fallback="none", calib=calib)
+                p = prepare(m, family_for(m), r, calibration)
                 if alpha_per_group:
                     notes.append("α per group replayed from accurate_fallback's search")
                 alpha_per_group = alpha_per_group or p.alpha_per_group
