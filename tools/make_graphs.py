@@ -85,7 +85,8 @@ class _B:
         return self.init(f"{prefix}.weight", g), (self.init(f"{prefix}.bias", b) if beta else None)
 
     def norm(self, x: str, prefix: str, kind: str) -> str:
-        g, b = self.gamma_beta(prefix, beta=kind != "rms")
+        if kind != "rms_gemma":
+            g, b = self.gamma_beta(prefix, beta=kind != "rms")
         if kind == "ln":
             return self.node("LayerNormalization", [x, g, b], name=f"{prefix}/LayerNormalization", axis=-1,
                              epsilon=1e-5)
@@ -102,6 +103,20 @@ class _B:
             y = self.node("Mul", [xc, r], name=f"{prefix}/Mul")
             y = self.node("Cast", [y], name=f"{prefix}/Cast_1", to=TensorProto.FLOAT)
             return self.node("Mul", [g, y], name=f"{prefix}/Mul_1")
+        if kind == "rms_gemma":  # Gemma's RMSNorm x·rsqrt(mean(x²)+eps)·(1+w), the 1+w left as an Add (not folded)
+            w = self.init(f"{prefix}.weight_minus_one", (0.2 * self.rng.standard_normal(C)).astype(np.float32))
+            two = self.init(f"{prefix}.two", np.array(2.0, np.float32))
+            eps = self.init(f"{prefix}.eps", np.array(1e-6, np.float32))
+            one = self.init(f"{prefix}.one", np.array(1.0, np.float32))
+            p = self.node("Pow", [x, two], name=f"{prefix}/Pow")
+            m = self.node("ReduceMean", [p], name=f"{prefix}/ReduceMean", axes=[-1], keepdims=1)
+            a = self.node("Add", [m, eps], name=f"{prefix}/Add")
+            s = self.node("Sqrt", [a], name=f"{prefix}/Sqrt")
+            r = self.node("Div", [one, s], name=f"{prefix}/Div")
+            y = self.node("Mul", [x, r], name=f"{prefix}/Mul")
+            wc = self.node("Cast", [w], name=f"{prefix}/Cast", to=TensorProto.FLOAT)
+            gain = self.node("Add", [one, wc], name=f"{prefix}/Add_1")
+            return self.node("Mul", [y, gain], name=f"{prefix}/Mul_1")
         if kind == "ln_decomposed":  # what an exporter writes when LayerNormalization was not kept as one op
             two = self.init(f"{prefix}.two", np.array(2.0, np.float32))
             eps = self.init(f"{prefix}.eps", np.array(1e-5, np.float32))
@@ -124,7 +139,8 @@ class _B:
 
 def build(norm: str = "rms", weights: str = "qdq", faults: frozenset[str] | set[str] = frozenset(),
           quantize: bool = True, seed: int = 0) -> onnx.ModelProto:
-    """norm: rms | ln; weights: qdq (TensorRT 8.6) | int8 (TensorRT 10+); faults: see FIXTURES."""
+    """norm: rms | ln | rms_gemma (x̂·(1+w) with the Add unfolded); weights: qdq (TensorRT 8.6) | int8 (TensorRT
+    10+); faults: see FIXTURES."""
     f = set(faults)
     b = _B(seed)
     lay = "/m/model/layers.0"
@@ -258,6 +274,9 @@ FIXTURES: dict[str, dict] = {
     "decomposed_ln": dict(norm="ln", faults={"decomposed_ln"}),
     "qdq_on_output": dict(norm="rms", faults={"qdq_output"}),
     "float_rms": dict(norm="rms", quantize=False),
+    "clean_rms_gemma": dict(norm="rms_gemma"),
+    "unfolded_mul_rms_gemma": dict(norm="rms_gemma", faults={"mul_after_norm"}),
+    "unfolded_shared_norm_rms_gemma": dict(norm="rms_gemma", faults={"mul_after_norm", "shared_norm"}),
 }
 
 
