@@ -50,9 +50,12 @@ def _final_norm(model, body, batch) -> str | None:
 
 
 @torch.no_grad()
-def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = True, alpha: float | None = None) -> dict:
+def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = True, alpha: float | None = None,
+                     norm_form: str = "gamma") -> dict:
     """Calibrate the LM head's input on `batches` ([n, L] token ids) and swap the head for a static QLinear;
-    with `alpha`, smooth it first (into the final norm and the head's own weight copy)."""
+    with `alpha`, smooth it first (into the final norm and the head's own weight copy). `norm_form`: how the final
+    norm applies its weight (Family.norm_form: "gamma", or "one_plus_gamma" for Gemma)."""
+    from sq_export.modeling import check_plain_norm
     from sq_export.quantize import QLinear, replace_module, scale_from_amax
     from sq_export.smooth import smoothing_factors
 
@@ -82,7 +85,12 @@ def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = Tr
         if head.bias is not None:
             src.bias = torch.nn.Parameter(head.bias.detach().clone(), requires_grad=False)
         nm = model.get_submodule(norm)  # new tensors: the norm's may be shared with another copy of the model
-        nm.weight = torch.nn.Parameter(nm.weight.detach() / s, requires_grad=False)
+        check_plain_norm(nm, norm, norm_form)
+        if norm_form == "one_plus_gamma":  # (1+γ') = (1+γ)/s, as smooth.fold_into_norm
+            w = nm.weight.detach()
+            nm.weight = torch.nn.Parameter(((1.0 + w.double()) / s.double() - 1.0).to(w.dtype), requires_grad=False)
+        else:
+            nm.weight = torch.nn.Parameter(nm.weight.detach() / s, requires_grad=False)
         if getattr(nm, "bias", None) is not None:
             nm.bias = torch.nn.Parameter(nm.bias.detach() / s, requires_grad=False)
         amax = amax / s
@@ -102,7 +110,7 @@ def apply_for_recipe(model, tokenizer, recipe, family=None) -> dict:
     if recipe.mode == "sq":
         alpha = recipe.alpha if isinstance(recipe.alpha, float) else getattr(family, "default_alpha", 0.5)
     batches = calibration_batches(tokenizer, c.calib_text, c.samples, c.seq_len)
-    r = quantize_lm_head(model, batches, c.batch_size, recipe.per_channel, alpha)
+    r = quantize_lm_head(model, batches, c.batch_size, recipe.per_channel, alpha, getattr(family, "norm_form", "gamma"))
     meta = {"quantize_lm_head": r["name"], "lm_head_calibrate_s": round(time.perf_counter() - t, 1)}
     if r["smoothed_into"]:
         meta.update({"lm_head_smoothed_into": r["smoothed_into"], "lm_head_alpha": r["alpha"]})

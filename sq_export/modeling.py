@@ -157,13 +157,26 @@ def in_features(mod) -> int:
 # --- Norms ------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def check_plain_norm(norm, label: str) -> None:
-    """Prove numerically that the norm's output is γ ⊙ f(x) (+ β): scaling γ (and β) by c scales the output by c.
+NORM_FORMS = ("gamma", "one_plus_gamma")
 
-    Norms with another weight form (Gemma's x·(1+w), or a norm without a weight) cannot take the smoothing
-    factor exactly and are refused instead of being folded wrongly.
+
+def norm_gain(weight: torch.Tensor, form: str = "gamma") -> torch.Tensor:
+    """The per-channel factor a norm multiplies f(x) by: γ ("gamma") or 1+γ ("one_plus_gamma", Gemma)."""
+    return 1.0 + weight if form == "one_plus_gamma" else weight
+
+
+@torch.no_grad()
+def check_plain_norm(norm, label: str, form: str = "gamma") -> None:
+    """Prove numerically that the norm's output is gain ⊙ f(x) (+ β) with the family's declared form of the gain:
+    γ ("gamma": γ·f(x)+β) or 1+γ ("one_plus_gamma": Gemma's (1+γ)·f(x)). Scaling the gain (and β) by c must scale
+    the output by c: for "gamma" γ → γ·c, for "one_plus_gamma" γ → (1+γ)·c − 1.
+
+    A norm whose weight enters another way (e.g. Gemma's x·(1+γ) declared as "gamma", or a plain γ declared as
+    "one_plus_gamma"), or a norm without a weight, cannot take the smoothing factor exactly and is refused instead
+    of being folded wrongly.
     """
+    if form not in NORM_FORMS:
+        raise ValueError(f"unknown norm form {form!r} (one of {NORM_FORMS})")
     w = getattr(norm, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 1:
         raise NotFoldable(f"norm {label} ({type(norm).__name__}) has no per-channel weight to fold smoothing into")
@@ -174,7 +187,10 @@ def check_plain_norm(norm, label: str) -> None:
     y = norm(x)
     w0, b0 = w.detach().clone(), None if b is None else b.detach().clone()
     try:
-        w.mul_(c)
+        if form == "one_plus_gamma":
+            w.copy_((1.0 + w) * c - 1.0)
+        else:
+            w.mul_(c)
         if b is not None:
             b.mul_(c)
         y2 = norm(x)
@@ -183,9 +199,15 @@ def check_plain_norm(norm, label: str) -> None:
         if b is not None:
             b.copy_(b0)
     if not torch.allclose(y2, y * c, rtol=1e-4, atol=1e-5 * max(1.0, float(y.abs().max()))):
+        if form == "gamma":
+            raise NotFoldable(
+                f"norm {label} ({type(norm).__name__}) is not γ·f(x)+β (e.g. Gemma's x·(1+γ)): dividing γ by the "
+                "smoothing factor would not divide its output; this model cannot be smoothed exactly (a family with "
+                "such norms declares norm_form = \"one_plus_gamma\")"
+            )
         raise NotFoldable(
-            f"norm {label} ({type(norm).__name__}) is not γ·f(x)+β (e.g. Gemma's x·(1+γ)): dividing γ by the "
-            "smoothing factor would not divide its output; this model cannot be smoothed exactly"
+            f"norm {label} ({type(norm).__name__}) is not (1+γ)·f(x) as its family declares (norm_form "
+            f"{form!r}): setting 1+γ to (1+γ)/s would not divide its output; this model cannot be smoothed exactly"
         )
 
 

@@ -28,6 +28,9 @@ class SmoothGroup:
     # For kind "linear": how the producer's output rows map onto the consumer's input columns when they differ
     # (grouped-query attention: v_proj has fewer output rows than o_proj has input columns).
     kv_repeat: int = 1
+    # For kind "linear": the producer's output rows that feed the consumer, as (start, stop) ranges taken in order
+    # (fused producers: the v rows of a fused qkv projection, the up half of a fused gate_up); () = all rows.
+    rows: tuple[tuple[int, int], ...] = ()
 
 
 class Family:
@@ -42,6 +45,9 @@ class Family:
     alpha_note: ClassVar[str] = ""
     # Callables (model) -> context manager applied while exporting ONNX (works around exporter limits)
     export_patches: ClassVar[tuple] = ()
+    # How the norms apply their weight: "gamma" γ·f(x)+β (LayerNorm, Llama's RMSNorm), "one_plus_gamma" (1+γ)·f(x)
+    # (Gemma's RMSNorm). Smoothing divides the effective gain by s: γ' = γ/s, or (1+γ') = (1+γ)/s.
+    norm_form: ClassVar[str] = "gamma"
 
     def __init__(self, model):
         self.model = model
@@ -67,11 +73,17 @@ class Family:
                 out.append(SmoothGroup(p + norm, tuple(p + rel for rel in lins), "norm"))
             if include_linear_pairs:
                 for prod, cons in self.linear_pairs:
-                    out.append(SmoothGroup(p + prod, (p + cons,), "linear", self.kv_repeat(prod, cons)))
+                    out.append(SmoothGroup(p + prod, (p + cons,), "linear", self.kv_repeat(prod, cons),
+                                           self.pair_rows(prod, cons)))
         return out
 
     def kv_repeat(self, producer: str, consumer: str) -> int:
         return 1
+
+    def pair_rows(self, producer: str, consumer: str) -> tuple[tuple[int, int], ...]:
+        """The producer's output rows feeding the consumer's input columns, as (start, stop) ranges in column order
+        (before kv_repeat); () when all rows do (a plain Linear → Linear pair)."""
+        return ()
 
 
 REGISTRY: dict[str, type[Family]] = {}
@@ -110,4 +122,4 @@ def family_classes() -> list[type[Family]]:
     return seen
 
 
-from sq_export.families import bloom, glm, gpt2, llama, opt  # noqa: E402,F401  (registration)
+from sq_export.families import bloom, gemma3, glm, gpt2, gpt_neox, llama, opt, phi3, qwen3  # noqa: E402,F401  (registration)
