@@ -57,7 +57,7 @@ def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = Tr
     norm applies its weight (Family.norm_form: "gamma", or "one_plus_gamma" for Gemma)."""
     from sq_export.modeling import check_plain_norm
     from sq_export.quantize import QLinear, replace_module, scale_from_amax
-    from sq_export.smooth import smoothing_factors
+    from sq_export.smooth import divided_norm_weight, smoothing_factors
 
     name = lm_head_name(model)
     head = model.get_submodule(name)
@@ -86,11 +86,7 @@ def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = Tr
             src.bias = torch.nn.Parameter(head.bias.detach().clone(), requires_grad=False)
         nm = model.get_submodule(norm)  # new tensors: the norm's may be shared with another copy of the model
         check_plain_norm(nm, norm, norm_form)
-        if norm_form == "one_plus_gamma":  # (1+γ') = (1+γ)/s, as smooth.fold_into_norm
-            w = nm.weight.detach()
-            nm.weight = torch.nn.Parameter(((1.0 + w.double()) / s.double() - 1.0).to(w.dtype), requires_grad=False)
-        else:
-            nm.weight = torch.nn.Parameter(nm.weight.detach() / s, requires_grad=False)
+        nm.weight = torch.nn.Parameter(divided_norm_weight(nm.weight.detach(), s, norm_form), requires_grad=False)
         if getattr(nm, "bias", None) is not None:
             nm.bias = torch.nn.Parameter(nm.bias.detach() / s, requires_grad=False)
         amax = amax / s

@@ -221,11 +221,6 @@ def in_features(mod) -> int:
 NORM_FORMS = ("gamma", "one_plus_gamma")
 
 
-def norm_gain(weight: torch.Tensor, form: str = "gamma") -> torch.Tensor:
-    """The per-channel factor a norm multiplies f(x) by: γ ("gamma") or 1+γ ("one_plus_gamma", Gemma)."""
-    return 1.0 + weight if form == "one_plus_gamma" else weight
-
-
 @torch.no_grad()
 def check_plain_norm(norm, label: str, form: str = "gamma") -> None:
     """Prove numerically that the norm's output is gain ⊙ f(x) (+ β) with the family's declared form of the gain:

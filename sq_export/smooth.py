@@ -33,20 +33,28 @@ def smoothing_factors(act_max: torch.Tensor, weights_oi: list[torch.Tensor], alp
 
 
 @torch.no_grad()
-def fold_into_norm(norm, linears, s: torch.Tensor, form: str = "gamma") -> None:
-    """Divide the norm's per-channel gain (and β) by s and multiply the Linears' input columns by s.
+def divided_norm_weight(weight: torch.Tensor, s: torch.Tensor, form: str = "gamma") -> torch.Tensor:
+    """The norm weight whose gain is the old gain divided by s (a new tensor).
 
     form "gamma": the gain is γ, so γ' = γ/s. form "one_plus_gamma" (Gemma: (1+γ)·f(x)): the gain is 1+γ, so
     1+γ' = (1+γ)/s, i.e. γ' = (1+γ)/s − 1, computed in float64 and rounded once: the gain the norm computes,
     1+γ' in float32, is (1+γ)/s to within float32 rounding of numbers near 1 (absolute ≤ 1.2e-7; relatively
     larger only where (1+γ)/s is tiny, which the float-equivalence check after smoothing bounds)."""
     if form == "one_plus_gamma":
-        w = norm.weight
-        w.copy_(((1.0 + w.double()) / s.double() - 1.0).to(w.dtype))
-    elif form == "gamma":
+        return ((1.0 + weight.double()) / s.double() - 1.0).to(weight.dtype)
+    if form == "gamma":
+        return weight / s
+    raise ValueError(f"unknown norm form {form!r}")
+
+
+@torch.no_grad()
+def fold_into_norm(norm, linears, s: torch.Tensor, form: str = "gamma") -> None:
+    """Divide the norm's per-channel gain (γ, or 1+γ for `form` "one_plus_gamma") and β by s, and multiply the
+    Linears' input columns by s."""
+    if form == "gamma":
         norm.weight.div_(s)
     else:
-        raise ValueError(f"unknown norm form {form!r}")
+        norm.weight.copy_(divided_norm_weight(norm.weight, s, form))
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s)
     for lin in linears:
