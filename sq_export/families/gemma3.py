@@ -45,7 +45,8 @@ class Gemma3(Family):
     )
     linear_pairs = (("mlp.up_proj", "mlp.down_proj"), ("self_attn.v_proj", "self_attn.o_proj"))
     default_alpha = 0.85
-    alpha_note = "Llama-class (RMSNorm, gated MLP): 0.85 as for Llama"
+    alpha_note = ("Llama-class (RMSNorm, gated MLP): 0.85; gemma-3-270m static W8A8 with --smooth-pairs: perplexity 51.3 at "
+                  "0.85, 58.7 at 0.5 (FP32 46.6; norms only: 81.1 vs 80.6)")
 
     def kv_repeat(self, producer, consumer):
         if producer.endswith("v_proj"):
