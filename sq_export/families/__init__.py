@@ -2,7 +2,9 @@
 
 An adapter says, per decoder layer, which norm feeds which Linears (a *smoothing group*: the Linears share one
 smoothing vector), which Linears are quantized, and which Linear → Linear pairs can carry a smoothing vector
-(the producer's output rows absorb what the consumer's input columns lose). Names are relative to the layer;
+(the producer's output rows absorb what the consumer's input columns lose; a fused producer declares which of its
+rows feed the consumer with `pair_rows`, e.g. the v rows of a fused qkv projection), and how its norms apply their
+weight (`norm_form`: γ·f(x)+β, or Gemma's (1+γ)·f(x)). Names are relative to the layer;
 `Family.groups(model)` expands them to qualified module names of the loaded HF model, the same keys calibration
 writes, so calibration and smoothing meet through real module names, never through string conventions.
 
