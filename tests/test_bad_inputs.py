@@ -44,9 +44,9 @@ def bad(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in sd.items() if "lm_head" not in k}, str(nan / "model.safetensors"))
     import transformers
 
-    unsup = d / "neox"
-    cfg = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    transformers.GPTNeoXForCausalLM(cfg).save_pretrained(unsup)
+    unsup = d / "gptj"  # an architecture with no adapter (GPT-NeoX, the earlier example, has one now)
+    cfg = transformers.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=128)
+    transformers.GPTJForCausalLM(cfg).save_pretrained(unsup)
     calib = d / "calib.txt"
     from sq_export.textdata import DEFAULT_CALIB
 
@@ -72,7 +72,7 @@ def _cases(d):
         "export missing model": (["export", "/nonexistent/model", "-o", str(out / "x.onnx")], 2, "not found"),
         "smooth corrupt model": (["smooth", str(d / "corrupt_model"), "--act-scales", str(d / "opt_scales" / "act_scales.safetensors"), "-o", str(out / "sm")], 2, "could not load"),
         "calibrate corrupt gguf": (["calibrate", str(d / "corrupt.gguf"), "-o", str(out)], 2, "could not load"),
-        "eval unsupported architecture": (["eval", str(d / "neox"), "--calib-text", c, *CAL], 2, "supported model types"),
+        "eval unsupported architecture": (["eval", str(d / "gptj"), "--calib-text", c, *CAL], 2, "supported model types"),
         "calibrate empty text": (["calibrate", g, "--calib-text", str(d / "empty.txt"), "-o", str(out)], 2, "empty"),
         "calibrate missing text": (["calibrate", g, "--calib-text", str(d / "nope.txt"), "-o", str(out)], 2, "not found"),
         "eval binary text": (["eval", g, "--text", str(d / "binary.txt"), "--mode", "fp"], 2, "binary"),

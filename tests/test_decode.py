@@ -63,7 +63,7 @@ def test_float_decode_graph_equals_pytorch_greedy(family, tmp_path):
     assert np.abs(res[0] - ref[:, :6]).max() < tol and np.abs(step[:, 0] - ref[:, 6]).max() < tol
 
 
-@pytest.mark.parametrize("family", ["llama", "bloom", "opt"])
+@pytest.mark.parametrize("family", ["llama", "bloom", "opt", "gemma3", "phi3", "gpt_neox"])
 def test_quantized_decode_graph_agrees_with_fake_quant(family, tmp_path):
     model, fam = _quantized(family)
     A.quantize_attention(model, fam, token_batches(n=4))

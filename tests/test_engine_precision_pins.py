@@ -15,7 +15,7 @@ from sq_export.engine.precision_pins import (
 )
 
 
-@pytest.mark.parametrize("family,kind", [("llama", "Pow"), ("opt", "LayerNormalization")])
+@pytest.mark.parametrize("family,kind", [("llama", "Pow"), ("opt", "LayerNormalization"), ("gemma3", "Pow"), ("gpt_neox", "LayerNormalization")])
 def test_norm_nodes_found_in_real_exports(family, kind, tmp_path):
     """RMSNorm chains are pinned whole; LayerNormalization nodes not at all (an FP32 pin on them made TensorRT 8.6 run
     the whole Myelin region in FP32)."""
@@ -27,6 +27,8 @@ def test_norm_nodes_found_in_real_exports(family, kind, tmp_path):
     export_onnx(model, fam, tmp_path / "m.onnx")
     names = norm_node_names(tmp_path / "m.onnx")
     n_norms = 2 * fam.num_layers() + 1  # two per layer + the final norm
+    if kind == "Pow":  # Gemma 3: four per layer and the per-head q_norm / k_norm
+        n_norms = sum("RMSNorm" in type(x).__name__ for x in model.modules())
     if kind == "LayerNormalization":
         import onnx
 

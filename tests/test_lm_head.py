@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import save_tiny
+from conftest import FAMILIES, save_tiny
 from sq_export.passes.check import run_check
 from sq_export.cli import main
 from sq_export.onnxio.meta import read_metadata
@@ -26,7 +26,7 @@ def _optimized(path, tmp_path):
     return onnx.load(so.optimized_model_filepath)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gemma3"])
 def test_quantized_lm_head_is_one_int8_copy_and_fused_on_ort(family, tmp_path, capsys):
     d = tmp_path / "tiny"
     model, _ = save_tiny(family, d)
@@ -69,7 +69,7 @@ def test_quantize_lm_head_refused_for_fp(tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom", "llama", "gpt2", "glm"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_lm_head_scale_is_the_heads_input_range(family):
     """The base model's last hidden state is the head's input in every family (final norm, OPT's project_out)."""
     import torch
@@ -90,7 +90,7 @@ def test_lm_head_scale_is_the_heads_input_range(family):
     assert r["act_scale"] == pytest.approx(float(scale_from_amax(max(seen))), rel=1e-6)
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom", "llama", "gpt2", "glm"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_lm_head_smoothing_is_exact_in_float(family):
     """Smoothing the head folds 1/s into the final norm and s into the head's own weight copy: float logits are
     unchanged, the input embedding is untouched."""
@@ -99,12 +99,12 @@ def test_lm_head_smoothing_is_exact_in_float(family):
     from conftest import make_tiny, token_batches
     from sq_export.quant.lm_head import quantize_lm_head
 
-    model, _ = make_tiny(family)
+    model, fam = make_tiny(family)
     ids = torch.as_tensor(token_batches(n=2, seq=16))
     emb = model.get_input_embeddings().weight.detach().clone()
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-    r = quantize_lm_head(model, ids.numpy(), batch_size=2, alpha=0.5)
+    r = quantize_lm_head(model, ids.numpy(), batch_size=2, alpha=0.5, norm_form=fam.norm_form)
     assert r["smoothed_into"] is not None
     q = model.get_submodule(r["name"])
     with torch.no_grad():

@@ -12,7 +12,7 @@ from sq_export import memory
 from sq_export.quant import reservoir
 from sq_export.quant.calibrate import calibrate
 from sq_export.quant.prepare import prepare, working_copy
-from sq_export.quant.recipe import make_recipe
+from sq_export.quant.recipe import Recipe, make_recipe
 from sq_export.measure.sqnr import linear_outputs, sqnr_against, sqnr_db
 from sq_export.quant.smooth import logits_of
 

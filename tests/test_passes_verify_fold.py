@@ -15,7 +15,7 @@ def test_fixtures_are_up_to_date():
 
 
 @pytest.mark.parametrize("name", ["clean_rms", "clean_ln", "clean_rms_int8w", "clean_ln_int8w", "float_rms",
-                                  "decomposed_ln", "one_sided_dq"])
+                                  "decomposed_ln", "one_sided_dq", "clean_rms_gemma"])
 def test_clean_smoothing(name):
     assert P.verify_folded(load(name)) == []
 
@@ -25,6 +25,15 @@ def test_norms_found():
     assert kinds("clean_rms") == ["rmsnorm"] * 3
     assert kinds("clean_ln") == ["layernorm"] * 3
     assert kinds("decomposed_ln") == ["layernorm", "layernorm", "layernorm_decomposed"]
+    # Gemma's x·rsqrt(mean(x²)+eps)·(1+w) with the gain left as Add(1, Cast(w)): an RMSNorm whose gain is 1+w
+    assert kinds("clean_rms_gemma") == ["rmsnorm"] * 3
+    g = P.to_ir(load("clean_rms_gemma")).graph
+    from sq_export.passes._graph import gain_array
+
+    for n in P.find_norms(g):
+        assert n.gamma.producer().op_type == "Add"
+        w = next(i for i in load("clean_rms_gemma").graph.initializer if i.name == n.name.replace("/Mul_1", ".weight_minus_one"))
+        np.testing.assert_array_equal(gain_array(n.gamma), 1.0 + onnx.numpy_helper.to_array(w))
 
 
 @pytest.mark.parametrize("name,rule,node", [
@@ -32,6 +41,7 @@ def test_norms_found():
     ("unfolded_mul_ln", "SQ001", "/m/model/layers.0/input_layernorm/smooth/Mul"),
     ("unfolded_div_rms", "SQ001", "/m/model/layers.0/post_attention_layernorm/smooth/Div"),
     ("mul_before_down", "SQ002", "/m/model/layers.0/mlp/down_proj/smooth/Mul"),
+    ("unfolded_mul_rms_gemma", "SQ001", "/m/model/layers.0/input_layernorm/smooth/Mul"),
 ])
 def test_unfolded_found(name, rule, node):
     v = P.verify_folded(load(name))
@@ -50,6 +60,7 @@ def test_scalar_mul_is_not_smoothing():
 @pytest.mark.parametrize("name,n_folds,dup", [
     ("unfolded_mul_rms", 1, 0), ("unfolded_mul_ln", 1, 0), ("unfolded_div_rms", 1, 0),
     ("unfolded_shared_norm_ln", 2, 1), ("unfolded_shared_norm_rms", 2, 1),
+    ("unfolded_mul_rms_gemma", 1, 0), ("unfolded_shared_norm_rms_gemma", 2, 1),
 ])
 def test_fold_round_trip(name, n_folds, dup):
     m = load(name)
@@ -91,3 +102,21 @@ def test_fold_is_a_real_change_numerically():
     broken.graph.node.remove(mul)
     assert P.verify_folded(broken) == []
     assert not np.allclose(run(broken, feeds()), run(m, feeds()), rtol=1e-5, atol=1e-5)
+
+
+def test_gemma_norm_stray_mul_caught_without_the_norm_match():
+    """A stray per-channel Mul after Gemma's norm is SQ001 (the norm is recognised through its Add(1, w) gain); were
+    the norm not recognised, SQ002 would still catch the Mul in front of the QuantizeLinear."""
+    from sq_export.passes.verify_folded import find_unfolded
+
+    m = load("unfolded_mul_rms_gemma")
+    v = P.verify_folded(m)
+    assert [x.rule for x in v] == ["SQ001"] and "input_layernorm" in v[0].message
+    g = P.to_ir(m).graph
+    assert [x.rule for x in find_unfolded(g, norms=[])] == ["SQ002"]
+    # the fold drops the Add(1, w) chain of a norm it replaces: no dangling Add/Cast left
+    fixed, folds = P.fold_smoothing(m)
+    assert len(folds) == 1 and not folds[0].duplicated
+    names = {n.name for n in fixed.graph.node}
+    assert "/m/model/layers.0/input_layernorm/Add_1" not in names and "/m/model/layers.0/input_layernorm/Cast" not in names
+    assert not any(i.name == "/m/model/layers.0/input_layernorm.weight_minus_one" for i in fixed.graph.initializer)

@@ -2,7 +2,9 @@
 
 An adapter says, per decoder layer, which norm feeds which Linears (a *smoothing group*: the Linears share one
 smoothing vector), which Linears are quantized, and which Linear → Linear pairs can carry a smoothing vector
-(the producer's output rows absorb what the consumer's input columns lose). Names are relative to the layer;
+(the producer's output rows absorb what the consumer's input columns lose; a fused producer declares which of its
+rows feed the consumer with `pair_rows`, e.g. the v rows of a fused qkv projection), and how its norms apply their
+weight (`norm_form`: γ·f(x)+β, or Gemma's (1+γ)·f(x)). Names are relative to the layer;
 `Family.groups(model)` expands them to qualified module names of the loaded HF model, the same keys calibration
 writes, so calibration and smoothing meet through real module names, never through string conventions.
 
@@ -28,6 +30,9 @@ class SmoothGroup:
     # For kind "linear": how the producer's output rows map onto the consumer's input columns when they differ
     # (grouped-query attention: v_proj has fewer output rows than o_proj has input columns).
     kv_repeat: int = 1
+    # For kind "linear": the producer's output rows that feed the consumer, as (start, stop) ranges taken in order
+    # (fused producers: the v rows of a fused qkv projection, the up half of a fused gate_up); () = all rows.
+    rows: tuple[tuple[int, int], ...] = ()
 
 
 class Family:
@@ -46,6 +51,9 @@ class Family:
     attention_module: ClassVar[str | None] = None
     # the KV-cache decode graph feeds position_ids to the model (BLOOM derives positions from the mask: alibi)
     position_ids: ClassVar[bool] = True
+    # How the norms apply their weight: "gamma" γ·f(x)+β (LayerNorm, Llama's RMSNorm), "one_plus_gamma" (1+γ)·f(x)
+    # (Gemma's RMSNorm). Smoothing divides the effective gain by s: γ' = γ/s, or (1+γ') = (1+γ)/s.
+    norm_form: ClassVar[str] = "gamma"
 
     def __init__(self, model):
         self.model = model
@@ -80,11 +88,17 @@ class Family:
                 out.append(SmoothGroup(p + norm, tuple(p + rel for rel in lins), "norm"))
             if include_linear_pairs:
                 for prod, cons in self.linear_pairs:
-                    out.append(SmoothGroup(p + prod, (p + cons,), "linear", self.kv_repeat(prod, cons)))
+                    out.append(SmoothGroup(p + prod, (p + cons,), "linear", self.kv_repeat(prod, cons),
+                                           self.pair_rows(prod, cons)))
         return out
 
     def kv_repeat(self, producer: str, consumer: str) -> int:
         return 1
+
+    def pair_rows(self, producer: str, consumer: str) -> tuple[tuple[int, int], ...]:
+        """The producer's output rows feeding the consumer's input columns, as (start, stop) ranges in column order
+        (before kv_repeat); () when all rows do (a plain Linear → Linear pair)."""
+        return ()
 
 
 REGISTRY: dict[str, type[Family]] = {}
@@ -123,4 +137,4 @@ def family_classes() -> list[type[Family]]:
     return seen
 
 
-from sq_export.families import bloom, glm, gpt2, llama, opt  # noqa: E402,F401  (registration)
+from sq_export.families import bloom, gemma3, glm, gpt2, gpt_neox, llama, opt, phi3, qwen3  # noqa: E402,F401  (registration)

@@ -39,7 +39,7 @@ class Norm:
     kind: str  # layernorm | rmsnorm | layernorm_decomposed
     node: ir.Node  # the LayerNormalization, or the Mul by gamma (RMSNorm), or the Add of beta (decomposed LN)
     gamma_node: ir.Node  # node holding gamma: the LayerNormalization itself, or the Mul by gamma
-    gamma: ir.Value
+    gamma: ir.Value  # the gain the norm multiplies by: a constant, or Gemma's Add(1, w) of constants (gain_array)
     beta: ir.Value | None
     beta_node: ir.Node | None = None
 
@@ -116,6 +116,83 @@ def const_shape(value: ir.Value) -> tuple[int, ...] | None:
         return tuple(int(d) for d in t.shape)
     a = const_array(value)
     return None if a is None else tuple(a.shape)
+
+
+def _const_through_cast(value: ir.Value | None) -> tuple[ir.Value, list[int]] | None:
+    """(the constant behind `value`, the Cast target types on the way, innermost first), or None when `value` is
+    not a constant, possibly behind Cast nodes. Reads no data."""
+    casts: list[int] = []
+    for _ in range(8):
+        if value is None:
+            return None
+        if is_const(value):
+            return value, casts[::-1]
+        p = value.producer()
+        if p is None or p.op_type != "Cast" or p.domain != "" or not p.inputs or "to" not in p.attributes:
+            return None
+        casts.append(int(p.attributes["to"].value))
+        value = p.inputs[0]
+    return None
+
+
+def _const_size(value: ir.Value) -> int | None:
+    shp = const_shape(value) if value.const_value is not None else None
+    if shp is None and value.shape is not None and all(isinstance(d, int) for d in value.shape):
+        shp = tuple(value.shape)
+    if shp is None:
+        a = const_array(value)
+        shp = None if a is None else a.shape
+    return None if shp is None else int(np.prod(shp, dtype=np.int64))
+
+
+def offset_gain(value: ir.Value | None) -> tuple[ir.Node, ir.Value, ir.Value] | None:
+    """Gemma's norm gain (1 + w) left unfolded by the exporter: `value` is Add(c, w) (through Cast/Identity), c a
+    scalar constant (the 1) and w a per-channel constant (also through a Cast, as HF's `1.0 + weight.float()`).
+    Returns (the Add, c's input, w's input) or None. Reads no initializer data (shapes only)."""
+    if value is None or is_const(value):
+        return None
+    add = walk_back(value)
+    if add is None or add.op_type != "Add" or add.domain != "" or len(add.inputs) != 2:
+        return None
+    srcs = [_const_through_cast(v) for v in add.inputs]
+    if any(x is None for x in srcs):
+        return None
+    sizes = [_const_size(x[0]) for x in srcs]
+    if None in sizes:
+        return None
+    if sizes[0] == 1 and sizes[1] > 1:
+        return add, add.inputs[0], add.inputs[1]
+    if sizes[1] == 1 and sizes[0] > 1:
+        return add, add.inputs[1], add.inputs[0]
+    return None
+
+
+def is_gain(value: ir.Value | None) -> bool:
+    """A norm's per-channel gain: a constant, or Gemma's unfolded Add(1, w) of constants."""
+    return is_const(value) or offset_gain(value) is not None
+
+
+def _eval_const(value: ir.Value) -> np.ndarray | None:
+    found = _const_through_cast(value)
+    if found is None:
+        return None
+    a = const_array(found[0])
+    for to in found[1]:
+        a = None if a is None else a.astype(ir.DataType(to).numpy())
+    return a
+
+
+def gain_array(value: ir.Value | None) -> np.ndarray | None:
+    """The values of a norm's gain (see is_gain): the constant, or c + w of Gemma's Add(c, w), in w's type."""
+    if is_const(value):
+        return const_array(value)
+    og = offset_gain(value)
+    if og is None:
+        return None
+    c, w = _eval_const(og[1]), _eval_const(og[2])
+    if c is None or w is None:
+        return None
+    return (c.astype(np.float64) + w.astype(np.float64)).astype(w.dtype)
 
 
 def is_per_channel(arr: np.ndarray | None) -> bool:
@@ -276,7 +353,7 @@ def find_norms(graph: ir.Graph) -> list[Norm]:
             continue
         for gi in (0, 1):
             g, x = node.inputs[gi], node.inputs[1 - gi]
-            if not is_const(g) or is_const(x):
+            if is_const(x) or not is_gain(g):  # gain: γ, or Gemma's (1 + γ) as a folded constant or Add(1, γ)
                 continue
             found = _normalized(x)
             if found is None:

@@ -2,6 +2,7 @@
 
 LayerNormalization(x, g, b) * c  ==  LayerNormalization(x, g*c, b*c)
 RMSNorm: Mul(g, xhat) * c        ==  Mul(g*c, xhat)          (decomposed LayerNorm: g*c and b*c likewise)
+Gemma's RMSNorm: Mul(xhat, Add(1, w)) * c  ==  Mul(xhat, (1+w)*c)   (the new gain is one constant)
 Div(y, c) is folded as g/c (and b/c).
 
 Other consumers of the norm output: the folded norm is a *new* node (LayerNormalization, or just the final Mul by
@@ -29,6 +30,7 @@ from sq_export.passes._graph import (
     const_array,
     drop_if_unused,
     find_norms,
+    gain_array,
     is_per_channel,
     label,
     scaling_operand,
@@ -50,7 +52,7 @@ class Fold:
 
 
 def _fold_one(graph: ir.Graph, norm: Norm, mul: ir.Node, c: np.ndarray) -> tuple[Fold | None, str | None]:
-    g = const_array(norm.gamma)
+    g = gain_array(norm.gamma)  # γ, or Gemma's 1 + γ (a folded constant or Add(1, γ)): the new gain is g·c
     b = const_array(norm.beta) if norm.beta is not None else None
     if g is None or (norm.beta is not None and b is None):
         return None, "gamma/beta is not a constant"
@@ -114,10 +116,20 @@ def _fold_one(graph: ir.Graph, norm: Norm, mul: ir.Node, c: np.ndarray) -> tuple
 
 
 def _drop_chain(graph: ir.Graph, v: ir.Value) -> None:
-    """Drop a now-unread constant (initializer, Constant, or Identity of one)."""
-    from sq_export.passes._graph import is_const
+    """Drop a now-unread constant (initializer, Constant, or Identity of one), or Gemma's unread Add(1, γ) gain
+    (with the Casts and constants behind it)."""
+    from sq_export.passes._graph import is_const, offset_gain
 
     if not is_const(v):
+        p = v.producer()
+        if p is None or v.uses() or v.is_graph_output() or p.op_type not in ("Add", "Cast") or p.graph is not graph:
+            return
+        if offset_gain(v) is None and not (p.op_type == "Cast" and _const_chain(p.inputs[0])):
+            return
+        ins = [i for i in p.inputs if i is not None]
+        graph.remove(p, safe=True)
+        for i in ins:
+            _drop_chain(graph, i)
         return
     p = v.producer()
     if p is not None and p.op_type == "Identity" and not v.uses() and not v.is_graph_output():
@@ -126,6 +138,22 @@ def _drop_chain(graph: ir.Graph, v: ir.Value) -> None:
         _drop_chain(graph, src)
         return
     drop_if_unused(graph, v)
+
+
+def _const_chain(v: ir.Value | None) -> bool:
+    """A constant, possibly behind Cast nodes."""
+    from sq_export.passes._graph import is_const
+
+    for _ in range(8):
+        if v is None:
+            return False
+        if is_const(v):
+            return True
+        p = v.producer()
+        if p is None or p.op_type != "Cast" or not p.inputs:
+            return False
+        v = p.inputs[0]
+    return False
 
 
 def fold_graph(graph: ir.Graph) -> tuple[list[Fold], list[Violation]]:

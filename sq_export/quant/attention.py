@@ -5,12 +5,13 @@ fused-MHA Q/DQ placement: the DQ feeds the MatMul; no op between them). q, k and
 Linears' inputs (max|x| / 127 over the calibration windows, of the model as prepared, i.e. after smoothing and the
 Linears' fake quantization); P ∈ [0, 1] uses the fixed scale 1/127 (its calibrated max is recorded too).
 
-Families whose attention goes through transformers' AttentionInterface (Llama, GLM, OPT, GPT-2, ...): a function
-registered there under ATTN_IMPL (same math as their eager functions, GQA's repeat_kv included) reads the scales
-from attributes on the attention module, and `config._attn_implementation` is switched to it (the mask interface
-gets the eager mask under the same name). A family that computes attention itself (BLOOM: alibi, baddbmm) gives its
-own forward with the same quantization points (`Family.attention_forward`); `Family.attention_module` names the
-module.
+Families whose attention goes through transformers' AttentionInterface (Llama / Mistral / Qwen2 / Qwen3, Phi-3,
+GPT-NeoX, Gemma 3, GLM, OPT, GPT-2): a function registered there under ATTN_IMPL (same math as their eager
+functions, GQA's repeat_kv, the model's own score scaling and optional softcap included) reads the scales from
+attributes on the attention module, and `config._attn_implementation` is switched to it (the mask interface gets
+the eager mask under the same name; sliding-window layers get their sliding mask from it like the eager path). A
+family that computes attention itself (BLOOM: alibi, baddbmm) gives its own forward with the same quantization
+points (`Family.attention_forward`); `Family.attention_module` names the module.
 
     scales = calibrate_attention(model, family, batches)   # {attention module name: {"q","k","v","p"} scales}
     enable_attention_quant(model, scales)                    # fake-quant from now on (PyTorch and ONNX export)
@@ -57,8 +58,12 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
-def sq_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' eager attention (llama/glm/opt/gpt2 variants agree on inference) with INT8 points."""
+def sq_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """transformers' eager attention (the llama/glm/opt/gpt2/qwen3/phi3/gpt_neox/gemma3 variants agree on inference)
+    with INT8 points. `scaling` is the model's own (Gemma 3: query_pre_attn_scalar**-0.5, not head_dim**-0.5);
+    `softcap` (Gemma 2 style tanh capping of the scores) applies as in the eager function when the model passes it
+    (Gemma 3's attention does not pass one); `sliding_window` needs nothing here: the sliding-window mask arrives
+    in `attention_mask`."""
     st = getattr(module, _STATE, None)
     n_rep = getattr(module, "num_key_value_groups", 1)
     key = _repeat_kv(key, n_rep)
@@ -68,6 +73,8 @@ def sq_attention_forward(module, query, key, value, attention_mask, scaling=None
     q = _observe(st, "q", query)
     kt = _observe(st, "k", key.transpose(-1, -2))
     attn_weights = torch.matmul(q, kt) * scaling
+    if softcap is not None:
+        attn_weights = torch.tanh(attn_weights / softcap) * softcap
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)

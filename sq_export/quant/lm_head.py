@@ -49,11 +49,14 @@ def _final_norm(model, body, batch) -> str | None:
 
 
 @torch.no_grad()
-def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = True, alpha: float | None = None) -> dict:
+def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = True, alpha: float | None = None,
+                     norm_form: str = "gamma") -> dict:
     """Calibrate the LM head's input on `batches` ([n, L] token ids) and swap the head for a static QLinear;
-    with `alpha`, smooth it first (into the final norm and the head's own weight copy)."""
+    with `alpha`, smooth it first (into the final norm and the head's own weight copy). `norm_form`: how the final
+    norm applies its weight (Family.norm_form: "gamma", or "one_plus_gamma" for Gemma)."""
+    from sq_export.modeling import check_plain_norm
     from sq_export.quant.qlinear import QLinear, replace_module, scale_from_amax
-    from sq_export.quant.smooth import smoothing_factors
+    from sq_export.quant.smooth import divided_norm_weight, smoothing_factors
 
     name = lm_head_name(model)
     head = model.get_submodule(name)
@@ -81,7 +84,8 @@ def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = Tr
         if head.bias is not None:
             src.bias = torch.nn.Parameter(head.bias.detach().clone(), requires_grad=False)
         nm = model.get_submodule(norm)  # new tensors: the norm's may be shared with another copy of the model
-        nm.weight = torch.nn.Parameter(nm.weight.detach() / s, requires_grad=False)
+        check_plain_norm(nm, norm, norm_form)
+        nm.weight = torch.nn.Parameter(divided_norm_weight(nm.weight.detach(), s, norm_form), requires_grad=False)
         if getattr(nm, "bias", None) is not None:
             nm.bias = torch.nn.Parameter(nm.bias.detach() / s, requires_grad=False)
         amax = amax / s

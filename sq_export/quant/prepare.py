@@ -82,7 +82,7 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
         if bad:
             raise BadInput(f"--fallback: {bad[0]} is not a quantized Linear of this model (e.g. {family.quantized_linears()[0]})")
     if recipe.needs_calibration() and calib is None:
-        raise BadInput("this recipe needs calibration statistics (sq_export.calibrate)")
+        raise BadInput("this recipe needs calibration statistics (sq_export.quant.calibrate)")
     act_max = res = None
     if calib is not None:
         act_max, res = calib.act_max, calib.reservoir
@@ -143,7 +143,7 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
 
         t = time.perf_counter()
         head_alpha = (recipe.alpha if isinstance(recipe.alpha, float) else family.default_alpha) if recipe.mode == "sq" else None
-        h = quantize_lm_head(model, calib.windows(), recipe.calib.batch_size, recipe.per_channel, head_alpha)
+        h = quantize_lm_head(model, calib.windows(), recipe.calib.batch_size, recipe.per_channel, head_alpha, family.norm_form)
         graph_meta["quantize_lm_head"] = h["name"]
         if h["smoothed_into"]:
             graph_meta.update({"lm_head_smoothed_into": h["smoothed_into"], "lm_head_alpha": h["alpha"]})

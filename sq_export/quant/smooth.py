@@ -27,30 +27,73 @@ def smoothing_factors(act_max: torch.Tensor, weights_oi: list[torch.Tensor], alp
 
 
 @torch.no_grad()
-def fold_into_norm(norm, linears, s: torch.Tensor) -> None:
-    norm.weight.div_(s)
+def divided_norm_weight(weight: torch.Tensor, s: torch.Tensor, form: str = "gamma") -> torch.Tensor:
+    """The norm weight whose gain is the old gain divided by s (a new tensor).
+
+    form "gamma": the gain is γ, so γ' = γ/s. form "one_plus_gamma" (Gemma: (1+γ)·f(x)): the gain is 1+γ, so
+    1+γ' = (1+γ)/s, i.e. γ' = (1+γ)/s − 1, computed in float64 and rounded once: the gain the norm computes,
+    1+γ' in float32, is (1+γ)/s to within float32 rounding of numbers near 1 (absolute ≤ 1.2e-7; relatively
+    larger only where (1+γ)/s is tiny, which the float-equivalence check after smoothing bounds)."""
+    if form == "one_plus_gamma":
+        return ((1.0 + weight.double()) / s.double() - 1.0).to(weight.dtype)
+    if form == "gamma":
+        return weight / s
+    raise ValueError(f"unknown norm form {form!r}")
+
+
+@torch.no_grad()
+def fold_into_norm(norm, linears, s: torch.Tensor, form: str = "gamma") -> None:
+    """Divide the norm's per-channel gain (γ, or 1+γ for `form` "one_plus_gamma") and β by s, and multiply the
+    Linears' input columns by s."""
+    if form == "gamma":
+        norm.weight.div_(s)
+    else:
+        norm.weight.copy_(divided_norm_weight(norm.weight, s, form))
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s)
     for lin in linears:
         weight_oi(lin).mul_(s.view(1, -1))
 
 
+def row_ranges(rows, n_rows: int) -> list[tuple[int, int]]:
+    """SmoothGroup.rows as a checked list of (start, stop) ranges of the producer's rows (all rows when empty)."""
+    if not rows:
+        return [(0, n_rows)]
+    out = [(int(a), int(b)) for a, b in rows]
+    if any(not (0 <= a < b <= n_rows) for a, b in out):
+        raise BadInput(f"producer row ranges {out[:4]}... fall outside its {n_rows} output rows")
+    return out
+
+
 @torch.no_grad()
-def fold_into_linear(producer, consumer, s_consumer: torch.Tensor, kv_repeat: int = 1, head_dim: int | None = None) -> None:
+def fold_into_linear(producer, consumer, s_consumer: torch.Tensor, kv_repeat: int = 1, head_dim: int | None = None,
+                     rows=()) -> None:
     """Divide the producer's output rows by s and multiply the consumer's input columns by s.
 
     With grouped-query attention (v_proj → o_proj) one v row feeds `kv_repeat` o columns (head h reads kv head
     h // kv_repeat); s is equal across those columns (smoothing_factors_for_group makes it so).
+    `rows` (SmoothGroup.rows): the (start, stop) ranges of the producer's rows that feed the consumer, in the
+    consumer's column order, when only part of a fused producer does (the v rows of a fused qkv projection, the up
+    half of a fused gate_up); the other rows are left alone.
     """
     w_p = weight_oi(producer)
+    ranges = row_ranges(rows, w_p.shape[0])
+    n_rows = sum(b - a for a, b in ranges)
     s_rows = s_consumer
+    if s_consumer.shape[0] != n_rows * kv_repeat:
+        raise BadInput(f"cannot pair {n_rows} producer rows with {s_consumer.shape[0]} consumer columns")
     if kv_repeat > 1:
-        if s_consumer.shape[0] != w_p.shape[0] * kv_repeat or not head_dim:
-            raise BadInput(f"cannot pair {w_p.shape[0]} producer rows with {s_consumer.shape[0]} consumer columns")
+        if not head_dim:
+            raise BadInput("pairing grouped-query attention rows needs the head size")
         s_rows = s_consumer.view(-1, kv_repeat, head_dim)[:, 0, :].reshape(-1)
-    w_p.div_(s_rows.view(-1, 1))
-    if getattr(producer, "bias", None) is not None:
-        producer.bias.div_(s_rows)
+    bias = getattr(producer, "bias", None)
+    off = 0
+    for a, b in ranges:
+        part = s_rows[off : off + b - a]
+        w_p[a:b].div_(part.view(-1, 1))
+        if bias is not None:
+            bias[a:b].div_(part)
+        off += b - a
     weight_oi(consumer).mul_(s_consumer.view(1, -1))
 
 
@@ -80,13 +123,13 @@ def apply_smoothing(model, family: Family, act_max: dict[str, torch.Tensor], alp
         a = alpha[g.source] if isinstance(alpha, dict) else alpha
         src = model.get_submodule(g.source)
         if g.kind == "norm":
-            check_plain_norm(src, g.source)
+            check_plain_norm(src, g.source, family.norm_form)
             s = smoothing_factors_for_group(model, g, act_max, a)
-            fold_into_norm(src, [model.get_submodule(n) for n in g.linears], s)
+            fold_into_norm(src, [model.get_submodule(n) for n in g.linears], s, family.norm_form)
         else:
             hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
             s = smoothing_factors_for_group(model, g, act_max, a, head_dim=hd)
-            fold_into_linear(src, model.get_submodule(g.linears[0]), s, g.kv_repeat, hd)
+            fold_into_linear(src, model.get_submodule(g.linears[0]), s, g.kv_repeat, hd, g.rows)
         factors[g.source] = s
     return factors
 
