@@ -70,9 +70,10 @@ class Tokens:
         return int(self.input_ids.shape[1])
 
     def valid_mask(self, rows=slice(None)) -> np.ndarray:
-        """bool [n, L]: positions that are real tokens (< length)."""
+        """bool [n, L]: positions that are real tokens (< length); L is the longest of these rows' chunks, the width
+        `batches` gives them."""
         lens = self.lengths[rows]
-        return np.arange(self.seq_len)[None, :] < lens[:, None]
+        return np.arange(int(lens.max()))[None, :] < lens[:, None]
 
     @classmethod
     def from_chunks(cls, chunks, path: str = "<chunks>") -> "Tokens":

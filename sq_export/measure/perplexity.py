@@ -92,7 +92,12 @@ def ort_session(path: str, threads: int | None = None):
     from sq_export.onnxio.read import skeleton_beside
 
     with skeleton_beside(path, ".ort.onnx") as skeleton:
-        return ort.InferenceSession(skeleton or str(path), so, providers=["CPUExecutionProvider"])
+        if skeleton is not None:
+            try:
+                return ort.InferenceSession(skeleton, so, providers=["CPUExecutionProvider"])
+            except Exception:  # e.g. a small initializer that shape inference must read (Unsqueeze axes): the file
+                pass
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def onnx_perplexity(path: str, ids: np.ndarray, seq_len: int = 512, max_tokens: int | None = None) -> dict:
