@@ -7,7 +7,8 @@
 # exported on the device's CPU (default recipe and float), FP16 and INT8 engines built, each engine's perplexity beside ONNX Runtime's on the
 # same held-out token chunks (`sq-export compare --perplexity`).
 W=${W:-/tmp/sqw}
-SAMPLES=${SAMPLES:-32}
+SAMPLES=${SAMPLES:-16}
+MODELS=${MODELS:-gemma}   # smol and/or gemma
 case "$1" in
 carry)
   mkdir -p "$W" && cp -r .devcarry/p/. .devcarry/whl "$W"/ 2>/dev/null; ls "$W" | tr '\n' ' '; echo ;;
@@ -22,33 +23,36 @@ chain)
   source /opt/trt86/env.sh
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
-  for m in smol gemma; do
+  for m in $MODELS; do
     cat "$W/$m".part_* > "$W/$m.gguf"
     [ "$(sha256sum "$W/$m.gguf" | cut -d' ' -f1)" = "$(cat "$W/$m.sha256")" ] || { echo "$m GGUF checksum mismatch"; touch "$W/chain.done"; exit 1; }
   done
-  mv "$W/smol.gguf" "$W/SmolLM2-135M-Instruct.Q4_1.gguf"; mv "$W/gemma.gguf" "$W/gemma-3-270m-q4_k_m.gguf"
+  [ -f "$W/smol.gguf" ] && mv "$W/smol.gguf" "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+  [ -f "$W/gemma.gguf" ] && mv "$W/gemma.gguf" "$W/gemma-3-270m-q4_k_m.gguf"
   S="$W/SmolLM2-135M-Instruct.Q4_1.gguf"; G="$W/gemma-3-270m-q4_k_m.gguf"
   (PYTHONPATH=$PWD "$TRTPY" -m pytest -q --noconftest -p no:cacheprovider tests/test_engine_*.py > "$W/engine_tests.log" 2>&1; touch "$W/tests.done") &
   SQ="python3 -m sq_export -q"
   CAL="--samples $SAMPLES"
   # exports on the CPU (torch sees no GPU: CUDA_VISIBLE_DEVICES= for torch only), two at a time
-  (CUDA_VISIBLE_DEVICES= $SQ export "$S" --mode fp -o "$W/smol.fp.onnx" $CAL --json > "$W/smol.fp.export.json" 2> "$W/smol.fp.export.log"
+  [[ " $MODELS " == *" smol "* ]] && (CUDA_VISIBLE_DEVICES= $SQ export "$S" --mode fp -o "$W/smol.fp.onnx" $CAL --json > "$W/smol.fp.export.json" 2> "$W/smol.fp.export.log"
    CUDA_VISIBLE_DEVICES= $SQ export "$S" --weights qdq -o "$W/smol.sq.onnx" $CAL --json > "$W/smol.sq.export.json" 2> "$W/smol.sq.export.log"
-   CUDA_VISIBLE_DEVICES= $SQ tokens "$S" -o "$W/smol.tokens.npz" --seq-len 256 --max-tokens 8192 > "$W/smol.tokens.log" 2>&1) &
-  (CUDA_VISIBLE_DEVICES= $SQ export "$G" --mode fp -o "$W/gemma.fp.onnx" $CAL --json > "$W/gemma.fp.export.json" 2> "$W/gemma.fp.export.log"
-   CUDA_VISIBLE_DEVICES= $SQ export "$G" --weights qdq -o "$W/gemma.sq.onnx" $CAL --json > "$W/gemma.sq.export.json" 2> "$W/gemma.sq.export.log"
-   CUDA_VISIBLE_DEVICES= $SQ tokens "$G" -o "$W/gemma.tokens.npz" --seq-len 256 --max-tokens 8192 > "$W/gemma.tokens.log" 2>&1) &
+   CUDA_VISIBLE_DEVICES= $SQ tokens "$S" -o "$W/smol.tokens.npz" --seq-len 256 --max-tokens 4096 > "$W/smol.tokens.log" 2>&1) &
+  if [[ " $MODELS " == *" gemma "* ]]; then
+    CUDA_VISIBLE_DEVICES= $SQ export "$G" --mode fp -o "$W/gemma.fp.onnx" $CAL --json > "$W/gemma.fp.export.json" 2> "$W/gemma.fp.export.log" &
+    CUDA_VISIBLE_DEVICES= $SQ export "$G" --weights qdq -o "$W/gemma.sq.onnx" $CAL --json > "$W/gemma.sq.export.json" 2> "$W/gemma.sq.export.log" &
+    CUDA_VISIBLE_DEVICES= $SQ tokens "$G" -o "$W/gemma.tokens.npz" --seq-len 256 --max-tokens 4096 > "$W/gemma.tokens.log" 2>&1 &
+  fi
   wait
   # engines, all in parallel (opt level 0: each 30-layer build takes minutes)
   B="$TRTPY -m sq_export -q build --batch 1:1:1 --seq 1:256:256 --opt-level 0 --json"
-  for m in smol gemma; do
+  for m in $MODELS; do
     $B "$W/$m.fp.onnx" -o "$W/$m.fp.engine" --precision fp16 > "$W/$m.fp.build.json" 2> "$W/$m.fp.build.log" &
     $B "$W/$m.sq.onnx" -o "$W/$m.sq.engine" --precision int8 > "$W/$m.sq.build.json" 2> "$W/$m.sq.build.log" &
   done
   wait
   C="$TRTPY -m sq_export compare --perplexity --batches 8 --json"
-  $C "$W/smol.fp.onnx" "$W/smol.fp.engine" "$W/smol.sq.onnx" "$W/smol.sq.engine" --tokens "$W/smol.tokens.npz" > "$W/smol.compare.json" 2> "$W/smol.compare.log" &
-  $C "$W/gemma.fp.onnx" "$W/gemma.fp.engine" "$W/gemma.sq.onnx" "$W/gemma.sq.engine" \
+  [[ " $MODELS " == *" smol "* ]] && $C "$W/smol.fp.onnx" "$W/smol.fp.engine" "$W/smol.sq.onnx" "$W/smol.sq.engine" --tokens "$W/smol.tokens.npz" > "$W/smol.compare.json" 2> "$W/smol.compare.log" &
+  [[ " $MODELS " == *" gemma "* ]] && $C "$W/gemma.fp.onnx" "$W/gemma.fp.engine" "$W/gemma.sq.onnx" "$W/gemma.sq.engine" \
      --tokens "$W/gemma.tokens.npz" > "$W/gemma.compare.json" 2> "$W/gemma.compare.log" &
   wait
   touch "$W/chain.done" ;;
