@@ -2,6 +2,7 @@
 of the selection and the network side with a stand-in network (no GPU needed)."""
 
 import types
+from pathlib import Path
 
 import pytest
 
@@ -132,7 +133,7 @@ def test_pin_sets_fp32_on_matching_layers_only():
 def test_fp32_nodes_by_regex_skip_qdq_and_int8_gemms():
     from sq_export.engine.precision_pins import matching_node_names
 
-    g = "graphs/decode_llama_sq.onnx"
+    g = str(Path(__file__).resolve().parent / "fixtures" / "graphs" / "decode_llama_sq.onnx")
     res = matching_node_names(g, r"layers\.\d+/Add(_1)?$")
     assert res == [f"/model/model/layers.{i}/{a}" for i in range(2) for a in ("Add", "Add_1")]
     # everything under o_proj: its Q/DQ nodes and the INT8 MatMul are left alone, nothing else is there
@@ -148,7 +149,7 @@ def test_plan_pins_from_one_loaded_graph():
     from sq_export.errors import BadInput
 
     trt = types.SimpleNamespace(float16="half", float32="float")
-    m = onnx.load("graphs/decode_llama_sq.onnx", load_external_data=False)
+    m = onnx.load(str(Path(__file__).resolve().parent / "fixtures" / "graphs" / "decode_llama_sq.onnx"), load_external_data=False)
     plan = plan_build("8.6.0", "int8", graph_facts_from_model(m))
     pins = {p.key: p for p in plan_pins(m, trt, plan)}
     assert set(pins) == {SIDECAR_KEYS["norms"], SIDECAR_KEYS["float_matmuls"]}
