@@ -36,13 +36,21 @@ __all__ = [
 
 
 # ----- loading --------------------------------------------------------------------------------------------------
-def load_model(model: str | Path, *, tokenizer: str | Path | None = None, with_tokenizer: bool = True):
-    """(model, tokenizer) from a Hugging Face folder, a .gguf file or an alias ('smollm2'): float32, eval mode,
-    eager attention. `tokenizer`: load the tokenizer from there instead (a checkpoint saved without one)."""
+def load_model(model: str | Path, *, tokenizer: str | Path | None = None, with_tokenizer: bool = True,
+               device: str | None = None, dtype: str = "auto", device_map=None, max_memory: dict | None = None):
+    """(model, tokenizer) from a Hugging Face folder, a .gguf file or an alias ('smollm2'): eval mode, eager
+    attention. `tokenizer`: load the tokenizer from there instead (a checkpoint saved without one).
+
+    `device`: "cuda" (also "cuda:N"), "cpu", or None (cuda when torch sees a GPU). `dtype`: "auto" (the
+    checkpoint's float type on cuda, float32 on cpu), "float32", "float16" or "bfloat16"; the statistics, factors
+    and scales the recipe computes are float32 whatever the model's type. `device_map` / `max_memory`: accelerate's
+    big-model dispatch (e.g. device_map="auto", max_memory={0: "20GiB", "cpu": "200GiB"}) instead of one device;
+    calibration and smoothing work on the dispatched model (offloaded weights included)."""
     from sq_export.modeling import env_threads, load_model as _load, load_tokenizer as _tok
 
     env_threads()
-    m, tok, _ = _load(str(model), with_tokenizer=with_tokenizer and tokenizer is None)
+    m, tok, _ = _load(str(model), with_tokenizer=with_tokenizer and tokenizer is None, device=device, dtype=dtype,
+                      device_map=device_map, max_memory=max_memory)
     if tokenizer is not None and with_tokenizer:
         tok = _tok(str(tokenizer))
     m._sq_source = str(model)  # recorded as source_model in exported graphs
@@ -153,9 +161,12 @@ def quantize(model, calib: Calibration | None = None, recipe: Recipe | None = No
         calib = calibrate(model, tokenizer, recipe=recipe)
     if calib is not None and recipe.needs_rows() and calib.reservoir is None:
         raise BadInput("this recipe (alpha auto, clip or fallback) needs a row sample: calibrate with rows=512 (the default)")
+    from sq_export.device import fits, model_device
+
     m = working_copy(model, fam, smoothing=recipe.mode == "sq", linear_pairs=recipe.linear_pairs) if copy else model
     fam_m = fam if m is model else family_for(m)
-    prep = prepare(m, fam_m, recipe, calib, fallback_score=fallback_score)
+    with fits("preparing the model (smoothing check, fallback scoring, attention / LM head calibration)", model_device(m)):
+        prep = prepare(m, fam_m, recipe, calib, fallback_score=fallback_score)
     return QuantizedModel(m, fam_m, recipe, prep, calib, source or getattr(model, "_sq_source", None))
 
 
@@ -174,10 +185,15 @@ class ExportResult:
 def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt", dtype: str = "fp32",
                 decode: bool = False, source_model: str | None = None) -> ExportResult:
     """Write `model` (a QuantizedModel, or a float HF model for the FP32/FP16 reference graph) as ONNX at `path`,
-    atomically. `weights`: "int8" (INT8 initializers → DQ, TensorRT 10+) or "qdq" (float W → Q → DQ, TensorRT 8.6);
-    `target`: "tensorrt" or "ort" (uint8 activations for ONNX Runtime's integer kernels); `dtype` "fp16": float
-    parts in float16 (opset 19); `decode`: the KV-cache graph instead of the logits graph."""
-    from sq_export.export.exporter import export_onnx as _export
+    atomically. `weights`: "int8" (INT8 initializers → DQ, TensorRT 10+), "qdq" (float32 W → Q → DQ, TensorRT
+    8.6) or "qdq16" (float16 W → Cast → Q → DQ: TensorRT 8.6 at half the bytes, the same INT8 values, see
+    sq_export.passes.weights_fp16); `target`: "tensorrt" or "ort" (uint8 activations for ONNX Runtime's integer
+    kernels); `dtype` "fp16": float parts in float16 (opset 19); `decode`: the KV-cache graph instead of the logits
+    graph. A model on the GPU or in a half type is traced on the CPU in float32 (the TorchScript exporter's
+    ground; half weights widen exactly, so the INT8 values are the half model's): that needs 4 bytes per parameter
+    of host memory while it runs; the model is put back where it was afterwards. A model dispatched by accelerate
+    is first gathered onto the CPU (sq_export.dispatch.undispatch, in place)."""
+    from sq_export.export.exporter import cpu_float32, export_onnx as _export
     from sq_export.onnxio.meta import graph_metadata
 
     target = normalize_target(target)
@@ -187,12 +203,13 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
     r = qm.recipe
     calibration = Path(r.act_scales).name if r.act_scales else r.calib.label()
     meta = graph_metadata(source_model or qm.source or "", qm.prepared, calibration)
-    if decode:
-        from sq_export.export.decode import export_decode_onnx
+    with cpu_float32(qm.model):
+        if decode:
+            from sq_export.export.decode import export_decode_onnx
 
-        res = export_decode_onnx(qm.model, qm.family, path, weights=weights, target=target, meta=meta)
-    else:
-        res = _export(qm.model, qm.family, path, weights=weights, target=target, meta=meta, **({"dtype": dtype} if dtype != "fp32" else {}))
+            res = export_decode_onnx(qm.model, qm.family, path, weights=weights, target=target, meta=meta)
+        else:
+            res = _export(qm.model, qm.family, path, weights=weights, target=target, meta=meta, **({"dtype": dtype} if dtype != "fp32" else {}))
     return ExportResult(Path(res.pop("onnx")), res.pop("bytes"), res.pop("nodes"), {**meta, **res})
 
 
@@ -245,7 +262,7 @@ def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_toke
             tokenizer = load_tokenizer(src)
         return onnx_perplexity(str(model), text_ids(tokenizer, text, "eval"), seq_len, max_tokens)
     m = model.model if isinstance(model, QuantizedModel) else model
-    return torch_perplexity(m, text_ids(tokenizer, text, "eval"), seq_len, max_tokens)
+    return torch_perplexity(m, text_ids(tokenizer, text, "eval"), seq_len, max_tokens)  # on the model's device
 
 
 # ----- the whole pipeline ---------------------------------------------------------------------------------------

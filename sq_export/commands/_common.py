@@ -44,6 +44,13 @@ def add_recipe(p, modes=True, runtime=True):
     add_calib(p)
 
 
+def add_device(p):
+    """Where the torch side runs and the model's float type (sq_export.device); --dtype is the ONNX graph's."""
+    g = p.add_argument_group("device (PyTorch side)")
+    g.add_argument("--device", default=None, metavar="cuda|cpu", help="where the model runs: cuda (also cuda:N) or cpu (default: cuda when torch sees a GPU, else cpu)")
+    g.add_argument("--model-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto", help="the model's float type on the device: auto (the checkpoint's type on cuda, float32 on cpu), float32, float16 or bfloat16; statistics, smoothing factors and scales are float32 whatever it is (not the ONNX graph's type: that is --dtype)")
+
+
 def add_tokenizer(p):
     p.add_argument("--tokenizer", metavar="PATH", help="load the tokenizer from PATH (a model folder or .gguf) instead of MODEL (a checkpoint saved without one)")
 
@@ -111,5 +118,6 @@ def load(args, with_tokenizer=True):
     from sq_export import api
     from sq_export.families import family_for
 
-    model, tok = api.load_model(args.model, tokenizer=getattr(args, "tokenizer", None), with_tokenizer=with_tokenizer)
+    model, tok = api.load_model(args.model, tokenizer=getattr(args, "tokenizer", None), with_tokenizer=with_tokenizer,
+                                device=getattr(args, "device", None), dtype=getattr(args, "model_dtype", "auto"))
     return model, tok, family_for(model)

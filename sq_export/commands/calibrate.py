@@ -8,6 +8,7 @@ HELP = "record per-channel max|x| at every quantized Linear input on calibration
 def add_parser(sub):
     p = sub.add_parser("calibrate", help=HELP, description=HELP + ". Example: sq-export calibrate smollm2 --samples 64 -o out/")
     c.add_model(p)
+    c.add_device(p)
     c.add_tokenizer(p)
     c.add_calib(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for act_scales.safetensors (created if missing)")

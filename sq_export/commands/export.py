@@ -16,6 +16,7 @@ def add_parser(sub):
         "  sq-export export smollm2 --dtype fp16 -o out/sq16.onnx   # float16 float parts, opset 19 (TensorRT 10+ strongly typed)",
     )
     c.add_model(p, " (or a smoothed folder from `smooth`, with --act-scales of the smoothed model)")
+    c.add_device(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
     c.add_tokenizer(p)
     c.add_recipe(p)

@@ -187,6 +187,38 @@ def _drop_unused_initializers(graph) -> None:
 
 
 @contextlib.contextmanager
+def cpu_float32(model):
+    """The model on the CPU in float32 while the block runs (the TorchScript exporter traces there), then exactly as
+    it was: every parameter and buffer off the CPU or in a half type gets a float32 CPU copy for the block and its
+    own tensor back afterwards (ties kept: `.data` is swapped, not the Parameter). Half weights widen to float32
+    exactly, so the graph's INT8 values are those the half model computes with. A float32 CPU model passes through
+    untouched. A model dispatched by accelerate is gathered onto the CPU for good (sq_export.dispatch.undispatch)."""
+    from sq_export.dispatch import is_dispatched, undispatch
+
+    if is_dispatched(model):
+        log.info("export: gathering the dispatched model onto the CPU")
+        undispatch(model, "cpu")
+    swapped, seen = [], set()
+    try:
+        for mod in model.modules():
+            for t in (*mod._parameters.values(), *mod._buffers.values()):
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                want = torch.float32 if t.is_floating_point() else t.dtype
+                if t.device.type == "cpu" and t.dtype == want:
+                    continue
+                swapped.append((t, t.data))
+                t.data = t.data.to("cpu", want)
+        if swapped:
+            log.info("export: traced on the CPU in float32 (%d tensors moved or widened)", len(swapped))
+        yield model
+    finally:
+        for t, data in swapped:
+            t.data = data
+
+
+@contextlib.contextmanager
 def float16_model(model):
     """The model in float16 while the block runs (restored afterwards): every float32 parameter except QLinear's
     float32 weight, which stays so that its INT8 values come from the same float32 weights as in the FP32 graph;
