@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it: `chec
 
 __all__ = [
     "load_model", "load_tokenizer", "calibrate", "quantize", "export_onnx", "check", "perplexity", "run_pipeline",
+    "calibrate_streamed", "quantize_streamed", "load_quantized",
     "QuantizedModel", "ExportResult", "Recipe", "CalibOptions", "make_recipe", "normalize_target", "text_ids",
 ]
 
@@ -114,6 +115,70 @@ def calibrate(model, tokenizer=None, texts=None, *, samples: int = 512, seq_len:
     fam = family_for(model)
     ids = text_ids(tokenizer, texts, "calib")
     return calibrate_ids(model, fam, ids, o, rows=rows, act_scales=act_scales)
+
+
+def calibrate_streamed(model: str | Path, tokenizer=None, texts=None, *, samples: int = 512, seq_len: int = 512,
+                       batch_size: int = 4, rows: int | None = 512, recipe: Recipe | None = None, device: str | None = None,
+                       dtype: str = "auto", cache_device: str | None = None) -> Calibration:
+    """`calibrate` for a model folder (Hugging Face safetensors) too large to load: streamed one decoder layer at a
+    time (sq_export.stream), never the whole model. The same Calibration as `calibrate` on the loaded model (bit for
+    bit on the CPU in float32). `tokenizer`: default the folder's. `cache_device`: where the cached activations
+    live (default: the device; "cpu" to keep them in host memory)."""
+    from sq_export.stream.calibrate import calibrate_streamed as _stream
+
+    if recipe is not None:
+        o = recipe.calib
+        rows = recipe.reservoir_rows if recipe.needs_rows() else None
+        texts = texts if texts is not None else (Path(o.calib_text) if o.calib_text else None)
+    else:
+        o = CalibOptions(None if texts is None or not isinstance(texts, (str, Path)) else str(texts), samples, seq_len, batch_size)
+    if tokenizer is None and not isinstance(texts, np.ndarray):
+        tokenizer = load_tokenizer(model)
+    return _stream(model, text_ids(tokenizer, texts, "calib"), o, rows=rows, device=device, dtype=dtype, cache_device=cache_device)
+
+
+def quantize_streamed(model: str | Path, out: str | Path, recipe: Recipe | None = None, *, tokenizer=None, texts=None,
+                      device: str | None = None, dtype: str = "auto", cache_device: str | None = None):
+    """Calibrate, smooth and quantize a model folder layer by layer (sq_export.stream.quantize) and write `out`: the
+    smoothed checkpoint (loadable by from_pretrained), its static scales and decisions (sq_quant.json). `recipe`:
+    default `Recipe(fallback=None)` (--fallback auto needs whole-model logits; N or names stream). Read it back for
+    export with `load_quantized(out)`. Returns a sq_export.stream.quantize.StreamedQuantization."""
+    from sq_export.stream.quantize import quantize_streamed as _stream
+
+    recipe = recipe or Recipe(fallback=None)
+    texts = texts if texts is not None else (Path(recipe.calib.calib_text) if recipe.calib.calib_text else None)
+    if tokenizer is None and not isinstance(texts, np.ndarray):
+        tokenizer = load_tokenizer(model)
+    return _stream(model, out, text_ids(tokenizer, texts, "calib"), recipe, device=device, dtype=dtype,
+                   cache_device=cache_device, source_model=str(model))
+
+
+def load_quantized(folder: str | Path, *, device: str | None = None, dtype: str = "auto") -> QuantizedModel:
+    """The QuantizedModel a streamed quantization wrote (`quantize_streamed`): the smoothed model with its
+    Linears swapped for static QLinears with the recorded scales (the fallback's kept in float), and what the
+    recipe decided; `export_onnx` writes the same graph as quantizing the whole model would (for the recipes that
+    stream). The whole smoothed model is loaded (export traces it on the CPU in float32: 4 bytes a parameter)."""
+    import json as _json
+
+    from sq_export.families import family_for
+    from sq_export.quant.prepare import Prepared
+    from sq_export.quant.qlinear import quantize_model
+    from sq_export.stream.quantize import FORMAT, QUANT_FILE, recipe_from_json
+
+    f = Path(folder) / QUANT_FILE
+    if not f.is_file():
+        raise BadInput(f"{folder} holds no {QUANT_FILE}: it was not written by quantize_streamed")
+    rec = _json.loads(f.read_text())
+    if rec.get("format") != FORMAT:
+        raise BadInput(f"{f}: format {rec.get('format')!r}, expected {FORMAT}")
+    recipe = recipe_from_json(rec["recipe"])
+    model, _ = load_model(folder, with_tokenizer=False, device=device, dtype=dtype)
+    fam = family_for(model)
+    quantized = quantize_model(model, rec["quantized"], recipe.act, {n: float(v) for n, v in rec["act_scales"].items()},
+                               recipe.per_channel)
+    prep = Prepared(model, fam, recipe, rec["alpha"], quantized, {}, None, None, rec.get("max_layer_change"),
+                    rec.get("alpha_per_group"), list(rec["fp16_layers"]), rec.get("tune") or {}, {})
+    return QuantizedModel(model, fam, recipe, prep, None, rec["source_model"])
 
 
 # ----- quantization ---------------------------------------------------------------------------------------------

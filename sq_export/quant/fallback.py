@@ -33,20 +33,22 @@ FALLBACK_CRITERION = "kl-roles-ub95"  # `run` records it: a stage chosen by an o
 @torch.no_grad()
 def local_sqnr(model, family, float_linears: dict, res: RowReservoir, divs: dict) -> dict[str, float]:
     """Per quantized Linear: SQNR (dB) of its QLinear output vs its float output on the sampled (smoothed) rows."""
+    return {n: linear_sqnr(flin, model.get_submodule(n), rows_for(res, family, n), divs.get(n))
+            for n, flin in float_linears.items()}
+
+
+@torch.no_grad()
+def linear_sqnr(flin, qlin, rows: torch.Tensor, div: torch.Tensor | None = None) -> float:
+    """SQNR (dB) of QLinear `qlin`'s output vs float Linear `flin`'s on `rows` (float32, CPU; divided by the
+    smoothing vector `div` when the Linear's input was smoothed), on the Linear's device in its type."""
+    from sq_export.device import execution_device
     from sq_export.measure.sqnr import sqnr_db
 
-    from sq_export.device import execution_device
-
-    out = {}
-    for n, flin in float_linears.items():
-        rows = rows_for(res, family, n)
-        if divs.get(n) is not None:
-            rows = rows / divs[n]
-        q = model.get_submodule(n)
-        w = flin.weight
-        rows = rows.to(execution_device(flin), w.dtype if w.device.type != "meta" else rows.dtype)
-        out[n] = sqnr_db(flin(rows).float().cpu(), q(rows).float().cpu())
-    return out
+    if div is not None:
+        rows = rows / div
+    w = flin.weight
+    rows = rows.to(execution_device(flin), w.dtype if w.device.type != "meta" else rows.dtype)
+    return sqnr_db(flin(rows).float().cpu(), qlin(rows).float().cpu())
 
 
 
