@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 OPSET = 17
 OPSET_FP16 = 19  # float16 QuantizeLinear/DequantizeLinear scales need opset 19
 DTYPES = ("fp32", "fp16")
+# int8: INT8 initializers -> DQ (TensorRT 10+); qdq: float32 W -> Q -> DQ (TensorRT 8.6); qdq16: float16 (q·s) ->
+# Cast -> Q -> DQ, the same INT8 values at half qdq's bytes (passes/weights_fp16.py)
+WEIGHTS = ("int8", "qdq", "qdq16")
 
 
 class LogitsOnly(torch.nn.Module):
@@ -266,8 +269,11 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     from sq_export import passes
     from sq_export.onnxio.meta import write_metadata
 
-    if weights not in ("int8", "qdq"):
-        raise BadInput(f"--weights {weights} unknown: int8 (TensorRT 10+) or qdq (TensorRT 8.6)")
+    if weights not in WEIGHTS:
+        raise BadInput(f"--weights {weights} unknown: int8 (TensorRT 10+), qdq or qdq16 (TensorRT 8.6)")
+    if weights == "qdq16" and dtype == "fp16":
+        raise BadInput("--weights qdq16 is the float32 graph's compact form; a --dtype fp16 graph stores float16 weights "
+                       "already: use --weights qdq or int8")
     if target not in ("tensorrt", "ort"):
         raise BadInput(f"--target {target} unknown: tensorrt or ort")
     if dtype not in DTYPES:
@@ -296,6 +302,14 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     passes.TidyQDQConstantsPass()(m)
     if weights == "int8":
         passes.WeightsToInt8Pass()(m)
+    elif weights == "qdq16":
+        from sq_export.passes.weights_fp16 import WeightsToFp16Pass
+
+        p16 = WeightsToFp16Pass()
+        p16(m)
+        if p16.kept_float32:
+            log.warning("--weights qdq16: %d weights kept in float32 (float16 would move their INT8 values)", p16.kept_float32)
+        extra = {**extra, "weights_fp16": p16.count, "weights_kept_float32": p16.kept_float32}
     if target == "ort":
         passes.ActivationsToUint8Pass()(m)
     if dtype == "fp16":

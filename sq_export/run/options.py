@@ -47,7 +47,7 @@ class RunOptions:
     quantize_lm_head: bool = False
     calib: CalibOptions = field(default_factory=CalibOptions)
     # the graphs
-    weights: str = "int8"  # int8 | qdq (see `sq-export export --weights`)
+    weights: str = "int8"  # int8 | qdq | qdq16 (see `sq-export export --weights`)
     target: str = "tensorrt"  # tensorrt | ort
     dtype: str = "fp32"  # fp32 | fp16 (the ONNX graphs' float type)
     # the PyTorch side (sq_export.device): where the model runs and its float type there
@@ -91,8 +91,8 @@ class RunOptions:
     def validate(self) -> None:
         self.recipe_for("sq")  # the preset and every recipe option (make_recipe validates)
         self.modes()
-        if self.weights not in ("int8", "qdq"):
-            raise BadInput(f"--weights {self.weights} unknown: int8 (TensorRT 10+) or qdq (TensorRT 8.6)")
+        if self.weights not in ("int8", "qdq", "qdq16"):
+            raise BadInput(f"--weights {self.weights} unknown: int8 (TensorRT 10+), qdq or qdq16 (TensorRT 8.6)")
         if self.target not in ("tensorrt", "ort"):
             raise BadInput(f"--target {self.target} unknown: tensorrt or ort")
         if self.dtype not in ("fp32", "fp16"):
