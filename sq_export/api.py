@@ -58,6 +58,21 @@ def load_model(model: str | Path, *, tokenizer: str | Path | None = None, with_t
     return m, tok
 
 
+def model_type(model: str | Path) -> str:
+    """The model_type of a Hugging Face folder's config.json (without loading the model)."""
+    import json as _json
+
+    from sq_export.modeling import resolve_model_path
+
+    p = resolve_model_path(str(model))
+    if not p.is_dir():
+        raise BadInput(f"{model} is not a Hugging Face folder (config.json)")
+    try:
+        return str(_json.loads((p / "config.json").read_text())["model_type"])
+    except (OSError, ValueError, KeyError) as e:
+        raise BadInput(f"{p / 'config.json'} unreadable or without model_type ({type(e).__name__})") from e
+
+
 def load_tokenizer(model: str | Path):
     from sq_export.modeling import load_tokenizer as _tok
 

@@ -147,3 +147,20 @@ def test_smollm2_streamed_calibration_is_bit_identical(tmp_path):
     streamed = api.calibrate_streamed(str(folder), tok, None, samples=4, seq_len=64, batch_size=2, rows=32, device="cpu")
     assert len(whole.act_max) == 210
     _same_calibration(whole, streamed)
+
+
+def test_cli_stream_gives_the_whole_model_files(tiny_dirs, small_text, tmp_path):
+    """`sq-export calibrate --stream` writes the same act_scales.safetensors bytes, and `sq-export export --stream DIR`
+    the same ONNX bytes, as the whole-model commands."""
+    from sq_export.cli import main
+
+    folder = str(tiny_dirs("opt"))
+    cal = ["--calib-text", str(small_text / "calib.txt"), "--samples", "4", "--calib-seq-len", "32", "--device", "cpu"]
+    assert main(["-q", "calibrate", folder, *cal, "-o", str(tmp_path / "w")]) == 0
+    assert main(["-q", "calibrate", folder, *cal, "--stream", "-o", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "w" / "act_scales.safetensors").read_bytes() == (tmp_path / "s" / "act_scales.safetensors").read_bytes()
+    exp = ["--recipe", "paper", "--weights", "qdq16", *cal]
+    assert main(["-q", "export", folder, *exp, "-o", str(tmp_path / "w.onnx")]) == 0
+    assert main(["-q", "export", folder, *exp, "--stream", str(tmp_path / "q"), "-o", str(tmp_path / "s.onnx")]) == 0
+    assert (tmp_path / "w.onnx").read_bytes() == (tmp_path / "s.onnx").read_bytes()
+    assert (tmp_path / "q" / "sq_quant.json").is_file() and (tmp_path / "q" / "model.safetensors.index.json").is_file()
