@@ -60,3 +60,26 @@ def test_small_opt_checkpoint(tmp_path, capsys):
                       "--set", "vocab_size=600", "-q"]) == 0
     model, _ = api.load_model(tmp_path / "o", device="cpu", with_tokenizer=False)
     assert model.config.model_type == "opt" and torch.isfinite(model.model.decoder.layers[0].fc1.weight).all()
+
+
+def test_bench_big_stages_on_a_small_checkpoint(tmp_path, capsys):
+    """tools/bench_big.py, the device run's stages, end to end on the CPU on a small synthetic checkpoint."""
+    spec = importlib.util.spec_from_file_location("bench_big", ROOT / "tools" / "bench_big.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ck = tmp_path / "ck"
+    assert _tool().main(["--shape", "llama2-7b", "-o", str(ck), *SMALL]) == 0
+    capsys.readouterr()
+    small = ["--samples", "4", "--seq-len", "32", "--device", "cpu"]
+    recs = []
+    for argv in (["calibrate", str(ck), "-o", str(tmp_path / "w"), *small],
+                 ["calibrate", str(ck), "-o", str(tmp_path / "s"), "--stream", *small],
+                 ["compare", str(tmp_path / "w"), str(tmp_path / "s")],
+                 ["quantize", str(ck), "-o", str(tmp_path / "q"), *small],
+                 ["export", str(tmp_path / "q"), "-o", str(tmp_path / "sq.onnx")],
+                 ["ppl", str(tmp_path / "q"), "--device", "cpu", "--max-tokens", "256"]):
+        assert bench.main(argv) == 0
+        recs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert recs[2]["equal"] and recs[2]["same_bytes"]
+    assert recs[3]["quantized"] == 14 and recs[4]["weights_kept_float32"] == 0 and recs[5]["perplexity"] > 1
+    assert all(r["peak_rss_mib"] > 0 for r in recs)
