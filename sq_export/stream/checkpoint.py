@@ -10,6 +10,7 @@ Names are the loaded model's parameter names; a checkpoint saved from the base m
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class Checkpoint:
                 with safe_open(str(self.folder / fname), framework="pt") as f:
                     for k in f.keys():
                         self.files[k] = fname
-        self._open: dict = {}
+        self._open: dict | None = None  # open files, inside `reading()`
 
     def keys(self) -> list[str]:
         return list(self.files)
@@ -61,23 +62,41 @@ class Checkpoint:
     def _handle(self, fname: str):
         from safetensors import safe_open
 
-        h = self._open.get(fname)
+        h = self._open.get(fname) if self._open is not None else None
         if h is None:
             try:
-                h = self._open[fname] = safe_open(str(self.folder / fname), framework="pt", device="cpu")
+                h = safe_open(str(self.folder / fname), framework="pt", device="cpu")
             except Exception as e:  # a truncated or foreign file
                 raise BadInput(f"{self.folder / fname} unreadable ({type(e).__name__}: {str(e)[:120]})") from e
+            if self._open is not None:
+                self._open[fname] = h
         return h
 
+    @contextlib.contextmanager
+    def reading(self):
+        """Keep the files open (memory-mapped) for the block, e.g. while one layer's tensors are read; outside such
+        a block each tensor opens and closes its file, so the pages read do not stay mapped into the process (the
+        host RSS of a streamed run would otherwise grow to the whole checkpoint's size, in page cache)."""
+        outer = self._open is not None
+        if not outer:
+            self._open = {}
+        try:
+            yield self
+        finally:
+            if not outer:
+                self._open = None
+
     def tensor(self, name: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Parameter `name` as a tensor (a floating one cast to `dtype`), on `device`."""
+        """Parameter `name` as a tensor of its own memory (a floating one cast to `dtype`), on `device`."""
         k = self.key(name)
         if k is None:
             raise BadInput(f"{self.folder}: no tensor {name} in the checkpoint's safetensors")
         t = self._handle(self.files[k]).get_tensor(k)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
+        elif device is None or torch.device(device).type == "cpu":
+            t = t.clone()  # not a view of the memory map
         return t if device is None or t.device == torch.device(device) else t.to(device)
 
     def close(self) -> None:
-        self._open.clear()
+        self._open = None

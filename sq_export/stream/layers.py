@@ -160,7 +160,7 @@ class LayerStream:
         head = self.model.get_output_embeddings()
         head_name = next((n for n, m in self.model.named_modules() if m is head), None) if head is not None else None
         skip = (self.family.layers_path,) + ((head_name,) if head_name else ())
-        with fits("the embedding part of the model", self.device, hint=STREAM_HINT):
+        with fits("the embedding part of the model", self.device, hint=STREAM_HINT), self.ckpt.reading():
             self._loaded[""] = self._materialize("", skip=skip)
             for name, mod in self.model.named_modules():
                 if name == self.family.layers_path or name.startswith(self.family.layers_path + "."):
@@ -174,7 +174,7 @@ class LayerStream:
 
     def load(self, i: int):
         """Decoder layer `i` with its weights from the checkpoint, on the device."""
-        with fits(f"decoder layer {i}", self.device, hint=STREAM_HINT):
+        with fits(f"decoder layer {i}", self.device, hint=STREAM_HINT), self.ckpt.reading():
             self._loaded[self.layer_name(i)] = self._materialize(self.layer_name(i))
         return self.layers[i]
 
