@@ -29,8 +29,11 @@ def run_pipeline(model, out_dir, options: RunOptions | None = None, echo=None, o
     from sq_export.run.driver import Driver
     from sq_export.run.stages import PIPELINE
 
+    from sq_export.modeling import resolve_model_path
+
     options = options or RunOptions()
     options.validate()
+    resolve_model_path(str(model))  # a missing model is refused before OUT is created
     d = Driver(out_dir, PIPELINE, options, echo=echo, observers=[*OBSERVERS, *observers])
     d.ctx = RunContext(model, d.out, options, d.manifest, echo=d.echo)
     return d.run()
