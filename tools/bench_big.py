@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One stage of the big-model pipeline on a checkpoint folder, measured: wall time, peak host RSS (VmHWM of this
 process) and peak GPU memory (torch's max reserved), one JSON line on stdout. Run each stage in its own process
-so that each peak is the stage's own (the device driver lab/2026-11-23/device_big.sh runs them in order).
+so that each peak is the stage's own (the device driver lab/2026-11-29/device_big.sh runs them in order).
 
     python tools/bench_big.py calibrate FOLDER -o OUT [--stream] [--device cuda] [--samples 128 --seq-len 512]
     python tools/bench_big.py compare OUT/whole OUT/stream                      # act scales: equal? max rel. diff

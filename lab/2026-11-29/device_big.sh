@@ -6,9 +6,9 @@
 # JSON line). Steps 1-4 need only the device's python3 (torch 2.11, transformers 5.17, accelerate 1.15,
 # safetensors, onnx, onnx-ir 1.0, onnxruntime: KINDS.md's list); the `trt` part needs the TensorRT 8.6 kit staged
 # (/opt/trt86/env.sh, ../shared/trt86).
-#   calls:  bash lab/2026-11-23/device_big.sh start       (returns at once; steps run in the background)
-#           POLL=540 bash lab/2026-11-23/device_big.sh poll   (waits up to POLL s, copies results to $OUT)
-#           bash lab/2026-11-23/device_big.sh trt         (kit staged: qdq vs qdq16 INT8 engines of a 2-layer 7B)
+#   calls:  bash lab/2026-11-29/device_big.sh start       (returns at once; steps run in the background)
+#           POLL=540 bash lab/2026-11-29/device_big.sh poll   (waits up to POLL s, copies results to $OUT)
+#           bash lab/2026-11-29/device_big.sh trt         (kit staged: qdq vs qdq16 INT8 engines of a 2-layer 7B)
 # Disk (64 GB): checkpoint 13.5 GB + smoothed checkpoint 13.5 GB + qdq16 graph ~14 GB. Host RAM (128 GB): the
 # export holds the smoothed model in float32 (27 GB) and the exporter's copies.
 set -uo pipefail
