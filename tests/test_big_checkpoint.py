@@ -3,7 +3,6 @@ the tests' outlier convention, deterministic, that streams like any checkpoint."
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
