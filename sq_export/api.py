@@ -31,22 +31,46 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it: `chec
 
 __all__ = [
     "load_model", "load_tokenizer", "calibrate", "quantize", "export_onnx", "check", "perplexity", "run_pipeline",
+    "calibrate_streamed", "quantize_streamed", "load_quantized",
     "QuantizedModel", "ExportResult", "Recipe", "CalibOptions", "make_recipe", "normalize_target", "text_ids",
 ]
 
 
 # ----- loading --------------------------------------------------------------------------------------------------
-def load_model(model: str | Path, *, tokenizer: str | Path | None = None, with_tokenizer: bool = True):
-    """(model, tokenizer) from a Hugging Face folder, a .gguf file or an alias ('smollm2'): float32, eval mode,
-    eager attention. `tokenizer`: load the tokenizer from there instead (a checkpoint saved without one)."""
+def load_model(model: str | Path, *, tokenizer: str | Path | None = None, with_tokenizer: bool = True,
+               device: str | None = None, dtype: str = "auto", device_map=None, max_memory: dict | None = None):
+    """(model, tokenizer) from a Hugging Face folder, a .gguf file or an alias ('smollm2'): eval mode, eager
+    attention. `tokenizer`: load the tokenizer from there instead (a checkpoint saved without one).
+
+    `device`: "cuda" (also "cuda:N"), "cpu", or None (cuda when torch sees a GPU). `dtype`: "auto" (the
+    checkpoint's float type on cuda, float32 on cpu), "float32", "float16" or "bfloat16"; the statistics, factors
+    and scales the recipe computes are float32 whatever the model's type. `device_map` / `max_memory`: accelerate's
+    big-model dispatch (e.g. device_map="auto", max_memory={0: "20GiB", "cpu": "200GiB"}) instead of one device;
+    calibration and smoothing work on the dispatched model (offloaded weights included)."""
     from sq_export.modeling import env_threads, load_model as _load, load_tokenizer as _tok
 
     env_threads()
-    m, tok, _ = _load(str(model), with_tokenizer=with_tokenizer and tokenizer is None)
+    m, tok, _ = _load(str(model), with_tokenizer=with_tokenizer and tokenizer is None, device=device, dtype=dtype,
+                      device_map=device_map, max_memory=max_memory)
     if tokenizer is not None and with_tokenizer:
         tok = _tok(str(tokenizer))
     m._sq_source = str(model)  # recorded as source_model in exported graphs
     return m, tok
+
+
+def model_type(model: str | Path) -> str:
+    """The model_type of a Hugging Face folder's config.json (without loading the model)."""
+    import json as _json
+
+    from sq_export.modeling import resolve_model_path
+
+    p = resolve_model_path(str(model))
+    if not p.is_dir():
+        raise BadInput(f"{model} is not a Hugging Face folder (config.json)")
+    try:
+        return str(_json.loads((p / "config.json").read_text())["model_type"])
+    except (OSError, ValueError, KeyError) as e:
+        raise BadInput(f"{p / 'config.json'} unreadable or without model_type ({type(e).__name__})") from e
 
 
 def load_tokenizer(model: str | Path):
@@ -108,6 +132,70 @@ def calibrate(model, tokenizer=None, texts=None, *, samples: int = 512, seq_len:
     return calibrate_ids(model, fam, ids, o, rows=rows, act_scales=act_scales)
 
 
+def calibrate_streamed(model: str | Path, tokenizer=None, texts=None, *, samples: int = 512, seq_len: int = 512,
+                       batch_size: int = 4, rows: int | None = 512, recipe: Recipe | None = None, device: str | None = None,
+                       dtype: str = "auto", cache_device: str | None = None) -> Calibration:
+    """`calibrate` for a model folder (Hugging Face safetensors) too large to load: streamed one decoder layer at a
+    time (sq_export.stream), never the whole model. The same Calibration as `calibrate` on the loaded model (bit for
+    bit on the CPU in float32). `tokenizer`: default the folder's. `cache_device`: where the cached activations
+    live (default: the device; "cpu" to keep them in host memory)."""
+    from sq_export.stream.calibrate import calibrate_streamed as _stream
+
+    if recipe is not None:
+        o = recipe.calib
+        rows = recipe.reservoir_rows if recipe.needs_rows() else None
+        texts = texts if texts is not None else (Path(o.calib_text) if o.calib_text else None)
+    else:
+        o = CalibOptions(None if texts is None or not isinstance(texts, (str, Path)) else str(texts), samples, seq_len, batch_size)
+    if tokenizer is None and not isinstance(texts, np.ndarray):
+        tokenizer = load_tokenizer(model)
+    return _stream(model, text_ids(tokenizer, texts, "calib"), o, rows=rows, device=device, dtype=dtype, cache_device=cache_device)
+
+
+def quantize_streamed(model: str | Path, out: str | Path, recipe: Recipe | None = None, *, tokenizer=None, texts=None,
+                      device: str | None = None, dtype: str = "auto", cache_device: str | None = None):
+    """Calibrate, smooth and quantize a model folder layer by layer (sq_export.stream.quantize) and write `out`: the
+    smoothed checkpoint (loadable by from_pretrained), its static scales and decisions (sq_quant.json). `recipe`:
+    default `Recipe(fallback=None)` (--fallback auto needs whole-model logits; N or names stream). Read it back for
+    export with `load_quantized(out)`. Returns a sq_export.stream.quantize.StreamedQuantization."""
+    from sq_export.stream.quantize import quantize_streamed as _stream
+
+    recipe = recipe or Recipe(fallback=None)
+    texts = texts if texts is not None else (Path(recipe.calib.calib_text) if recipe.calib.calib_text else None)
+    if tokenizer is None and not isinstance(texts, np.ndarray):
+        tokenizer = load_tokenizer(model)
+    return _stream(model, out, text_ids(tokenizer, texts, "calib"), recipe, device=device, dtype=dtype,
+                   cache_device=cache_device, source_model=str(model))
+
+
+def load_quantized(folder: str | Path, *, device: str | None = None, dtype: str = "auto") -> QuantizedModel:
+    """The QuantizedModel a streamed quantization wrote (`quantize_streamed`): the smoothed model with its
+    Linears swapped for static QLinears with the recorded scales (the fallback's kept in float), and what the
+    recipe decided; `export_onnx` writes the same graph as quantizing the whole model would (for the recipes that
+    stream). The whole smoothed model is loaded (export traces it on the CPU in float32: 4 bytes a parameter)."""
+    import json as _json
+
+    from sq_export.families import family_for
+    from sq_export.quant.prepare import Prepared
+    from sq_export.quant.qlinear import quantize_model
+    from sq_export.stream.quantize import FORMAT, QUANT_FILE, recipe_from_json
+
+    f = Path(folder) / QUANT_FILE
+    if not f.is_file():
+        raise BadInput(f"{folder} holds no {QUANT_FILE}: it was not written by quantize_streamed")
+    rec = _json.loads(f.read_text())
+    if rec.get("format") != FORMAT:
+        raise BadInput(f"{f}: format {rec.get('format')!r}, expected {FORMAT}")
+    recipe = recipe_from_json(rec["recipe"])
+    model, _ = load_model(folder, with_tokenizer=False, device=device, dtype=dtype)
+    fam = family_for(model)
+    quantized = quantize_model(model, rec["quantized"], recipe.act, {n: float(v) for n, v in rec["act_scales"].items()},
+                               recipe.per_channel)
+    prep = Prepared(model, fam, recipe, rec["alpha"], quantized, {}, None, None, rec.get("max_layer_change"),
+                    rec.get("alpha_per_group"), list(rec["fp16_layers"]), rec.get("tune") or {}, {})
+    return QuantizedModel(model, fam, recipe, prep, None, rec["source_model"])
+
+
 # ----- quantization ---------------------------------------------------------------------------------------------
 @dataclass
 class QuantizedModel:
@@ -153,9 +241,12 @@ def quantize(model, calib: Calibration | None = None, recipe: Recipe | None = No
         calib = calibrate(model, tokenizer, recipe=recipe)
     if calib is not None and recipe.needs_rows() and calib.reservoir is None:
         raise BadInput("this recipe (alpha auto, clip or fallback) needs a row sample: calibrate with rows=512 (the default)")
+    from sq_export.device import fits, model_device
+
     m = working_copy(model, fam, smoothing=recipe.mode == "sq", linear_pairs=recipe.linear_pairs) if copy else model
     fam_m = fam if m is model else family_for(m)
-    prep = prepare(m, fam_m, recipe, calib, fallback_score=fallback_score)
+    with fits("preparing the model (smoothing check, fallback scoring, attention / LM head calibration)", model_device(m)):
+        prep = prepare(m, fam_m, recipe, calib, fallback_score=fallback_score)
     return QuantizedModel(m, fam_m, recipe, prep, calib, source or getattr(model, "_sq_source", None))
 
 
@@ -174,10 +265,15 @@ class ExportResult:
 def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt", dtype: str = "fp32",
                 decode: bool = False, source_model: str | None = None) -> ExportResult:
     """Write `model` (a QuantizedModel, or a float HF model for the FP32/FP16 reference graph) as ONNX at `path`,
-    atomically. `weights`: "int8" (INT8 initializers → DQ, TensorRT 10+) or "qdq" (float W → Q → DQ, TensorRT 8.6);
-    `target`: "tensorrt" or "ort" (uint8 activations for ONNX Runtime's integer kernels); `dtype` "fp16": float
-    parts in float16 (opset 19); `decode`: the KV-cache graph instead of the logits graph."""
-    from sq_export.export.exporter import export_onnx as _export
+    atomically. `weights`: "int8" (INT8 initializers → DQ, TensorRT 10+), "qdq" (float32 W → Q → DQ, TensorRT
+    8.6) or "qdq16" (float16 W → Cast → Q → DQ: TensorRT 8.6 at half the bytes, the same INT8 values, see
+    sq_export.passes.weights_fp16); `target`: "tensorrt" or "ort" (uint8 activations for ONNX Runtime's integer
+    kernels); `dtype` "fp16": float parts in float16 (opset 19); `decode`: the KV-cache graph instead of the logits
+    graph. A model on the GPU or in a half type is traced on the CPU in float32 (the TorchScript exporter's
+    ground; half weights widen exactly, so the INT8 values are the half model's): that needs 4 bytes per parameter
+    of host memory while it runs; the model is put back where it was afterwards. A model dispatched by accelerate
+    is first gathered onto the CPU (sq_export.dispatch.undispatch, in place)."""
+    from sq_export.export.exporter import cpu_float32, export_onnx as _export
     from sq_export.onnxio.meta import graph_metadata
 
     target = normalize_target(target)
@@ -187,12 +283,13 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
     r = qm.recipe
     calibration = Path(r.act_scales).name if r.act_scales else r.calib.label()
     meta = graph_metadata(source_model or qm.source or "", qm.prepared, calibration)
-    if decode:
-        from sq_export.export.decode import export_decode_onnx
+    with cpu_float32(qm.model):
+        if decode:
+            from sq_export.export.decode import export_decode_onnx
 
-        res = export_decode_onnx(qm.model, qm.family, path, weights=weights, target=target, meta=meta)
-    else:
-        res = _export(qm.model, qm.family, path, weights=weights, target=target, meta=meta, **({"dtype": dtype} if dtype != "fp32" else {}))
+            res = export_decode_onnx(qm.model, qm.family, path, weights=weights, target=target, meta=meta)
+        else:
+            res = _export(qm.model, qm.family, path, weights=weights, target=target, meta=meta, **({"dtype": dtype} if dtype != "fp32" else {}))
     return ExportResult(Path(res.pop("onnx")), res.pop("bytes"), res.pop("nodes"), {**meta, **res})
 
 
@@ -245,7 +342,7 @@ def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_toke
             tokenizer = load_tokenizer(src)
         return onnx_perplexity(str(model), text_ids(tokenizer, text, "eval"), seq_len, max_tokens)
     m = model.model if isinstance(model, QuantizedModel) else model
-    return torch_perplexity(m, text_ids(tokenizer, text, "eval"), seq_len, max_tokens)
+    return torch_perplexity(m, text_ids(tokenizer, text, "eval"), seq_len, max_tokens)  # on the model's device
 
 
 # ----- the whole pipeline ---------------------------------------------------------------------------------------

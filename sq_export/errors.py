@@ -22,6 +22,12 @@ class UnsupportedModel(BadInput):
     pass
 
 
+class DoesNotFit(BadInput):
+    """A model, a decoder layer or a batch does not fit in the memory of the device it was asked to go to (a CUDA
+    or host out-of-memory error, caught where layers are moved or run). Exit code 2 like any option to change: the
+    message names what to change (--device cpu, accelerate's max_memory, layer streaming, a smaller batch)."""
+
+
 class GraphCheckFailed(SqExportError):
     exit_code = 1
 

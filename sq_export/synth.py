@@ -121,6 +121,25 @@ def make_tiny(family: str, outliers: bool = True, seed: int = 0, vocab_size: int
     return from_config(cfg, outliers, seed)
 
 
+def train_tokenizer(vocab_size: int = VOCAB + 64, chars: int | None = 200_000):
+    """A byte-level BPE trained in-process on the shipped calibration text (no downloads), at most `vocab_size`
+    tokens (the text decides how many merges exist); `chars`: how much of the text (None: all of it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sq_export.textdata import DEFAULT_CALIB
+
+    text = DEFAULT_CALIB.read_text()
+    text = text[:chars] if chars else text
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def token_batches(n=8, seq=32, seed=0, vocab=VOCAB):
     import torch
 

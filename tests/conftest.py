@@ -23,19 +23,10 @@ def family_name(request):
 
 
 def train_tokenizer(vocab_size: int = VOCAB):
-    """A byte-level BPE trained in-process on the shipped calibration text (no downloads)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE trained in-process on the shipped calibration text (no downloads): sq_export.synth's."""
+    from sq_export.synth import train_tokenizer as _train
 
-    from sq_export.textdata import DEFAULT_CALIB
-
-    text = DEFAULT_CALIB.read_text()[:200_000]
-    tk = Tokenizer(models.BPE(unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return _train(vocab_size)
 
 
 _TOK = {}

@@ -44,13 +44,20 @@ def add_recipe(p, modes=True, runtime=True):
     add_calib(p)
 
 
+def add_device(p):
+    """Where the torch side runs and the model's float type (sq_export.device); --dtype is the ONNX graph's."""
+    g = p.add_argument_group("device (PyTorch side)")
+    g.add_argument("--device", default=None, metavar="cuda|cpu", help="where the model runs: cuda (also cuda:N) or cpu (default: cuda when torch sees a GPU, else cpu)")
+    g.add_argument("--model-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto", help="the model's float type on the device: auto (the checkpoint's type on cuda, float32 on cpu), float32, float16 or bfloat16; statistics, smoothing factors and scales are float32 whatever it is (not the ONNX graph's type: that is --dtype)")
+
+
 def add_tokenizer(p):
     p.add_argument("--tokenizer", metavar="PATH", help="load the tokenizer from PATH (a model folder or .gguf) instead of MODEL (a checkpoint saved without one)")
 
 
 def add_export_options(p):
     """The graph options of `export` (and `run`, which exports too)."""
-    p.add_argument("--weights", choices=["int8", "qdq"], default="int8", help="int8: INT8 initializers -> DQ (half the bytes; TensorRT 10+); qdq: float W -> Q -> DQ (TensorRT 8.6)")
+    p.add_argument("--weights", choices=["int8", "qdq", "qdq16"], default="int8", help="int8: INT8 initializers -> DQ (a quarter of qdq's bytes; TensorRT 10+); qdq: float32 W -> Q -> DQ (TensorRT 8.6); qdq16: float16 W -> Cast -> Q -> DQ with W the already-quantized weight, the same INT8 values at half qdq's bytes (for TensorRT 8.6: to be verified on a GPU)")
     add_target(p, "ort: activation Q/DQ as uint8/128 (same grid) so ONNX Runtime runs integer kernels")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="type of the float parts (weights left float, norm gamma/beta, activations, logits); fp16: Q/DQ with float16 scales at opset 19, norm statistics in float32 (TensorRT 10+ strongly typed; ONNX Runtime runs it too)")
 
@@ -111,5 +118,6 @@ def load(args, with_tokenizer=True):
     from sq_export import api
     from sq_export.families import family_for
 
-    model, tok = api.load_model(args.model, tokenizer=getattr(args, "tokenizer", None), with_tokenizer=with_tokenizer)
+    model, tok = api.load_model(args.model, tokenizer=getattr(args, "tokenizer", None), with_tokenizer=with_tokenizer,
+                                device=getattr(args, "device", None), dtype=getattr(args, "model_dtype", "auto"))
     return model, tok, family_for(model)

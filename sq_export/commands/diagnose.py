@@ -15,6 +15,7 @@ def add_parser(sub):
         "\nExamples:\n  sq-export diagnose smollm2 --samples 32\n  sq-export diagnose smollm2 --smooth-pairs --alpha auto -o out/diag --json",
     )
     c.add_model(p)
+    c.add_device(p)
     p.add_argument("--act", default="static", choices=["static", "dynamic-tensor", "dynamic-token"], help="activation quantization of both models (default static, what TensorRT runs)")
     p.add_argument("--windows", type=int, default=2, metavar="N", help="calibration windows to measure on (default 2)")
     p.add_argument("--top", type=int, default=20, metavar="K", help="rows of the text table (default 20; --json has all)")

@@ -12,6 +12,7 @@ def add_parser(sub):
         description=HELP + ".\nExamples:\n  sq-export eval smollm2 --mode sq --json\n  sq-export eval out/sq.onnx --tokenizer smollm2",
     )
     c.add_model(p, "; or an exported .onnx")
+    c.add_device(p)
     p.add_argument("--text", metavar="FILE", help="evaluation text (default: the shipped held-out split)")
     p.add_argument("--seq-len", type=int, default=512, metavar="L", help="chunk length (default 512)")
     p.add_argument("--max-tokens", type=int, default=32768, metavar="N", help="evaluate the first N tokens (default 32768; 0 = all)")

@@ -16,10 +16,12 @@ def add_parser(sub):
         "  sq-export export smollm2 --dtype fp16 -o out/sq16.onnx   # float16 float parts, opset 19 (TensorRT 10+ strongly typed)",
     )
     c.add_model(p, " (or a smoothed folder from `smooth`, with --act-scales of the smoothed model)")
+    c.add_device(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
     c.add_tokenizer(p)
     c.add_recipe(p)
     c.add_export_options(p)
+    p.add_argument("--stream", metavar="DIR", help="calibrate, smooth and quantize one decoder layer at a time from MODEL's safetensors into DIR (the smoothed checkpoint and its scales: sq_quant.json), then export from DIR; for models larger than the GPU; --fallback auto needs the whole model (use none, N or names)")
     p.add_argument("--decode", action="store_true", help="KV-cache decode graph: inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value (float cache)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -38,8 +40,13 @@ def run(args):
         raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
     recipe = c.recipe_from(args)
     t = time.perf_counter()
-    model, tok, _ = c.load(args)
-    qm = api.quantize(model, recipe=recipe, tokenizer=tok, source=args.model)
+    if args.stream:
+        tok = api.load_tokenizer(args.tokenizer or args.model)
+        api.quantize_streamed(args.model, args.stream, recipe, tokenizer=tok, device=args.device, dtype=args.model_dtype)
+        qm = api.load_quantized(args.stream, device="cpu")  # export traces on the CPU in float32 anyway
+    else:
+        model, tok, _ = c.load(args)
+        qm = api.quantize(model, recipe=recipe, tokenizer=tok, source=args.model)
     res = api.export_onnx(qm, args.output, weights=args.weights, target=args.target, dtype=args.dtype, decode=args.decode)
     prep = qm.prepared
     head = bool(prep.graph_meta.get("quantize_lm_head"))

@@ -26,6 +26,7 @@ def add_parser(sub):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_model(p, "; or a decode graph .onnx from `export --decode`, or a TensorRT engine built from one")
+    c.add_device(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT")
     src.add_argument("--prompts-file", metavar="FILE.npz", help="prompts (and reference tokens) from `sq-export tokens --prompts`; reports agreement with the reference")

@@ -32,6 +32,7 @@ def add_parser(sub):
 
     p = sub.add_parser("run", help=HELP, description=HELP + ".", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_model(p)
+    c.add_device(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for every artifact (created if missing; resumed if it holds a run)")
     p.add_argument("--force", action="store_true", help="redo every stage even when up to date")
     p.add_argument("--until", choices=STAGES, metavar="STAGE", help=f"stop after STAGE ({', '.join(STAGES)})")
@@ -73,6 +74,8 @@ def run(args):
         weights=args.weights,
         target=normalize_target(args.target),
         dtype=args.dtype,
+        device=args.device,
+        model_dtype=args.model_dtype,
         eval_text=args.text,
         max_tokens=args.max_tokens or None,
         seq_len=args.seq_len,

@@ -8,6 +8,7 @@ HELP = "fold SmoothQuant factors into norms and Linears; write a smoothed Huggin
 def add_parser(sub):
     p = sub.add_parser("smooth", help=HELP, description=HELP + ". Example: sq-export smooth smollm2 --act-scales out/act_scales.safetensors -o out/smoothed")
     c.add_model(p)
+    c.add_device(p)
     c.add_tokenizer(p)
     p.add_argument("--act-scales", required=True, metavar="FILE", help="act_scales.safetensors from `calibrate` (or a mit-han-lab .pt)")
     p.add_argument("--alpha", type=float, default=None, metavar="A", help="migration strength in [0,1] (default: the family's)")

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 OPSET = 17
 OPSET_FP16 = 19  # float16 QuantizeLinear/DequantizeLinear scales need opset 19
 DTYPES = ("fp32", "fp16")
+# int8: INT8 initializers -> DQ (TensorRT 10+); qdq: float32 W -> Q -> DQ (TensorRT 8.6); qdq16: float16 (q·s) ->
+# Cast -> Q -> DQ, the same INT8 values at half qdq's bytes (passes/weights_fp16.py)
+WEIGHTS = ("int8", "qdq", "qdq16")
 
 
 class LogitsOnly(torch.nn.Module):
@@ -187,6 +190,38 @@ def _drop_unused_initializers(graph) -> None:
 
 
 @contextlib.contextmanager
+def cpu_float32(model):
+    """The model on the CPU in float32 while the block runs (the TorchScript exporter traces there), then exactly as
+    it was: every parameter and buffer off the CPU or in a half type gets a float32 CPU copy for the block and its
+    own tensor back afterwards (ties kept: `.data` is swapped, not the Parameter). Half weights widen to float32
+    exactly, so the graph's INT8 values are those the half model computes with. A float32 CPU model passes through
+    untouched. A model dispatched by accelerate is gathered onto the CPU for good (sq_export.dispatch.undispatch)."""
+    from sq_export.dispatch import is_dispatched, undispatch
+
+    if is_dispatched(model):
+        log.info("export: gathering the dispatched model onto the CPU")
+        undispatch(model, "cpu")
+    swapped, seen = [], set()
+    try:
+        for mod in model.modules():
+            for t in (*mod._parameters.values(), *mod._buffers.values()):
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                want = torch.float32 if t.is_floating_point() else t.dtype
+                if t.device.type == "cpu" and t.dtype == want:
+                    continue
+                swapped.append((t, t.data))
+                t.data = t.data.to("cpu", want)
+        if swapped:
+            log.info("export: traced on the CPU in float32 (%d tensors moved or widened)", len(swapped))
+        yield model
+    finally:
+        for t, data in swapped:
+            t.data = data
+
+
+@contextlib.contextmanager
 def float16_model(model):
     """The model in float16 while the block runs (restored afterwards): every float32 parameter except QLinear's
     float32 weight, which stays so that its INT8 values come from the same float32 weights as in the FP32 graph;
@@ -234,8 +269,11 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     from sq_export import passes
     from sq_export.onnxio.meta import write_metadata
 
-    if weights not in ("int8", "qdq"):
-        raise BadInput(f"--weights {weights} unknown: int8 (TensorRT 10+) or qdq (TensorRT 8.6)")
+    if weights not in WEIGHTS:
+        raise BadInput(f"--weights {weights} unknown: int8 (TensorRT 10+), qdq or qdq16 (TensorRT 8.6)")
+    if weights == "qdq16" and dtype == "fp16":
+        raise BadInput("--weights qdq16 is the float32 graph's compact form; a --dtype fp16 graph stores float16 weights "
+                       "already: use --weights qdq or int8")
     if target not in ("tensorrt", "ort"):
         raise BadInput(f"--target {target} unknown: tensorrt or ort")
     if dtype not in DTYPES:
@@ -264,6 +302,14 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     passes.TidyQDQConstantsPass()(m)
     if weights == "int8":
         passes.WeightsToInt8Pass()(m)
+    elif weights == "qdq16":
+        from sq_export.passes.weights_fp16 import WeightsToFp16Pass
+
+        p16 = WeightsToFp16Pass()
+        p16(m)
+        if p16.kept_float32:
+            log.warning("--weights qdq16: %d weights kept in float32 (float16 would move their INT8 values)", p16.kept_float32)
+        extra = {**extra, "weights_fp16": p16.count, "weights_kept_float32": p16.kept_float32}
     if target == "ort":
         passes.ActivationsToUint8Pass()(m)
     if dtype == "fp16":

@@ -18,13 +18,16 @@ def greedy_torch(model, ids: np.ndarray, max_new_tokens: int, eos_token_id=None)
     """Greedy decoding with the HF model and its KV cache (prefill, then one token per step). ids: [b, s]."""
     from transformers import DynamicCache
 
-    x = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    from sq_export.device import model_device
+
+    dev = model_device(model)
+    x = torch.as_tensor(np.asarray(ids, dtype=np.int64)).to(dev)
     mask = torch.ones_like(x)
     cache = DynamicCache()
     step_in = x
     out = []
     for _ in range(max_new_tokens):
-        pos = torch.as_tensor(position_ids_for(mask.numpy(), step_in.shape[1]))
+        pos = torch.as_tensor(position_ids_for(mask.cpu().numpy(), step_in.shape[1])).to(dev)
         kw = {} if getattr(model.config, "model_type", "") == "bloom" else {"position_ids": pos}
         res = model(input_ids=step_in, attention_mask=mask, past_key_values=cache, use_cache=True, **kw)
         cache = res.past_key_values
@@ -34,7 +37,7 @@ def greedy_torch(model, ids: np.ndarray, max_new_tokens: int, eos_token_id=None)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         if eos_token_id is not None and x.shape[0] == 1 and int(nxt) in _as_set(eos_token_id):
             break
-    return torch.cat(out, dim=1).numpy()
+    return torch.cat(out, dim=1).cpu().numpy()
 
 
 def greedy_onnx(session, ids: np.ndarray, max_new_tokens: int, eos_token_id=None, pad_slots: int = 0) -> np.ndarray:

@@ -64,12 +64,15 @@ class PerplexityAccumulator:
 def torch_perplexity(model, ids: np.ndarray, seq_len: int = 512, max_tokens: int | None = None, desc="eval") -> dict:
     import torch
 
+    from sq_export.device import fits, model_device
+
+    dev = model_device(model)
     acc = PerplexityAccumulator()
-    with torch.no_grad():
+    with torch.no_grad(), fits(f"an eval chunk of {seq_len} tokens", dev):
         for c in progress.bar(chunk_tokens(ids, seq_len, max_tokens), desc=desc, unit="chunk"):
-            x = torch.as_tensor(c)[None]
+            x = torch.as_tensor(c)[None].to(dev)
             logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0]
-            acc.add(logits.float().numpy(), c)
+            acc.add(logits.float().cpu().numpy(), c)
     return {"perplexity": acc.perplexity, "tokens": acc.tokens}
 
 

@@ -66,9 +66,12 @@ def _run_hooked(model, names, batch, fn) -> None:
         if not left:
             raise _Done
 
+    from sq_export.device import to_device
+
     hooks = [model.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: hook(n, out)) for n in names]
     try:
         with torch.no_grad():
+            batch = to_device(batch, model)
             model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
     except _Done:
         pass

@@ -79,8 +79,8 @@ def is_const(value: ir.Value | None) -> bool:
     if value.const_value is not None or value.is_initializer():
         return True
     p = value.producer()
-    if p is not None and p.op_type == "Identity" and p.inputs:  # torch shares identical weights via Identity
-        return is_const(p.inputs[0])
+    if p is not None and p.op_type in ("Identity", "Cast") and p.inputs:  # torch shares identical weights via
+        return is_const(p.inputs[0])  # Identity; --weights qdq16 widens float16 weights with a Cast
     return p is not None and p.op_type == "Constant" and p.domain == ""
 
 
@@ -92,6 +92,14 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     p = value.producer()
     if p is not None and p.op_type == "Identity" and p.inputs:
         return const_array(p.inputs[0])
+    if p is not None and p.op_type == "Cast" and p.inputs and p.domain == "":
+        a = const_array(p.inputs[0])
+        to = p.attributes.get("to")
+        if a is None or to is None:
+            return None
+        import onnx
+
+        return a.astype(onnx.helper.tensor_dtype_to_np_dtype(int(to.value)))
     if p is None or p.op_type != "Constant" or p.domain != "":
         return None
     for key, attr in p.attributes.items():
@@ -114,6 +122,9 @@ def const_shape(value: ir.Value) -> tuple[int, ...] | None:
     t = value.const_value
     if t is not None:
         return tuple(int(d) for d in t.shape)
+    p = value.producer()
+    if p is not None and p.op_type in ("Identity", "Cast") and p.inputs and p.inputs[0] is not None:
+        return const_shape(p.inputs[0])
     a = const_array(value)
     return None if a is None else tuple(a.shape)
 

@@ -28,11 +28,15 @@ def group_error(model, group, act_max, rows: torch.Tensor, alpha: float, head_di
     """Σ over the group's Linears of the squared output error of static W8A8 after smoothing with α (bias cancels).
     `float_outputs`: the group's (float32 weight, float output on `rows`) per Linear, which do not depend on α
     (`float_outputs_of`; computed here when not given)."""
+    from sq_export.modeling import weight_oi
     from sq_export.quant.smooth import group_act_max, smoothing_factors_for_group
 
     s = smoothing_factors_for_group(model, group, act_max, alpha, head_dim=head_dim).float()
-    xs = rows / s
     amax = float((group_act_max(group, act_max) / s).max())
+    # on the weights' device, in float32 (rows are float32 on the CPU; a half weight is widened, exactly)
+    dev = weight_oi(model.get_submodule(group.linears[0])).device
+    rows, s = rows.to(dev), s.to(dev)
+    xs = rows / s
     xq = fake_quant_tensor(xs, amax)
     err = 0.0
     for w, y in float_outputs or float_outputs_of(model, group, rows):
@@ -49,19 +53,30 @@ def float_outputs_of(model, group, rows: torch.Tensor) -> list:
     out = []
     for n in group.linears:
         w = weight_oi(model.get_submodule(n)).float()
-        out.append((w, rows @ w.t()))
+        out.append((w, rows.to(w.device) @ w.t()))
     return out
 
 
 @torch.no_grad()
 def search_alpha(model, family, act_max, res: RowReservoir, linear_pairs: bool, grid=None, per_channel=True) -> dict:
     """{group source: best α} on the unsmoothed float model (call before apply_smoothing). grid: ALPHA_GRID."""
+    return search_alpha_groups(model, family.groups(include_linear_pairs=linear_pairs), act_max,
+                               lambda n: rows_for(res, family, n), grid, per_channel)
+
+
+@torch.no_grad()
+def search_alpha_groups(model, groups, act_max, rows_of, grid=None, per_channel=True) -> dict:
+    """`search_alpha` on the given groups (a layer's, when streaming); `rows_of(linear name)`: its row sample."""
+    from sq_export.dispatch import resident
+    from sq_export.quant.smooth import head_dim
+
     grid = ALPHA_GRID if grid is None else tuple(grid)
-    hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    hd = head_dim(model.config)
     out = {}
-    for g in family.groups(include_linear_pairs=linear_pairs):
-        rows = rows_for(res, family, g.linears[0])
-        ref = float_outputs_of(model, g, rows)  # the same for every α: computed once per group
-        errs = [group_error(model, g, act_max, rows, a, hd if g.kind == "linear" else None, per_channel, ref) for a in grid]
+    for g in groups:
+        rows = rows_of(g.linears[0])
+        with resident(model, g.linears, write=False):
+            ref = float_outputs_of(model, g, rows)  # the same for every α: computed once per group
+            errs = [group_error(model, g, act_max, rows, a, hd if g.kind == "linear" else None, per_channel, ref) for a in grid]
         out[g.source] = float(grid[int(np.argmin(errs))])
     return out

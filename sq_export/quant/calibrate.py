@@ -30,12 +30,16 @@ ACT_SCALES_FILE = "act_scales.safetensors"
 def run_decoder(model, batches, batch_size: int = 4, desc: str | None = None) -> None:
     """Forward `batches` ([n, L] token ids) through the decoder alone, for the hooks that observe it: the LM head's
     logits are not needed and cost ~20% of a small model's forward."""
+    from sq_export.device import fits, model_device
+
+    dev = model_device(model)
     ids = torch.as_tensor(np.asarray(batches))
     body = getattr(model, "base_model", model)
     starts = range(0, len(ids), batch_size)
-    for i in progress.bar(starts, desc=desc, unit="batch") if desc else starts:
-        b = ids[i : i + batch_size]
-        body(input_ids=b, attention_mask=torch.ones_like(b), use_cache=False)
+    with fits(f"a calibration batch of {min(batch_size, len(ids))} x {ids.shape[-1]} tokens", dev):
+        for i in progress.bar(starts, desc=desc, unit="batch") if desc else starts:
+            b = ids[i : i + batch_size].to(dev)
+            body(input_ids=b, attention_mask=torch.ones_like(b), use_cache=False)
 
 
 @torch.no_grad()
@@ -43,32 +47,40 @@ def collect_act_max(model, names: list[str], batches: np.ndarray, batch_size: in
     """Run `batches` ([n, L] token ids) through `model`; return {linear name: max|x| per input channel}.
 
     `reservoir` (optional, e.g. sq_export.quant.fallback.RowReservoir): its `add(name, x)` also sees every input, in the
-    same pass, to keep a bounded sample of rows; the returned maxima are the same with or without it."""
+    same pass, to keep a bounded sample of rows; the returned maxima are the same with or without it. The maxima are
+    float32 on the CPU whatever the model's type and device (a max of model-type values is exact in float32)."""
     stats: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def hook(name):
-        def fn(mod, inputs):
-            x = inputs[0].detach()
-            m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            prev = stats.get(name)
-            stats[name] = m if prev is None else torch.maximum(prev, m)
-            if reservoir is not None:
-                reservoir.add(name, x)
-
-        return fn
-
-    for n in names:
-        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
+    hooks = [model.get_submodule(n).register_forward_pre_hook(act_max_hook(n, stats, reservoir)) for n in names]
     try:
         run_decoder(model, batches, batch_size, desc)
     finally:
         for h in hooks:
             h.remove()
-    for n, v in stats.items():
+    return finish_act_max(stats)
+
+
+def act_max_hook(name: str, stats: dict, reservoir=None):
+    """A forward pre-hook recording max|x| per input channel of the module's input into stats[name] (on the
+    input's device until `finish_act_max`), and offering the input to `reservoir`."""
+
+    def fn(mod, inputs):
+        x = inputs[0].detach()
+        m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        prev = stats.get(name)
+        stats[name] = m if prev is None else torch.maximum(prev, m.to(prev.device))
+        if reservoir is not None:
+            reservoir.add(name, x)
+
+    return fn
+
+
+def finish_act_max(stats: dict) -> dict[str, torch.Tensor]:
+    """The maxima as float32 CPU tensors; refuse NaN/Inf."""
+    out = {n: v.cpu() for n, v in stats.items()}
+    for n, v in out.items():
         if not torch.isfinite(v).all():
             raise BadInput(f"activations at {n} hold NaN/Inf during calibration: the model or its weights are broken")
-    return stats
+    return out
 
 
 def calibrate(model, family, batches: np.ndarray, batch_size: int = 4, reservoir=None) -> dict[str, torch.Tensor]:

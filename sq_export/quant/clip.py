@@ -50,7 +50,7 @@ def clipped_scales(family, act_max_smoothed: dict, res: RowReservoir, divs: dict
         mx = float(act_max_smoothed[n].max())
         rows = rows_for(res, family, n)
         if divs.get(n) is not None:
-            rows = rows / divs[n].to(rows.dtype)
+            rows = rows / divs[n].to(rows.device, rows.dtype)
         am = clip_amax(rows, mx, spec)
         scales[n] = max(am, 1e-8) / 127.0
         ratio[n] = am / mx if mx > 0 else 1.0

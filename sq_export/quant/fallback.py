@@ -33,16 +33,22 @@ FALLBACK_CRITERION = "kl-roles-ub95"  # `run` records it: a stage chosen by an o
 @torch.no_grad()
 def local_sqnr(model, family, float_linears: dict, res: RowReservoir, divs: dict) -> dict[str, float]:
     """Per quantized Linear: SQNR (dB) of its QLinear output vs its float output on the sampled (smoothed) rows."""
+    return {n: linear_sqnr(flin, model.get_submodule(n), rows_for(res, family, n), divs.get(n))
+            for n, flin in float_linears.items()}
+
+
+@torch.no_grad()
+def linear_sqnr(flin, qlin, rows: torch.Tensor, div: torch.Tensor | None = None) -> float:
+    """SQNR (dB) of QLinear `qlin`'s output vs float Linear `flin`'s on `rows` (float32, CPU; divided by the
+    smoothing vector `div` when the Linear's input was smoothed), on the Linear's device in its type."""
+    from sq_export.device import execution_device
     from sq_export.measure.sqnr import sqnr_db
 
-    out = {}
-    for n, flin in float_linears.items():
-        rows = rows_for(res, family, n)
-        if divs.get(n) is not None:
-            rows = rows / divs[n]
-        q = model.get_submodule(n)
-        out[n] = sqnr_db(flin(rows), q(rows))
-    return out
+    if div is not None:
+        rows = rows / div
+    w = flin.weight
+    rows = rows.to(execution_device(flin), w.dtype if w.device.type != "meta" else rows.dtype)
+    return sqnr_db(flin(rows).float().cpu(), qlin(rows).float().cpu())
 
 
 
@@ -63,12 +69,15 @@ def small_eval_ids(tokenizer, calib_text, seq_len: int, windows: int = 4, seed: 
 def float_reference(model, windows: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The float model's next-token log-probabilities on `windows` (fp16, one [T-1, V] tensor per window) and its
     per-token NLL of the actual next tokens (fp32, one [T-1] tensor per window)."""
+    from sq_export.device import model_device
+
+    dev = model_device(model)
     lps, nlls = [], []
     for w in windows:
-        x = torch.as_tensor(w)[None]
+        x = torch.as_tensor(w)[None].to(dev)
         lp = torch.log_softmax(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, :-1].float(), -1)
         lps.append(lp.half())
-        nlls.append(-lp.gather(1, torch.as_tensor(w[1:])[:, None])[:, 0])
+        nlls.append(-lp.gather(1, torch.as_tensor(w[1:], device=dev)[:, None])[:, 0].cpu())
     return lps, nlls
 
 
@@ -162,6 +171,9 @@ class KLScore:
         layers = model.get_submodule(self.layers_path) if self.layers_path else None
         if start and (layers is None or self._committed is None):
             raise ValueError("KLScore(start=...) needs layers_path and a committed state")
+        from sq_export.device import model_device
+
+        dev = model_device(model)
         kl = 0.0
         n = 0
         last, tok_nll = [], []
@@ -175,7 +187,7 @@ class KLScore:
                         layers[i] = _KnownOutput(real[i], self._committed[k], i)
                     for i in range(len(layers)):
                         hooks.append(layers[i].register_forward_hook(lambda _m, _a, o, i=i: outs.__setitem__(i, _copy_out(o))))
-                x = torch.as_tensor(w)[None]
+                x = torch.as_tensor(w)[None].to(dev)
                 logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, :-1]
             finally:
                 for h in hooks:
@@ -186,7 +198,7 @@ class KLScore:
             lq = torch.log_softmax(logits.float(), -1)
             lp = ref.float()
             kl += float((lp.exp() * (lp - lq)).sum())
-            tok_nll.append(-lq.gather(1, torch.as_tensor(w[1:])[:, None])[:, 0])
+            tok_nll.append(-lq.gather(1, torch.as_tensor(w[1:], device=lq.device)[:, None])[:, 0].cpu())
             n += lp.shape[0]
         self._last = last if layers is not None else None
         self.last_ppl = math.exp(float(sum(t.double().sum() for t in tok_nll)) / n)
@@ -199,9 +211,12 @@ def windows_perplexity(model, windows: np.ndarray) -> float:
     from sq_export.measure.perplexity import PerplexityAccumulator
 
     acc = PerplexityAccumulator()
+    from sq_export.device import model_device
+
+    dev = model_device(model)
     for w in windows:
-        x = torch.as_tensor(w)[None]
-        acc.add(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0].float().numpy(), w)
+        x = torch.as_tensor(w)[None].to(dev)
+        acc.add(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0].float().cpu().numpy(), w)
     return acc.perplexity
 
 

@@ -20,7 +20,16 @@ from __future__ import annotations
 
 import torch
 
+from sq_export.device import model_device
 from sq_export.errors import BadInput
+
+
+def _scaled(t: torch.Tensor, s: torch.Tensor, divide: bool = False) -> torch.Tensor:
+    """A new tensor t·s (t/s): float32 weights as before; half ones computed in float32, rounded once."""
+    s = s.to(t.device)
+    if t.dtype == torch.float32:
+        return t / s if divide else t * s
+    return (t.float() / s if divide else t.float() * s).to(t.dtype)
 
 
 def lm_head_name(model) -> str:
@@ -40,6 +49,7 @@ def _final_norm(model, body, batch) -> str | None:
         if "norm" in type(mod).__name__.lower() and isinstance(getattr(mod, "weight", None), torch.Tensor):
             hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: outs.__setitem__(n, o)))
     try:
+        batch = batch.to(model_device(model))
         x = body(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)[0]
     finally:
         for h in hooks:
@@ -65,29 +75,31 @@ def quantize_lm_head(model, batches, batch_size: int = 4, per_channel: bool = Tr
         raise BadInput("--quantize-lm-head: the model has no base model in front of its LM head")
     amax = torch.zeros(head.in_features)
     ids = torch.as_tensor(batches)
+    dev = model_device(model)
     # the base model's last hidden state is what the head reads (every family applies its final norm, and OPT its
     # project_out, inside the base model); running the body alone skips [batch, seq, vocab] logits per batch
     for i in range(0, len(ids), batch_size):
-        b = ids[i : i + batch_size]
+        b = ids[i : i + batch_size].to(dev)
         x = body(input_ids=b, attention_mask=torch.ones_like(b), use_cache=False)[0]
         if i == 0 and x.shape[-1] != head.in_features:
             raise BadInput(f"--quantize-lm-head: the base model returns width {x.shape[-1]}, the head takes {head.in_features}")
-        amax = torch.maximum(amax, x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float())
+        amax = torch.maximum(amax, x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu())
     if not torch.isfinite(amax).all() or float(amax.max()) <= 0:
         raise BadInput(f"--quantize-lm-head: the LM head's input range is {float(amax.max())} on the calibration windows")
     norm = _final_norm(model, body, ids[:1]) if alpha is not None else None
     src = head
     if norm is not None:
-        s = smoothing_factors(amax, [head.weight.detach()], alpha)
-        src = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-        src.weight = torch.nn.Parameter(head.weight.detach() * s.view(1, -1), requires_grad=False)
+        s = smoothing_factors(amax, [head.weight.detach()], alpha)  # float32, CPU
+        src = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        src.weight = torch.nn.Parameter(_scaled(head.weight.detach(), s.view(1, -1)), requires_grad=False)
         if head.bias is not None:
             src.bias = torch.nn.Parameter(head.bias.detach().clone(), requires_grad=False)
         nm = model.get_submodule(norm)  # new tensors: the norm's may be shared with another copy of the model
         check_plain_norm(nm, norm, norm_form)
-        nm.weight = torch.nn.Parameter(divided_norm_weight(nm.weight.detach(), s, norm_form), requires_grad=False)
+        w = nm.weight.detach()
+        nm.weight = torch.nn.Parameter(divided_norm_weight(w.float(), s.to(w.device), norm_form).to(w.dtype), requires_grad=False)
         if getattr(nm, "bias", None) is not None:
-            nm.bias = torch.nn.Parameter(nm.bias.detach() / s, requires_grad=False)
+            nm.bias = torch.nn.Parameter(_scaled(nm.bias.detach(), s, divide=True), requires_grad=False)
         amax = amax / s
     scale = float(scale_from_amax(amax.max()))
     replace_module(model, name, QLinear(src, "static", scale, per_channel))

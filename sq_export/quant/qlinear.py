@@ -24,6 +24,15 @@ def scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     return torch.as_tensor(amax, dtype=torch.float32).clamp(min=1e-8) / 127.0
 
 
+def qdq_exact(x: torch.Tensor, scale) -> torch.Tensor:
+    """Q→DQ as ONNX computes it: saturate(round_half_even(x / scale)) · scale (scale broadcasts over x's last
+    dimension). torch.fake_quantize_* multiply by 1/scale instead: the same except where x / scale is a tie (k + ½)
+    or within an ulp of one, which float32 weights almost never are but half-valued ones often are (bfloat16
+    weights of the tiny Llama: 10 of 73,728 INT8 weights differed). The half model's QLinear uses this, so its
+    INT8 values are exactly the exported graph's."""
+    return torch.clamp(torch.round(x / scale), QMIN, QMAX) * scale
+
+
 def fake_quant_dynamic(x: torch.Tensor, per_token: bool) -> torch.Tensor:
     amax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
     s = amax.clamp(min=1e-8) / 127.0
@@ -46,7 +55,7 @@ class QLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         amax = abs_max(w_kn, 0) if per_channel else abs_max(w_kn).expand(w_kn.shape[1])
         self.register_buffer("w_scale", scale_from_amax(amax).contiguous())
-        self.register_buffer("w_zero", torch.zeros(w_kn.shape[1], dtype=torch.int32))
+        self.register_buffer("w_zero", torch.zeros(w_kn.shape[1], dtype=torch.int32, device=w_kn.device))
         self.act = act
         self.act_scale = None if act_scale is None else float(max(float(act_scale), 1e-8))
         self.in_features, self.out_features = w_kn.shape
@@ -58,6 +67,11 @@ class QLinear(nn.Module):
         # (same rounding, same logits); when tracing for ONNX the layout is not part of the graph
         return wq if wq.is_contiguous() or torch.jit.is_tracing() else wq.contiguous()
 
+    def quantized_weight_float(self) -> torch.Tensor:
+        """The fake-quantized weight [K, N] in float32 (a half w_kn widened exactly first; scales are float32), by
+        division as ONNX QuantizeLinear computes (see `qdq_exact`)."""
+        return qdq_exact(self.w_kn.float(), self.w_scale.to(self.w_kn.device)).contiguous()
+
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act == "static":
             return torch.fake_quantize_per_tensor_affine(x, self.act_scale, 0, QMIN, QMAX)
@@ -68,6 +82,15 @@ class QLinear(nn.Module):
         return x
 
     def forward(self, x):
+        if self.w_kn.dtype != torch.float32 and not torch.jit.is_tracing():
+            # a half model (float16/bfloat16 weights, e.g. on the GPU): fake quantization and the matmul in float32,
+            # as an INT8 GEMM computes (exact products, wide accumulation, float32 rescale), then the model's type;
+            # in the half type the dequantized values q·s would be rounded off the INT8 grid (bfloat16: 8 bits)
+            xf = x.float()
+            xq = qdq_exact(xf, self.act_scale) if self.act == "static" else self.quant_input(xf)
+            y = torch.matmul(xq, self.quantized_weight_float())
+            y = y if self.bias is None else y + self.bias.float()
+            return y.to(x.dtype)
         if x.dtype != self.w_kn.dtype:
             # a float16 model (export --dtype fp16; w_kn and the scales stay float32): fake quantization in float32
             # between Casts, which sq_export.passes.fp16_qdq turns into float16 Q/DQ (opset 19) with the same grid

@@ -7,6 +7,7 @@ same rows for any α. Linears of one norm group share their input, so one sample
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,30 +22,53 @@ class RowReservoir:
     """Uniform sample (without replacement) of at most `rows` input rows per key, from a stream of batches.
 
     Priority sampling: every row gets a seeded uniform key; the `rows` largest keys are kept. Memory is bounded by
-    rows × width per key, whatever the calibration size; same seed and stream give the same sample."""
+    rows × width per key, whatever the calibration size; same seed and stream give the same sample. Each key has its
+    own generator (seeded from the seed and the key), so a key's sample depends only on its own stream of rows, not
+    on the order in which keys are fed: the whole-model pass (batch by batch, all layers) and the layer-streamed
+    pass (layer by layer, all batches) keep the same rows. Rows are kept float32 on the CPU whatever the model's
+    type and device; only the rows that enter the sample leave the device."""
 
     def __init__(self, keys, rows: int = RESERVOIR_ROWS, seed: int = 0):
         self.keys = set(keys)
         self.rows = int(rows)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = int(seed)
+        self.gens: dict[str, torch.Generator] = {}
         self.data: dict[str, torch.Tensor] = {}
         self.prio: dict[str, torch.Tensor] = {}
         self.seen: dict[str, int] = {}
+
+    def _gen(self, key: str) -> torch.Generator:
+        g = self.gens.get(key)
+        if g is None:
+            h = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
+            g = self.gens[key] = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+        return g
 
     @torch.no_grad()
     def add(self, key: str, x: torch.Tensor) -> None:
         if key not in self.keys:
             return
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        p = torch.rand(x.shape[0], generator=self.gen)
-        self.seen[key] = self.seen.get(key, 0) + x.shape[0]
-        if key in self.data:
-            x = torch.cat([self.data[key], x])
-            p = torch.cat([self.prio[key], p])
-        if x.shape[0] > self.rows:
+        x = x.detach().reshape(-1, x.shape[-1])
+        n_new = x.shape[0]
+        p = torch.rand(n_new, generator=self._gen(key))
+        self.seen[key] = self.seen.get(key, 0) + n_new
+        old, old_p = self.data.get(key), self.prio.get(key)
+        n_old = 0 if old is None else old.shape[0]
+        if old_p is not None:
+            p = torch.cat([old_p, p])
+        if n_old + n_new > self.rows:
             top = torch.topk(p, self.rows).indices.sort().values
-            x, p = x[top].clone(), p[top]
-        self.data[key], self.prio[key] = x, p
+            keep_old, keep_new = top[top < n_old], top[top >= n_old] - n_old
+        else:
+            top, keep_old, keep_new = None, None, None
+        # the same rows, in the same order (kept old rows, then kept new rows), as selecting from the concatenation
+        new = x if keep_new is None else x[keep_new.to(x.device)]
+        new = new.float().cpu()
+        if old is not None:
+            new = torch.cat([old if keep_old is None else old[keep_old], new])
+        elif keep_new is not None or new.data_ptr() == x.data_ptr():
+            new = new.clone()
+        self.data[key], self.prio[key] = new, (p if top is None else p[top])
 
     def __getitem__(self, key) -> torch.Tensor:
         return self.data[key]

@@ -2,6 +2,11 @@
 columns (W·s), so the float model computes the same function with easier-to-quantize activations.
 
 The math is the same as mit-han-lab/smoothquant's smooth_ln_fcs (tests compare against it bit for bit).
+Whatever the model's type and device: the factors are computed in float32 on the CPU (from max|W| per channel,
+exact in float32, and the float32 act maxima), so a GPU half-precision run and a CPU float32 run of the same
+weights get the same factors; a half-precision weight is folded in float32 and rounded to its type once. A model
+dispatched by accelerate with weights offloaded to the CPU is folded into the offloaded weights themselves
+(sq_export.dispatch.resident).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def smoothing_factors(act_max: torch.Tensor, weights_oi: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """Per input channel: max|X_j|^α / max_k|W_kj|^(1-α), both clamped away from 0 (as smooth_ln_fcs)."""
-    w_max = torch.stack([abs_max(w, 0) for w in weights_oi]).amax(dim=0).clamp(min=1e-5)
-    act = act_max.to(w_max.dtype)
+    """Per input channel: max|X_j|^α / max_k|W_kj|^(1-α), both clamped away from 0 (as smooth_ln_fcs). float32 on
+    the CPU whatever the weights' type and device (max|W| of half weights is exact in float32)."""
+    w_max = torch.stack([abs_max(w, 0).float().cpu() for w in weights_oi]).amax(dim=0).clamp(min=1e-5)
+    act = act_max.float().cpu()
     return (act.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
@@ -41,18 +47,28 @@ def divided_norm_weight(weight: torch.Tensor, s: torch.Tensor, form: str = "gamm
     raise ValueError(f"unknown norm form {form!r}")
 
 
+def scale_(t: torch.Tensor, s: torch.Tensor, divide: bool = False) -> None:
+    """t ·= s (or /= s) in place, broadcasting s over t's last dimension (shape it with view). A float32 tensor is
+    changed in place (no temporary); a half one is computed in float32 and rounded to its type once."""
+    s = s.to(t.device)
+    if t.dtype == torch.float32:
+        t.div_(s) if divide else t.mul_(s)
+        return
+    t.copy_(t.float() / s if divide else t.float() * s)
+
+
 @torch.no_grad()
 def fold_into_norm(norm, linears, s: torch.Tensor, form: str = "gamma") -> None:
     """Divide the norm's per-channel gain (γ, or 1+γ for `form` "one_plus_gamma") and β by s, and multiply the
     Linears' input columns by s."""
     if form == "gamma":
-        norm.weight.div_(s)
+        scale_(norm.weight, s, divide=True)
     else:
-        norm.weight.copy_(divided_norm_weight(norm.weight, s, form))
+        norm.weight.copy_(divided_norm_weight(norm.weight, s.to(norm.weight.device), form))
     if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(s)
+        scale_(norm.bias, s, divide=True)
     for lin in linears:
-        weight_oi(lin).mul_(s.view(1, -1))
+        scale_(weight_oi(lin), s.view(1, -1))
 
 
 def row_ranges(rows, n_rows: int) -> list[tuple[int, int]]:
@@ -90,11 +106,11 @@ def fold_into_linear(producer, consumer, s_consumer: torch.Tensor, kv_repeat: in
     off = 0
     for a, b in ranges:
         part = s_rows[off : off + b - a]
-        w_p[a:b].div_(part.view(-1, 1))
+        scale_(w_p[a:b], part.view(-1, 1), divide=True)
         if bias is not None:
-            bias[a:b].div_(part)
+            scale_(bias[a:b], part, divide=True)
         off += b - a
-    weight_oi(consumer).mul_(s_consumer.view(1, -1))
+    scale_(weight_oi(consumer), s_consumer.view(1, -1))
 
 
 def group_act_max(group: SmoothGroup, act_max: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -111,27 +127,43 @@ def smoothing_factors_for_group(model, group: SmoothGroup, act_max, alpha: float
         rep = group.kv_repeat
         d = head_dim
         a = a.view(-1, rep, d).amax(dim=1, keepdim=True).expand(-1, rep, -1).reshape(-1)
-        ws = [abs_max(w, 0).view(-1, rep, d).amax(dim=1, keepdim=True).expand(-1, rep, -1).reshape(1, -1) for w in ws]
+        ws = [abs_max(w, 0).float().cpu().view(-1, rep, d).amax(dim=1, keepdim=True).expand(-1, rep, -1).reshape(1, -1) for w in ws]
     return smoothing_factors(a, ws, alpha)
 
 
 @torch.no_grad()
 def apply_smoothing(model, family: Family, act_max: dict[str, torch.Tensor], alpha: float | dict, *, linear_pairs=False) -> dict[str, torch.Tensor]:
-    """Fold smoothing into `model` in place. `alpha` is one value or {group source: value}. Returns {source: s}."""
+    """Fold smoothing into `model` in place. `alpha` is one value or {group source: value}. Returns {source: s}
+    (float32, CPU)."""
+    return apply_smoothing_groups(model, family.groups(include_linear_pairs=linear_pairs), act_max, alpha, family.norm_form)
+
+
+@torch.no_grad()
+def apply_smoothing_groups(model, groups, act_max: dict[str, torch.Tensor], alpha: float | dict,
+                           norm_form: str = "gamma") -> dict[str, torch.Tensor]:
+    """`apply_smoothing` on the given groups only (a layer's, when streaming), in their order; `norm_form`: the
+    family's (Family.norm_form)."""
+    from sq_export.dispatch import resident
+
     factors = {}
-    for g in family.groups(include_linear_pairs=linear_pairs):
+    for g in groups:
         a = alpha[g.source] if isinstance(alpha, dict) else alpha
-        src = model.get_submodule(g.source)
-        if g.kind == "norm":
-            check_plain_norm(src, g.source, family.norm_form)
-            s = smoothing_factors_for_group(model, g, act_max, a)
-            fold_into_norm(src, [model.get_submodule(n) for n in g.linears], s, family.norm_form)
-        else:
-            hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-            s = smoothing_factors_for_group(model, g, act_max, a, head_dim=hd)
-            fold_into_linear(src, model.get_submodule(g.linears[0]), s, g.kv_repeat, hd, g.rows)
+        with resident(model, [g.source, *g.linears]):
+            src = model.get_submodule(g.source)
+            if g.kind == "norm":
+                check_plain_norm(src, g.source, norm_form)
+                s = smoothing_factors_for_group(model, g, act_max, a)
+                fold_into_norm(src, [model.get_submodule(n) for n in g.linears], s, norm_form)
+            else:
+                hd = head_dim(model.config)
+                s = smoothing_factors_for_group(model, g, act_max, a, head_dim=hd)
+                fold_into_linear(src, model.get_submodule(g.linears[0]), s, g.kv_repeat, hd, g.rows)
         factors[g.source] = s
     return factors
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def smoothed_act_max(act_max: dict[str, torch.Tensor], family: Family, factors: dict[str, torch.Tensor], linear_pairs=False):
@@ -156,12 +188,16 @@ def divisors(family, factors: dict | None, linear_pairs: bool) -> dict[str, torc
 
 @torch.no_grad()
 def logits_of(model, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False).logits.float()
+    from sq_export.device import fits, model_device, to_device
+
+    with fits(f"the float-equivalence check batch ({list(batch.shape)} tokens)", model_device(model)):
+        b = to_device(batch, model)
+        return model(input_ids=b, attention_mask=torch.ones_like(b), use_cache=False).logits.float()
 
 
 def check_unchanged(ref_logits: torch.Tensor, new_logits: torch.Tensor, what: str = "smoothing") -> float:
     """Refuse when float logits moved more than float32 rounding allows (1e-3 of the logit scale)."""
-    diff = float((ref_logits - new_logits).abs().max())
+    diff = float((ref_logits - new_logits.to(ref_logits.device)).abs().max())
     tol = fp_tolerance(ref_logits)
     if not diff <= tol:
         raise SmoothingChangedOutputs(
@@ -173,7 +209,15 @@ def check_unchanged(ref_logits: torch.Tensor, new_logits: torch.Tensor, what: st
 
 
 def smooth_checked(model, family, act_max, alpha, check_batch: torch.Tensor, *, linear_pairs=False):
-    """apply_smoothing + the float-equivalence check on `check_batch`. Returns (factors, max |Δlogits|)."""
+    """apply_smoothing + the float-equivalence check on `check_batch`. Returns (factors, max |Δlogits|) for a float32
+    model; a half model (float16/bfloat16) is checked decoder layer by decoder layer in float32 instead, whose
+    logits carry their own rounding (sq_export.quant.equivalence): then the max relative change of a layer."""
+    from sq_export.device import model_dtype
+
+    if model_dtype(model) != torch.float32:
+        from sq_export.quant.equivalence import smooth_checked_per_layer
+
+        return smooth_checked_per_layer(model, family, act_max, alpha, check_batch, linear_pairs=linear_pairs)
     ref = logits_of(model, check_batch)
     factors = apply_smoothing(model, family, act_max, alpha, linear_pairs=linear_pairs)
     return factors, check_unchanged(ref, logits_of(model, check_batch))

@@ -73,7 +73,7 @@ class RunContext:
 
                 transformers.utils.logging.disable_progress_bar()
             t = time.perf_counter()
-            model, tok = api.load_model(self.model_arg)
+            model, tok = api.load_model(self.model_arg, device=self.opts.device, dtype=self.opts.model_dtype)
             if tok is None:
                 raise BadInput(f"model {self.model_arg} has no tokenizer: the pipeline needs one for calibration and eval")
             self._loaded = (model, tok, family_for(model))

