@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it: `chec
 __all__ = [
     "load_model", "load_tokenizer", "calibrate", "quantize", "export_onnx", "check", "perplexity", "run_pipeline",
     "QuantizedModel", "ExportResult", "Recipe", "CalibOptions", "make_recipe", "normalize_target", "text_ids",
+    "token_outliers",
 ]
 
 
@@ -246,6 +247,32 @@ def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_toke
         return onnx_perplexity(str(model), text_ids(tokenizer, text, "eval"), seq_len, max_tokens)
     m = model.model if isinstance(model, QuantizedModel) else model
     return torch_perplexity(m, text_ids(tokenizer, text, "eval"), seq_len, max_tokens)
+
+
+def token_outliers(model, tokenizer=None, texts=None, *, windows: int = 8, seq_len: int = 512, top: int = 3,
+                   threshold: float = 64.0, plot: str | Path | None = None, seed: int = 0) -> dict:
+    """The token view of `sq-export diagnose --tokens`: per decoder layer, which token positions and ids carry the
+    largest |x| at each quantized Linear's input and in the residual stream, on `windows` windows of `seq_len`
+    tokens of `texts` (None: the shipped calibration split; the calibration windows' seed by default). `model`: a
+    float model or a QuantizedModel (its prefix, if any, applies). Returns sq_export.measure.outliers.report's dict
+    (with "text_table", the printable table); `plot`: also write the per-layer chart there (PNG)."""
+    from sq_export.families import family_for
+    from sq_export.measure import outliers
+    from sq_export.textdata import calibration_samples
+
+    if windows < 1:
+        raise BadInput(f"--windows {windows} must be at least 1")
+    m = model.model if isinstance(model, QuantizedModel) else model
+    fam = family_for(m)
+    ids = text_ids(tokenizer, texts, "calib")
+    batch = calibration_samples(ids, windows, min(seq_len, len(ids)), seed=seed)
+    stats = outliers.token_stats(m, fam, batch)
+    rep = outliers.report(stats, tokenizer, top=top, threshold=threshold)
+    rep["text_table"] = outliers.format_table(rep)
+    if plot is not None:
+        outliers.plot(plot, stats)
+        rep["png"] = str(plot)
+    return rep
 
 
 # ----- the whole pipeline ---------------------------------------------------------------------------------------
