@@ -90,23 +90,30 @@ def _checked(ids, tokenizer, what) -> np.ndarray:
 
 
 def calibrate(model, tokenizer=None, texts=None, *, samples: int = 512, seq_len: int = 512, batch_size: int = 4,
-              rows: int | None = 512, act_scales: str | None = None, recipe: Recipe | None = None) -> Calibration:
+              rows: int | None = 512, act_scales: str | None = None, recipe: Recipe | None = None,
+              prefix_outliers=None) -> Calibration:
     """Per-channel max|x| at every quantized Linear's input (and a bounded row sample per input when `rows`, which
     the default recipe's α search and fallback need) on `samples` windows of `seq_len` tokens of real text.
-    `recipe`: take the calibration options and the row sample's need from it instead."""
+    `recipe`: take the calibration options, the row sample's need and the outlier prefix from it instead.
+    `prefix_outliers` ("auto", N, "ids:...", "text:..."; sq_export.quant.prefix): choose an outlier prefix on the
+    calibration windows and calibrate with every window running after its float KV cache (`calib.prefix`)."""
+    from sq_export.quant.recipe import parse_prefix
+
     from sq_export.families import family_for
     from sq_export.quant.calibrate import calibrate_ids
 
+    prefix = parse_prefix(prefix_outliers)
     if recipe is not None:
         o = recipe.calib
         rows = recipe.reservoir_rows if recipe.needs_rows() else None
         act_scales = act_scales or recipe.act_scales
+        prefix = recipe.prefix_spec()
         texts = texts if texts is not None else (Path(o.calib_text) if o.calib_text else None)
     else:
         o = CalibOptions(None if texts is None or not isinstance(texts, (str, Path)) else str(texts), samples, seq_len, batch_size)
     fam = family_for(model)
     ids = text_ids(tokenizer, texts, "calib")
-    return calibrate_ids(model, fam, ids, o, rows=rows, act_scales=act_scales)
+    return calibrate_ids(model, fam, ids, o, rows=rows, act_scales=act_scales, prefix=prefix, tokenizer=tokenizer)
 
 
 # ----- quantization ---------------------------------------------------------------------------------------------

@@ -129,8 +129,11 @@ def check_unchanged(ref_logits: torch.Tensor, new_logits: torch.Tensor, what: st
     return diff
 
 
-def smooth_checked(model, family, act_max, alpha, check_batch: torch.Tensor, *, linear_pairs=False):
-    """apply_smoothing + the float-equivalence check on `check_batch`. Returns (factors, max |Δlogits|)."""
+def smooth_checked(model, family, act_max, alpha, check_batch: torch.Tensor, *, linear_pairs=False, after=None):
+    """apply_smoothing + the float-equivalence check on `check_batch`. Returns (factors, max |Δlogits|). `after()`
+    runs between smoothing and the check (prepare recomputes an outlier prefix's cache there)."""
     ref = logits_of(model, check_batch)
     factors = apply_smoothing(model, family, act_max, alpha, linear_pairs=linear_pairs)
+    if after is not None:
+        after()
     return factors, check_unchanged(ref, logits_of(model, check_batch))
