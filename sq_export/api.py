@@ -198,6 +198,10 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
     if decode:
         from sq_export.export.decode import export_decode_onnx
 
+        if getattr(qm.prepared, "prefix", None) is not None:
+            raise BadInput("--decode with --prefix-outliers is not exported yet (the logits graph carries the prefix): "
+                           "export the logits graph, or the decode graph without a prefix")
+
         res = export_decode_onnx(qm.model, qm.family, path, weights=weights, target=target, meta=meta)
     else:
         res = _export(qm.model, qm.family, path, weights=weights, target=target, meta=meta, **({"dtype": dtype} if dtype != "fp32" else {}))
@@ -257,14 +261,19 @@ def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_toke
 
 
 def token_outliers(model, tokenizer=None, texts=None, *, windows: int = 8, seq_len: int = 512, top: int = 3,
-                   threshold: float = 64.0, plot: str | Path | None = None, seed: int = 0) -> dict:
+                   threshold: float = 64.0, plot: str | Path | None = None, seed: int = 0, prefix_outliers=None) -> dict:
     """The token view of `sq-export diagnose --tokens`: per decoder layer, which token positions and ids carry the
     largest |x| at each quantized Linear's input and in the residual stream, on `windows` windows of `seq_len`
     tokens of `texts` (None: the shipped calibration split; the calibration windows' seed by default). `model`: a
     float model or a QuantizedModel (its prefix, if any, applies). Returns sq_export.measure.outliers.report's dict
-    (with "text_table", the printable table); `plot`: also write the per-layer chart there (PNG)."""
+    (with "text_table", the printable table); `plot`: also write the per-layer chart there (PNG).
+    `prefix_outliers` (a float model): choose that outlier prefix on the same windows and measure after it."""
+    import contextlib
+
     from sq_export.families import family_for
     from sq_export.measure import outliers
+    from sq_export.quant import prefix as prefix_mod
+    from sq_export.quant.recipe import parse_prefix
     from sq_export.textdata import calibration_samples
 
     if windows < 1:
@@ -273,8 +282,16 @@ def token_outliers(model, tokenizer=None, texts=None, *, windows: int = 8, seq_l
     fam = family_for(m)
     ids = text_ids(tokenizer, texts, "calib")
     batch = calibration_samples(ids, windows, min(seq_len, len(ids)), seed=seed)
-    stats = outliers.token_stats(m, fam, batch)
+    spec = parse_prefix(prefix_outliers)
+    pre = None
+    if spec is not None:
+        tokens, info = prefix_mod.choose_tokens(m, fam, batch, spec, tokenizer)
+        pre = prefix_mod.compute_prefix(m, tokens, tokenizer, info)
+    with prefix_mod.applied(m, pre) if pre is not None else contextlib.nullcontext():
+        stats = outliers.token_stats(m, fam, batch)
     rep = outliers.report(stats, tokenizer, top=top, threshold=threshold)
+    if pre is not None:
+        rep["prefix_outliers"] = pre.summary()
     rep["text_table"] = outliers.format_table(rep)
     if plot is not None:
         outliers.plot(plot, stats)

@@ -53,6 +53,8 @@ def run(args):
         raise BadInput(f"--windows {args.windows} must be at least 1")
     if args.tokens:
         return token_view(args)
+    if args.prefix_outliers not in (None, "none"):
+        raise BadInput("the SQNR view does not take --prefix-outliers yet; --tokens does (the token view after the prefix)")
     if args.fallback not in (None, "none"):
         raise BadInput("diagnose measures every Linear quantized: --fallback does not apply")
     t0 = time.perf_counter()
@@ -125,7 +127,8 @@ def token_view(args):
     if out:
         out.mkdir(parents=True, exist_ok=True)
     rep = api.token_outliers(model, tok, Path(args.calib_text) if args.calib_text else None, windows=args.windows,
-                             seq_len=args.calib_seq_len, threshold=args.threshold, plot=out / "tokens.png" if out else None)
+                             seq_len=args.calib_seq_len, threshold=args.threshold, plot=out / "tokens.png" if out else None,
+                             prefix_outliers=args.prefix_outliers)
     table = rep.pop("text_table")
     rep.update({"model": args.model, "seconds": round(time.perf_counter() - t0, 1)})
     if out:
@@ -133,7 +136,9 @@ def token_view(args):
     if args.json:
         c.emit_json(rep)
     else:
-        print(f"token view: max|x| per token, {rep['windows']} windows x {rep['seq_len']} tokens")
+        pre = rep.get("prefix_outliers")
+        print(f"token view: max|x| per token, {rep['windows']} windows x {rep['seq_len']} tokens"
+              + (f", after the outlier prefix {pre['tokens']} {pre['text']!r}" if pre else ""))
         print(table)
         if out:
             print(f"chart {rep['png']}, table {out / 'tokens.json'}")
