@@ -198,11 +198,9 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
     if decode:
         from sq_export.export.decode import export_decode_onnx
 
-        if getattr(qm.prepared, "prefix", None) is not None:
-            raise BadInput("--decode with --prefix-outliers is not exported yet (the logits graph carries the prefix): "
-                           "export the logits graph, or the decode graph without a prefix")
 
-        res = export_decode_onnx(qm.model, qm.family, path, weights=weights, target=target, meta=meta)
+        res = export_decode_onnx(qm.model, qm.family, path, weights=weights, target=target, meta=meta,
+                                 prefix=getattr(qm.prepared, "prefix", None))
     else:
         res = _export(qm.model, qm.family, path, weights=weights, target=target, meta=meta, **({"dtype": dtype} if dtype != "fp32" else {}))
     return ExportResult(Path(res.pop("onnx")), res.pop("bytes"), res.pop("nodes"), {**meta, **res})

@@ -104,3 +104,39 @@ def test_check_catches_a_graph_without_the_prefix(prefixed, tmp_path):
     assert api.check(path).violations == []  # no prefix claimed: nothing to lint
     bad = _with_meta(path, tmp_path / "bad.onnx", prefix_length=3, prefix_outliers="1,7,9")
     assert {v.rule for v in api.check(bad).violations} == {"PFX001", "PFX002", "PFX003"}
+
+
+def test_decode_graph_starts_from_the_prefix_as_its_initial_past(prefixed, tmp_path):
+    from sq_export.export.decode import read_prefix
+    from sq_export.measure.generate import greedy_onnx, greedy_torch
+    from sq_export.measure.perplexity import ort_session
+
+    _, _, _, qm = prefixed
+    path = tmp_path / "d.onnx"
+    api.export_onnx(qm, path, weights="int8", target="tensorrt", decode=True)
+    pre = read_prefix(path)
+    assert len(pre) == 4 and pre["past_key_values.0.key"].shape == (1, 2, 3, 16)
+    np.testing.assert_array_equal(pre["past_key_values.1.value"], qm.prepared.prefix.values[1].numpy())
+    assert api.check(path).violations == []
+    prompts = token_batches(2, 6, seed=11)
+    want = greedy_torch(qm.model, prompts, 8)  # PyTorch: the installed prefix fills the empty cache
+    sess = ort_session(str(path))
+    np.testing.assert_array_equal(greedy_onnx(sess, prompts, 8, prefix=pre), want)
+    np.testing.assert_array_equal(greedy_onnx(sess, prompts, 8, prefix=pre, pad_slots=1), want)
+    # the prefill logits of the decode graph are the logits graph's
+    from sq_export.kvcache import PAST_PREFIX
+
+    x = token_batches(1, 9, seed=12)
+    feed = {"input_ids": x, "attention_mask": np.ones((1, 12), np.int64), "position_ids": np.arange(3, 12)[None], **pre}
+    got = sess.run(["logits"], {k: v for k, v in feed.items() if k == "input_ids" or k in ("attention_mask", "position_ids") or k.startswith(PAST_PREFIX)})[0]
+    with torch.no_grad():
+        ref = qm.model(input_ids=torch.as_tensor(x), use_cache=False).logits.numpy()
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+    # a decode graph that claims a prefix it does not carry is caught
+    plain = tmp_path / "plain.onnx"
+    m = onnx.load(str(path))
+    keep = [t for t in m.graph.initializer if not t.name.startswith("prefix_outliers.")]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    onnx.save(m, str(plain))
+    assert {v.rule for v in api.check(plain).violations} == {"PFX004"}

@@ -9,6 +9,12 @@ is widened by P ones; the real tokens' positions start at P (rotary embeddings: 
     PFX001  the number or the shape of the constant key/value prefixes does not match P (or the attention layers)
     PFX002  the positions of the real tokens do not start at P
     PFX003  the attention mask is not widened by P ones
+    PFX004  a decode graph's initial past (initializers prefix_outliers.{i}.key/.value, which no node reads) is missing
+            for a past input or does not have its shape [1, kv_heads, P, head_dim]
+
+A decode graph (past_key_values.* inputs) is the plain decode graph: the prefix is its initial past, stored as
+those initializers; a runtime starts from them with P ones in front of the mask (sq_export.kvcache.greedy), so the
+positions, taken from the mask, start at P. PFX001–PFX003 apply to the logits graph.
 
 A graph without the metadata is not checked (graphs without a prefix). Torch-free, structural.
 """
@@ -74,6 +80,7 @@ def prefix_concats(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value]]:
     "PFX001": "outlier prefix: constant key/value prefixes missing, extra, or not of length prefix_length",
     "PFX002": "outlier prefix: the real tokens' positions do not start at prefix_length",
     "PFX003": "outlier prefix: the attention mask is not widened by prefix_length ones",
+    "PFX004": "outlier prefix: a decode graph's initial past (prefix_outliers.* initializers) missing or misshapen",
 }, order=60)
 def find_prefix_problems(graph: ir.Graph, target: str = "trt") -> list[Violation]:
     meta = graph.meta.get(META_KEY) or {}
@@ -87,6 +94,9 @@ def find_prefix_problems(graph: ir.Graph, target: str = "trt") -> list[Violation
     tokens = [t for t in str(meta.get("prefix_outliers", "")).split(",") if t]
     if tokens and len(tokens) != P:
         out.append(Violation("PFX001", "<metadata>", f"prefix_outliers lists {len(tokens)} tokens, prefix_length says {P}"))
+    pasts = [v for v in graph.inputs if v.name.startswith("past_key_values.")]
+    if pasts:
+        return out + _decode_initial_past(graph, pasts, P)
     layers = len(nodes_of(graph, "Softmax"))
     found = prefix_concats(graph)
     for n, c in found:
@@ -124,6 +134,22 @@ def find_prefix_problems(graph: ir.Graph, target: str = "trt") -> list[Violation
         if not widened:
             out.append(Violation("PFX003", "attention_mask", f"the attention mask is not concatenated after {P} ones: "
                                  "the prefix slots would be masked or the mask would not match the keys"))
+    return out
+
+
+def _decode_initial_past(graph: ir.Graph, pasts: list, P: int) -> list[Violation]:
+    out = []
+    inits = graph.initializers
+    for v in pasts:
+        name = "prefix_outliers." + v.name[len("past_key_values."):]
+        init = inits.get(name)
+        if init is None:
+            out.append(Violation("PFX004", v.name, f"no initializer {name}: the decode graph's initial past is missing"))
+            continue
+        shape = tuple(int(d) for d in init.const_value.shape) if init.const_value is not None else ()
+        want = [1, v.shape[1] if v.shape is not None else None, P, v.shape[3] if v.shape is not None else None]
+        if len(shape) != 4 or shape[0] != 1 or shape[2] != P or any(isinstance(w, int) and w != s for w, s in zip(want, shape)):
+            out.append(Violation("PFX004", name, f"shape {list(shape)}, expected {want}"))
     return out
 
 
