@@ -150,3 +150,33 @@ def test_prepare_recomputes_the_prefix_after_pair_smoothing():
         api.quantize(model, cal, make_recipe("default", calib=opts, fallback="none"), copy=True)
     with pytest.raises(BadInput):
         api.quantize(model, calibrate_ids(model, fam, ids, opts, rows=64), r, copy=True)
+
+
+def test_eval_and_export_cli_with_a_prefix(tiny_dirs, small_text, tmp_path, capsys):
+    import json
+
+    from sq_export.cli import main
+
+    d = str(tiny_dirs("llama"))
+    common = ["--calib-text", str(small_text / "calib.txt"), "--samples", "4", "--calib-seq-len", "32",
+              "--text", str(small_text / "eval.txt"), "--max-tokens", "256", "--seq-len", "64", "--json"]
+    out = {}
+    for mode in ("fp", "sq"):
+        code = main(["-q", "eval", d, "--mode", mode, "--prefix-outliers", "auto", "--fallback", "none", *common])
+        o, err = capsys.readouterr()
+        assert code == 0, err
+        out[mode] = json.loads(o.strip().splitlines()[-1])
+        assert out[mode]["prefix_outliers"]["tokens"][-1] == 1  # auto ends with BOS (<s> of the test tokenizer)
+    assert out["fp"]["tokens"] == out["sq"]["tokens"] == 252  # the prefix positions are not scored
+    code = main(["-q", "export", d, "-o", str(tmp_path / "x.onnx"), "--prefix-outliers", "auto", "--fallback", "none",
+                 "--calib-text", str(small_text / "calib.txt"), "--samples", "4", "--calib-seq-len", "32", "--json"])
+    o, err = capsys.readouterr()
+    assert code == 0, err
+    assert main(["-q", "check", str(tmp_path / "x.onnx"), "--json"]) == 0
+    capsys.readouterr()
+    code = main(["-q", "eval", str(tmp_path / "x.onnx"), "--text", str(small_text / "eval.txt"), "--max-tokens", "256",
+                 "--seq-len", "64", "--json"])
+    o, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads(o.strip().splitlines()[-1])
+    assert r["tokens"] == 252 and abs(r["perplexity"] - out["sq"]["perplexity"]) < 0.05 * out["sq"]["perplexity"]
