@@ -180,3 +180,26 @@ def test_eval_and_export_cli_with_a_prefix(tiny_dirs, small_text, tmp_path, caps
     assert code == 0, err
     r = json.loads(o.strip().splitlines()[-1])
     assert r["tokens"] == 252 and abs(r["perplexity"] - out["sq"]["perplexity"]) < 0.05 * out["sq"]["perplexity"]
+
+
+def test_rotation_is_float_exact_and_unties_the_head():
+    from sq_export.quant.rotate import hadamard_matrix, random_orthogonal, rotate_model
+
+    for n in (64, 576, 12, 96):
+        h = hadamard_matrix(n)
+        assert h is not None and (h @ h.T == n * np.eye(n)).all()
+        q = random_orthogonal(n, 3)
+        torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64))
+    model, fam = make_tiny("llama")
+    model.lm_head.weight = model.get_input_embeddings().weight  # tied, as SmolLM2
+    x = torch.as_tensor(token_batches(2, 16, seed=1))
+    ref = _logits(model, x)
+    info = rotate_model(model, fam, seed=0, check_batch=x)
+    assert info["kind"] == "hadamard" and info["delta"] < 1e-4
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    torch.testing.assert_close(_logits(model, x), ref, atol=1e-4, rtol=0)
+    assert all(float(model.get_submodule(g.source).weight.min()) >= 0 for g in fam.groups())  # γ folded: norms are 1
+    from sq_export.errors import UnsupportedModel
+
+    with pytest.raises(UnsupportedModel):
+        rotate_model(*make_tiny("opt"))

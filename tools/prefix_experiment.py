@@ -35,6 +35,8 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--prefixes", default="none,auto", help="comma list of --prefix-outliers settings (ids lists: ids:1+198)")
     p.add_argument("--recipes", default="naive,paper,default")
+    p.add_argument("--rotate", action="store_true", help="rotate the residual stream first (sq_export.quant.rotate: "
+                   "RMSNorm γ folded, random Hadamard; float-exact), then calibrate and quantize the rotated model")
     p.add_argument("--fp-ppl", type=float, help="the plain float model's perplexity on the same tokens, measured before: skip that row")
     p.add_argument("--json", help="write the table there")
     a = p.parse_args(argv)
@@ -78,6 +80,14 @@ def main(argv=None):
             v, n, s = ppl(model)
     emit({"prefix": "none", "row": "FP32" + (" (given)" if a.fp_ppl else ""), "perplexity": v, "tokens": n, "float_linears": n_lin,
           "prepare_s": 0.0, "measure_s": round(s, 1), "vs_prefixed_float_pct": None})
+    if a.rotate:
+        from sq_export.quant.rotate import rotate_model
+        from sq_export.textdata import calibration_samples
+
+        t = time.perf_counter()
+        check = torch.as_tensor(calibration_samples(api.text_ids(tok, None, "calib"), 2, 128))
+        info = rotate_model(model, fam, seed=0, check_batch=check)
+        print(f"rotated: {info} in {time.perf_counter() - t:.1f} s", flush=True)
     for spec in a.prefixes.split(","):
         spec = spec.replace("+", ",")
         t = time.perf_counter()
@@ -85,7 +95,7 @@ def main(argv=None):
                               prefix_outliers=None if spec == "none" else spec)
         calib_s = time.perf_counter() - t
         pre = calib.prefix
-        label = "none" if pre is None else spec
+        label = ("none" if pre is None else spec) + (" +rot" if a.rotate else "")
         fp_pre = None
         if pre is not None:
             print(f"prefix {spec}: tokens {pre.tokens} {pre.text!r} ({pre.info}); calibration {calib_s:.1f} s", flush=True)
