@@ -33,6 +33,7 @@ __all__ = [
     "load_model", "load_tokenizer", "calibrate", "quantize", "export_onnx", "check", "perplexity", "run_pipeline",
     "calibrate_streamed", "quantize_streamed", "load_quantized",
     "QuantizedModel", "ExportResult", "Recipe", "CalibOptions", "make_recipe", "normalize_target", "text_ids",
+    "token_outliers",
 ]
 
 
@@ -113,23 +114,30 @@ def _checked(ids, tokenizer, what) -> np.ndarray:
 
 
 def calibrate(model, tokenizer=None, texts=None, *, samples: int = 512, seq_len: int = 512, batch_size: int = 4,
-              rows: int | None = 512, act_scales: str | None = None, recipe: Recipe | None = None) -> Calibration:
+              rows: int | None = 512, act_scales: str | None = None, recipe: Recipe | None = None,
+              prefix_outliers=None) -> Calibration:
     """Per-channel max|x| at every quantized Linear's input (and a bounded row sample per input when `rows`, which
     the default recipe's α search and fallback need) on `samples` windows of `seq_len` tokens of real text.
-    `recipe`: take the calibration options and the row sample's need from it instead."""
+    `recipe`: take the calibration options, the row sample's need and the outlier prefix from it instead.
+    `prefix_outliers` ("auto", N, "ids:...", "text:..."; sq_export.quant.prefix): choose an outlier prefix on the
+    calibration windows and calibrate with every window running after its float KV cache (`calib.prefix`)."""
+    from sq_export.quant.recipe import parse_prefix
+
     from sq_export.families import family_for
     from sq_export.quant.calibrate import calibrate_ids
 
+    prefix = parse_prefix(prefix_outliers)
     if recipe is not None:
         o = recipe.calib
         rows = recipe.reservoir_rows if recipe.needs_rows() else None
         act_scales = act_scales or recipe.act_scales
+        prefix = recipe.prefix_spec()
         texts = texts if texts is not None else (Path(o.calib_text) if o.calib_text else None)
     else:
         o = CalibOptions(None if texts is None or not isinstance(texts, (str, Path)) else str(texts), samples, seq_len, batch_size)
     fam = family_for(model)
     ids = text_ids(tokenizer, texts, "calib")
-    return calibrate_ids(model, fam, ids, o, rows=rows, act_scales=act_scales)
+    return calibrate_ids(model, fam, ids, o, rows=rows, act_scales=act_scales, prefix=prefix, tokenizer=tokenizer)
 
 
 def calibrate_streamed(model: str | Path, tokenizer=None, texts=None, *, samples: int = 512, seq_len: int = 512,
@@ -287,7 +295,8 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
         if decode:
             from sq_export.export.decode import export_decode_onnx
 
-            res = export_decode_onnx(qm.model, qm.family, path, weights=weights, target=target, meta=meta)
+            res = export_decode_onnx(qm.model, qm.family, path, weights=weights, target=target, meta=meta,
+                                     prefix=getattr(qm.prepared, "prefix", None))
         else:
             res = _export(qm.model, qm.family, path, weights=weights, target=target, meta=meta, **({"dtype": dtype} if dtype != "fp32" else {}))
     return ExportResult(Path(res.pop("onnx")), res.pop("bytes"), res.pop("nodes"), {**meta, **res})
@@ -343,6 +352,45 @@ def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_toke
         return onnx_perplexity(str(model), text_ids(tokenizer, text, "eval"), seq_len, max_tokens)
     m = model.model if isinstance(model, QuantizedModel) else model
     return torch_perplexity(m, text_ids(tokenizer, text, "eval"), seq_len, max_tokens)  # on the model's device
+
+
+def token_outliers(model, tokenizer=None, texts=None, *, windows: int = 8, seq_len: int = 512, top: int = 3,
+                   threshold: float = 64.0, plot: str | Path | None = None, seed: int = 0, prefix_outliers=None) -> dict:
+    """The token view of `sq-export diagnose --tokens`: per decoder layer, which token positions and ids carry the
+    largest |x| at each quantized Linear's input and in the residual stream, on `windows` windows of `seq_len`
+    tokens of `texts` (None: the shipped calibration split; the calibration windows' seed by default). `model`: a
+    float model or a QuantizedModel (its prefix, if any, applies). Returns sq_export.measure.outliers.report's dict
+    (with "text_table", the printable table); `plot`: also write the per-layer chart there (PNG).
+    `prefix_outliers` (a float model): choose that outlier prefix on the same windows and measure after it."""
+    import contextlib
+
+    from sq_export.families import family_for
+    from sq_export.measure import outliers
+    from sq_export.quant import prefix as prefix_mod
+    from sq_export.quant.recipe import parse_prefix
+    from sq_export.textdata import calibration_samples
+
+    if windows < 1:
+        raise BadInput(f"--windows {windows} must be at least 1")
+    m = model.model if isinstance(model, QuantizedModel) else model
+    fam = family_for(m)
+    ids = text_ids(tokenizer, texts, "calib")
+    batch = calibration_samples(ids, windows, min(seq_len, len(ids)), seed=seed)
+    spec = parse_prefix(prefix_outliers)
+    pre = None
+    if spec is not None:
+        tokens, info = prefix_mod.choose_tokens(m, fam, batch, spec, tokenizer)
+        pre = prefix_mod.compute_prefix(m, tokens, tokenizer, info)
+    with prefix_mod.applied(m, pre) if pre is not None else contextlib.nullcontext():
+        stats = outliers.token_stats(m, fam, batch)
+    rep = outliers.report(stats, tokenizer, top=top, threshold=threshold)
+    if pre is not None:
+        rep["prefix_outliers"] = pre.summary()
+    rep["text_table"] = outliers.format_table(rep)
+    if plot is not None:
+        outliers.plot(plot, stats)
+        rep["png"] = str(plot)
+    return rep
 
 
 # ----- the whole pipeline ---------------------------------------------------------------------------------------

@@ -50,15 +50,21 @@ def _as_set(eos) -> set:
 
 
 def greedy(step, ids: np.ndarray, max_new_tokens: int, *, n_layers: int, kv_heads: int, head_dim: int,
-           kv_dtype=np.float32, eos_token_id=None, pad_slots: int = 0) -> np.ndarray:
+           kv_dtype=np.float32, eos_token_id=None, pad_slots: int = 0, prefix: dict | None = None) -> np.ndarray:
     """Greedy decoding through a decode graph: prefill the prompt, then one token per step with the cache.
 
     step(feed) -> {output name: array}; ids [b, s] int64. Returns the new tokens [b, n <= max_new_tokens]
-    (stops early at EOS only for batch 1)."""
+    (stops early at EOS only for batch 1). `prefix` {past input name: [1, kv_heads, P, head_dim]}: an outlier
+    prefix (the decode graph's initial past, sq_export.export.decode.read_prefix): the cache starts with it, the
+    mask with P ones, so positions (from the mask) put the prompt at P, P+1, ..."""
     x = np.asarray(ids, dtype=np.int64)
     b = x.shape[0]
     past = {f"{PAST_PREFIX}{i}.{kv}": np.zeros((b, kv_heads, pad_slots, head_dim), kv_dtype) for i in range(n_layers) for kv in ("key", "value")}
-    mask = np.concatenate([np.zeros((b, pad_slots), np.int64), np.ones_like(x)], axis=1)
+    P = 0
+    if prefix:
+        P = next(iter(prefix.values())).shape[2]
+        past = {k: np.concatenate([v, np.broadcast_to(prefix[k], (b, *prefix[k].shape[1:])).astype(kv_dtype)], axis=2) for k, v in past.items()}
+    mask = np.concatenate([np.zeros((b, pad_slots), np.int64), np.ones((b, P), np.int64), np.ones_like(x)], axis=1)
     step_in = x
     eos = _as_set(eos_token_id)
     toks = []

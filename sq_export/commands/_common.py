@@ -36,6 +36,7 @@ def add_recipe(p, modes=True, runtime=True):
     p.add_argument("--fallback", default=None, metavar="auto|none|N|NAME,...", help="keep Linears in float (no Q/DQ; TensorRT runs them FP16): auto (the default recipe's; scored by mean KL divergence to the float model on 4 calibration-split windows: each role (down_proj, o_proj, ...) is first put in float as a whole; from the roles that gain most per Linear, twice the --max-fallback budget of Linears are each scored alone, then added greedily by measured gain while the KL drops, until --target-ppl-increase holds at the windows' 95%% upper confidence bound or --max-fallback is reached), none (every Linear INT8), N (the N lowest-SQNR Linears), or module names")
     p.add_argument("--target-ppl-increase", default=None, metavar="PCT", help="--fallback auto: stop once perplexity on the calibration-split scoring windows is within PCT of float at its one-sided 95%% upper confidence bound (per-token NLL differences to float, 64-token blocks); otherwise the budget is spent while the KL drops (default 2%%)")
     p.add_argument("--max-fallback", default=None, metavar="N|PCT", help="--fallback auto: at most N Linears, or PCT of the quantized Linears (default 10%%)")
+    p.add_argument("--prefix-outliers", default=None, metavar="none|auto|N|ids:ID,...|text:S", help="run every sequence after a constant KV-cache prefix (PrefixQuant): auto (the paper's choice: the token ids most often over 64x the median token at the down_proj inputs of the calibration windows, position 0 excluded, then BOS), N tokens (N-1 such ids, then BOS), explicit ids or a text; its float KV cache is computed once, the first token's massive activation (attention sink) then never runs through the quantized layers, and static scales are calibrated without it (default: none)")
     p.add_argument("--act-scales", metavar="FILE", help="use saved act scales (act_scales.safetensors or a mit-han-lab .pt) instead of calibrating")
     p.add_argument("--weight-granularity", choices=["channel", "tensor"], default="channel", help="INT8 weight scales per output channel (default) or per tensor")
     if runtime:
@@ -106,6 +107,7 @@ def recipe_from(args, act="static"):
         max_fallback=getattr(args, "max_fallback", None),
         quantize_attention=getattr(args, "quantize_attention", None) or None,
         quantize_lm_head=getattr(args, "quantize_lm_head", None) or None,
+        prefix_outliers=getattr(args, "prefix_outliers", None),
     )
 
 

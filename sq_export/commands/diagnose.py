@@ -1,4 +1,5 @@
-"""sq-export diagnose MODEL: per-Linear output SQNR, naive W8A8 vs SmoothQuant W8A8 (PyTorch), worst first."""
+"""sq-export diagnose MODEL: per-Linear output SQNR, naive W8A8 vs SmoothQuant W8A8 (PyTorch), worst first; with
+--tokens the token view (sq_export.measure.outliers): which token positions and ids carry the largest |x|."""
 
 from sq_export.commands import _common as c
 
@@ -12,14 +13,21 @@ def add_parser(sub):
         description=HELP
         + ".\nBoth fake-quantized models and the float model run end to end on the same calibration window(s); each "
         "Linear's output is compared with the float model's (errors of earlier layers included, as deployed)."
-        "\nExamples:\n  sq-export diagnose smollm2 --samples 32\n  sq-export diagnose smollm2 --smooth-pairs --alpha auto -o out/diag --json",
+        "\n--tokens: the token view instead: per decoder layer, which token positions and token ids carry the largest |x| "
+        "at each quantized Linear's input and in the residual stream (decoder layer outputs), on --windows calibration "
+        "windows of --calib-seq-len tokens: top tokens with position, id, text, max|x| and ratio to the median token; "
+        "with -o also DIR/tokens.png and DIR/tokens.json."
+        "\nExamples:\n  sq-export diagnose smollm2 --samples 32\n  sq-export diagnose smollm2 --smooth-pairs --alpha auto -o out/diag --json"
+        "\n  sq-export diagnose smollm2 --tokens --windows 8 -o out/diag",
     )
     c.add_model(p)
     c.add_device(p)
     p.add_argument("--act", default="static", choices=["static", "dynamic-tensor", "dynamic-token"], help="activation quantization of both models (default static, what TensorRT runs)")
     p.add_argument("--windows", type=int, default=2, metavar="N", help="calibration windows to measure on (default 2)")
     p.add_argument("--top", type=int, default=20, metavar="K", help="rows of the text table (default 20; --json has all)")
-    p.add_argument("-o", "--output", metavar="DIR", help="write DIR/sqnr.png (bar chart) and DIR/diagnose.json")
+    p.add_argument("-o", "--output", metavar="DIR", help="write DIR/sqnr.png (bar chart) and DIR/diagnose.json (--tokens: DIR/tokens.png and DIR/tokens.json)")
+    p.add_argument("--tokens", action="store_true", help="the token view: per layer, the token positions and ids with the largest |x| (float model)")
+    p.add_argument("--threshold", type=float, default=64.0, metavar="R", help="--tokens: a token is an outlier over R times its window's median token (default 64, PrefixQuant's eta)")
     c.add_tokenizer(p)
     c.add_recipe(p, modes=False, runtime=False)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
@@ -44,6 +52,10 @@ def run(args):
 
     if args.windows < 1:
         raise BadInput(f"--windows {args.windows} must be at least 1")
+    if args.tokens:
+        return token_view(args)
+    if args.prefix_outliers not in (None, "none"):
+        raise BadInput("the SQNR view does not take --prefix-outliers yet; --tokens does (the token view after the prefix)")
     if args.fallback not in (None, "none"):
         raise BadInput("diagnose measures every Linear quantized: --fallback does not apply")
     t0 = time.perf_counter()
@@ -100,4 +112,35 @@ def run(args):
             print(f"{r['linear']:<48} {db(r['naive_db'])} {db(r['sq_db'])}")
         m = res_json["mean_sqnr_db"]
         print(f"mean: naive {m['naive']:.2f} dB, SmoothQuant {m['sq']:.2f} dB" + (f"; chart {res_json['png']}" if args.output else ""))
+    return 0
+
+
+def token_view(args):
+    import json
+    import time
+    from pathlib import Path
+
+    from sq_export import api
+
+    t0 = time.perf_counter()
+    model, tok, _ = c.load(args)
+    out = Path(args.output) if args.output else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    rep = api.token_outliers(model, tok, Path(args.calib_text) if args.calib_text else None, windows=args.windows,
+                             seq_len=args.calib_seq_len, threshold=args.threshold, plot=out / "tokens.png" if out else None,
+                             prefix_outliers=args.prefix_outliers)
+    table = rep.pop("text_table")
+    rep.update({"model": args.model, "seconds": round(time.perf_counter() - t0, 1)})
+    if out:
+        (out / "tokens.json").write_text(json.dumps(rep, indent=1, sort_keys=True) + "\n")
+    if args.json:
+        c.emit_json(rep)
+    else:
+        pre = rep.get("prefix_outliers")
+        print(f"token view: max|x| per token, {rep['windows']} windows x {rep['seq_len']} tokens"
+              + (f", after the outlier prefix {pre['tokens']} {pre['text']!r}" if pre else ""))
+        print(table)
+        if out:
+            print(f"chart {rep['png']}, table {out / 'tokens.json'}")
     return 0

@@ -60,6 +60,7 @@ def run(args):
             "eval_seconds": round(time.perf_counter() - t, 1),
             **{k: round(v, 1) for k, v in prep.times.items()},
             **prep.graph_meta,
+            **({"prefix_outliers": prep.prefix.summary()} if prep.prefix is not None else {}),
         }
     res["seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:

@@ -65,12 +65,15 @@ class _OrtGenerator:
     def __init__(self, path, threads):
         from sq_export.measure.perplexity import ort_session
 
+        from sq_export.export.decode import read_prefix
+
         self.sess = ort_session(path, threads)
+        self.prefix = read_prefix(path)  # an outlier prefix: the graph's initial past
 
     def generate(self, ids, n, eos_token_id=None):
         from sq_export.measure.generate import greedy_onnx
 
-        return greedy_onnx(self.sess, ids, n, eos_token_id)
+        return greedy_onnx(self.sess, ids, n, eos_token_id, prefix=self.prefix)
 
 
 def run(args):
@@ -97,6 +100,9 @@ def run(args):
                 raise BadInput(f"{'engine' if is_engine else 'ONNX file'} {args.model} not found")
             src_onnx = _engine_source_onnx(args.model) if is_engine else args.model
             meta = read_metadata(src_onnx) if src_onnx and Path(src_onnx).is_file() else {}
+            if is_engine and meta.get("prefix_length"):
+                raise BadInput(f"{args.model} was built from a graph with an outlier prefix: TensorRT decoding does not "
+                               "start from it yet; generate with the .onnx (ONNX Runtime)")
             if is_engine:
                 from sq_export.engine.generate import EngineDecoder
                 from sq_export.engine.run import polygraphy_logging

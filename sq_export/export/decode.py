@@ -82,12 +82,54 @@ def torch_export_decode(model, family, path: Path, opset: int = OPSET) -> dict:
     return {"num_layers": n, "kv_heads": kvh, "head_dim": hd}
 
 
-def export_decode_onnx(model, family, path, *, weights: str = "int8", target: str = "tensorrt", meta: dict | None = None) -> dict:
-    """sq_export.export.exporter.export_onnx (same passes, metadata and atomic write) for the KV-cache decode graph."""
+PREFIX_INIT = "prefix_outliers.{i}.{kv}"  # the decode graph's initial past (outlier prefix), [1, kv_heads, P, head_dim]
+
+
+def export_decode_onnx(model, family, path, *, weights: str = "int8", target: str = "tensorrt", meta: dict | None = None,
+                       prefix=None) -> dict:
+    """sq_export.export.exporter.export_onnx (same passes, metadata and atomic write) for the KV-cache decode graph.
+
+    `prefix` (sq_export.quant.prefix.OutlierPrefix, the one the model runs after): the graph itself is the plain
+    decode graph (traced without the prefix); the prefix's float KV cache is stored in the file as initializers
+    PREFIX_INIT that no node reads: the initial past. A runtime starts from it (sq_export.kvcache.greedy(prefix=)):
+    past = the prefix, attention mask = P ones before the prompt's, positions from the mask (the prompt starts at
+    P); `sq-export check` lints shapes and count (passes/prefix_kv.py)."""
     from sq_export.export.exporter import export_onnx
+    from sq_export.quant import prefix as prefix_mod
 
     def exporter(m, fam, raw):
-        shape = torch_export_decode(m, fam, raw)
+        with prefix_mod.applied(m, None):
+            shape = torch_export_decode(m, fam, raw)
         return {"graph": "decode", **{f"decode_{k}": v for k, v in shape.items()}}
 
-    return export_onnx(model, family, path, weights=weights, target=target, meta=meta, exporter=exporter)
+    constants = None
+    if prefix is not None:
+        constants = {}
+        for i, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
+            constants[PREFIX_INIT.format(i=i, kv="key")] = k.detach().float().contiguous().numpy()
+            constants[PREFIX_INIT.format(i=i, kv="value")] = v.detach().float().contiguous().numpy()
+    return export_onnx(model, family, path, weights=weights, target=target, meta=meta, exporter=exporter, constants=constants)
+
+
+def read_prefix(path) -> dict | None:
+    """{past input name: [1, kv_heads, P, head_dim] array} of a decode graph exported with an outlier prefix (its
+    PREFIX_INIT initializers), or None."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sq_export.kvcache import PAST_PREFIX
+    from sq_export.onnxio.meta import read_metadata
+
+    if not read_metadata(path).get("prefix_length"):
+        return None
+    m = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for t in m.graph.initializer:
+        if t.name.startswith("prefix_outliers."):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                from onnx.external_data_helper import load_external_data_for_tensor
+
+                load_external_data_for_tensor(t, str(Path(path).parent))
+            i, kv = t.name.split(".")[1:3]
+            out[f"{PAST_PREFIX}{i}.{kv}"] = numpy_helper.to_array(t)
+    return out or None

@@ -255,14 +255,15 @@ def float16_model(model):
 
 
 def export_onnx(model, family, path, *, weights: str = "int8", target: str = "tensorrt", meta: dict | None = None, exporter=None,
-                dtype: str = "fp32") -> dict:
+                dtype: str = "fp32", constants: dict | None = None) -> dict:
     """Export `model` (already prepared: QLinears in place for naive/sq) to `path`. Returns a summary.
 
     `exporter(model, family, raw_path) -> dict | None` writes the raw torch.onnx graph (default: `torch_export`,
     logits only; sq_export.export.decode passes its KV-cache graph); its dict joins the metadata and the summary.
     `dtype` "fp16": the float parts in float16 (weights that stay float, norms' γ/β, activations, logits), Q/DQ
     with float16 scales at opset 19, norm statistics in float32 (see `float16_model`, passes/fp16_qdq.py); the
-    model is float32 again afterwards. Only the logits graph (default exporter).
+    model is float32 again afterwards. Only the logits graph (default exporter). `constants` {name: array}: tensors
+    stored in the file as initializers no node reads (the decode graph's outlier prefix, its initial past).
     """
     import onnx_ir as ir
 
@@ -315,6 +316,9 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     if dtype == "fp16":
         passes.Float16QDQPass()(m)
     _drop_unused_initializers(m.graph)
+    for name, arr in (constants or {}).items():
+        v = ir.Value(name=name, const_value=ir.tensor(arr, name=name))
+        m.graph.register_initializer(v)
 
     def edit(mp):
         mp.producer_name = "sq_export"

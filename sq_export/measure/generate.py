@@ -40,10 +40,11 @@ def greedy_torch(model, ids: np.ndarray, max_new_tokens: int, eos_token_id=None)
     return torch.cat(out, dim=1).cpu().numpy()
 
 
-def greedy_onnx(session, ids: np.ndarray, max_new_tokens: int, eos_token_id=None, pad_slots: int = 0) -> np.ndarray:
+def greedy_onnx(session, ids: np.ndarray, max_new_tokens: int, eos_token_id=None, pad_slots: int = 0, prefix: dict | None = None) -> np.ndarray:
     """Greedy decoding through a decode graph in ONNX Runtime (`session` from sq_export.measure.perplexity.ort_session).
     pad_slots: start from that many masked zero cache slots instead of an empty cache (what TensorRT engines
-    whose profile starts at past length 1 need; the tokens must not change)."""
+    whose profile starts at past length 1 need; the tokens must not change). `prefix`: the graph's outlier prefix
+    (sq_export.export.decode.read_prefix(path)), its initial past."""
     inputs = {i.name: i for i in session.get_inputs()}
     pasts = past_names(inputs)
     if "input_ids" not in inputs or not pasts:
@@ -59,7 +60,8 @@ def greedy_onnx(session, ids: np.ndarray, max_new_tokens: int, eos_token_id=None
         res = session.run(outs, {k: v for k, v in feed.items() if k in inputs})
         return dict(zip(outs, res))
 
-    return greedy(step, ids, max_new_tokens, n_layers=n_layers, kv_heads=kvh, head_dim=hd, eos_token_id=eos_token_id, pad_slots=pad_slots)
+    return greedy(step, ids, max_new_tokens, n_layers=n_layers, kv_heads=kvh, head_dim=hd, eos_token_id=eos_token_id,
+                  pad_slots=pad_slots, prefix=prefix)
 
 
 def token_agreement(model_a, model_b, prompts_ids: list[np.ndarray], max_new_tokens: int = 16) -> dict:

@@ -154,7 +154,10 @@ def summarize(model: ir.Model, violations: list[Violation]) -> dict:
 
 
 def check_model(model: ir.Model, target: str = "trt") -> list[Violation]:
-    """Every registered graph check (sq_export.passes.registry) that applies to `target`."""
+    """Every registered graph check (sq_export.passes.registry) that applies to `target`. The model's sq_export.*
+    metadata is handed to the checks in `graph.meta["sq_export.metadata"]` (prefix_kv reads the prefix length)."""
+    model.graph.meta["sq_export.metadata"] = {k.removeprefix("sq_export."): v for k, v in model.metadata_props.items()
+                                              if k.startswith("sq_export.")}
     return run_checks(model.graph, target)
 
 

@@ -88,5 +88,7 @@ class CheckPass(ir.passes.InPlacePass):
         self.violations: list = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model.graph.meta["sq_export.metadata"] = {k.removeprefix("sq_export."): v for k, v in model.metadata_props.items()
+                                                  if k.startswith("sq_export.")}
         self.violations = self.check.find(model.graph, self.target)
         return ir.passes.PassResult(model, modified=False)

@@ -153,6 +153,7 @@ class Calibration:
     options: CalibOptions = field(default_factory=CalibOptions)
     meta: dict = field(default_factory=dict)
     check: object | None = None  # token ids [n, L] for the float-equivalence check instead of calibration windows
+    prefix: object | None = None  # the outlier prefix the statistics were taken after (sq_export.quant.prefix)
 
     def _ids(self) -> np.ndarray:
         if self.ids is None:
@@ -184,10 +185,14 @@ class Calibration:
 
 
 def calibrate_ids(model, family, ids: np.ndarray, options: CalibOptions | None = None, *, rows: int | None = None,
-                  act_scales: str | None = None) -> Calibration:
+                  act_scales: str | None = None, prefix=None, tokenizer=None) -> Calibration:
     """Calibrate `model` on windows of the token stream `ids`. `rows`: also keep a row sample of that many rows per
     Linear input. `act_scales`: take the maxima from that file (validated against the model); a row sample, if
-    asked for, still needs the pass over the windows."""
+    asked for, still needs the pass over the windows. `prefix`: an outlier prefix spec (recipe.parse_prefix) or an
+    OutlierPrefix: the tokens are chosen on the calibration windows (float model, no prefix), their float KV cache
+    computed, and the statistics taken with every window running after it (the prefix's own activations are not
+    part of them: they never run at inference); `model` is left without it."""
+    from sq_export.quant import prefix as prefix_mod
     from sq_export.quant.reservoir import new_reservoir
     from sq_export.textdata import calibration_samples
 
@@ -200,19 +205,27 @@ def calibrate_ids(model, family, ids: np.ndarray, options: CalibOptions | None =
                        "entries: the tokenizer is not this model's (--tokenizer)")
     res = new_reservoir(family, rows) if rows else None
     meta: dict = {"samples": o.samples, "calib_seq_len": o.seq_len}
+    batches = calibration_samples(ids, o.samples, o.seq_len)
+    pre = prefix
+    if pre is not None and not isinstance(pre, prefix_mod.OutlierPrefix):
+        t = time.perf_counter()
+        tokens, info = prefix_mod.choose_tokens(model, family, batches, pre, tokenizer)
+        pre = prefix_mod.compute_prefix(model, tokens, tokenizer, {**info, "seconds": round(time.perf_counter() - t, 1)})
+    if pre is not None:
+        meta["prefix_outliers"] = list(pre.tokens)
     if act_scales and res is None:
         act = load_act_scales(act_scales)
         validate_act_scales(act, model, family, f"act scales {act_scales}")
-        return Calibration(act, None, ids, o, {"source": Path(act_scales).name})
-    batches = calibration_samples(ids, o.samples, o.seq_len)
+        return Calibration(act, None, ids, o, {"source": Path(act_scales).name}, prefix=pre)
     t = time.perf_counter()
-    act = calibrate(model, family, batches, o.batch_size, reservoir=res)
+    with prefix_mod.applied(model, pre):
+        act = calibrate(model, family, batches, o.batch_size, reservoir=res)
     meta.update({"tokens_fingerprint": text_fingerprint(batches), "seconds": round(time.perf_counter() - t, 1)})
     if act_scales:
         act = load_act_scales(act_scales)
         validate_act_scales(act, model, family, f"act scales {act_scales}")
         meta = {"source": Path(act_scales).name}
-    return Calibration(act, res, ids, o, meta)
+    return Calibration(act, res, ids, o, meta, prefix=pre)
 
 
 def calibrate_for(model, family, tokenizer, recipe) -> Calibration:
@@ -222,4 +235,4 @@ def calibrate_for(model, family, tokenizer, recipe) -> Calibration:
 
     ids = token_ids(tokenizer, recipe.calib.calib_text, "calib")
     return calibrate_ids(model, family, ids, recipe.calib, rows=recipe.reservoir_rows if recipe.needs_rows() else None,
-                         act_scales=recipe.act_scales)
+                         act_scales=recipe.act_scales, prefix=recipe.prefix_spec(), tokenizer=tokenizer)

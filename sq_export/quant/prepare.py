@@ -40,6 +40,7 @@ class Prepared:
     fp16_layers: list = field(default_factory=list)  # Linears kept in float (--fallback)
     tune: dict = field(default_factory=dict)  # clip ratios, the fallback search's record
     graph_meta: dict = field(default_factory=dict)  # attention / LM head facts for the ONNX metadata
+    prefix: object | None = None  # the outlier prefix the model runs after (sq_export.quant.prefix.OutlierPrefix)
 
     def decisions(self) -> Recipe:
         """The recipe with its searches' results filled in (α per group, the fallback's Linears): preparing another
@@ -54,8 +55,11 @@ class Prepared:
         return r
 
     def summary(self) -> dict:
-        return {"recipe": self.recipe.describe(), "alpha": self.alpha, "alpha_per_group": self.alpha_per_group,
-                "quantized_linears": len(self.quantized), "fp16_layers": list(self.fp16_layers), **self.graph_meta}
+        d = {"recipe": self.recipe.describe(), "alpha": self.alpha, "alpha_per_group": self.alpha_per_group,
+             "quantized_linears": len(self.quantized), "fp16_layers": list(self.fp16_layers), **self.graph_meta}
+        if self.prefix is not None:
+            d["prefix_outliers"] = self.prefix.summary()
+        return d
 
 
 def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_score=None) -> Prepared:
@@ -67,10 +71,20 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
     from sq_export.quant import alpha as alpha_search, clip as clipping, fallback, recipe as recipe_mod, smooth as smoothing
     from sq_export.quant.qlinear import quantize_model, static_scales
 
+    from sq_export.quant import prefix as prefix_mod
+
     recipe.validate()
     times = {}
+    pre = calib.prefix if calib is not None else None
+    if recipe.prefix_spec() is not None and pre is None:
+        raise BadInput("the recipe sets --prefix-outliers but the calibration has no prefix: calibrate with the same recipe")
+    if recipe.prefix_spec() is None and pre is not None and recipe.mode != "fp":
+        raise BadInput("the calibration ran after an outlier prefix but the recipe sets no --prefix-outliers: the static "
+                       "scales hold only without the prefix's tokens; use the same --prefix-outliers for both")
+    if pre is not None:
+        prefix_mod.install(model, pre)
     if recipe.mode == "fp":
-        return Prepared(model, family, recipe, None, [], times)
+        return Prepared(model, family, recipe, None, [], times, prefix=pre)
     alpha = recipe.alpha if recipe.alpha is not None else family.default_alpha
     searched = None
     if isinstance(alpha, dict):  # the α per group an earlier --alpha auto search chose: use them, as "auto"
@@ -98,7 +112,15 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
             alpha_per_group = alpha_search.search_alpha(model, family, act_max, res, recipe.linear_pairs, per_channel=recipe.per_channel)
             times["alpha_search_s"] = time.perf_counter() - t
         a = alpha_per_group if alpha == "auto" else alpha
-        factors, delta = smoothing.smooth_checked(model, family, act_max, a, calib.check_batch(), linear_pairs=recipe.linear_pairs)
+        refresh = None
+        if pre is not None:  # the prefix's cache as the smoothed float model computes it (v→o pairs scale V's rows)
+            def refresh():
+                nonlocal pre
+                pre = prefix_mod.compute_prefix(model, pre.tokens, info=pre.info)
+                pre.text = calib.prefix.text
+                prefix_mod.install(model, pre)
+        factors, delta = smoothing.smooth_checked(model, family, act_max, a, calib.check_batch(), linear_pairs=recipe.linear_pairs,
+                                                  after=refresh)
         act_max = smoothing.smoothed_act_max(act_max, family, factors, recipe.linear_pairs)
         times["smooth_s"] = time.perf_counter() - t
     names = family.quantized_linears()
@@ -149,7 +171,7 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
             graph_meta.update({"lm_head_smoothed_into": h["smoothed_into"], "lm_head_alpha": h["alpha"]})
         times["lm_head_calibrate_s"] = time.perf_counter() - t
     return Prepared(model, family, recipe, alpha if recipe.mode == "sq" else None, quantized, times, act_max, factors, delta,
-                    alpha_per_group, fp16, info, graph_meta)
+                    alpha_per_group, fp16, info, graph_meta, pre)
 
 
 def working_copy(model, family, *, smoothing: bool, linear_pairs: bool = False):

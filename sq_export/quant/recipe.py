@@ -74,6 +74,9 @@ class Recipe:
     reservoir_rows: int = 512  # rows per Linear input kept during calibration for auto α / clip / fallback
     quantize_attention: bool = False  # Q/DQ on both inputs of Q·Kᵀ and P·V (sq_export.quant.attention)
     quantize_lm_head: bool = False  # the LM head W8A8 too (sq_export.quant.lm_head)
+    # an outlier prefix (PrefixQuant; sq_export.quant.prefix): None/"none", "auto", "N" (tokens), "ids:1,198" or
+    # "text:..." — its float KV cache is prefixed to every sequence; static scales are calibrated without it
+    prefix_outliers: str | None = None
 
     # ----- presets ---------------------------------------------------------------------------------------------
     @classmethod
@@ -98,8 +101,11 @@ class Recipe:
             return False
         return (self.mode == "sq" and self.alpha == "auto") or self.clip not in (None, "max") or self.fallback_spec() is not None
 
+    def prefix_spec(self):
+        return parse_prefix(self.prefix_outliers)
+
     def needs_calibration(self) -> bool:
-        return self.mode == "sq" or (self.mode == "naive" and self.act == "static") or self.needs_rows() \
+        return self.prefix_spec() is not None or self.mode == "sq" or (self.mode == "naive" and self.act == "static") or self.needs_rows() \
             or (self.mode != "fp" and (self.quantize_attention or self.quantize_lm_head))
 
     def baseline(self) -> "Recipe":
@@ -118,6 +124,7 @@ class Recipe:
             validate_alpha(self.alpha)
         parse_clip(self.clip)
         parse_fallback(self.fallback)
+        parse_prefix(self.prefix_outliers)
         max_fallback_count(self.max_fallback, 100)
         if not float(self.target_ppl_increase) >= 0.0:
             raise BadInput(f"--target-ppl-increase {self.target_ppl_increase} must be a non-negative fraction")
@@ -151,6 +158,8 @@ class Recipe:
             parts.append("attention Q/DQ")
         if self.quantize_lm_head:
             parts.append("W8A8 LM head")
+        if self.prefix_spec() is not None:
+            parts.append(f"outlier prefix {self.prefix_outliers}")
         return ", ".join(parts)
 
 
@@ -192,6 +201,29 @@ def parse_fallback(spec: str | None):
     if s.isdigit():
         return ("n", int(s))
     return ("names", [x.strip() for x in s.split(",") if x.strip()])
+
+
+def parse_prefix(spec) -> tuple | None:
+    """--prefix-outliers: None/'none'/'0' → None; 'auto' → ('auto', None) (PrefixQuant's choice from calibration
+    statistics); 'N' → ('n', N) (N tokens: the N-1 most frequent outlier token ids, then BOS); 'ids:1,198' or a
+    comma list of two or more ids → ('ids', [1, 198]); 'text:STRING' → ('text', STRING) (tokenized, no special
+    tokens)."""
+    if spec is None:
+        return None
+    if str(spec).startswith("text:") and len(str(spec)) > 5:  # the text as given: whitespace is a token too
+        return ("text", str(spec)[5:])
+    s = str(spec).strip()
+    if s.lower() in ("", "none", "0", "off"):
+        return None
+    if s.lower() == "auto":
+        return ("auto", None)
+    if s.isdigit():
+        return ("n", int(s))
+    body = s[4:] if s.startswith("ids:") else s
+    parts = [p.strip() for p in body.split(",") if p.strip()]
+    if parts and all(p.isdigit() for p in parts) and (s.startswith("ids:") or len(parts) > 1):
+        return ("ids", [int(p) for p in parts])
+    raise BadInput(f"--prefix-outliers {spec} unknown: none, auto, a token count N, ids:ID,ID,... or text:STRING")
 
 
 def parse_percent(v, what: str) -> float:

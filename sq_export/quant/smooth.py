@@ -208,16 +208,21 @@ def check_unchanged(ref_logits: torch.Tensor, new_logits: torch.Tensor, what: st
     return diff
 
 
-def smooth_checked(model, family, act_max, alpha, check_batch: torch.Tensor, *, linear_pairs=False):
+def smooth_checked(model, family, act_max, alpha, check_batch: torch.Tensor, *, linear_pairs=False, after=None):
     """apply_smoothing + the float-equivalence check on `check_batch`. Returns (factors, max |Δlogits|) for a float32
     model; a half model (float16/bfloat16) is checked decoder layer by decoder layer in float32 instead, whose
-    logits carry their own rounding (sq_export.quant.equivalence): then the max relative change of a layer."""
+    logits carry their own rounding (sq_export.quant.equivalence): then the max relative change of a layer.
+    `after()` runs between smoothing and the check (prepare recomputes an outlier prefix's cache there)."""
     from sq_export.device import model_dtype
 
     if model_dtype(model) != torch.float32:
+        if after is not None:
+            raise BadInput("an outlier prefix with a half-precision model is not supported yet: use --model-dtype float32")
         from sq_export.quant.equivalence import smooth_checked_per_layer
 
         return smooth_checked_per_layer(model, family, act_max, alpha, check_batch, linear_pairs=linear_pairs)
     ref = logits_of(model, check_batch)
     factors = apply_smoothing(model, family, act_max, alpha, linear_pairs=linear_pairs)
+    if after is not None:
+        after()
     return factors, check_unchanged(ref, logits_of(model, check_batch))
