@@ -96,7 +96,9 @@ class _Record:
             tp.dims.extend(t.shape.numpy())
             self.header = tp
         self.nbytes = t.nbytes
-        if self.header is None or not isinstance(t, ir.Tensor) or t.metadata_props:  # TorchTensor is an ir.Tensor
+        # TorchTensor is an ir.Tensor; an ExternalTensor (a model loaded with external data) is read and written
+        # inline, so that the file written never points into the input's data file
+        if self.header is None or not isinstance(t, (ir.Tensor, ir.ExternalTensor)) or t.metadata_props:
             self.lo, self.data, self.hi = ir.serde.serialize_tensor(t).SerializeToString(), None, b""
             return
         lo, hi = _split(self.header, _TENSOR_RAW_DATA)
@@ -119,7 +121,7 @@ class _Record:
         f.write(self.hi)
 
     def can_be_external(self) -> bool:
-        return self.header is not None and not isinstance(self.tensor, ir.ExternalTensor)
+        return self.header is not None
 
     def external(self, location: str, offset: int) -> bytes:
         """The serialized TensorProto pointing into the external data file."""
