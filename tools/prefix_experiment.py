@@ -23,6 +23,11 @@ RECIPES = {
     "naive": ("naive W8A8", dict(name="naive")),
     "paper": ("SmoothQuant (paper: norm folds, alpha 0.85)", dict(name="paper")),
     "default": ("pairs + auto alpha, every Linear INT8", dict(name="default", fallback="none")),
+    "clip-mse": ("pairs + auto alpha + clip mse, every Linear INT8", dict(name="default", fallback="none", clip="mse")),
+    "clip-p99.99": ("pairs + auto alpha + clip p99.99, every Linear INT8", dict(name="default", fallback="none", clip="p99.99")),
+    "pairs-0.85": ("pairs + alpha 0.85, every Linear INT8", dict(name="default", fallback="none", alpha=0.85)),
+    "fallback": ("pairs + auto alpha + fallback auto", dict(name="default", fallback="auto")),
+    "down-fp": ("pairs + auto alpha, every down_proj in float", dict(name="default", fallback="@mlp.down_proj", max_fallback="100%")),
 }
 
 
@@ -37,6 +42,7 @@ def main(argv=None):
     p.add_argument("--recipes", default="naive,paper,default")
     p.add_argument("--rotate", action="store_true", help="rotate the residual stream first (sq_export.quant.rotate: "
                    "RMSNorm γ folded, random Hadamard; float-exact), then calibrate and quantize the rotated model")
+    p.add_argument("--prefixed-fp-ppl", type=float, help="the float model's perplexity with the (first) prefix, measured before: skip that row")
     p.add_argument("--fp-ppl", type=float, help="the plain float model's perplexity on the same tokens, measured before: skip that row")
     p.add_argument("--json", help="write the table there")
     a = p.parse_args(argv)
@@ -99,8 +105,11 @@ def main(argv=None):
         fp_pre = None
         if pre is not None:
             print(f"prefix {spec}: tokens {pre.tokens} {pre.text!r} ({pre.info}); calibration {calib_s:.1f} s", flush=True)
-            with prefix_mod.applied(model, pre):
-                v, n, s = ppl(model)
+            if a.prefixed_fp_ppl:
+                v, n, s = a.prefixed_fp_ppl, None, 0.0
+            else:
+                with prefix_mod.applied(model, pre):
+                    v, n, s = ppl(model)
             fp_pre = v
             emit({"prefix": label, "row": "FP32 with the prefix", "perplexity": v, "tokens": n, "float_linears": n_lin,
                   "prepare_s": 0.0, "measure_s": round(s, 1), "vs_prefixed_float_pct": 0.0, "prefix_tokens": pre.tokens,
@@ -108,8 +117,12 @@ def main(argv=None):
         else:
             print(f"no prefix: calibration {calib_s:.1f} s", flush=True)
         for key in a.recipes.split(","):
+            if key.startswith("pairs-") and key not in RECIPES:  # pairs-A: pair smoothing with a fixed alpha A
+                RECIPES[key] = (f"pairs + alpha {key[6:]}, every Linear INT8", dict(name="default", fallback="none", alpha=float(key[6:])))
             title, kw = RECIPES[key]
             kw = dict(kw)
+            if str(kw.get("fallback", "")).startswith("@"):  # every Linear of that role
+                kw["fallback"] = ",".join(n for n in fam.quantized_linears() if n.endswith("." + kw["fallback"][1:]))
             r = make_recipe(kw.pop("name"), calib=CalibOptions(None, a.samples, a.calib_seq_len), prefix_outliers=None if pre is None else spec, **kw)
             t = time.perf_counter()
             qm = api.quantize(model, calib, r, copy=True)
