@@ -116,7 +116,7 @@ def _fold_one(graph: ir.Graph, norm: Norm, mul: ir.Node, c: np.ndarray) -> tuple
 
 
 def _drop_chain(graph: ir.Graph, v: ir.Value) -> None:
-    """Drop a now-unread constant (initializer, Constant, or Identity of one), or Gemma's unread Add(1, γ) gain
+    """Drop a now-unread constant (initializer, Constant, or an Identity/Cast of one), or Gemma's unread Add(1, γ) gain
     (with the Casts and constants behind it)."""
     from sq_export.passes._graph import is_const, offset_gain
 
@@ -132,7 +132,8 @@ def _drop_chain(graph: ir.Graph, v: ir.Value) -> None:
             _drop_chain(graph, i)
         return
     p = v.producer()
-    if p is not None and p.op_type == "Identity" and not v.uses() and not v.is_graph_output():
+    if p is not None and p.op_type in ("Identity", "Cast") and not v.uses() and not v.is_graph_output():  # is_const
+        # sees through both (shared weights; --weights qdq16's widening Cast)
         src = p.inputs[0]
         graph.remove(p, safe=True)
         _drop_chain(graph, src)
