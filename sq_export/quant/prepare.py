@@ -112,15 +112,15 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
             alpha_per_group = alpha_search.search_alpha(model, family, act_max, res, recipe.linear_pairs, per_channel=recipe.per_channel)
             times["alpha_search_s"] = time.perf_counter() - t
         a = alpha_per_group if alpha == "auto" else alpha
-        refresh = None
-        if pre is not None:  # the prefix's cache as the smoothed float model computes it (v→o pairs scale V's rows)
-            def refresh():
-                nonlocal pre
-                pre = prefix_mod.compute_prefix(model, pre.tokens, info=pre.info)
-                pre.text = calib.prefix.text
-                prefix_mod.install(model, pre)
+
+        def refresh_prefix():  # the prefix's cache as the smoothed float model computes it (v→o pairs scale V's rows)
+            nonlocal pre
+            pre = prefix_mod.compute_prefix(model, pre.tokens, info=pre.info)
+            pre.text = calib.prefix.text
+            prefix_mod.install(model, pre)
+
         factors, delta = smoothing.smooth_checked(model, family, act_max, a, calib.check_batch(), linear_pairs=recipe.linear_pairs,
-                                                  after=refresh)
+                                                  after=refresh_prefix if pre is not None else None)
         act_max = smoothing.smoothed_act_max(act_max, family, factors, recipe.linear_pairs)
         times["smooth_s"] = time.perf_counter() - t
     names = family.quantized_linears()
