@@ -24,14 +24,16 @@ def _fq_weight_oi(w_oi: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_error(model, group, act_max, rows: torch.Tensor, alpha: float, head_dim=None, per_channel=True, float_outputs=None) -> float:
+def group_error(model, group, act_max, rows: torch.Tensor, alpha: float, head_dim=None, per_channel=True, float_outputs=None,
+                maxima=None) -> float:
     """Σ over the group's Linears of the squared output error of static W8A8 after smoothing with α (bias cancels).
-    `float_outputs`: the group's (float32 weight, float output on `rows`) per Linear, which do not depend on α
-    (`float_outputs_of`; computed here when not given)."""
+    `float_outputs`: the group's (float32 weight, float output on `rows`) per Linear, and `maxima` its
+    (max|X_j|, max|W_j|) (`smooth.group_maxima`), which do not depend on α (computed here when not given)."""
     from sq_export.modeling import weight_oi
-    from sq_export.quant.smooth import group_act_max, smoothing_factors_for_group
+    from sq_export.quant.smooth import factors_from_maxima, group_act_max, group_maxima
 
-    s = smoothing_factors_for_group(model, group, act_max, alpha, head_dim=head_dim).float()
+    maxima = maxima or group_maxima(model, group, act_max, head_dim)
+    s = factors_from_maxima(*maxima, alpha).float()
     amax = float((group_act_max(group, act_max) / s).max())
     # on the weights' device, in float32 (rows are float32 on the CPU; a half weight is widened, exactly)
     dev = weight_oi(model.get_submodule(group.linears[0])).device
@@ -68,7 +70,7 @@ def search_alpha(model, family, act_max, res: RowReservoir, linear_pairs: bool, 
 def search_alpha_groups(model, groups, act_max, rows_of, grid=None, per_channel=True) -> dict:
     """`search_alpha` on the given groups (a layer's, when streaming); `rows_of(linear name)`: its row sample."""
     from sq_export.dispatch import resident
-    from sq_export.quant.smooth import head_dim
+    from sq_export.quant.smooth import group_maxima, head_dim
 
     grid = ALPHA_GRID if grid is None else tuple(grid)
     hd = head_dim(model.config)
@@ -76,7 +78,9 @@ def search_alpha_groups(model, groups, act_max, rows_of, grid=None, per_channel=
     for g in groups:
         rows = rows_of(g.linears[0])
         with resident(model, g.linears, write=False):
+            g_hd = hd if g.kind == "linear" else None
             ref = float_outputs_of(model, g, rows)  # the same for every α: computed once per group
-            errs = [group_error(model, g, act_max, rows, a, hd if g.kind == "linear" else None, per_channel, ref) for a in grid]
+            mx = group_maxima(model, g, act_max, g_hd)
+            errs = [group_error(model, g, act_max, rows, a, g_hd, per_channel, ref, mx) for a in grid]
         out[g.source] = float(grid[int(np.argmin(errs))])
     return out

@@ -22,12 +22,21 @@ from sq_export.modeling import abs_max, check_plain_norm, fp_tolerance, weight_o
 log = logging.getLogger(__name__)
 
 
-
 @torch.no_grad()
 def smoothing_factors(act_max: torch.Tensor, weights_oi: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """Per input channel: max|X_j|^α / max_k|W_kj|^(1-α), both clamped away from 0 (as smooth_ln_fcs). float32 on
     the CPU whatever the weights' type and device (max|W| of half weights is exact in float32)."""
-    w_max = torch.stack([abs_max(w, 0).float().cpu() for w in weights_oi]).amax(dim=0).clamp(min=1e-5)
+    return factors_from_maxima(act_max, weight_col_max(weights_oi), alpha)
+
+
+@torch.no_grad()
+def weight_col_max(weights_oi: list[torch.Tensor]) -> torch.Tensor:
+    """max_k|W_kj| per input channel j over the given [out, in] weights, clamped at 1e-5 (float32, CPU)."""
+    return torch.stack([abs_max(w, 0).float().cpu() for w in weights_oi]).amax(dim=0).clamp(min=1e-5)
+
+
+def factors_from_maxima(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^α / max|W_j|^(1-α) (clamped at 1e-5) from the two per-channel maxima (`weight_col_max`)."""
     act = act_max.float().cpu()
     return (act.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
@@ -119,6 +128,12 @@ def group_act_max(group: SmoothGroup, act_max: dict[str, torch.Tensor]) -> torch
 
 
 def smoothing_factors_for_group(model, group: SmoothGroup, act_max, alpha: float, head_dim: int | None = None):
+    return factors_from_maxima(*group_maxima(model, group, act_max, head_dim), alpha)
+
+
+def group_maxima(model, group: SmoothGroup, act_max, head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max|X_j|, max|W_j|) per input channel of the group, the two inputs of its smoothing factors for any α
+    (`factors_from_maxima`); with grouped-query pairs both are shared across the heads that read one v row."""
     lins = [model.get_submodule(n) for n in group.linears]
     a = group_act_max(group, act_max)
     ws = [weight_oi(l) for l in lins]
@@ -128,7 +143,7 @@ def smoothing_factors_for_group(model, group: SmoothGroup, act_max, alpha: float
         d = head_dim
         a = a.view(-1, rep, d).amax(dim=1, keepdim=True).expand(-1, rep, -1).reshape(-1)
         ws = [abs_max(w, 0).float().cpu().view(-1, rep, d).amax(dim=1, keepdim=True).expand(-1, rep, -1).reshape(1, -1) for w in ws]
-    return smoothing_factors(a, ws, alpha)
+    return a, weight_col_max(ws)
 
 
 @torch.no_grad()
