@@ -438,3 +438,56 @@ def test_diagnose_with_pairs_compares_with_the_smoothed_float_model(tiny_dirs, s
     for n, r in rows.items():
         if n.endswith(("up_proj", "v_proj")):
             assert r["sq_db"] > 10, (n, r)
+
+
+def test_first_order_gains_rank_like_measured_gains_and_leave_the_model_alone():
+    """The one-backward-pass estimate of each Linear's KL gain agrees in sign and order with the gains measured one
+    Linear at a time (the tiny Llama whose down_proj inputs carry injected outliers), and the pass changes neither
+    the model's outputs nor its parameters' requires_grad."""
+    model, fam = _llama_down_outliers()
+    wins = token_batches(2, 32, seed=4)
+    names = fam.quantized_linears()
+    m = copy.deepcopy(model)
+    fl = {n: m.get_submodule(n) for n in names}
+    quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
+    kl = fallback.KLScore(wins)
+    kl.reference(model)
+    q0 = kl(m)
+    before = [p.requires_grad for p in m.parameters()]
+    est = kl.first_order_gains(m, fl)
+    assert kl(m) == q0 and [p.requires_grad for p in m.parameters()] == before and any(before)
+    measured = {}
+    for n in names:
+        q = m.get_submodule(n)
+        fallback._swap(m, n, fl[n])
+        measured[n] = q0 - kl(m)
+        fallback._swap(m, n, q)
+    top = max(measured, key=measured.get)
+    assert measured[top] > 0.2 * q0  # the outlier Linear dominates
+    # KL is nearly quadratic in the error, so the slope at the quantized point counts a Linear's share about twice
+    assert max(est, key=est.get) == top and 1.0 < est[top] / measured[top] < 4.0
+    # rank agreement over every Linear (Spearman)
+    r_m = {n: i for i, n in enumerate(sorted(names, key=measured.get))}
+    r_e = {n: i for i, n in enumerate(sorted(names, key=est.get))}
+    k = len(names)
+    rho = 1 - 6 * sum((r_m[n] - r_e[n]) ** 2 for n in names) / (k * (k * k - 1))
+    assert rho > 0.6, rho
+
+
+def test_select_fallback_first_order_ranking_picks_the_outlier_linear():
+    model, fam = _llama_down_outliers()
+    wins = token_batches(2, 32, seed=4)
+    names = fam.quantized_linears()
+    res = {}
+    for ranking in ("first-order", "measured"):
+        m = copy.deepcopy(model)
+        fl = {n: m.get_submodule(n) for n in names}
+        quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
+        sc = fallback.KLScore(wins, layers_path=fam.layers_path)
+        res[ranking] = fallback.select_fallback(m, fl, ("auto", None), sc, target=0.0, max_count=2, candidates=4,
+                                                ranking=ranking)
+    fo, me = res["first-order"], res["measured"]
+    assert fo["ranking"] == "first-order" and me["ranking"] == "measured"
+    assert fo["fp16_layers"][0] == me["fp16_layers"][0]
+    assert fo["final_score"] < 0.5 * fo["quant_score"]
+    assert fo["tried"] < me["tried"]

@@ -11,6 +11,8 @@ MatMul with no Transpose between DQ and MatMul, the layout TensorRT's Q/DQ fusio
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -24,19 +26,39 @@ def scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     return torch.as_tensor(amax, dtype=torch.float32).clamp(min=1e-8) / 127.0
 
 
+_STE = [False]
+
+
+@contextlib.contextmanager
+def straight_through():
+    """Within it, a backward pass goes straight through the rounding of `qdq_exact` / `fake_quant_dynamic` (as
+    torch.fake_quantize_* do), for fallback.first_order_gains; outside it their values are exactly Q→DQ's."""
+    _STE[0] = True
+    try:
+        yield
+    finally:
+        _STE[0] = False
+
+
+def _straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return x + (q - x).detach() if _STE[0] and x.requires_grad else q
+
+
 def qdq_exact(x: torch.Tensor, scale) -> torch.Tensor:
     """Q→DQ as ONNX computes it: saturate(round_half_even(x / scale)) · scale (scale broadcasts over x's last
     dimension). torch.fake_quantize_* multiply by 1/scale instead: the same except where x / scale is a tie (k + ½)
     or within an ulp of one, which float32 weights almost never are but half-valued ones often are (bfloat16
     weights of the tiny Llama: 10 of 73,728 INT8 weights differed). The half model's QLinear uses this, so its
     INT8 values are exactly the exported graph's."""
-    return torch.clamp(torch.round(x / scale), QMIN, QMAX) * scale
+    q = torch.clamp(torch.round(x / scale), QMIN, QMAX) * scale
+    return _straight_through(x, q)
 
 
 def fake_quant_dynamic(x: torch.Tensor, per_token: bool) -> torch.Tensor:
     amax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
     s = amax.clamp(min=1e-8) / 127.0
-    return torch.round(x / s).clamp(QMIN, QMAX) * s
+    q = torch.round(x / s).clamp(QMIN, QMAX) * s
+    return _straight_through(x, q)
 
 
 class QLinear(nn.Module):
