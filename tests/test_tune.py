@@ -491,3 +491,23 @@ def test_select_fallback_first_order_ranking_picks_the_outlier_linear():
     assert fo["fp16_layers"][0] == me["fp16_layers"][0]
     assert fo["final_score"] < 0.5 * fo["quant_score"]
     assert fo["tried"] < me["tried"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_order_gains_layer_by_layer_equal_the_whole_graph(family):
+    """The layer-at-a-time backward pass (recorded layer inputs, each layer recomputed and back-propagated alone)
+    gives the whole-graph estimates, on every family's tiny model (their layers take different arguments)."""
+    model, fam = make_tiny(family)
+    names = fam.quantized_linears()
+    m = copy.deepcopy(model)
+    fl = {n: copy.deepcopy(m.get_submodule(n)) for n in names}
+    quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(2, 16)), names))
+    wins = token_batches(2, 24, seed=5)
+    ref, _ = fallback.float_reference(model, wins)
+    whole = fallback.first_order_gains(m, fl, wins, ref)
+    by_layer = fallback.first_order_gains(m, fl, wins, ref, fam.layers_path)
+    assert set(whole) == set(by_layer) == set(names)
+    scale = max(abs(v) for v in whole.values())
+    assert scale > 0
+    for n in names:
+        assert by_layer[n] == pytest.approx(whole[n], rel=1e-3, abs=1e-4 * scale), n

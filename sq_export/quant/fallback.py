@@ -163,7 +163,7 @@ class KLScore:
 
     def first_order_gains(self, model, float_linears: dict) -> dict[str, float]:
         """`first_order_gains` on these windows against the float distributions."""
-        return first_order_gains(model, float_linears, self.windows, self.ref)
+        return first_order_gains(model, float_linears, self.windows, self.ref, self.layers_path)
 
     def layer_of(self, name: str) -> int:
         """Index of the decoder layer holding module `name` (0 when unknown: nothing is replayed)."""
@@ -217,21 +217,37 @@ class KLScore:
         return kl / n
 
 
-def first_order_gains(model, float_linears: dict, windows: np.ndarray, ref: list[torch.Tensor]) -> dict[str, float]:
+def first_order_gains(model, float_linears: dict, windows: np.ndarray, ref: list[torch.Tensor],
+                      layers_path: str | None = None) -> dict[str, float]:
     """Per quantized Linear n of `model` (a QLinear; `float_linears[n]` its float Linear): the first-order estimate
     of how much the mean KL(float ‖ quantized) per predicted token on `windows` drops when n alone goes back to
     float, −⟨∂KL/∂y_n, y_float − y_quant⟩ summed over n's outputs y_n (y_float: the float Linear on the same
-    input). One forward and one backward pass per window give every Linear's estimate; the gradient goes straight
-    through the rounding (as torch.fake_quantize_* and `qlinear.straight_through`). The model's parameters get no
-    gradient (requires_grad is off during the pass and restored after)."""
+    input). The gradient goes straight through the rounding (as torch.fake_quantize_* and
+    `qlinear.straight_through`); the model's parameters get no gradient (requires_grad is off during the pass and
+    restored after); the gradient at the logits is written down (softmax − float probabilities).
+
+    With `layers_path` (the decoder-layer list) the backward pass runs one decoder layer at a time, as gradient
+    checkpointing does: a forward pass without a graph records each layer's inputs, the head (final norm, LM head)
+    gives ∂KL/∂ of the last layer's output, then each layer from the top is recomputed with a graph from its
+    recorded input and back-propagated alone. Memory: one layer's graph instead of the whole model's (SmolLM2, 512
+    tokens: ~80 MB instead of ~2.4 GB), for one more forward pass; the same numbers. Without it (or when the layers
+    read a KV cache, which recomputing would extend), one graph per window."""
     from sq_export.device import model_device
+    from sq_export.memory import release_memory
     from sq_export.quant.qlinear import straight_through
 
     dev = model_device(model)
     gains = {n: 0.0 for n in float_linears}
     trainable = [p for p in model.parameters() if p.requires_grad]
     emb = model.get_input_embeddings()
+    layers = model.get_submodule(layers_path) if layers_path else None
     n_tok = 0
+    diffs: dict[str, torch.Tensor] = {}
+
+    def take(name, g):  # the gradient at n's output arrives: fold it with the output difference, free both
+        d = diffs.pop(name, None)
+        if d is not None:
+            gains[name] -= float((g.float() * d).sum())
 
     def hook_for(name):
         flin = float_linears[name]
@@ -239,36 +255,88 @@ def first_order_gains(model, float_linears: dict, windows: np.ndarray, ref: list
         def hook(_mod, args, out):
             if not out.requires_grad:
                 return
-            x = args[0].detach()
-
-            def on_grad(g):
-                with torch.no_grad():
-                    d = flin(x).float() - out.detach().float()
-                    gains[name] -= float((g.float() * d).sum())
-
-            out.register_hook(on_grad)
+            with torch.no_grad():
+                diffs[name] = flin(args[0].detach()).float() - out.detach().float()
+            out.register_hook(lambda g: take(name, g))  # holds the name only: no cycle through the output
         return hook
+
+    def logits_grad(logits, lp):  # ∂/∂logits of Σ_t KL(p_t ‖ softmax(logits_t)) = softmax(logits_t) − p_t
+        with torch.no_grad():
+            g = torch.softmax(logits.float(), -1)
+            g -= lp.to(g.device).float().exp()
+        return g.to(logits.dtype)
+
+    def whole(ids, lp):
+        handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in float_linears]
+        try:
+            e = emb(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=e, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1]
+            logits.backward(logits_grad(logits, lp))
+        finally:
+            for h in handles:
+                h.remove()
+
+    def layerwise(ids, lp) -> bool:
+        calls: list = [None] * len(layers)
+        top: dict = {}
+
+        def record(i):
+            def pre(_mod, args, kwargs):
+                calls[i] = (args, kwargs)
+            return pre
+
+        def leaf_output(_mod, _args, out):  # the last layer's output, as a leaf the head's graph starts from
+            h = out[0] if isinstance(out, (tuple, list)) else out
+            top["h"] = h = h.detach().requires_grad_(True)
+            return (h, *out[1:]) if isinstance(out, (tuple, list)) else h
+
+        handles = [layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(len(layers))]
+        handles.append(layers[len(layers) - 1].register_forward_hook(leaf_output))
+        try:  # nothing upstream needs a gradient: only the head builds a graph
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1]
+        finally:
+            for h in handles:
+                h.remove()
+        if any(c is None or c[1].get("past_key_values") is not None for c in calls):
+            return False
+        logits.backward(logits_grad(logits, lp))
+        g = top["h"].grad
+        del logits, top["h"]
+        for i in reversed(range(len(layers))):
+            args, kwargs = calls[i]
+            calls[i] = None
+            x = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+            args = (x, *args[1:]) if args else args
+            kw = kwargs if args else {**kwargs, "hidden_states": x}
+            names = [n for n in float_linears if n.startswith(f"{layers_path}.{i}.")]
+            handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
+            try:
+                out = layers[i](*args, **kw)
+            finally:
+                for h in handles:
+                    h.remove()
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out.backward(g)
+            g = x.grad
+            del out, x
+        return True
 
     try:
         for p in trainable:
             p.requires_grad_(False)
         for w, lp in zip(windows, ref):
-            handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in float_linears]
+            ids = torch.as_tensor(w)[None].to(dev)
             try:
-                ids = torch.as_tensor(w)[None].to(dev)
                 with torch.enable_grad(), straight_through():
-                    e = emb(ids).detach().requires_grad_(True)
-                    logits = model(inputs_embeds=e, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1]
-                    lq = torch.log_softmax(logits.float(), -1)
-                    lpf = lp.float().to(lq.device)
-                    (lpf.exp() * (lpf - lq)).sum().backward()
+                    if layers is None or not layerwise(ids, lp):
+                        whole(ids, lp)
             finally:
-                for h in handles:
-                    h.remove()
+                diffs.clear()
             n_tok += lp.shape[0]
     finally:
         for p in trainable:
             p.requires_grad_(True)
+        release_memory()
     return {n: g / max(n_tok, 1) for n, g in gains.items()}
 
 
