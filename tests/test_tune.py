@@ -25,6 +25,15 @@ def _llama_down_outliers(gain=50.0):
     return model, fam
 
 
+def _quantized_copy(model, fam):
+    """(a static W8A8 copy of `model`, {name: its float Linear}) with scales from 4 × 32 calibration tokens."""
+    names = fam.quantized_linears()
+    m = copy.deepcopy(model)
+    fl = {n: m.get_submodule(n) for n in names}
+    quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
+    return m, fl
+
+
 def _static_error(model, fam, act_max, x, ref, **smooth):
     m = copy.deepcopy(model)
     a = act_max
@@ -309,9 +318,7 @@ def test_kl_score_prefix_cache_is_exact_and_skips_the_layers_below():
     model, fam = _llama_down_outliers()
     wins = token_batches(2, 32, seed=4)
     names = fam.quantized_linears()
-    m = copy.deepcopy(model)
-    fl = {n: m.get_submodule(n) for n in names}
-    quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
+    m, fl = _quantized_copy(model, fam)
     qm = {n: m.get_submodule(n) for n in names}
     cached, plain = fallback.KLScore(wins, layers_path=fam.layers_path), fallback.KLScore(wins)
     cached.reference(model)
@@ -447,9 +454,7 @@ def test_first_order_gains_rank_like_measured_gains_and_leave_the_model_alone():
     model, fam = _llama_down_outliers()
     wins = token_batches(2, 32, seed=4)
     names = fam.quantized_linears()
-    m = copy.deepcopy(model)
-    fl = {n: m.get_submodule(n) for n in names}
-    quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
+    m, fl = _quantized_copy(model, fam)
     kl = fallback.KLScore(wins)
     kl.reference(model)
     q0 = kl(m)
@@ -477,12 +482,9 @@ def test_first_order_gains_rank_like_measured_gains_and_leave_the_model_alone():
 def test_select_fallback_first_order_ranking_picks_the_outlier_linear():
     model, fam = _llama_down_outliers()
     wins = token_batches(2, 32, seed=4)
-    names = fam.quantized_linears()
     res = {}
     for ranking in ("first-order", "measured"):
-        m = copy.deepcopy(model)
-        fl = {n: m.get_submodule(n) for n in names}
-        quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(4, 32)), names))
+        m, fl = _quantized_copy(model, fam)
         sc = fallback.KLScore(wins, layers_path=fam.layers_path)
         res[ranking] = fallback.select_fallback(m, fl, ("auto", None), sc, target=0.0, max_count=2, candidates=4,
                                                 ranking=ranking)

@@ -1,8 +1,9 @@
-from sq_export.families import Family, register
+from sq_export.families import register
+from sq_export.families.llama import Llama
 
 
 @register
-class Gemma3(Family):
+class Gemma3(Llama):
     """transformers' Gemma3ForCausalLM (text-only Gemma 3, model_type "gemma3_text", e.g. gemma-3-270m / 1b).
 
     A layer: x + post_attention_layernorm(attn(input_layernorm(x))), then
@@ -34,23 +35,7 @@ class Gemma3(Family):
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     )
-    linears = (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
-    linear_pairs = (("mlp.up_proj", "mlp.down_proj"), ("self_attn.v_proj", "self_attn.o_proj"))
-    default_alpha = 0.85
-    attention_module = "self_attn"
+    # linears, linear_pairs, default α 0.85, attention module and GQA kv_repeat: as Llama
     alpha_note = ("Llama-class (RMSNorm, gated MLP): 0.85; gemma-3-270m static W8A8 with --smooth-pairs: perplexity 51.3 at "
                   "0.85, 58.7 at 0.5 (FP32 46.6; norms only: 81.1 vs 80.6)")
 
-    def kv_repeat(self, producer, consumer):
-        if producer.endswith("v_proj"):
-            c = self.model.config
-            return c.num_attention_heads // getattr(c, "num_key_value_heads", c.num_attention_heads)
-        return 1
