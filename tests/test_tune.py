@@ -513,3 +513,18 @@ def test_first_order_gains_layer_by_layer_equal_the_whole_graph(family):
     assert scale > 0
     for n in names:
         assert by_layer[n] == pytest.approx(whole[n], rel=1e-3, abs=1e-4 * scale), n
+
+
+def test_kl_score_and_first_order_gains_do_not_depend_on_the_token_chunk(monkeypatch):
+    model, fam = _llama_down_outliers()
+    wins = token_batches(2, 32, seed=4)
+    m, fl = _quantized_copy(model, fam)
+    out = []
+    for chunk in (1000, 5):
+        monkeypatch.setattr(fallback, "KL_CHUNK", chunk)
+        kl = fallback.KLScore(wins, layers_path=fam.layers_path)
+        kl.reference(model)
+        out.append((kl(m), kl.last_ppl, kl.last_ppl_upper, kl.first_order_gains(m, fl)))
+    (a, pa, ua, ga), (b, pb, ub, gb) = out
+    assert b == pytest.approx(a, rel=1e-5) and pb == pytest.approx(pa, rel=1e-6) and ub == pytest.approx(ua, rel=1e-6)
+    assert [gb[n] for n in ga] == pytest.approx([ga[n] for n in ga], rel=1e-4, abs=1e-9)

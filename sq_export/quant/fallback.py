@@ -34,6 +34,7 @@ FALLBACK_WINDOWS = 4  # calibration-split windows (of ≤512 tokens) scoring --f
 FALLBACK_CANDIDATES = None  # Linears whose gain alone is measured (role-screened order); None: 2 × the budget
 FALLBACK_CONFIDENCE_Z = 1.645  # ppl_upper_bound: one-sided 95 % upper confidence bound of the window perplexity
 FALLBACK_BLOCK = 64  # tokens per block for that bound's standard error (neighbouring tokens' errors correlate)
+KL_CHUNK = 64  # tokens per chunk of the vocabulary-wide KL arithmetic (bounds its temporaries)
 FALLBACK_RANKING = "first-order"  # or "measured" (role screening + each candidate's gain measured alone)
 FALLBACK_CRITERION = "kl-first-order-ub95"  # `run` records it: a stage chosen by an older --fallback auto criterion reruns
 
@@ -206,11 +207,16 @@ class KLScore:
                 for i, r in enumerate(real):
                     layers[i] = r
             last.append(outs)
-            lq = torch.log_softmax(logits.float(), -1)
-            lp = ref.float()
-            kl += float((lp.exp() * (lp - lq)).sum())
-            tok_nll.append(-lq.gather(1, torch.as_tensor(w[1:], device=lq.device)[:, None])[:, 0].cpu())
-            n += lp.shape[0]
+            tgt = torch.as_tensor(w[1:], device=logits.device)
+            nll = []
+            for a in range(0, logits.shape[0], KL_CHUNK):  # in token chunks: a few vocabulary-wide temporaries
+                lq = torch.log_softmax(logits[a : a + KL_CHUNK].float(), -1)
+                lp = ref[a : a + KL_CHUNK].to(lq.device).float()
+                kl += float((lp.exp() * (lp - lq)).sum())
+                nll.append(-lq.gather(1, tgt[a : a + KL_CHUNK, None])[:, 0].cpu())
+            tok_nll.append(torch.cat(nll))
+            n += ref.shape[0]
+            del logits
         self._last = last if layers is not None else None
         self.last_ppl = math.exp(float(sum(t.double().sum() for t in tok_nll)) / n)
         self.last_ppl_upper = ppl_upper_bound(tok_nll, self.ref_nll)
@@ -262,9 +268,12 @@ def first_order_gains(model, float_linears: dict, windows: np.ndarray, ref: list
 
     def logits_grad(logits, lp):  # ∂/∂logits of Σ_t KL(p_t ‖ softmax(logits_t)) = softmax(logits_t) − p_t
         with torch.no_grad():
-            g = torch.softmax(logits.float(), -1)
-            g -= lp.to(g.device).float().exp()
-        return g.to(logits.dtype)
+            g = torch.empty_like(logits)
+            for a in range(0, logits.shape[0], KL_CHUNK):
+                c = torch.softmax(logits[a : a + KL_CHUNK].float(), -1)
+                c -= lp[a : a + KL_CHUNK].to(c.device).float().exp()
+                g[a : a + KL_CHUNK] = c
+        return g
 
     def whole(ids, lp):
         handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in float_linears]
