@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from sq_export.decoder_layers import hidden_of, layer_input, recording_calls
 from sq_export.errors import SmoothingChangedOutputs
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,6 @@ def _float32(x):
     if isinstance(x, dict):
         return {k: _float32(v) for k, v in x.items()}
     return x
-
-
-def hidden_of(out) -> torch.Tensor:
-    """A decoder layer's hidden-state output (BLOOM returns a tuple, the others a tensor)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @contextlib.contextmanager
@@ -72,11 +68,6 @@ def layer_output_f32(layer, args: tuple, kwargs: dict) -> torch.Tensor:
         return hidden_of(layer(*_float32(args), **_float32(kwargs))).float()
 
 
-def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a decoder layer was called with (first positional argument, or `hidden_states=`)."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def layer_change(ref: torch.Tensor, new: torch.Tensor, h_in: torch.Tensor) -> float:
     """max |new − ref| / max |ref − h_in| (h_in: the layer's input hidden states)."""
     scale = float((ref - h_in.float()).abs().max())
@@ -98,16 +89,9 @@ def record_layer_inputs(model, family, batch: torch.Tensor) -> list[tuple[tuple,
     """(args, kwargs) each decoder layer is called with when `model` runs on `batch` (ids [n, L])."""
     from sq_export.device import to_device
 
-    layers = model.get_submodule(family.layers_path)
-    got: list = [None] * len(layers)
-    hooks = [layers[i].register_forward_pre_hook(lambda m, a, k, i=i: got.__setitem__(i, (a, dict(k))), with_kwargs=True)
-             for i in range(len(layers))]
-    try:
+    with recording_calls(model.get_submodule(family.layers_path)) as got:
         b = to_device(batch, model)
         getattr(model, "base_model", model)(input_ids=b, attention_mask=torch.ones_like(b), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
     return got
 
 

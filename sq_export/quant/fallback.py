@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from sq_export.decoder_layers import LayerStandIn, hidden_of, layer_input, recording_calls
 from sq_export.errors import BadInput
 from sq_export.quant.reservoir import RowReservoir, rows_for
 
@@ -113,25 +114,17 @@ def _copy_out(o):
     return o
 
 
-class _KnownOutput(torch.nn.Module):
+class _KnownOutput(LayerStandIn):
     """Stands in for a decoder layer whose output on the current window is already known (KLScore's prefix cache):
-    returns it without computing. Attributes the model's layer loop reads (e.g. `attention_type`) come from the
-    real layer, which is not registered as a child (the model's modules and parameters are unchanged)."""
+    returns it without computing."""
 
     def __init__(self, layer, outputs: list, i: int):
-        super().__init__()
-        object.__setattr__(self, "_real", layer)
+        super().__init__(layer)
         object.__setattr__(self, "_outputs", outputs)
         self._i = i
 
     def forward(self, *args, **kwargs):
         return _copy_out(self._outputs[self._i])
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_real"), name)
 
 
 class KLScore:
@@ -286,26 +279,18 @@ def first_order_gains(model, float_linears: dict, windows: np.ndarray, ref: list
                 h.remove()
 
     def layerwise(ids, lp) -> bool:
-        calls: list = [None] * len(layers)
         top: dict = {}
 
-        def record(i):
-            def pre(_mod, args, kwargs):
-                calls[i] = (args, kwargs)
-            return pre
-
         def leaf_output(_mod, _args, out):  # the last layer's output, as a leaf the head's graph starts from
-            h = out[0] if isinstance(out, (tuple, list)) else out
-            top["h"] = h = h.detach().requires_grad_(True)
+            top["h"] = h = hidden_of(out).detach().requires_grad_(True)
             return (h, *out[1:]) if isinstance(out, (tuple, list)) else h
 
-        handles = [layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(len(layers))]
-        handles.append(layers[len(layers) - 1].register_forward_hook(leaf_output))
+        leaf = layers[len(layers) - 1].register_forward_hook(leaf_output)
         try:  # nothing upstream needs a gradient: only the head builds a graph
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1]
+            with recording_calls(layers) as calls:
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1]
         finally:
-            for h in handles:
-                h.remove()
+            leaf.remove()
         if any(c is None or c[1].get("past_key_values") is not None for c in calls):
             return False
         logits.backward(logits_grad(logits, lp))
@@ -314,17 +299,16 @@ def first_order_gains(model, float_linears: dict, windows: np.ndarray, ref: list
         for i in reversed(range(len(layers))):
             args, kwargs = calls[i]
             calls[i] = None
-            x = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+            x = layer_input(args, kwargs).detach().requires_grad_(True)
             args = (x, *args[1:]) if args else args
             kw = kwargs if args else {**kwargs, "hidden_states": x}
             names = [n for n in float_linears if n.startswith(f"{layers_path}.{i}.")]
             handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
             try:
-                out = layers[i](*args, **kw)
+                out = hidden_of(layers[i](*args, **kw))
             finally:
                 for h in handles:
                     h.remove()
-            out = out[0] if isinstance(out, (tuple, list)) else out
             out.backward(g)
             g = x.grad
             del out, x
@@ -367,6 +351,20 @@ def _swap(model, name, mod):
     from sq_export.quant.qlinear import replace_module
 
     replace_module(model, name, mod)
+
+
+def least_sqnr(names, sqnr: dict, n: int) -> list[str]:
+    """`--fallback N`: the N Linears of `names` with the lowest local SQNR (`sqnr`: {name: dB})."""
+    return sorted(names, key=lambda x: sqnr.get(x, 0.0))[: min(n, len(names))]
+
+
+def ranks_first_order(score, ranking: str | None = None) -> bool:
+    """Whether `--fallback auto` with this score ranks by its `first_order_gains` (`ranking`, default
+    FALLBACK_RANKING, is "first-order" and the score has them) rather than by measured gains."""
+    ranking = ranking or FALLBACK_RANKING
+    if ranking not in ("first-order", "measured"):
+        raise ValueError(f"fallback ranking {ranking!r}: first-order or measured")
+    return ranking == "first-order" and hasattr(score, "first_order_gains")
 
 
 def role_of(name: str) -> str:
@@ -412,7 +410,6 @@ def select_fallback(model, float_linears: dict, spec, score, *, target: float = 
     max_count = total if max_count is None else max_count
     qmods = {n: model.get_submodule(n) for n in names}
     sqnr = sensitivity or {}
-    order = sorted(names, key=lambda n: sqnr.get(n, 0.0))
     if kind == "names":
         bad = [n for n in arg if n not in float_linears]
         if bad:
@@ -421,7 +418,7 @@ def select_fallback(model, float_linears: dict, spec, score, *, target: float = 
             _swap(model, n, float_linears[n])
         return {"fp16_layers": list(arg), "history": []}
     if kind == "n":
-        chosen = order[: min(arg, total)]
+        chosen = least_sqnr(names, sqnr, arg)
         for n in chosen:
             _swap(model, n, float_linears[n])
         return {"fp16_layers": chosen, "history": []}
@@ -439,22 +436,18 @@ def select_fallback(model, float_linears: dict, spec, score, *, target: float = 
             ppl = getattr(score, "last_ppl", None)
         return v, (v if ppl is None else ppl), getattr(score, "last_ppl", v)
 
-    ranking = ranking or FALLBACK_RANKING
-    if ranking not in ("first-order", "measured"):
-        raise ValueError(f"fallback ranking {ranking!r}: first-order or measured")
-    first_order = ranking == "first-order" and hasattr(score, "first_order_gains")
-    if getattr(score, "ref", 0) is None or not hasattr(score, "reference_ppl"):
+    first_order = ranks_first_order(score, ranking)
+    knows_float = hasattr(score, "reference_ppl")  # KLScore: the float score is 0, its perplexity the reference's
+    if getattr(score, "ref", 0) is None or not knows_float:  # the float model runs: a reference to take, or a score
         for n in names:
             _swap(model, n, float_linears[n])
         if getattr(score, "ref", 0) is None:  # KLScore not yet given the float distributions
             score.reference(model)
-        if hasattr(score, "reference_ppl"):
-            fp, fp_ppl = 0.0, score.reference_ppl()
-        else:
+        if not knows_float:
             fp, _, fp_ppl = measure(model)
         for n in names:
             _swap(model, n, qmods[n])
-    else:
+    if knows_float:
         fp, fp_ppl = 0.0, score.reference_ppl()
     q0, q0_check, q0_ppl = measure(model)
     if cached:

@@ -142,13 +142,13 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
     fp16 = []
     if fb is not None:
         t = time.perf_counter()
-        # the N least-SQNR Linears for --fallback N; for auto only the measured ranking's order within a role
-        # (the first-order ranking orders every Linear itself)
-        need_sqnr = fb[0] == "n" or (fb[0] == "auto" and not (fallback_score is None and fallback.FALLBACK_RANKING == "first-order"))
-        sens = fallback.local_sqnr(model, family, float_linears, res, divs) if need_sqnr else None
         score = fallback_score
         if score is None and fb[0] == "auto":
             score = fallback.KLScore(calib.scoring_windows(fallback.FALLBACK_WINDOWS), layers_path=family.layers_path)
+        # the N least-SQNR Linears for --fallback N; for auto only the measured ranking's order within a role
+        # (the first-order ranking orders every Linear itself)
+        need_sqnr = fb[0] == "n" or (fb[0] == "auto" and not fallback.ranks_first_order(score))
+        sens = fallback.local_sqnr(model, family, float_linears, res, divs) if need_sqnr else None
         r = fallback.select_fallback(model, float_linears, fb, score, target=recipe.target_ppl_increase,
                                      max_count=recipe_mod.max_fallback_count(recipe.max_fallback, len(quantized)), sensitivity=sens)
         fp16 = r["fp16_layers"]

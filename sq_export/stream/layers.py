@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sq_export.decoder_layers import LayerStandIn, hidden_of
 from sq_export.device import fits
 from sq_export.errors import BadInput
 from sq_export.stream.checkpoint import Checkpoint
@@ -41,13 +42,11 @@ class _Stop(Exception):
     """Raised by the last recorder: the rest of the model's forward (final norm, head) is not needed."""
 
 
-class _Recorder(torch.nn.Module):
-    """Stands in for decoder layer `i` during `capture`: records its call's arguments and passes its input on.
-    Attributes the model's layer loop reads (e.g. `attention_type`) come from the real (empty) layer."""
+class _Recorder(LayerStandIn):
+    """Stands in for decoder layer `i` during `capture`: records its call's arguments and passes its input on."""
 
     def __init__(self, layer, i: int, sink, last: bool):
-        super().__init__()
-        object.__setattr__(self, "_real", layer)
+        super().__init__(layer)
         object.__setattr__(self, "_sink", sink)
         self._i, self._last = i, last
 
@@ -56,12 +55,6 @@ class _Recorder(torch.nn.Module):
         if self._last:
             raise _Stop
         return args[0] if args else kwargs.get("hidden_states")
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_real"), name)
 
 
 class _Interner:
@@ -239,8 +232,6 @@ class LayerStream:
     @torch.no_grad()
     def forward(self, i: int, layer=None) -> list[torch.Tensor]:
         """Every cached batch through decoder layer `i` (loaded): its outputs, one per batch (layer i+1's inputs)."""
-        from sq_export.quant.equivalence import hidden_of
-
         layer = self.layers[i] if layer is None else layer
         outs = []
         with fits(f"decoder layer {i}'s forward on a cached batch", self.device, hint=STREAM_HINT):

@@ -127,8 +127,9 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
     from sq_export.quant.alpha import search_alpha_groups
     from sq_export.quant.calibrate import finish_act_max, save_act_scales, text_fingerprint
     from sq_export.quant.clip import clipped_scales
-    from sq_export.quant.equivalence import check_layer_unchanged, layer_input, layer_output_f32
-    from sq_export.quant.fallback import linear_sqnr
+    from sq_export.decoder_layers import layer_input
+    from sq_export.quant.equivalence import check_layer_unchanged, layer_output_f32
+    from sq_export.quant.fallback import least_sqnr, linear_sqnr
     from sq_export.quant.qlinear import QLinear, static_scales
     from sq_export.quant.reservoir import input_keys, new_reservoir, rows_for
     from sq_export.quant.smooth import apply_smoothing_groups, divisors
@@ -225,8 +226,7 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
             elif fb[0] == "names":
                 fp16 = list(fb[1])
             else:  # ('n', N): the N lowest local SQNR, as fallback.select_fallback
-                order = sorted(all_names, key=lambda n: sens.get(n, 0.0))
-                fp16 = order[: min(fb[1], len(all_names))]
+                fp16 = least_sqnr(all_names, sens, fb[1])
             quantized = [n for n in all_names if n not in set(fp16)]
             a_out = alpha if recipe.mode == "sq" else None
             src = str(source_model if source_model is not None else folder)
