@@ -89,6 +89,80 @@ class CudaEvents:
     def destroy(self, ev):
         self.lib.cudaEventDestroy(ev)
 
+    def capture(self, stream_ptr, enqueue):
+        """One enqueue captured as a CUDA graph (TensorRT's documented pattern: enqueue once after a shape change,
+        then capture the next enqueue): returns (graph, executable graph) for launch()/release()."""
+        s = ctypes.c_void_p(stream_ptr)
+        self._check(self.lib.cudaStreamBeginCapture(s, ctypes.c_int(0)), "cudaStreamBeginCapture")  # global mode
+        ok = enqueue()
+        graph = ctypes.c_void_p()
+        self._check(self.lib.cudaStreamEndCapture(s, ctypes.byref(graph)), "cudaStreamEndCapture")
+        if not ok:
+            raise RuntimeError("execute_async_v3 failed during CUDA graph capture")
+        exe = ctypes.c_void_p()
+        # cudaGraphInstantiateWithFlags has one signature in CUDA 11.4+ and 12 (cudaGraphInstantiate's changed)
+        self._check(self.lib.cudaGraphInstantiateWithFlags(ctypes.byref(exe), graph, ctypes.c_ulonglong(0)), "cudaGraphInstantiateWithFlags")
+        return graph, exe
+
+    def launch(self, exe, stream_ptr):
+        self._check(self.lib.cudaGraphLaunch(exe, ctypes.c_void_p(stream_ptr)), "cudaGraphLaunch")
+
+    def release(self, graph, exe):
+        self.lib.cudaGraphExecDestroy(exe)
+        self.lib.cudaGraphDestroy(graph)
+
+
+# HBM bandwidth per GPU name (TB/s, the vendor's figure): the decode bound is the bytes one step must read / this
+BANDWIDTH_TBS = {"H200": 4.8, "H100 SXM": 3.35, "H100 PCIe": 2.0, "H100": 3.35, "A100-SXM4-80GB": 2.04, "A100": 1.555, "L40S": 0.864}
+
+
+def bandwidth_tbs(gpu_name: str | None, override: float | None) -> float | None:
+    if override:
+        return override
+    for k, v in BANDWIDTH_TBS.items():
+        if gpu_name and k in gpu_name:
+            return v
+    return None
+
+
+def weight_bytes(onnx_path, precision: str) -> dict:
+    """Bytes of weights one forward must read in an engine of `precision` built from this graph: every initializer
+    of two or more dimensions except a table only gathered from (the embedding: one row per token is read);
+    INT8 (1 byte) where it feeds Q/DQ in an INT8 engine, else 2 bytes (FP16). Norm vectors and scales are ignored."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    g = m.graph
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    # follow Cast (qdq16: FP16 -> Cast -> Q) to what the weight really feeds
+    def ops(name, depth=0):
+        out = []
+        for n in consumers.get(name, []):
+            if n.op_type == "Cast" and depth < 2:
+                out += ops(n.output[0], depth + 1)
+            else:
+                out.append(n.op_type)
+        return out
+
+    int8 = fp16 = gathered = 0
+    for t in g.initializer:
+        if len(t.dims) < 2:
+            continue
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        used = ops(t.name)
+        if used and all(o == "Gather" for o in used):
+            gathered += n
+        elif precision == "int8" and any(o in ("QuantizeLinear", "DequantizeLinear") for o in used):
+            int8 += n
+        else:
+            fp16 += n
+    return {"int8_weight_bytes": int8, "fp16_weight_bytes": 2 * fp16, "bytes": int8 + 2 * fp16, "gathered_table_elements": gathered}
+
 
 def make_tokens(shape, vocab, tokens_file=None, seed=0):
     b, t = shape
@@ -116,7 +190,7 @@ def decode_feed(shape, vocab, past_len, cache_shapes: dict, seed=0):
     return feed
 
 
-def time_engine(engine_path, shapes, runs, warmup, vocab, tokens_file=None, past_len=None) -> list[dict]:
+def time_engine(engine_path, shapes, runs, warmup, vocab, tokens_file=None, past_len=None, cuda_graph=False) -> list[dict]:
     from polygraphy import cuda
     from polygraphy.backend.trt import TrtRunner
 
@@ -153,6 +227,24 @@ def time_engine(engine_path, shapes, runs, warmup, vocab, tokens_file=None, past
                     raise RuntimeError("execute_async_v3 failed")
                 ev.record(end, runner.stream.ptr)
                 gpu.append(ev.elapsed_ms(start, end))
+            graph_ms = graph_err = None
+            if cuda_graph:
+                # the same step replayed as one CUDA graph: what launch gaps between the engine's kernels cost
+                try:
+                    stream = runner.stream.ptr
+                    graph, exe = ev.capture(stream, lambda: runner.context.execute_async_v3(stream))
+                    for _ in range(max(1, warmup)):
+                        ev.launch(exe, stream)
+                    gt = []
+                    for _ in range(runs):
+                        ev.record(start, stream)
+                        ev.launch(exe, stream)
+                        ev.record(end, stream)
+                        gt.append(ev.elapsed_ms(start, end))
+                    ev.release(graph, exe)
+                    graph_ms = statistics.median(gt)
+                except RuntimeError as e:  # reported, not fatal: the plain timing stands
+                    graph_err = str(e)
             ev.destroy(start), ev.destroy(end)
             for d in dev.values():
                 d.free()
@@ -170,6 +262,8 @@ def time_engine(engine_path, shapes, runs, warmup, vocab, tokens_file=None, past
                     "host_inclusive_ms_median": statistics.median(host_times),
                     "tokens_per_s": new_tokens / (med / 1e3),
                     "runs": runs,
+                    **({"cuda_graph_ms_median": graph_ms} if graph_ms is not None else {}),
+                    **({"cuda_graph_error": graph_err} if graph_err else {}),
                 }
             )
     return rows
@@ -205,13 +299,15 @@ def main(argv=None) -> int:
     ap.add_argument("--large", default="8x512", help="a larger BATCHxSEQ also timed; sets the profile max (default 8x512)")
     ap.add_argument("--decode", action="store_true", help="decode graphs: time one KV-cache decode step per batch size")
     ap.add_argument("--past", type=int, default=512, help="--decode: cached tokens (default 512)")
-    ap.add_argument("--batches", default="1,8", help="--decode: batch sizes (default 1,8)")
+    ap.add_argument("--batches", default="1,8,32", help="--decode: batch sizes (default 1,8,32)")
     ap.add_argument("--kv-fp16", action="store_true", help="--decode: KV cache in/out as FP16 (TensorRT 8.x)")
     ap.add_argument("--opt-level", type=int, default=None, help="builder optimization level (default TensorRT's)")
     ap.add_argument("--static", action="store_true", help="prefill: a static profile of exactly --shape (only --shape timed)")
     ap.add_argument("--no-fp32-norms", action="store_true", help="do not pin norm layers to FP32 (diagnosis: what pinning costs)")
     ap.add_argument("--int8-gemm-output", choices=["fp16", "fp32"], default=None, help="experimental: output type of the INT8 GEMMs (default TensorRT's choice)")
     ap.add_argument("--no-fp16-matmuls", action="store_true", help="do not pin un-quantized MatMuls of INT8 engines to FP16 (diagnosis)")
+    ap.add_argument("--cuda-graph", action="store_true", help="also time each forward replayed as one captured CUDA graph")
+    ap.add_argument("--bandwidth", type=float, default=None, help="HBM TB/s for the decode bound (default: by GPU name, e.g. H200 4.8)")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--tokens", help="token file to take ids from (default: random ids below the vocabulary size)")
@@ -225,6 +321,7 @@ def main(argv=None) -> int:
 
     trt = import_tensorrt()
     gpu = require_gpu()
+    bw = bandwidth_tbs(gpu.get("name"), a.bandwidth)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     vocab = vocab_hint(a.int8_onnx[0]) or vocab_hint(a.fp16_onnx)
@@ -239,7 +336,7 @@ def main(argv=None) -> int:
         graphs = [g for i, g in enumerate(graphs) if g[0] in want or (i == 1 and f"int8:{Path(g[2]).stem}" in want)]
         if not graphs:
             ap.error(f"--labels {a.labels}: no engine has that label (fp16, int8, int8:STEM of a further INT8 graph)")
-    report = {"tensorrt_version": trt.__version__, "gpu": gpu.get("name"), "mode": "decode" if a.decode else "prefill",
+    report = {"tensorrt_version": trt.__version__, "gpu": gpu.get("name"), "hbm_tbs": bw, "mode": "decode" if a.decode else "prefill",
               "fp32_norms": not a.no_fp32_norms, "fp16_float_matmuls": not a.no_fp16_matmuls, "engines": {}}
 
     if a.decode:
@@ -251,11 +348,20 @@ def main(argv=None) -> int:
                 eng = work / f"dec_{label.replace(':', '_')}_b{b}.engine"
                 side = _build_or_reuse(onnx_path, eng, prec, a.reuse, batch=(b, b, b), seq=(1, 1, 1), past=(a.past,) * 3,
                                        kv_fp16=a.kv_fp16, opt_level=a.opt_level, fp32_norms=not a.no_fp32_norms, fp16_float_matmuls=not a.no_fp16_matmuls, int8_gemm_output=a.int8_gemm_output)
-                rows += time_engine(eng, [(b, 1)], a.runs, a.warmup, vocab, past_len=a.past)
+                rows += time_engine(eng, [(b, 1)], a.runs, a.warmup, vocab, past_len=a.past, cuda_graph=a.cuda_graph)
                 sizes[b] = side
             if a.build_only:
                 continue
-            report["engines"][label] = _entry(onnx_path, eng, sizes[batches[0]], rows, t0)
+            entry = _entry(onnx_path, eng, sizes[batches[0]], rows, t0)
+            wb = weight_bytes(onnx_path, prec)
+            entry["weight_bytes"] = wb
+            if bw:
+                for r in rows:  # the step must read every weight once: its time at full HBM bandwidth
+                    r["weight_bound_ms"] = wb["bytes"] / (bw * 1e12) * 1e3
+                    r["over_weight_bound"] = r["gpu_ms_median"] / r["weight_bound_ms"]
+                    if "cuda_graph_ms_median" in r:
+                        r["cuda_graph_over_weight_bound"] = r["cuda_graph_ms_median"] / r["weight_bound_ms"]
+            report["engines"][label] = entry
         col = "batch"
     else:
         shape, large = parse_shape(a.shape), parse_shape(a.large)
@@ -271,7 +377,7 @@ def main(argv=None) -> int:
             if a.build_only:
                 continue
             t0 = time.perf_counter()
-            rows = time_engine(eng, [shape, large] if large != shape else [shape], a.runs, a.warmup, vocab, a.tokens)
+            rows = time_engine(eng, [shape, large] if large != shape else [shape], a.runs, a.warmup, vocab, a.tokens, cuda_graph=a.cuda_graph)
             report["engines"][label] = _entry(onnx_path, eng, side, rows, t0)
         col = "shape"
 
@@ -286,17 +392,38 @@ def main(argv=None) -> int:
         for k, e in report["engines"].items() if k != "fp16"
     }
     report["speedup_int8_over_fp16"] = report["speedup_over_fp16"]["int8"]
+    if a.cuda_graph:
+        report["cuda_graph_speedup_over_fp16"] = {
+            k: {("b" + str(r16["shape"][0]) if a.decode else "x".join(map(str, r16["shape"]))): r16["cuda_graph_ms_median"] / r8["cuda_graph_ms_median"]
+                for r16, r8 in zip(f16["timings"], e["timings"]) if "cuda_graph_ms_median" in r16 and "cuda_graph_ms_median" in r8}
+            for k, e in report["engines"].items() if k != "fp16"
+        }
 
     what = f"decode step, past {a.past}{', KV FP16' if a.kv_fp16 else ''}" if a.decode else "prefill"
     print(f"\nTensorRT {trt.__version__} on {gpu.get('name')}, {what}; median of {a.runs} runs after {a.warmup} warm-up (GPU time, CUDA events)")
     hdr = f"{'engine':>24} {col:>8} {'ms':>9} {'speedup vs FP16':>16} {'tokens/s':>12} {'host-incl. ms':>14} {'MiB':>8}"
+    if a.cuda_graph:
+        hdr += f" {'graph ms':>9} {'graph speedup':>14}"
+    if a.decode and bw:
+        hdr += f" {'bound ms':>9} {'x bound':>8}"
     print(hdr)
     print("-" * len(hdr))
     for label, e in report["engines"].items():
         for r, r16 in zip(e["timings"], f16["timings"]):
             s = f"b{r['shape'][0]}" if a.decode else "x".join(map(str, r["shape"]))
-            print(f"{label:>24} {s:>8} {r['gpu_ms_median']:9.3f} {r16['gpu_ms_median'] / r['gpu_ms_median']:15.2f}x "
-                  f"{r['tokens_per_s']:12.0f} {r['host_inclusive_ms_median']:14.3f} {e['engine_bytes'] / 2**20:8.1f}")
+            line = (f"{label:>24} {s:>8} {r['gpu_ms_median']:9.3f} {r16['gpu_ms_median'] / r['gpu_ms_median']:15.2f}x "
+                    f"{r['tokens_per_s']:12.0f} {r['host_inclusive_ms_median']:14.3f} {e['engine_bytes'] / 2**20:8.1f}")
+            if a.cuda_graph:
+                g, g16 = r.get("cuda_graph_ms_median"), r16.get("cuda_graph_ms_median")
+                line += f" {g:9.3f} {g16 / g:13.2f}x" if g and g16 else f" {'failed':>9} {'':>14}"
+            if "weight_bound_ms" in r:
+                best = min(x for x in (r["gpu_ms_median"], r.get("cuda_graph_ms_median")) if x)
+                line += f" {r['weight_bound_ms']:9.3f} {best / r['weight_bound_ms']:7.2f}x"
+            print(line)
+            if r.get("cuda_graph_error"):
+                print(f"{'':>24} CUDA graph: {r['cuda_graph_error']}")
+    if a.decode and bw:
+        print(f"bound: the engine's weight bytes (INT8 where Q/DQ feeds them, else FP16; not the gathered embedding) / {bw} TB/s; x bound uses the faster of plain and graph")
     for k, v in report["size_ratio_int8_over_fp16"].items():
         print(f"engine size {k}/FP16 = {v:.2f}")
     out = Path(a.json) if a.json else work / ("bench_trt_decode.json" if a.decode else "bench_trt.json")

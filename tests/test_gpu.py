@@ -1,0 +1,91 @@
+"""The torch side on a CUDA GPU (skipped without one; run on the lent H200): the same code the CPU tests run, with
+the model on the GPU in its half type. Act scales of the half model on the GPU vs the float32 model on the CPU
+(same weights) within the bounds test_device.py measured on the CPU; streamed calibration on the GPU bit-identical
+to whole-model calibration on the GPU; smoothing exact on the GPU; a model split between the GPU and CPU offload by
+accelerate (`device_map="auto"` with a small `max_memory`) calibrates and smooths like the resident model; the
+perplexity of the float32 model on the GPU within 0.1 % of the CPU's."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import FAMILIES, make_tiny, token_batches
+from sq_export import api
+from sq_export.families import family_for
+from sq_export.quant.calibrate import calibrate
+from sq_export.quant.smooth import apply_smoothing, logits_of, smooth_checked
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch (runs on the device)")
+HALF = [torch.bfloat16, torch.float16]
+SAMPLES, SEQ, BATCH = 8, 64, 4
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_act_scales_half_on_gpu_vs_float32_on_cpu(family, dtype):
+    model, _ = make_tiny(family)
+    mh = copy.deepcopy(model).to(dtype)
+    mr = copy.deepcopy(mh).float()  # exactly the half weights, float32, on the CPU
+    mh = mh.to("cuda")
+    b = token_batches(8, 32)
+    ah, ar = calibrate(mh, family_for(mh), b), calibrate(mr, family_for(mr), b)
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in ah.values())
+    rel = {n: float(((ah[n] - ar[n]).abs() / ar[n].abs().clamp(min=1e-6)).max()) for n in ar}
+    assert max(rel.values()) <= (0.1 if dtype == torch.bfloat16 else 0.02), rel
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_on_gpu_matches_cpu(family):
+    """float32 on the GPU: act scales within float32 reduction tolerance of the CPU's; smoothing exact there."""
+    model, _ = make_tiny(family)
+    mg = copy.deepcopy(model).to("cuda")
+    b = token_batches(8, 32)
+    ag, ac = calibrate(mg, family_for(mg), b), calibrate(model, family_for(model), b)
+    rel = max(float(((ag[n] - ac[n]).abs() / ac[n].abs().clamp(min=1e-6)).max()) for n in ac)
+    assert rel <= 1e-4, rel
+    x = torch.as_tensor(b[:2]).to("cuda")
+    smooth_checked(mg, family_for(mg), ag, 0.5, x, linear_pairs=True)  # raises if the float outputs moved
+
+
+def test_streamed_calibration_on_gpu_is_bit_identical(tiny_dirs, small_text):
+    folder = str(tiny_dirs("llama"))
+    model, tok = api.load_model(folder, device="cuda")
+    assert next(model.parameters()).device.type == "cuda"
+    text = small_text / "calib.txt"
+    whole = api.calibrate(model, tok, text, samples=SAMPLES, seq_len=SEQ, batch_size=BATCH, rows=64)
+    streamed = api.calibrate_streamed(folder, tok, text, samples=SAMPLES, seq_len=SEQ, batch_size=BATCH, rows=64, device="cuda")
+    assert sorted(whole.act_max) == sorted(streamed.act_max)
+    for k in whole.act_max:
+        assert torch.equal(whole.act_max[k], streamed.act_max[k]), k
+
+
+def test_gpu_and_cpu_offload_split_calibrates_and_smooths(tiny_dirs):
+    """accelerate's dispatch with a max_memory too small for the whole model on the GPU: some layers offloaded to
+    CPU RAM; calibration and the exact-smoothing check work on it as on the model resident on the GPU."""
+    folder = str(tiny_dirs("llama"))
+    plain, _ = api.load_model(folder, device="cuda", dtype="float32", with_tokenizer=False)
+    size = sum(p.numel() * p.element_size() for p in plain.parameters())
+    split, _ = api.load_model(folder, device="cuda", dtype="float32", with_tokenizer=False, device_map="auto",
+                              max_memory={0: int(size * 0.5), "cpu": 10 * 2**30})
+    where = set(getattr(split, "hf_device_map", {}).values())
+    assert "cpu" in where and (0 in where or "cuda:0" in where), where
+    b = token_batches(4, 32)
+    fam, fam_p = family_for(split), family_for(plain)
+    act, act_p = calibrate(split, fam, b), calibrate(plain, fam_p, b)
+    rel = max(float(((act[n] - act_p[n]).abs() / act_p[n].abs().clamp(min=1e-6)).max()) for n in act_p)
+    assert rel <= 1e-4, rel
+    x = torch.as_tensor(b[:2]).to("cuda")
+    smooth_checked(split, fam, act, 0.6, x, linear_pairs=True)
+    apply_smoothing(plain, fam_p, act_p, 0.6, linear_pairs=True)
+    assert torch.allclose(logits_of(split, x).float().cpu(), logits_of(plain, x).float().cpu(), rtol=1e-3, atol=1e-3)
+
+
+def test_perplexity_gpu_vs_cpu_within_a_tenth_of_a_percent(tiny_dirs, small_text):
+    folder = str(tiny_dirs("llama"))
+    text = small_text / "eval.txt"
+    mc, tok = api.load_model(folder, device="cpu")
+    mg, _ = api.load_model(folder, device="cuda", dtype="float32")
+    pc = api.perplexity(mc, tok, text, seq_len=128, max_tokens=1024)["perplexity"]
+    pg = api.perplexity(mg, tok, text, seq_len=128, max_tokens=1024)["perplexity"]
+    assert abs(pg / pc - 1) < 1e-3, (pc, pg)
