@@ -24,7 +24,7 @@ if _GPU["count"] < 1:
 
 from sq_export.engine.build import build_engine  # noqa: E402
 from sq_export.engine.compare import compare  # noqa: E402
-from sq_export.engine.run import engine_perplexity, load_engine, onnx_perplexity  # noqa: E402
+from sq_export.engine.run import engine_perplexity, input_dtypes, load_engine, onnx_perplexity  # noqa: E402
 from sq_export.errors import BadInput  # noqa: E402
 from test_engine_models import tiny_lm, token_file  # noqa: E402
 
@@ -160,7 +160,8 @@ def test_bench_cuda_graph_replay_gives_the_same_logits(files):
     ev = bench_trt.CudaEvents()
     host = bench_trt.make_tokens((2, 16), 50)
     with TrtRunner(load_engine(eng)) as r:
-        plain = {k: np.array(v) for k, v in r.infer({k: v.astype(np.int64) for k, v in host.items()}).items()}
+        dt = input_dtypes(r)  # TensorRT 8.x: int32 token inputs
+        plain = {k: np.array(v) for k, v in r.infer({k: v.astype(dt[k]) for k, v in host.items()}).items()}
         name = next(iter(plain))
         out = r.context.get_tensor_address(name)  # where the plain run left its output (TensorRT 8.5+)
         assert out

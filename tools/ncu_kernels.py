@@ -17,14 +17,17 @@ import re
 import sys
 from collections import defaultdict
 
-CLASSES = [
-    ("int8 gemm", r"i8i8|imma|int8.*gemm|gemm.*int8|_i8_|s8s8"),
+CLASSES = [  # first match wins; Myelin kernels (__myl_*) are named after the ops they fuse (Mea=Mean, Sqr=Sqrt,
+    # Rou=Round, Cas=Cast, Sli=Slice, Neg, Mov=copy), so they are told apart by those
+    ("int8 gemm", r"i8i8|imma|int8.*gemm|gemm.*int8|_i8_|s8s8|gemm_i8"),
     ("fp16 gemm", r"gemm|hmma|xmma|matmul|cutlass"),
-    ("q/dq", r"quant|qdq"),
-    ("norm", r"norm|reduce"),
-    ("reformat/copy", r"reformat|copy|transpose|shuffle"),
+    ("reformat/copy", r"reformat|copy|transpose|shuffle|naiveslice"),
     ("softmax/attn", r"softmax|mha|fmha|attention"),
-    ("pointwise", r"pointwise|pwn|elementwise|myl.*(add|mul|relu|gelu|silu)"),
+    ("norm", r"norm|mea\w*sqr"),
+    ("q/dq", r"quant|qdq|rou"),
+    ("rope/slice", r"__myl_\w*(sli|neg)"),
+    ("cast", r"__myl_\w*_cas(mov)?$"),
+    ("pointwise", r"pointwise|pwn|elementwise|myl.*(add|mul|relu|gelu|silu|sig)"),
 ]
 
 

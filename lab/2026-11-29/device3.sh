@@ -13,6 +13,14 @@
 #               models (once all GGUF parts are carried) Gemma-3-270m and SmolLM2 engines and their perplexity (issues 16, 17)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+# every call re-copies the working tree, and a background job importing mid-copy failed once: jobs run from a
+# private copy (/tmp/src), made by the first call that starts one
+if [ "$PWD" != /tmp/src ] && [ "${1:-poll}" != poll ]; then
+  [ -d /tmp/src ] || { mkdir -p /tmp/src; tar --exclude=./.trtkit2 --exclude=./.devcarry --exclude=./.git -cf - . | tar -C /tmp/src -xf -; }
+  [ "${1}" = kit ] && { bash .trtkit2/stage.sh | tail -n 1; shift; set -- start "$@"; }
+  [ "${1}" = carry ] && { mkdir -p "${W:-/tmp/w3}"; cp -r .devcarry/p/. .devcarry/whl "${W:-/tmp/w3}"/ 2>/dev/null; shift; set -- start "$@"; }
+  exec bash /tmp/src/lab/2026-11-29/device3.sh "$@"
+fi
 ROOT=$PWD
 W=${W:-/tmp/w3}; R=$W/res; mkdir -p "$W" "$R"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -92,8 +100,10 @@ job_bench() {  # issue 15, Llama-2-7B shape with $BL layers: FP16 vs INT8 prefil
   need_kit || return 1
   local T="trtpy tools/bench_trt.py --workdir $B"
   # builds in parallel, then timings one at a time on an otherwise idle GPU (after the 7B chain's GPU phases)
+  # two builds at a time: four 7B-width builds beside the other jobs filled the 128 GB host (one was OOM-killed)
   $T "$B/fp.onnx" "$B/sq.onnx" --build-only --labels fp16 > "$B/b_fp16.log" 2>&1 &
   $T "$B/fp.onnx" "$B/sq.onnx" --build-only --labels int8 > "$B/b_int8.log" 2>&1 &
+  wait
   $T --decode "$B/fp_dec.onnx" "$B/sq_dec.onnx" --build-only --labels fp16 > "$B/b_dfp16.log" 2>&1 &
   $T --decode "$B/fp_dec.onnx" "$B/sq_dec.onnx" --build-only --labels int8 > "$B/b_dint8.log" 2>&1 &
   wait; tail -n 3 "$B"/b_*.log
@@ -126,12 +136,14 @@ job_models() {  # issues 16 and 17: Gemma-3-270m and SmolLM2 through TensorRT 8.
   wait
   tail -n 2 "$W"/*.export.err; cp "$W"/*.tokens.npz "$R/" 2>/dev/null
   need_kit || return 1
-  local BD="trtpy -m sq_export -q build --batch 1:1:1 --seq 1:256:256 --json"
+  # builder optimization level 0 for all: SmolLM2's graphs (8,666 nodes) at the default level 3 were still building
+  # after 18 minutes (single-threaded Myelin compile); at level 0 they took 286-412 s on 2026-11-22
+  local BD="trtpy -m sq_export -q build --batch 1:1:1 --seq 1:256:256 --json --opt-level 0"
   $BD "$W/smol.sq.onnx" -o "$W/smol.sq.engine" > "$R/smol.sq.build.json" 2> "$W/smol.sq.build.err" &
   $BD "$W/smol.px.onnx" -o "$W/smol.px.engine" > "$R/smol.px.build.json" 2> "$W/smol.px.build.err" &
-  $BD --opt-level 0 "$W/gemma.sq.onnx" -o "$W/gemma.sq.engine" > "$R/gemma.sq.build.json" 2> "$W/gemma.sq.build.err" &
-  $BD --opt-level 0 --no-fp16 "$W/gemma.sq.onnx" -o "$W/gemma.sq32.engine" > "$R/gemma.sq32.build.json" 2> "$W/gemma.sq32.build.err" &
-  $BD --opt-level 0 --precision fp16 --fp32-nodes 'layers\.\d+/(Add(_1)?|mlp/down_proj/MatMul)$' "$W/gemma.fp.onnx" -o "$W/gemma.fp.engine" \
+  $BD "$W/gemma.sq.onnx" -o "$W/gemma.sq.engine" > "$R/gemma.sq.build.json" 2> "$W/gemma.sq.build.err" &
+  $BD --no-fp16 "$W/gemma.sq.onnx" -o "$W/gemma.sq32.engine" > "$R/gemma.sq32.build.json" 2> "$W/gemma.sq32.build.err" &
+  $BD --precision fp16 --fp32-nodes 'layers\.\d+/(Add(_1)?|mlp/down_proj/MatMul)$' "$W/gemma.fp.onnx" -o "$W/gemma.fp.engine" \
       > "$R/gemma.fp.build.json" 2> "$W/gemma.fp.build.err" &
   wait
   tail -n 3 "$W"/*.build.err
@@ -168,8 +180,6 @@ report() {
 export -f log trtpy need_kit run_job job_gpu job_big job_compact job_tests job_bench job_models
 export W R ROOT BL SQ
 case ${1:-poll} in
-  kit) shift; bash .trtkit2/stage.sh | tail -n 1; start "$@"; report ;;
-  carry) shift; cp -r .devcarry/p/. .devcarry/whl "$W"/ 2>/dev/null; ls "$W" | tr '\n' ' '; echo; start "$@"; report ;;
   start) shift; start "$@"; report ;;
   poll) end=$(( $(date +%s) + ${2:-60} ))
         while [ "$(date +%s)" -lt $end ]; do
