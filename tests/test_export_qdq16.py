@@ -81,3 +81,49 @@ def test_a_weight_float16_cannot_carry_stays_float32():
     w = (np.random.default_rng(0).standard_normal((64, 32)) * 1e-6).astype(np.float32)
     s = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
     assert fp16_weight(w, s, None, 1) is None
+
+
+def _qdq_graph(w, s, zp=None):
+    """A one-weight graph: constant W -> QuantizeLinear(s[, zp], axis 1) -> DequantizeLinear -> MatMul."""
+    import onnx_ir as ir
+
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape([2, w.shape[0]]))
+    wv = ir.val("w", const_value=ir.tensor(w, name="w"))
+    sv = ir.val("s", const_value=ir.tensor(s, name="s"))
+    ins = [wv, sv] + ([ir.val("zp", const_value=ir.tensor(zp, name="zp"))] if zp is not None else [])
+    q = ir.node("QuantizeLinear", ins, attributes={"axis": 1}, name="q")
+    dq = ir.node("DequantizeLinear", [q.outputs[0], sv] + ins[2:], attributes={"axis": 1}, name="dq")
+    mm = ir.node("MatMul", [x, dq.outputs[0]], name="mm")
+    mm.outputs[0].name = "y"
+    g = ir.Graph([x], [mm.outputs[0]], nodes=[q, dq, mm], initializers=ins, opset_imports={"": 17})
+    return ir.Model(g, ir_version=8)
+
+
+def test_qdq16_weights_are_computed_when_written_where_the_scales_prove_them():
+    """Scales that guarantee normal float16 values (s >= 2^-14, 128 s <= 65504, zero-point 0): the pass stores a
+    LazyTensor (nothing weight-sized allocated by the pass), whose value is the verified float16(q·s); scales that
+    do not: the eager, verified path (and float32 kept where float16 would move a value)."""
+    import onnx_ir as ir
+
+    from sq_export.passes.weights_fp16 import WeightsToFp16Pass, scales_guarantee_exact
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 32)) * 0.02).astype(np.float32)
+    s = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+    assert scales_guarantee_exact(s, None) and scales_guarantee_exact(s, np.zeros(32, np.int8))
+    assert not scales_guarantee_exact(s, np.ones(32, np.int8))
+    assert not scales_guarantee_exact(np.full(32, 2.0**-15, np.float32), None)  # subnormal products possible
+    assert not scales_guarantee_exact(np.full(32, 600.0, np.float32), None)  # 128 s > 65504
+    m = _qdq_graph(w, s)
+    p = WeightsToFp16Pass()
+    p(m)
+    assert (p.count, p.kept_float32) == (1, 0)
+    (t,) = [v.const_value for v in m.graph.initializers.values() if v.name.endswith(".fp16")]
+    assert isinstance(t, ir.LazyTensor)
+    assert np.array_equal(t.numpy(), fp16_weight(w, s, None, 1))  # = the verified value
+    # tiny scales: verified eagerly, and kept float32 since float16 would move INT8 values
+    w2 = (rng.standard_normal((64, 32)) * 1e-6).astype(np.float32)
+    m2 = _qdq_graph(w2, (np.abs(w2).max(axis=0) / 127.0).astype(np.float32))
+    p2 = WeightsToFp16Pass()
+    p2(m2)
+    assert (p2.count, p2.kept_float32) == (0, 1)

@@ -237,3 +237,41 @@ def test_varint():
         pb = onnx.TensorProto()
         pb.dims.append(n)  # dims: field 1, varint; serialized as key 0x08 + varint(n)
         assert pb.SerializeToString() == b"\x08" + varint(n)
+
+
+@pytest.mark.parametrize("limit", [None, 1000])
+def test_lazy_initializers_are_made_one_at_a_time_when_written(tmp_path, limit):
+    """LazyTensor initializers (the qdq16 weights) are computed when their bytes are written, each once, and the
+    previous one is gone when the next is made: the file holds what ir.to_proto would give (inline or with
+    external data)."""
+    import gc
+    import weakref
+
+    made, alive = [], []
+
+    def thunk(i):
+        def f():
+            if alive:
+                gc.collect()
+                assert alive[-1]() is None, f"tensor {i - 1} still alive when tensor {i} is made"
+            a = np.full((64, 32), i, np.float16)
+            made.append(i)
+            alive.append(weakref.ref(a))
+            return ir.Tensor(a, name=f"w{i}")
+        return f
+
+    x = ir.val("x", ir.DataType.FLOAT16, ir.Shape([2, 64]))
+    inits = []
+    for i in range(3):
+        w = ir.val(f"w{i}", const_value=ir.LazyTensor(thunk(i), dtype=ir.DataType.FLOAT16, shape=ir.Shape([64, 32]), name=f"w{i}"))
+        inits.append(w)
+    nodes = [ir.node("MatMul", [x, inits[0]], name="m0")]
+    nodes[0].outputs[0].name = "y"
+    g = ir.Graph([x], [nodes[0].outputs[0]], nodes=nodes, initializers=inits, opset_imports={"": 17})
+    m = ir.Model(g, ir_version=8)
+    path = tmp_path / "lazy.onnx"
+    external = write_model(m, path, **({"limit": limit} if limit else {}))
+    assert external == (limit is not None) and made == [0, 1, 2]
+    got = onnx.load(str(path))
+    for i, t in enumerate(got.graph.initializer):
+        assert t.name == f"w{i}" and np.array_equal(onnx.numpy_helper.to_array(t), np.full((64, 32), i, np.float16))

@@ -66,7 +66,10 @@ def _split(msg, field: int):
 
 
 def tensor_buffer(t) -> memoryview | bytes:
-    """The tensor's raw_data bytes (what `t.tobytes()` returns), without a copy where the memory already is."""
+    """The tensor's raw_data bytes (what `t.tobytes()` returns), without a copy where the memory already is. A
+    LazyTensor is computed here, when its bytes are written, and not kept."""
+    if isinstance(t, ir.LazyTensor):
+        return tensor_buffer(t.raw())  # its thunk: the tensor, made now
     if sys.byteorder == "little" and t.dtype in _PLAIN:
         raw = getattr(t, "raw", None)
         if type(raw).__module__.startswith("torch"):  # onnx_ir TorchTensor (torch is loaded when it holds one)
@@ -97,8 +100,9 @@ class _Record:
             self.header = tp
         self.nbytes = t.nbytes
         # TorchTensor is an ir.Tensor; an ExternalTensor (a model loaded with external data) is read and written
-        # inline, so that the file written never points into the input's data file
-        if self.header is None or not isinstance(t, (ir.Tensor, ir.ExternalTensor)) or t.metadata_props:
+        # inline, so that the file written never points into the input's data file; a LazyTensor (the qdq16
+        # weights) is computed only when its bytes are written, one at a time
+        if self.header is None or not isinstance(t, (ir.Tensor, ir.ExternalTensor, ir.LazyTensor)) or t.metadata_props:
             self.lo, self.data, self.hi = ir.serde.serialize_tensor(t).SerializeToString(), None, b""
             return
         lo, hi = _split(self.header, _TENSOR_RAW_DATA)
@@ -183,6 +187,7 @@ def write_model(model: ir.Model, path: str | os.PathLike, *, edit: Callable[[onn
                     buf = tensor_buffer(r.tensor)
                     d.write(buf)
                     offset += len(buf)
+                    del buf  # before the next tensor is made (a LazyTensor's bytes exist only while written)
                 else:
                     entries.append(None)
         graph_len = len(g_lo_b) + len(g_hi_b) + sum(

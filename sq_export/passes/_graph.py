@@ -251,9 +251,12 @@ def unique_name(graph: ir.Graph, base: str) -> str:
     raise AssertionError
 
 
-def add_initializer(graph: ir.Graph, base: str, arr: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, base: str, arr) -> ir.Value:
+    """A new initializer named `base` (made unique): `arr` a numpy array, or an onnx-ir tensor (e.g. a LazyTensor,
+    computed only when read) taken as it is."""
     name = unique_name(graph, base)
-    v = ir.val(name, const_value=ir.tensor(np.ascontiguousarray(arr), name=name))
+    t = arr if isinstance(arr, ir.LazyTensor) else ir.tensor(np.ascontiguousarray(arr), name=name)
+    v = ir.val(name, const_value=t)
     graph.register_initializer(v)
     return v
 

@@ -6,15 +6,17 @@ Why: TensorRT 8.6's Myelin refuses INT8 initializers feeding DequantizeLinear (t
 gets float weights -> Q -> DQ, whose float32 weights make a 7B graph 27 GB. Half the bytes with the same INT8
 values: the weight is stored already quantized, q · scale, rounded to float16. Re-quantizing it gives back q
 exactly: |float16(q·s) − q·s| ≤ 2⁻¹¹·|q·s|, so |float16(q·s)/s − q| ≤ 127·2⁻¹¹ ≈ 0.062 < ½ — as long as q·s is a
-normal float16 (|q·s| ≥ 2⁻¹⁴ when q ≠ 0; a subnormal rounds coarser) and below 65,504. The pass checks every
-weight (re-quantizes W' in float32 and compares with q) and leaves a weight that would change in float32 (counted
-in `kept_float32`). Storing W itself in float16 instead would move INT8 values: W/s near a half-integer rounds
+normal float16 (|q·s| ≥ 2⁻¹⁴ when q ≠ 0; a subnormal rounds coarser) and below 65,504. When a weight's scales
+guarantee both (every s ≥ 2⁻¹⁴ and 128·s ≤ 65,504, zero-point 0) the bound is a proof and W' is computed only when
+the file is written (an `ir.LazyTensor`: a 7B graph's 13 GB of float16 weights are never all in memory at once);
+otherwise the pass re-quantizes W' in float32, compares with q, and leaves a weight that would change in float32
+(counted in `kept_float32`). Storing W itself in float16 instead would move INT8 values: W/s near a half-integer rounds
 the other way once W is rounded (tests/test_export_qdq16.py measures how many).
 
 QuantizeLinear at opsets 13–18 takes float32 input (float16 only from opset 19, which TensorRT 8.6 cannot parse),
 hence the Cast. The graph computes exactly what the float32 Q/DQ graph computes (same INT8 values, same scales,
 same DQ output): ONNX Runtime gives bit-identical logits. Whether TensorRT 8.6 folds Cast(constant) -> Q into its
-INT8 weights at build time is to be verified on the device (docs/TENSORRT.md).
+INT8 weights at build time: it does (H200, 2026-11-29: identical logits to the float32 form, docs/BIG_MODELS.md).
 """
 
 from __future__ import annotations
@@ -34,8 +36,23 @@ def _initializer_array(value: ir.Value) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
-def fp16_weight(w: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int) -> np.ndarray | None:
-    """float16(q · scale), or None when a value would re-quantize to another INT8 value (subnormal, overflow)."""
+FP16_MIN_NORMAL = 2.0**-14
+FP16_MAX = 65504.0
+
+
+def scales_guarantee_exact(scale: np.ndarray, zp: np.ndarray | None) -> bool:
+    """True when every float16(q·s) is a normal float16 for these scales (s ≥ 2⁻¹⁴, so |q·s| ≥ 2⁻¹⁴ for q ≠ 0;
+    128·s ≤ 65,504, so no overflow) and the zero-point is 0: then re-quantizing float16(q·s) gives q back by the
+    bound in the module docstring, with no need to compute and compare."""
+    s = np.asarray(scale, np.float64)
+    if s.size == 0 or (zp is not None and np.any(np.asarray(zp) != 0)):
+        return False
+    return float(s.min()) >= FP16_MIN_NORMAL and 128.0 * float(s.max()) <= FP16_MAX
+
+
+def fp16_weight(w: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int, *, verify: bool = True) -> np.ndarray | None:
+    """float16(q · scale), or None when a value would re-quantize to another INT8 value (subnormal, overflow).
+    verify=False: skip the re-quantization (for scales that `scales_guarantee_exact`)."""
     q = quantize_like_onnx(w, scale, zp, axis, np.int8)
     shape = [1] * w.ndim
     if scale.ndim:
@@ -43,8 +60,16 @@ def fp16_weight(w: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: i
     s = np.asarray(scale, np.float32).reshape(shape) if scale.ndim else np.float32(scale)
     with np.errstate(over="ignore"):
         w16 = (q.astype(np.float32) * s).astype(np.float16)
+    if not verify:
+        return w16
     back = quantize_like_onnx(w16.astype(np.float32), scale, zp, axis, np.int8)
     return w16 if np.array_equal(back, q) else None
+
+
+def _lazy_fp16(x: np.ndarray, s: np.ndarray, zp, axis: int, name: str) -> ir.LazyTensor:
+    """float16(q·s) computed when the tensor is read (written to the file), not kept afterwards."""
+    return ir.LazyTensor(lambda: ir.Tensor(fp16_weight(x, s, zp, axis, verify=False), name=name),
+                         dtype=ir.DataType.FLOAT16, shape=ir.Shape(x.shape), name=name)
 
 
 def weights_graph(graph: ir.Graph) -> tuple[int, int]:
@@ -60,11 +85,16 @@ def weights_graph(graph: ir.Graph) -> tuple[int, int]:
         zp = _initializer_array(zp_v) if zp_v is not None else None
         if x is None or s is None or x.dtype != np.float32 or x.ndim < 2 or (zp is not None and zp.dtype != np.int8):
             continue  # activations; already converted
-        w16 = fp16_weight(x, s, zp, attr_int(q, "axis", 1))
-        if w16 is None:
-            kept += 1
-            continue
-        v16 = add_initializer(graph, f"{w.name or 'weight'}.fp16", w16)
+        axis = attr_int(q, "axis", 1)
+        name16 = unique_name(graph, f"{w.name or 'weight'}.fp16")
+        if scales_guarantee_exact(s, zp):
+            w16 = _lazy_fp16(x, s, zp, axis, name16)
+        else:
+            w16 = fp16_weight(x, s, zp, axis)
+            if w16 is None:
+                kept += 1
+                continue
+        v16 = add_initializer(graph, name16, w16)
         out = ir.val(unique_name(graph, f"{w.name or 'weight'}.fp32"), ir.DataType.FLOAT, v16.shape)
         cast = ir.node("Cast", [v16], attributes={"to": FLOAT}, outputs=[out], name=unique_name(graph, f"{w.name or 'weight'}.cast"))
         graph.insert_before(q, cast)
