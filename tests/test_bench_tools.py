@@ -46,3 +46,21 @@ def test_bandwidth_by_gpu_name():
     assert bench_trt.bandwidth_tbs("NVIDIA H100 80GB HBM3", None) == 3.35
     assert bench_trt.bandwidth_tbs("Some GPU", None) is None
     assert bench_trt.bandwidth_tbs("NVIDIA H200", 4.3) == 4.3
+
+
+def test_ncu_kernel_classes_of_tensorrt_8_6_decode_kernels():
+    """Kernel names from the H200 decode profile (2026-11-29): Myelin names its fused kernels after their ops, and
+    genericReformat's template arguments contain 'ReducedDivisors' (it had been counted as a norm)."""
+    import ncu_kernels
+
+    c = ncu_kernels.classify
+    assert c("sm80_xmma_gemm_i8f32_i8i32_f32_tn_n_tilesize32x64x64_stage6_warpsize2x2x1_tensor16x8x32_execute_kernel_trt") == "int8 gemm"
+    assert c("sm90_xmma_gemm_i8f32_i8i32_f32_tn_n_tilesize64x128x128_cgasize1x2x1_warpgroupsize1x1x1_beta0_execute_segment_k_off_kernel_trt") == "int8 gemm"
+    assert c("sm80_xmma_gemm_f16f16_f16f16_f16_nn_n_tilesize32x32x64_stage6_warpsize2x2x1_tensor16x8x16_execute_kernel_trt") == "fp16 gemm"
+    assert c("void genericReformat::copyVectorizedKernel<double, __half, float, 1, 0, 1>(unsigned int, const void *, "
+             "genericReformat::ArrayN<T6>, genericReformat::ArrayNWithReducedDivisors<T6>)") == "reformat/copy"
+    assert c("__myl_bb0_60_GatCasAbsMaxMaxDivMulDivDivMulMeaAddSqrDivMulMulCasMulMinMaxRouCas") == "norm"
+    assert c("__myl_bb0_8_Cas") == "cast" and c("__myl_bb0_58_CasMov") == "cast"
+    assert c("__myl_bb0_40_SliNegMov") == "rope/slice" and c("__myl_bb0_39_SliMov") == "rope/slice"
+    assert c("mha2") == "softmax/attn"
+    assert c("__myl_bb0_26_CasMulCasMulAdd") == "pointwise"
