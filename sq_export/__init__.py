@@ -34,6 +34,7 @@ _API = {
     "perplexity": "sq_export.api",
     "run_pipeline": "sq_export.api",
     "token_outliers": "sq_export.api",
+    "linear_sqnr": "sq_export.api",
     "QuantizedModel": "sq_export.api",
     "ExportResult": "sq_export.api",
     "Recipe": "sq_export.quant.recipe",

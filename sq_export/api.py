@@ -33,7 +33,7 @@ __all__ = [
     "load_model", "load_tokenizer", "calibrate", "quantize", "export_onnx", "check", "perplexity", "run_pipeline",
     "calibrate_streamed", "quantize_streamed", "load_quantized",
     "QuantizedModel", "ExportResult", "Recipe", "CalibOptions", "make_recipe", "normalize_target", "text_ids",
-    "token_outliers",
+    "token_outliers", "linear_sqnr",
 ]
 
 
@@ -352,6 +352,57 @@ def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_toke
         return onnx_perplexity(str(model), text_ids(tokenizer, text, "eval"), seq_len, max_tokens)
     m = model.model if isinstance(model, QuantizedModel) else model
     return torch_perplexity(m, text_ids(tokenizer, text, "eval"), seq_len, max_tokens)  # on the model's device
+
+
+def linear_sqnr(model, tokenizer=None, recipe: Recipe | None = None, *, windows: int = 4, plot: str | Path | None = None,
+                seed: int = 2) -> dict:
+    """The SQNR view of `sq-export diagnose`: every quantized Linear's output SQNR (dB) against the float model, for
+    naive W8A8 and for `recipe` (default: the default recipe; its `--fallback` is ignored: every Linear is measured
+    quantized), on `windows` calibration windows (the recipe's calibration text and length). Calibrates once and
+    shares the statistics between both. Returns {"family", "alpha", "alpha_per_group", "smooth_pairs", "clip",
+    "tokens", "mean_sqnr_db": {naive, sq}, "rows": [{linear, naive_db, sq_db}] worst SmoothQuant first}; `plot`:
+    also the per-Linear chart there (PNG, "png" in the result). With pairs, SmoothQuant is compared with the
+    smoothed float model (report.smoothed_reference says why)."""
+    import dataclasses
+    import math
+
+    import torch
+
+    from sq_export.families import family_for
+    from sq_export.measure.sqnr import naive_sq_sqnr
+    from sq_export.textdata import calibration_samples
+
+    if windows < 1:
+        raise BadInput(f"--windows {windows} must be at least 1")
+    recipe = dataclasses.replace(recipe or Recipe(), mode="sq", fallback=None)
+    if recipe.prefix_spec() is not None:
+        raise BadInput("the SQNR view does not take --prefix-outliers yet; --tokens does (the token view after the prefix)")
+    fam = family_for(model)
+    ids = text_ids(tokenizer, recipe.calib.calib_text and Path(recipe.calib.calib_text), "calib")
+    batch = torch.as_tensor(calibration_samples(ids, windows, min(recipe.calib.seq_len, len(ids)), seed=seed))
+    calib = calibrate(model, tokenizer, recipe=recipe)  # the float model is not changed by calibration
+    naive = quantize(model, calib, recipe.baseline(), copy=True).model
+    qm = quantize(model, calib, recipe, copy=True)
+    prep = qm.prepared
+    names = fam.quantized_linears()
+    table = naive_sq_sqnr(model, naive, qm.model, names, batch, family=fam, act_max=calib.act_max,
+                          alpha=prep.alpha_per_group or prep.alpha, linear_pairs=recipe.linear_pairs)
+    order = sorted(names, key=lambda n: math.inf if table[n].get("sq") is None else table[n]["sq"])
+    rows = [{"linear": n, "naive_db": table[n]["naive"], "sq_db": table[n]["sq"]} for n in order]
+
+    def mean(k):
+        v = [r[k] for r in rows if r[k] is not None]
+        return sum(v) / max(1, len(v))
+
+    res = {"family": fam.name, "alpha": prep.alpha, "alpha_per_group": prep.alpha_per_group,
+           "smooth_pairs": recipe.linear_pairs, "clip": recipe.clip or "max", "tokens": int(batch.numel()),
+           "mean_sqnr_db": {"naive": mean("naive_db"), "sq": mean("sq_db")}, "rows": rows}
+    if plot is not None:
+        from sq_export.report import _sqnr_plot
+
+        _sqnr_plot(Path(plot), {n: {"naive": table[n]["naive"], "sq": table[n]["sq"]} for n in order})
+        res["png"] = str(plot)
+    return res
 
 
 def token_outliers(model, tokenizer=None, texts=None, *, windows: int = 8, seq_len: int = 512, top: int = 3,

@@ -198,3 +198,21 @@ def test_readme_example_script_is_the_tested_file_and_runs(tiny_dirs, tmp_path):
     meta = read_metadata(out / "model.onnx")
     assert meta["weights"] == "qdq" and meta["smooth_pairs"] == "1" and json.loads(meta["alpha_per_group"])
     assert np.isfinite(float(re.search(r"W8A8 ([0-9.]+)", r.stdout).group(1)))
+
+
+def test_linear_sqnr_is_the_diagnose_view(tiny_dirs, small_text, tmp_path):
+    """sq.linear_sqnr (what `sq-export diagnose` prints): every quantized Linear once, worst SmoothQuant first,
+    SmoothQuant above naive W8A8 on average on the injected outliers, the chart written; --prefix-outliers refused."""
+    model, tok = sq.load_model(tiny_dirs("llama"), device="cpu")
+    recipe = sq.make_recipe("paper", calib=sq.CalibOptions(str(small_text / "calib.txt"), 4, 64, 2))
+    res = sq.linear_sqnr(model, tok, recipe, windows=2, plot=tmp_path / "sqnr.png")
+    from sq_export.families import family_for
+
+    names = family_for(model).quantized_linears()
+    assert sorted(r["linear"] for r in res["rows"]) == sorted(names)
+    sq_db = [r["sq_db"] for r in res["rows"]]
+    assert sq_db == sorted(sq_db, key=lambda v: float("inf") if v is None else v)
+    assert res["mean_sqnr_db"]["sq"] > res["mean_sqnr_db"]["naive"]
+    assert (tmp_path / "sqnr.png").stat().st_size > 0 and res["tokens"] == 2 * 64
+    with pytest.raises(BadInput, match="prefix"):
+        sq.linear_sqnr(model, tok, sq.make_recipe("paper", prefix_outliers="auto"), windows=1)

@@ -36,82 +36,42 @@ def add_parser(sub):
 
 
 def run(args):
-    import dataclasses
     import json
-    import math
     import time
     from pathlib import Path
 
-    import torch
-
     from sq_export import api
     from sq_export.errors import BadInput
-    from sq_export.measure.sqnr import naive_sq_sqnr
-    from sq_export.report import _sqnr_plot
-    from sq_export.textdata import calibration_samples
 
     if args.windows < 1:
         raise BadInput(f"--windows {args.windows} must be at least 1")
     if args.tokens:
         return token_view(args)
-    if args.prefix_outliers not in (None, "none"):
-        raise BadInput("the SQNR view does not take --prefix-outliers yet; --tokens does (the token view after the prefix)")
     if args.fallback not in (None, "none"):
         raise BadInput("diagnose measures every Linear quantized: --fallback does not apply")
     t0 = time.perf_counter()
     args.fallback = "none"
-    recipe = dataclasses.replace(c.recipe_from(args, act=args.act), mode="sq")
-    model, tok, fam = c.load(args)
-    ids = api.text_ids(tok, recipe.calib.calib_text and Path(recipe.calib.calib_text), "calib")
-    L = min(recipe.calib.seq_len, len(ids))
-    batch = torch.as_tensor(calibration_samples(ids, args.windows, L, seed=2))
-    # calibrate once (the float model is not changed by calibration), share the statistics between both recipes
-    calib = api.calibrate(model, tok, recipe=recipe)
-    act_max = calib.act_max
-    naive = api.quantize(model, calib, recipe.baseline(), copy=True).model
-    qm = api.quantize(model, calib, recipe, copy=True)
-    sq, prep = qm.model, qm.prepared
-    names = fam.quantized_linears()
-    # with --smooth-pairs, SQ is compared with the smoothed float model (report.smoothed_reference says why)
-    table = naive_sq_sqnr(model, naive, sq, names, batch, family=fam, act_max=act_max,
-                          alpha=prep.alpha_per_group or prep.alpha, linear_pairs=recipe.linear_pairs)
-
-    def key(n):
-        v = table[n].get("sq")
-        return math.inf if v is None else v
-
-    order = sorted(names, key=key)
-    rows = [{"linear": n, "naive_db": table[n]["naive"], "sq_db": table[n]["sq"]} for n in order]
-    finite = lambda m: [r[m] for r in rows if r[m] is not None]  # noqa: E731
-    res_json = {
-        "model": args.model,
-        "family": fam.name,
-        "act": args.act,
-        "alpha": prep.alpha,
-        "alpha_per_group": prep.alpha_per_group,
-        "smooth_pairs": recipe.linear_pairs,
-        "clip": recipe.clip or "max",
-        "tokens": int(batch.numel()),
-        "mean_sqnr_db": {"naive": sum(finite("naive_db")) / max(1, len(finite("naive_db"))), "sq": sum(finite("sq_db")) / max(1, len(finite("sq_db")))},
-        "rows": rows,
-    }
-    if args.output:
-        out = Path(args.output)
+    recipe = c.recipe_from(args, act=args.act)
+    model, tok, _ = c.load(args)
+    out = Path(args.output) if args.output else None
+    if out:
         out.mkdir(parents=True, exist_ok=True)
-        _sqnr_plot(out / "sqnr.png", {n: {"naive": table[n]["naive"], "sq": table[n]["sq"]} for n in order})
-        (out / "diagnose.json").write_text(json.dumps(res_json, indent=1, sort_keys=True) + "\n")
-        res_json["png"] = str(out / "sqnr.png")
+    res = api.linear_sqnr(model, tok, recipe, windows=args.windows, plot=out / "sqnr.png" if out else None)
+    res_json = {"model": args.model, "act": args.act, **res}
+    if out:
+        (out / "diagnose.json").write_text(json.dumps({k: v for k, v in res_json.items() if k != "png"}, indent=1, sort_keys=True) + "\n")
     res_json["seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:
         c.emit_json(res_json)
     else:
         db = lambda x: "exact" if x is None else f"{x:7.2f}"  # noqa: E731
-        print(f"per-Linear output SQNR (dB), {fam.name}, act {args.act}, alpha {prep.alpha}, {batch.numel()} tokens; worst SmoothQuant first")
+        print(f"per-Linear output SQNR (dB), {res['family']}, act {args.act}, alpha {res['alpha']}, {res['tokens']} tokens; "
+              "worst SmoothQuant first")
         print(f"{'Linear':<48} {'naive':>7} {'sq':>7}")
-        for r in rows[: args.top]:
+        for r in res["rows"][: args.top]:
             print(f"{r['linear']:<48} {db(r['naive_db'])} {db(r['sq_db'])}")
-        m = res_json["mean_sqnr_db"]
-        print(f"mean: naive {m['naive']:.2f} dB, SmoothQuant {m['sq']:.2f} dB" + (f"; chart {res_json['png']}" if args.output else ""))
+        m = res["mean_sqnr_db"]
+        print(f"mean: naive {m['naive']:.2f} dB, SmoothQuant {m['sq']:.2f} dB" + (f"; chart {res['png']}" if out else ""))
     return 0
 
 
