@@ -19,10 +19,13 @@ from pathlib import Path
 
 from sq_export.errors import BadInput
 
-MODE_LABEL = {"fp": "FP32", "naive": "naive W8A8", "paper": "SmoothQuant W8A8, paper recipe", "sq": "SmoothQuant W8A8"}
-ROW_ORDER = ("fp", "sq", "paper", "naive")  # the delivered model first after the float reference
+MODE_LABEL = {"fp": "FP32", "fp_prefix": "FP32 after the outlier prefix", "naive": "naive W8A8",
+              "paper": "SmoothQuant W8A8, paper recipe", "sq": "SmoothQuant W8A8"}
+# the delivered model first after the float reference (and, with --prefix-outliers, the float model after the prefix:
+# what the quantized models, all run after it, approximate)
+ROW_ORDER = ("fp", "fp_prefix", "sq", "paper", "naive")
 BACKEND_LABEL = {"pytorch": "PyTorch", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
-COLORS = {"fp": "#4c72b0", "naive": "#dd8452", "paper": "#8172b3", "sq": "#55a868", "before": "#c44e52", "after": "#55a868"}
+COLORS = {"fp": "#4c72b0", "fp_prefix": "#64b5cd", "naive": "#dd8452", "paper": "#8172b3", "sq": "#55a868", "before": "#c44e52", "after": "#55a868"}
 
 
 def mode_label(mode: str, recipe_name: str | None = None) -> str:

@@ -354,3 +354,35 @@ def test_accuracy_options_pairs_auto_alpha_then_fallback_then_no_pairs(tiny_dirs
     # a recipe needing no row sample reuses the calibration that took one (no recalibration)
     assert run(d, out, texts, "--recipe", "paper", "--until", "calibrate") == 0
     assert manifest(out)["last_run"]["skipped"] == ["calibrate"]
+
+
+def test_run_with_an_outlier_prefix(tiny_dirs, texts, tmp_path):
+    """`run --prefix-outliers`: the calibrate stage chooses the prefix and writes its float KV cache
+    (prefix.safetensors); every quantized model runs after it in PyTorch, its graphs carry it (ONNX Runtime =
+    PyTorch), the graph check passes, eval reports the float model with the prefix beside the plain one; a rerun
+    skips every stage, and a run without the prefix into the same folder redoes them and drops the file."""
+    import onnx
+
+    from sq_export.quant.prefix import load_prefix
+
+    out = tmp_path / "px"
+    assert run(tiny_dirs("llama"), out, texts, "--prefix-outliers", "ids:1,5", "--fallback", "none") == 0
+    assert "FP32 after the outlier prefix" in (out / "report.md").read_text()
+    pre = load_prefix(out / "prefix.safetensors")
+    assert pre.tokens == [1, 5] and len(pre.keys) == 2 and pre.keys[0].shape[2] == 2
+    ev = json.loads((out / "eval.json").read_text())
+    pt, ort = ev["perplexity"]["pytorch"], ev["perplexity"]["onnxruntime"]
+    assert set(pt) == MODES | {"fp_prefix"} and set(ort) == MODES
+    for m in ("naive", "paper", "sq"):  # the graphs run after the same prefix as the PyTorch models
+        assert ort[m] == pytest.approx(pt[m], rel=2e-3), m
+    assert ort["fp"] == pytest.approx(pt["fp"], rel=1e-4)  # the float graph: plain (the reference without prefix)
+    assert ev["recipe"]["prefix_outliers"]["tokens"] == [1, 5]
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.sq.onnx"), load_external_data=False).metadata_props}
+    assert meta["sq_export.prefix_outliers"] == "1,5"
+    assert json.loads((out / "check.json").read_text())["ok"]
+    m = manifest(out)
+    assert m["stages"]["calibrate"]["options"]["prefix_outliers"] == "ids:1,5"
+    assert run(tiny_dirs("llama"), out, texts, "--prefix-outliers", "ids:1,5", "--fallback", "none") == 0
+    assert manifest(out)["last_run"]["ran"] == []
+    assert run(tiny_dirs("llama"), out, texts, "--fallback", "none", "--until", "export") == 0
+    assert "calibrate" in manifest(out)["last_run"]["ran"] and not (out / "prefix.safetensors").exists()

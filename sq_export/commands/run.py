@@ -56,12 +56,8 @@ def run(args):
     from sq_export.quant.recipe import parse_percent
     from sq_export.quant.recipe import CalibOptions
     from sq_export.run import RunOptions, run_pipeline
-    from sq_export.errors import BadInput
     from sq_export.quant.recipe import parse_prefix
 
-    if parse_prefix(args.prefix_outliers) is not None:
-        raise BadInput("run does not take --prefix-outliers yet (its stages keep no prefix between them): use "
-                       "`sq-export eval/export --prefix-outliers`")
     tpi = args.target_ppl_increase
     opts = RunOptions(
         recipe=args.recipe or "default",
@@ -75,6 +71,7 @@ def run(args):
         max_fallback=args.max_fallback,
         quantize_attention=args.quantize_attention,
         quantize_lm_head=args.quantize_lm_head,
+        prefix_outliers=args.prefix_outliers if parse_prefix(args.prefix_outliers) is not None else None,
         calib=CalibOptions(args.calib_text, args.samples, args.calib_seq_len, args.calib_batch),
         weights=args.weights,
         target=normalize_target(args.target),

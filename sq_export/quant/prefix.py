@@ -157,6 +157,40 @@ def compute_prefix(model, tokens: list[int], tokenizer=None, info: dict | None =
     return OutlierPrefix([int(t) for t in tokens], keys, values, text, dict(info or {}))
 
 
+# ----- on disk (the calibrate stage of `run` writes it; the later stages read it) -----------------------------------
+def save_prefix(path, prefix: OutlierPrefix) -> None:
+    """The prefix's KV cache as safetensors (keys.{layer}, values.{layer}), its tokens, text and info as metadata;
+    written atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from sq_export.fileio import atomic_file
+
+    tensors = {f"keys.{i}": k.detach().cpu().contiguous() for i, k in enumerate(prefix.keys)}
+    tensors.update({f"values.{i}": v.detach().cpu().contiguous() for i, v in enumerate(prefix.values)})
+    meta = {"sq_export_prefix": json.dumps({"tokens": list(prefix.tokens), "text": prefix.text, "info": prefix.info,
+                                            "layers": len(prefix.keys)}, sort_keys=True)}
+    with atomic_file(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_prefix(path) -> OutlierPrefix:
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["sq_export_prefix"])
+            n = int(meta["layers"])
+            keys = [f.get_tensor(f"keys.{i}") for i in range(n)]
+            values = [f.get_tensor(f"values.{i}") for i in range(n)]
+    except (OSError, KeyError, ValueError) as e:
+        raise BadInput(f"outlier prefix file {path} is unreadable ({e}): rerun the calibrate stage (--force)") from None
+    return OutlierPrefix([int(t) for t in meta["tokens"]], keys, values, meta.get("text", ""), dict(meta.get("info") or {}))
+
+
 # ----- running with it ------------------------------------------------------------------------------------------
 def body_of(model):
     """The module whose forward takes the cache, mask and positions: the one holding the decoder layers (Llama's

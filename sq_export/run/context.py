@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sq_export.errors import BadInput, SqExportError
-from sq_export.run.options import ACT_SCALES, CALIB_ROWS, SMOOTHED, RunOptions
+from sq_export.run.options import ACT_SCALES, CALIB_ROWS, PREFIX, SMOOTHED, RunOptions
 
 
 class RunContext:
@@ -95,7 +95,15 @@ class RunContext:
             rows = load_rows(self.out / CALIB_ROWS) if self.needs_rows() else None
             ids = token_ids(tok, self.opts.calib.calib_text, "calib")
             self._calib = Calibration(act, rows, ids, self.opts.calib)
+            if self.opts.prefix_outliers:
+                from sq_export.quant.prefix import load_prefix
+
+                self._calib.prefix = load_prefix(self.out / PREFIX)
         return self._calib
+
+    def prefix(self):
+        """The run's outlier prefix (the calibrate stage chose it), or None."""
+        return self.calibration().prefix if self.opts.prefix_outliers else None
 
     def forget_calibration(self) -> None:
         """After the calibrate stage rewrote its files: later stages read them again."""

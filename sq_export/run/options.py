@@ -15,6 +15,7 @@ ACT_SCALES = "act_scales.safetensors"
 CALIB_ROWS = "calib_rows.safetensors"
 SMOOTHED = "smoothed"
 CHANNEL_STATS = "channel_stats.safetensors"
+PREFIX = "prefix.safetensors"  # the outlier prefix's tokens and float KV cache (--prefix-outliers)
 CHECK = "check.json"
 BUILD = "build.json"
 EVAL = "eval.json"
@@ -45,6 +46,7 @@ class RunOptions:
     reservoir_rows: int = 512
     quantize_attention: bool = False
     quantize_lm_head: bool = False
+    prefix_outliers: str | None = None  # an outlier prefix for every quantized model (sq_export.quant.prefix)
     calib: CalibOptions = field(default_factory=CalibOptions)
     # the graphs
     weights: str = "int8"  # int8 | qdq | qdq16 (see `sq-export export --weights`)
@@ -66,7 +68,8 @@ class RunOptions:
         """The recipe of each model the run builds: sq is the delivered one (the run's recipe); paper the paper's
         setup and naive plain W8A8 beside it, with the same calibration and graph options; fp the float model."""
         runtime = dict(quantize_attention=self.quantize_attention or None, quantize_lm_head=self.quantize_lm_head or None,
-                       per_channel=self.per_channel, act_scales=self.act_scales, reservoir_rows=self.reservoir_rows)
+                       per_channel=self.per_channel, act_scales=self.act_scales, reservoir_rows=self.reservoir_rows,
+                       prefix_outliers=self.prefix_outliers)
         if mode == "fp":
             return make_recipe("fp", calib=self.calib)
         if mode == "paper":

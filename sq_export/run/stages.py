@@ -32,7 +32,7 @@ from sq_export.errors import BadInput, GraphCheckFailed
 from sq_export.fileio import write_text_atomic
 from sq_export.run.context import RunContext
 from sq_export.run.driver import Skip, StageFailed
-from sq_export.run.options import (ACT_SCALES, BUILD, CALIB_ROWS, CHANNEL_STATS, CHECK, EVAL, SMOOTHED, STAGES,
+from sq_export.run.options import (ACT_SCALES, BUILD, CALIB_ROWS, CHANNEL_STATS, CHECK, EVAL, PREFIX, SMOOTHED, STAGES,
                                    engine_name, onnx_name)
 
 ENGINE_PPL_TOLERANCE = 0.05  # an engine more than 5 % above its own graph's perplexity computes something else
@@ -85,7 +85,8 @@ def torch_side(ctx: RunContext) -> dict:
 
 
 def rows_input(ctx: RunContext) -> dict:
-    return {"calib_rows": ctx.out / CALIB_ROWS} if ctx.needs_rows() else {}
+    rows = {"calib_rows": ctx.out / CALIB_ROWS} if ctx.needs_rows() else {}
+    return {**rows, **({"prefix": ctx.out / PREFIX} if ctx.opts.prefix_outliers else {})}
 
 
 def graph_inputs(ctx: RunContext, modes=None) -> dict:
@@ -109,7 +110,8 @@ def spec_calibrate(ctx: RunContext):
             inputs["calib_text"] = ctx.calib_text()
             return inputs, {"act_scales": "given", **calib, **rows}
         return inputs, {"act_scales": "given"}
-    options = {**calib, **rows, **torch_side(ctx)}
+    prefix = {"prefix_outliers": ctx.opts.prefix_outliers} if ctx.opts.prefix_outliers else {}
+    options = {**calib, **rows, **prefix, **torch_side(ctx)}
     prev = (ctx.manifest["stages"].get("calibrate") or {}).get("options") or {}
     if not rows and prev.get("row_sample") and {k: v for k, v in prev.items() if k != "row_sample"} == options:
         options = prev  # the calibration that also sampled rows serves a recipe that needs none: no recalibration
@@ -121,15 +123,24 @@ def run_calibrate(ctx: RunContext, staging: Path) -> dict:
     from sq_export.quant.reservoir import save_rows
     from sq_export.textdata import token_ids
 
+    from sq_export.quant.prefix import save_prefix
+
     model, tok, fam = ctx.loaded()
     o = ctx.opts
     calib = calibrate_ids(model, fam, token_ids(tok, o.calib.calib_text, "calib"), o.calib,
-                          rows=o.reservoir_rows if ctx.needs_rows() else None, act_scales=o.act_scales)
+                          rows=o.reservoir_rows if ctx.needs_rows() else None, act_scales=o.act_scales,
+                          prefix=ctx.recipe("sq").prefix_spec(), tokenizer=tok)
+    if calib.prefix is not None:  # the later stages run every quantized model after exactly this prefix
+        save_prefix(staging / PREFIX, calib.prefix)
+    elif (ctx.out / PREFIX).exists():
+        (ctx.out / PREFIX).unlink()
     meta = dict(calib.meta)
     meta.pop("seconds", None)  # no times in artifacts
     res = calib.reservoir
     save_act_scales(staging / ACT_SCALES, calib.act_max, {"model_type": model.config.model_type, **meta})
     summary = {"linears": len(calib.act_max), **meta}
+    if calib.prefix is not None:
+        summary["prefix_outliers"] = calib.prefix.summary()
     if res is not None:
         save_rows(staging / CALIB_ROWS, res)
         summary["row_sample"] = {"rows": res.rows, "inputs": len(res.data), "bytes": res.nbytes()}
@@ -367,7 +378,11 @@ def spec_eval(ctx: RunContext):
 
 
 def run_eval(ctx: RunContext, staging: Path) -> dict:
+    import contextlib
+
     import numpy as np
+
+    from sq_export.quant import prefix as prefix_mod
 
     from sq_export.measure.perplexity import onnx_perplexity, torch_perplexity
     from sq_export.measure.sqnr import linear_outputs, smoothed_reference, sqnr_against, sqnr_in_parts
@@ -389,6 +404,10 @@ def run_eval(ctx: RunContext, staging: Path) -> dict:
     names = fam.quantized_linears()
     batch = ctx.calibration().check_batch()
     main = ctx.recipe("sq")
+    # with --prefix-outliers every quantized model runs after the prefix, and so does the float reference of the
+    # SQNR; the float model with the prefix is also measured ("fp_prefix": what the quantized models approximate)
+    pre = ctx.prefix()
+    after_prefix = (lambda mm: prefix_mod.applied(mm, pre)) if pre is not None else (lambda mm: contextlib.nullcontext())
     t_sqnr = 0.0
     sqnr = {n: {} for n in names}
     for mode in ctx.modes:
@@ -396,7 +415,8 @@ def run_eval(ctx: RunContext, staging: Path) -> dict:
         if mode == "sq" and main.linear_pairs:
             t = time.perf_counter()
             smoothed = smoothed_reference(model, fam, ctx.act_max(), ctx.smooth_alpha(), True)
-            ref = linear_outputs(smoothed, names, batch)
+            with after_prefix(smoothed):
+                ref = linear_outputs(smoothed, names, batch)
             del smoothed
             t_sqnr += time.perf_counter() - t
         t = time.perf_counter()
@@ -404,10 +424,16 @@ def run_eval(ctx: RunContext, staging: Path) -> dict:
         r = torch_perplexity(m, ids, o.seq_len, o.max_tokens, desc=f"eval pytorch {mode}")
         ppl["pytorch"][mode], tokens = r["perplexity"], r["tokens"]
         secs["pytorch"][mode] = round(time.perf_counter() - t, 2)
+        if mode == "fp" and pre is not None:
+            t = time.perf_counter()
+            with after_prefix(model):
+                ppl["pytorch"]["fp_prefix"] = torch_perplexity(model, ids, o.seq_len, o.max_tokens, desc="eval pytorch fp + prefix")["perplexity"]
+            secs["pytorch"]["fp_prefix"] = round(time.perf_counter() - t, 2)
         if mode in ("naive", "sq"):  # the report's SQNR chart: naive W8A8 vs the delivered recipe
             t = time.perf_counter()
             if ref is None:  # the float model's outputs, a third at a time (the SQ model is resident too)
-                got = sqnr_in_parts(model, m, names, batch)
+                with after_prefix(model):
+                    got = sqnr_in_parts(model, m, names, batch)
             else:
                 got = sqnr_against(ref, m, names, batch)
             for n, v in got.items():
@@ -453,6 +479,7 @@ def run_eval(ctx: RunContext, staging: Path) -> dict:
         "fallback": main.fallback or None,
         "quantized_layers_total": len(prep.quantized),
         "fp16_layers": list(prep.fp16_layers),
+        **({"prefix_outliers": pre.summary()} if pre is not None else {}),
     }
     doc = {
         "recipe": recipe,
