@@ -19,6 +19,23 @@ def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def replay_kwargs(kwargs: dict, prefix, batch: int) -> dict | None:
+    """The keyword arguments to call a decoder layer again as it was called. A KV cache among them already holds
+    what the layer appended when it ran (replayed, it would attend to itself twice), so it is replaced by a fresh
+    cache of the outlier prefix (`prefix`: what sq_export.quant.prefix installed on the model; the only cache the
+    forwards of this package carry), for `batch` sequences. None when there is a cache but no prefix to explain it
+    (the caller must take another way)."""
+    keys = [k for k in CACHE_KWARGS if kwargs.get(k) is not None]
+    if not keys:
+        return kwargs
+    if prefix is None:
+        return None
+    return {**kwargs, **{k: prefix.cache(batch) for k in keys}}
+
+
 @contextlib.contextmanager
 def recording_calls(layers):
     """Within the block, every call of `layers[i]` stores its (args, kwargs) in the yielded list at i (the last

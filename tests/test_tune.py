@@ -528,3 +528,34 @@ def test_kl_score_and_first_order_gains_do_not_depend_on_the_token_chunk(monkeyp
     (a, pa, ua, ga), (b, pb, ub, gb) = out
     assert b == pytest.approx(a, rel=1e-5) and pb == pytest.approx(pa, rel=1e-6) and ub == pytest.approx(ua, rel=1e-6)
     assert [gb[n] for n in ga] == pytest.approx([ga[n] for n in ga], rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt"])
+def test_first_order_gains_layer_by_layer_after_an_outlier_prefix(family):
+    """With an outlier prefix installed, every layer's recorded call holds the KV cache it appended to: the
+    layer-at-a-time pass replays each layer after a fresh prefix cache (decoder_layers.replay_kwargs) and gives
+    the whole-graph estimates (it had replayed the grown cache: a shape error on SmolLM2's --fallback auto); and
+    the per-layer smoothing check replays the same way."""
+    from sq_export.quant import prefix as prefix_mod
+    from sq_export.quant.equivalence import layer_outputs_f32, record_layer_inputs
+
+    model, fam = make_tiny(family)
+    names = fam.quantized_linears()
+    pre = prefix_mod.compute_prefix(model, [1, 7, 9])
+    m = copy.deepcopy(model)
+    fl = {n: copy.deepcopy(m.get_submodule(n)) for n in names}
+    quantize_model(m, names, "static", static_scales(calibrate(model, fam, token_batches(2, 16)), names))
+    wins = token_batches(2, 24, seed=5)
+    prefix_mod.install(model, pre)
+    prefix_mod.install(m, pre)
+    ref, _ = fallback.float_reference(model, wins)
+    whole = fallback.first_order_gains(m, fl, wins, ref)
+    by_layer = fallback.first_order_gains(m, fl, wins, ref, fam.layers_path)
+    scale = max(abs(v) for v in whole.values())
+    assert scale > 0
+    for n in names:
+        assert by_layer[n] == pytest.approx(whole[n], rel=1e-3, abs=1e-4 * scale), n
+    # replaying the recorded calls twice gives the same outputs (each replay starts from the prefix alone)
+    inputs = record_layer_inputs(model, fam, torch.as_tensor(token_batches(2, 12, seed=3)))
+    a, b = layer_outputs_f32(model, fam, inputs), layer_outputs_f32(model, fam, inputs)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from sq_export.decoder_layers import hidden_of, layer_input, recording_calls
+from sq_export.decoder_layers import hidden_of, layer_input, recording_calls, replay_kwargs
 from sq_export.errors import SmoothingChangedOutputs
 
 log = logging.getLogger(__name__)
@@ -100,11 +100,17 @@ def layer_outputs_f32(model, family, inputs) -> list[torch.Tensor]:
     """Each decoder layer's float32 output on its recorded inputs (the weights as they are now, widened)."""
     from sq_export.dispatch import resident
 
+    from sq_export.quant.prefix import installed
+
     layers = model.get_submodule(family.layers_path)
+    pre = installed(model)
     out = []
     for i, (a, k) in enumerate(inputs):
+        kw = replay_kwargs(k, pre, layer_input(a, k).shape[0])
+        if kw is None:
+            raise RuntimeError(f"decoder layer {i} was called with a KV cache that no outlier prefix explains: cannot replay it")
         with resident(model, [f"{family.layers_path}.{i}"], write=False, recurse=True):
-            out.append(layer_output_f32(layers[i], a, k))
+            out.append(layer_output_f32(layers[i], a, kw))
     return out
 
 

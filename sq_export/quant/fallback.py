@@ -25,8 +25,9 @@ import time
 import numpy as np
 import torch
 
-from sq_export.decoder_layers import LayerStandIn, hidden_of, layer_input, recording_calls
+from sq_export.decoder_layers import LayerStandIn, hidden_of, layer_input, recording_calls, replay_kwargs
 from sq_export.errors import BadInput
+from sq_export.quant import prefix as prefix_mod
 from sq_export.quant.reservoir import RowReservoir, rows_for
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,8 @@ def first_order_gains(model, float_linears: dict, windows: np.ndarray, ref: list
                 logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1]
         finally:
             leaf.remove()
-        if any(c is None or c[1].get("past_key_values") is not None for c in calls):
+        pre = prefix_mod.installed(model)  # replayed layers run after a fresh copy of the outlier prefix's cache
+        if any(c is None or replay_kwargs(c[1], pre, 1) is None for c in calls):
             return False
         logits.backward(logits_grad(logits, lp))
         g = top["h"].grad
@@ -301,6 +303,7 @@ def first_order_gains(model, float_linears: dict, windows: np.ndarray, ref: list
             calls[i] = None
             x = layer_input(args, kwargs).detach().requires_grad_(True)
             args = (x, *args[1:]) if args else args
+            kwargs = replay_kwargs(kwargs, pre, x.shape[0])
             kw = kwargs if args else {**kwargs, "hidden_states": x}
             names = [n for n in float_linears if n.startswith(f"{layers_path}.{i}.")]
             handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
