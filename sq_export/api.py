@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from sq_export.errors import BadInput
+from sq_export.errors import BackendMissing, BadInput
 from sq_export.quant.recipe import CalibOptions, Recipe, make_recipe
 
 if TYPE_CHECKING:  # torch is imported only by the functions that need it: `check` works where torch is absent
@@ -271,7 +271,7 @@ class ExportResult:
 
 
 def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt", dtype: str = "fp32",
-                decode: bool = False, source_model: str | None = None) -> ExportResult:
+                decode: bool = False, source_model: str | None = None, trace_device: str = "cpu") -> ExportResult:
     """Write `model` (a QuantizedModel, or a float HF model for the FP32/FP16 reference graph) as ONNX at `path`,
     atomically. `weights`: "int8" (INT8 initializers → DQ, TensorRT 10+), "qdq" (float32 W → Q → DQ, TensorRT
     8.6) or "qdq16" (float16 W → Cast → Q → DQ: TensorRT 8.6 at half the bytes, the same INT8 values, see
@@ -280,18 +280,32 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
     graph. A model on the GPU or in a half type is traced on the CPU in float32 (the TorchScript exporter's
     ground; half weights widen exactly, so the INT8 values are the half model's): that needs 4 bytes per parameter
     of host memory while it runs; the model is put back where it was afterwards. A model dispatched by accelerate
-    is first gathered onto the CPU (sq_export.dispatch.undispatch, in place)."""
-    from sq_export.export.exporter import cpu_float32, export_onnx as _export
+    is first gathered onto the CPU (sq_export.dispatch.undispatch, in place). `trace_device` "cuda" (logits graph):
+    trace in float32 on the GPU instead, so the 4 bytes a parameter are GPU memory and host memory holds one tensor
+    at a time while the file is written (a 7B model: ~27 GB of GPU memory instead of host memory; not yet run on a
+    GPU: tests/test_gpu.py checks it gives the CPU trace's bytes)."""
+    from sq_export.export.exporter import export_onnx as _export
+    from sq_export.export.exporter import float32_on
     from sq_export.onnxio.meta import graph_metadata
 
     target = normalize_target(target)
     if dtype == "fp16" and decode:
         raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
+    if trace_device != "cpu":
+        from sq_export.device import resolve_device
+
+        if decode or dtype != "fp32":
+            raise BadInput("--trace-device cuda is for the float32 logits graph: export --decode or --dtype fp16 graphs "
+                           "with --trace-device cpu")
+        try:
+            trace_device = resolve_device(trace_device)
+        except BackendMissing:
+            raise BackendMissing(f"--trace-device {trace_device}: torch sees no CUDA GPU; trace on the CPU (--trace-device cpu)") from None
     qm = model if isinstance(model, QuantizedModel) else _float(model)
     r = qm.recipe
     calibration = Path(r.act_scales).name if r.act_scales else r.calib.label()
     meta = graph_metadata(source_model or qm.source or "", qm.prepared, calibration)
-    with cpu_float32(qm.model):
+    with float32_on(qm.model, trace_device):
         if decode:
             from sq_export.export.decode import export_decode_onnx
 

@@ -253,3 +253,21 @@ def test_calibration_out_of_memory_is_a_clear_cli_error(tiny_dirs, monkeypatch, 
     assert rc == 2, err
     assert len(err.splitlines()) == 1 and "does not fit" in err and "--device cpu" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "act_scales.safetensors").exists()
+
+
+def test_trace_device_refusals(tiny_dirs, tmp_path, capsys):
+    """--trace-device cuda: only the float32 logits graph; without a GPU, exit 3 naming the option, no file."""
+    from sq_export import api
+    from sq_export.cli import main
+
+    m, _ = api.load_model(tiny_dirs("llama"), device="cpu", with_tokenizer=False)
+    with pytest.raises(BadInput, match="--trace-device"):
+        api.export_onnx(m, tmp_path / "d.onnx", decode=True, trace_device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendMissing, match="--trace-device cuda"):
+            api.export_onnx(m, tmp_path / "x.onnx", trace_device="cuda")
+        capsys.readouterr()
+        code = main(["-q", "export", str(tiny_dirs("llama")), "--mode", "fp", "-o", str(tmp_path / "y.onnx"), "--trace-device", "cuda"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 3 and len(err) == 1 and "--trace-device" in err[0] and not (tmp_path / "y.onnx").exists()
+    assert not list(tmp_path.iterdir())

@@ -89,3 +89,19 @@ def test_perplexity_gpu_vs_cpu_within_a_tenth_of_a_percent(tiny_dirs, small_text
     pc = api.perplexity(mc, tok, text, seq_len=128, max_tokens=1024)["perplexity"]
     pg = api.perplexity(mg, tok, text, seq_len=128, max_tokens=1024)["perplexity"]
     assert abs(pg / pc - 1) < 1e-3, (pc, pg)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_export_traced_on_the_gpu_gives_the_cpu_trace_bytes(tiny_dirs, small_text, tmp_path, dtype):
+    """export_onnx(trace_device="cuda"): the float32 copy for the trace lives on the GPU (host memory holds one
+    tensor at a time while writing); the graph is the CPU trace's, byte for byte (qdq16 too)."""
+    folder = str(tiny_dirs("llama"))
+    model, tok = api.load_model(folder, device="cuda", dtype=dtype)
+    r = api.make_recipe("paper", calib=api.CalibOptions(str(small_text / "calib.txt"), 4, 64))
+    qm = api.quantize(model, recipe=r, tokenizer=tok)
+    for w in ("qdq", "qdq16"):
+        a, b = tmp_path / f"cpu_{w}.onnx", tmp_path / f"gpu_{w}.onnx"
+        api.export_onnx(qm, a, weights=w)
+        api.export_onnx(qm, b, weights=w, trace_device="cuda")
+        assert a.read_bytes() == b.read_bytes(), w
+    assert next(qm.model.parameters()).device.type == "cuda"  # put back where it was

@@ -58,7 +58,7 @@ def add_tokenizer(p):
 
 def add_export_options(p):
     """The graph options of `export` (and `run`, which exports too)."""
-    p.add_argument("--weights", choices=["int8", "qdq", "qdq16"], default="int8", help="int8: INT8 initializers -> DQ (a quarter of qdq's bytes; TensorRT 10+); qdq: float32 W -> Q -> DQ (TensorRT 8.6); qdq16: float16 W -> Cast -> Q -> DQ with W the already-quantized weight, the same INT8 values at half qdq's bytes (for TensorRT 8.6: to be verified on a GPU)")
+    p.add_argument("--weights", choices=["int8", "qdq", "qdq16"], default="int8", help="int8: INT8 initializers -> DQ (a quarter of qdq's bytes; TensorRT 10+); qdq: float32 W -> Q -> DQ (TensorRT 8.6); qdq16: float16 W -> Cast -> Q -> DQ with W the already-quantized weight, the same INT8 values at half qdq's bytes (TensorRT 8.6 builds the same engine as from qdq: verified on an H200)")
     add_target(p, "ort: activation Q/DQ as uint8/128 (same grid) so ONNX Runtime runs integer kernels")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="type of the float parts (weights left float, norm gamma/beta, activations, logits); fp16: Q/DQ with float16 scales at opset 19, norm statistics in float32 (TensorRT 10+ strongly typed; ONNX Runtime runs it too)")
 

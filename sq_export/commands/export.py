@@ -22,6 +22,7 @@ def add_parser(sub):
     c.add_recipe(p)
     c.add_export_options(p)
     p.add_argument("--stream", metavar="DIR", help="calibrate, smooth and quantize one decoder layer at a time from MODEL's safetensors into DIR (the smoothed checkpoint and its scales: sq_quant.json), then export from DIR; for models larger than the GPU; --fallback auto needs the whole model (use none, N or names)")
+    p.add_argument("--trace-device", choices=["cpu", "cuda"], default="cpu", help="where the float32 trace of the logits graph runs: cpu (default) or cuda (the 4 bytes a parameter in GPU memory instead of host memory: for 7B+ models on a GPU host; with --stream the quantized folder is loaded onto the GPU)")
     p.add_argument("--decode", action="store_true", help="KV-cache decode graph: inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value (float cache)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -43,11 +44,13 @@ def run(args):
     if args.stream:
         tok = api.load_tokenizer(args.tokenizer or args.model)
         api.quantize_streamed(args.model, args.stream, recipe, tokenizer=tok, device=args.device, dtype=args.model_dtype)
-        qm = api.load_quantized(args.stream, device="cpu")  # export traces on the CPU in float32 anyway
+        # the export traces in float32 where --trace-device says: load the quantized folder there
+        qm = api.load_quantized(args.stream, device=args.trace_device)
     else:
         model, tok, _ = c.load(args)
         qm = api.quantize(model, recipe=recipe, tokenizer=tok, source=args.model)
-    res = api.export_onnx(qm, args.output, weights=args.weights, target=args.target, dtype=args.dtype, decode=args.decode)
+    res = api.export_onnx(qm, args.output, weights=args.weights, target=args.target, dtype=args.dtype, decode=args.decode,
+                          trace_device=args.trace_device)
     prep = qm.prepared
     head = bool(prep.graph_meta.get("quantize_lm_head"))
     out = res.to_json()

@@ -57,6 +57,8 @@ def _example_inputs(batch=2, seq=16, vocab=100):
 def torch_export(model, family, path: Path, opset: int = OPSET) -> None:
     wrapper = LogitsOnly(model).eval()
     ids, mask = _example_inputs(vocab=model.config.vocab_size)
+    dev = next(model.parameters()).device  # where float32_on put the model (the CPU unless traced on a GPU)
+    ids, mask = ids.to(dev), mask.to(dev)
     with contextlib.ExitStack() as stack:
         for patch in family.export_patches:
             stack.enter_context(patch(model))
@@ -190,14 +192,17 @@ def _drop_unused_initializers(graph) -> None:
 
 
 @contextlib.contextmanager
-def cpu_float32(model):
-    """The model on the CPU in float32 while the block runs (the TorchScript exporter traces there), then exactly as
-    it was: every parameter and buffer off the CPU or in a half type gets a float32 CPU copy for the block and its
-    own tensor back afterwards (ties kept: `.data` is swapped, not the Parameter). Half weights widen to float32
-    exactly, so the graph's INT8 values are those the half model computes with. A float32 CPU model passes through
-    untouched. A model dispatched by accelerate is gathered onto the CPU for good (sq_export.dispatch.undispatch)."""
+def float32_on(model, device="cpu"):
+    """The model in float32 on `device` while the block runs (the TorchScript exporter traces there), then exactly
+    as it was: every parameter and buffer elsewhere or in a half type gets a float32 copy on `device` for the block
+    and its own tensor back afterwards (ties kept: `.data` is swapped, not the Parameter). Half weights widen to
+    float32 exactly, so the graph's INT8 values are those the half model computes with. A float32 model already
+    there passes through untouched. A model dispatched by accelerate is gathered onto the CPU for good
+    (sq_export.dispatch.undispatch). `device` "cuda": the float32 copy lives in GPU memory (4 bytes a parameter
+    there instead of in host memory); the writer then copies one tensor at a time to the host."""
     from sq_export.dispatch import is_dispatched, undispatch
 
+    device = torch.device(device)
     if is_dispatched(model):
         log.info("export: gathering the dispatched model onto the CPU")
         undispatch(model, "cpu")
@@ -209,16 +214,22 @@ def cpu_float32(model):
                     continue
                 seen.add(id(t))
                 want = torch.float32 if t.is_floating_point() else t.dtype
-                if t.device.type == "cpu" and t.dtype == want:
+                there = t.device.type == device.type and device.index in (None, t.device.index)
+                if there and t.dtype == want:
                     continue
                 swapped.append((t, t.data))
-                t.data = t.data.to("cpu", want)
+                t.data = t.data.to(device, want)
         if swapped:
-            log.info("export: traced on the CPU in float32 (%d tensors moved or widened)", len(swapped))
+            log.info("export: traced on %s in float32 (%d tensors moved or widened)", device, len(swapped))
         yield model
     finally:
         for t, data in swapped:
             t.data = data
+
+
+def cpu_float32(model):
+    """float32_on(model, "cpu"): the default export ground."""
+    return float32_on(model, "cpu")
 
 
 @contextlib.contextmanager
