@@ -176,11 +176,14 @@ def quantize_streamed(model: str | Path, out: str | Path, recipe: Recipe | None 
                    cache_device=cache_device, source_model=str(model))
 
 
-def load_quantized(folder: str | Path, *, device: str | None = None, dtype: str = "auto") -> QuantizedModel:
+def load_quantized(folder: str | Path, *, device: str | None = None, dtype: str = "auto", lazy: bool = False) -> QuantizedModel:
     """The QuantizedModel a streamed quantization wrote (`quantize_streamed`): the smoothed model with its
     Linears swapped for static QLinears with the recorded scales (the fallback's kept in float), and what the
     recipe decided; `export_onnx` writes the same graph as quantizing the whole model would (for the recipes that
-    stream). The whole smoothed model is loaded (export traces it on the CPU in float32: 4 bytes a parameter)."""
+    stream). The whole smoothed model is loaded (export traces it on the CPU in float32: 4 bytes a parameter).
+    `lazy=True`: for export only — the weight matrices are placeholders that take no memory, the export traces on
+    them and reads each weight from the checkpoint when it writes it (sq_export.stream.lazy: the same bytes, host
+    memory ≈ one weight; the model computes nothing meaningful, so nothing but `export_onnx` may use it)."""
     import json as _json
 
     from sq_export.families import family_for
@@ -195,10 +198,18 @@ def load_quantized(folder: str | Path, *, device: str | None = None, dtype: str 
     if rec.get("format") != FORMAT:
         raise BadInput(f"{f}: format {rec.get('format')!r}, expected {FORMAT}")
     recipe = recipe_from_json(rec["recipe"])
-    model, _ = load_model(folder, with_tokenizer=False, device=device, dtype=dtype)
-    fam = family_for(model)
-    quantized = quantize_model(model, rec["quantized"], recipe.act, {n: float(v) for n, v in rec["act_scales"].items()},
-                               recipe.per_channel)
+    if lazy:
+        from sq_export.stream.lazy import load_lazy
+
+        if device not in (None, "cpu") or dtype not in ("auto", "float32"):
+            raise BadInput("load_quantized(lazy=True) builds a CPU float32 skeleton for export: leave device and dtype")
+        model, fam, lw, quantized = load_lazy(folder, rec)
+        model._sq_lazy_weights = lw  # read by the exporter (export.exporter._attach_weights)
+    else:
+        model, _ = load_model(folder, with_tokenizer=False, device=device, dtype=dtype)
+        fam = family_for(model)
+        quantized = quantize_model(model, rec["quantized"], recipe.act, {n: float(v) for n, v in rec["act_scales"].items()},
+                                   recipe.per_channel)
     prep = Prepared(model, fam, recipe, rec["alpha"], quantized, {}, None, None, rec.get("max_layer_change"),
                     rec.get("alpha_per_group"), list(rec["fp16_layers"]), rec.get("tune") or {}, {})
     return QuantizedModel(model, fam, recipe, prep, None, rec["source_model"])
@@ -302,6 +313,9 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
         except BackendMissing:
             raise BackendMissing(f"--trace-device {trace_device}: torch sees no CUDA GPU; trace on the CPU (--trace-device cpu)") from None
     qm = model if isinstance(model, QuantizedModel) else _float(model)
+    if getattr(qm.model, "_sq_lazy_weights", None) is not None and (decode or dtype != "fp32" or str(trace_device) != "cpu"):
+        raise BadInput("a model loaded with load_quantized(lazy=True) exports the float32 logits graph traced on the CPU "
+                       "only: load it with lazy=False for --decode, --dtype fp16 or --trace-device cuda")
     r = qm.recipe
     calibration = Path(r.act_scales).name if r.act_scales else r.calib.label()
     meta = graph_metadata(source_model or qm.source or "", qm.prepared, calibration)
@@ -347,6 +361,13 @@ def check(path, *, target: str = "tensorrt", fix: str | Path | None = None):
 
 
 # ----- measurement ----------------------------------------------------------------------------------------------
+def _refuse_placeholders(model, what: str) -> None:
+    m = model.model if isinstance(model, QuantizedModel) else model
+    if getattr(m, "_sq_lazy_weights", None) is not None:
+        raise BadInput(f"{what}: this model was loaded with load_quantized(lazy=True), whose weights are placeholders "
+                       "for export only; load it with lazy=False")
+
+
 def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_tokens: int | None = None) -> dict:
     """Perplexity ({"perplexity", "tokens"}) of a torch model, a QuantizedModel or an .onnx path (ONNX Runtime) on
     `text` (None: the shipped held-out split; a path, a string, a list of strings, or token ids), chunks of
@@ -355,6 +376,7 @@ def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_toke
 
     if seq_len < 2:
         raise BadInput(f"--seq-len {seq_len} must be at least 2")
+    _refuse_placeholders(model, "perplexity")
     if isinstance(model, (str, Path)):
         if tokenizer is None:
             from sq_export.onnxio.meta import read_metadata

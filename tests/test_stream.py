@@ -76,6 +76,15 @@ def test_streamed_quantization_equals_whole_model(family, recipe, tiny_dirs, sma
     api.export_onnx(qm, a)
     api.export_onnx(qs, b)
     assert a.read_bytes() == b.read_bytes()
+    # exported without the weights in memory (stream/lazy.py): traced on placeholders, each weight read from the
+    # checkpoint when written, for the three weight forms
+    ql = api.load_quantized(tmp_path / "streamed", lazy=True)
+    for w in ("int8", "qdq", "qdq16"):
+        c, d = tmp_path / f"whole_{w}.onnx", tmp_path / f"lazy_{w}.onnx"
+        if w != "int8":
+            api.export_onnx(qm, c, weights=w)
+        api.export_onnx(ql, d, weights=w)
+        assert (a if w == "int8" else c).read_bytes() == d.read_bytes(), w
 
 
 def test_one_layer_resident_at_a_time(tiny_dirs, small_text, monkeypatch, tmp_path):
@@ -164,3 +173,23 @@ def test_cli_stream_gives_the_whole_model_files(tiny_dirs, small_text, tmp_path)
     assert main(["-q", "export", folder, *exp, "--stream", str(tmp_path / "q"), "-o", str(tmp_path / "s.onnx")]) == 0
     assert (tmp_path / "w.onnx").read_bytes() == (tmp_path / "s.onnx").read_bytes()
     assert (tmp_path / "q" / "sq_quant.json").is_file() and (tmp_path / "q" / "model.safetensors.index.json").is_file()
+
+
+def test_lazy_model_is_for_the_logits_export_only(tiny_dirs, small_text, tmp_path):
+    """load_quantized(lazy=True) holds placeholders: the decode and float16 graphs, the GPU trace and perplexity
+    refuse it (one line each) instead of computing with placeholder weights; its float32 logits graph is exact."""
+    from sq_export.errors import BadInput
+
+    folder = str(tiny_dirs("llama"))
+    _, tok = api.load_model(folder, device="cpu")
+    r = make_recipe("paper", calib=_calib(small_text))
+    api.quantize_streamed(folder, tmp_path / "q", r, tokenizer=tok, device="cpu")
+    ql = api.load_quantized(tmp_path / "q", lazy=True)
+    for kw in (dict(decode=True), dict(dtype="fp16")):
+        with pytest.raises(BadInput, match="lazy=True"):
+            api.export_onnx(ql, tmp_path / "x.onnx", **kw)
+    with pytest.raises(BadInput, match="placeholders"):
+        api.perplexity(ql, tok, small_text / "eval.txt", seq_len=32, max_tokens=64)
+    with pytest.raises(BadInput, match="device and dtype"):
+        api.load_quantized(tmp_path / "q", lazy=True, device="cuda")
+    assert not (tmp_path / "x.onnx").exists()

@@ -6,7 +6,7 @@ so that each peak is the stage's own (the device driver lab/2026-11-29/device_bi
     python tools/bench_big.py calibrate FOLDER -o OUT [--stream] [--device cuda] [--samples 128 --seq-len 512]
     python tools/bench_big.py compare OUT/whole OUT/stream                      # act scales: equal? max rel. diff
     python tools/bench_big.py quantize FOLDER -o OUT/q [--recipe default --fallback none] [--device cuda]
-    python tools/bench_big.py export OUT/q -o OUT/sq.onnx [--weights qdq16] [--trace-device cuda]   # from a streamed folder
+    python tools/bench_big.py export OUT/q -o OUT/sq.onnx [--weights qdq16] [--lazy | --trace-device cuda]   # from a streamed folder
     python tools/bench_big.py ppl OUT/q|FOLDER [--device cuda] [--max-tokens 4096]   # torch perplexity
 
 `calibrate` writes OUT/act_scales.safetensors (as `sq-export calibrate`); `quantize` is `api.quantize_streamed`
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--cache-device", default=None)
     ap.add_argument("--trace-device", default="cpu", help="export: trace in float32 on cpu (default) or cuda")
+    ap.add_argument("--lazy", action="store_true", help="export: trace on placeholders, read each weight when written (stream/lazy.py)")
     a = ap.parse_args(argv)
 
     from sq_export import api
@@ -104,10 +105,10 @@ def main(argv=None) -> int:
         rec.update(times=res.times, max_layer_change=res.max_layer_change, quantized=len(res.quantized),
                    fp16_layers=len(res.fp16_layers), alpha_groups=len(res.alpha_per_group or {}))
     elif a.stage == "export":
-        qm = api.load_quantized(a.paths[0], device=a.trace_device)
+        qm = api.load_quantized(a.paths[0], lazy=True) if a.lazy else api.load_quantized(a.paths[0], device=a.trace_device)
         rec["load_s"] = round(time.perf_counter() - t, 1)
         r = api.export_onnx(qm, a.output, weights=a.weights, trace_device=a.trace_device)
-        rec["trace_device"] = a.trace_device
+        rec.update(trace_device=a.trace_device, lazy=a.lazy)
         rec.update(bytes=r.bytes, nodes=r.nodes, weights=a.weights, weights_kept_float32=r.metadata.get("weights_kept_float32"))
     elif a.stage == "ppl":
         folder = a.paths[0]

@@ -6,7 +6,7 @@
 #   bash lab/2026-11-29/device3.sh carry [START...]   copy carried GGUF parts (.devcarry/p) to $W, then start jobs
 #   bash lab/2026-11-29/device3.sh poll S          wait up to S s (or until all started jobs are done), report
 # Jobs (START): gpu   pytest of the torch side on the GPU (tests/test_gpu.py, test_device.py)
-#               big   issue 14: the 7B-shaped chain (export traced on the GPU since 16:53: TRACE=cpu for the measured run) (lab/2026-11-29/device_big.sh chain; the original checkpoint
+#               big   issue 14: the 7B-shaped chain (export from placeholders, --lazy, since 17:00; EXPORT_MODE="--trace-device cpu" for the run measured at 15:56) (lab/2026-11-29/device_big.sh chain; the original checkpoint
 #                     is deleted once the streamed quantization wrote its smoothed copy: disk)
 #               trt   engine tests (once the kit is staged); issue 15 bench (Llama-2-7B shape, $BL layers, prefill + decode,
 #                     CUDA graph replay, bandwidth bound); issue 14's compact qdq16 graph vs qdq (2-layer 7B)
@@ -63,7 +63,7 @@ job_big() {
   touch "$W/gpu_phase_done.pre_ppl"
   step ppl_stream python3 tools/bench_big.py ppl "$W/q" --device $DEV --max-tokens 4096
   touch "$W/gpu_free"
-  step export_qdq16 python3 tools/bench_big.py export "$W/q" -o "$W/sq16.onnx" --weights qdq16 --trace-device ${TRACE:-cuda}
+  step export_qdq16 python3 tools/bench_big.py export "$W/q" -o "$W/sq16.onnx" --weights qdq16 ${EXPORT_MODE:---lazy}
   du -sb "$W/q" "$W"/sq16.onnx* >> "$R/log" 2>&1; df -h /tmp >> "$R/log"
   step check_qdq16 python3 -m sq_export check "$W/sq16.onnx" --json
 }

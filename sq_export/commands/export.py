@@ -44,8 +44,11 @@ def run(args):
     if args.stream:
         tok = api.load_tokenizer(args.tokenizer or args.model)
         api.quantize_streamed(args.model, args.stream, recipe, tokenizer=tok, device=args.device, dtype=args.model_dtype)
-        # the export traces in float32 where --trace-device says: load the quantized folder there
-        qm = api.load_quantized(args.stream, device=args.trace_device)
+        # the logits graph is exported from placeholders, each weight read from DIR when written (host memory ≈ the
+        # largest tensor: sq_export.stream.lazy); the decode and float16 graphs trace the loaded model (where
+        # --trace-device says)
+        lazy = not args.decode and args.dtype == "fp32" and args.trace_device == "cpu"
+        qm = api.load_quantized(args.stream, lazy=True) if lazy else api.load_quantized(args.stream, device=args.trace_device)
     else:
         model, tok, _ = c.load(args)
         qm = api.quantize(model, recipe=recipe, tokenizer=tok, source=args.model)

@@ -163,9 +163,11 @@ def _weights_sink():
         _capture.sink = prev
 
 
-def _attach_weights(model, params: dict) -> None:
+def _attach_weights(model, params: dict, lazy=None) -> None:
     """Graph inputs that are exporter parameters become initializers holding the torch tensors (no copy), in the
-    order the exporter would have written them (its graph-input order), typed as onnx_ir types read initializers."""
+    order the exporter would have written them (its graph-input order), typed as onnx_ir types read initializers.
+    `lazy` (sq_export.stream.lazy.LazyWeights): a parameter that is (a view of) a placeholder becomes a LazyTensor
+    reading its values from the checkpoint when written."""
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
 
@@ -175,7 +177,15 @@ def _attach_weights(model, params: dict) -> None:
     if missing:
         raise RuntimeError(f"exported graph lacks inputs for parameters {missing[:3]}")
     for v in [v for v in g.inputs if v.name in params]:
-        t = TorchTensor(params[v.name].detach(), name=v.name)
+        p = params[v.name].detach()
+        if lazy is not None:
+            lazy.check_captured(p, v.name)
+        if lazy is not None and lazy.source_of(p) is not None:
+            from sq_export.stream.lazy import lazy_tensor
+
+            t = lazy_tensor(lazy, p, v.name)
+        else:
+            t = TorchTensor(p, name=v.name)
         g.inputs.remove(v)
         v.const_value = t
         v.type = ir.TensorType(t.dtype)
@@ -307,7 +317,7 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
         if dtype == "fp32":
             m = ir.load(str(raw))
             if str(raw) in sink:  # the graph came without its weights: they are still the model's tensors
-                _attach_weights(m, sink.pop(str(raw)))
+                _attach_weights(m, sink.pop(str(raw)), lazy=getattr(model, "_sq_lazy_weights", None))
             else:  # an exporter that wrote a complete graph itself
                 ir.external_data.load_to_model(m)
     # TorchScript's CSE already gives a tensor feeding several QLinears (q/k/v) one shared Q/DQ pair.

@@ -66,10 +66,11 @@ def fp16_weight(w: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: i
     return w16 if np.array_equal(back, q) else None
 
 
-def _lazy_fp16(x: np.ndarray, s: np.ndarray, zp, axis: int, name: str) -> ir.LazyTensor:
-    """float16(q·s) computed when the tensor is read (written to the file), not kept afterwards."""
-    return ir.LazyTensor(lambda: ir.Tensor(fp16_weight(x, s, zp, axis, verify=False), name=name),
-                         dtype=ir.DataType.FLOAT16, shape=ir.Shape(x.shape), name=name)
+def _lazy_fp16(src, s: np.ndarray, zp, axis: int, name: str) -> ir.LazyTensor:
+    """float16(q·s) computed when the tensor is read (written to the file), not kept afterwards. `src`: the float32
+    weight's tensor (its values are read then: a model's tensor, or a weight still in the checkpoint)."""
+    return ir.LazyTensor(lambda: ir.Tensor(fp16_weight(src.numpy(), s, zp, axis, verify=False), name=name),
+                         dtype=ir.DataType.FLOAT16, shape=ir.Shape(tuple(src.shape)), name=name)
 
 
 def weights_graph(graph: ir.Graph) -> tuple[int, int]:
@@ -79,18 +80,19 @@ def weights_graph(graph: ir.Graph) -> tuple[int, int]:
         users = q.outputs[0].consumers()
         if not users or any(u.op_type != "DequantizeLinear" for u in users) or q.outputs[0].is_graph_output():
             continue
-        x = _initializer_array(w)
+        src = w.const_value if w is not None and w.producer() is None else None  # the tensor, not read yet
         s = _initializer_array(q.inputs[1]) if len(q.inputs) > 1 else None
         zp_v = q.inputs[2] if len(q.inputs) > 2 else None
         zp = _initializer_array(zp_v) if zp_v is not None else None
-        if x is None or s is None or x.dtype != np.float32 or x.ndim < 2 or (zp is not None and zp.dtype != np.int8):
+        if (src is None or s is None or src.dtype != ir.DataType.FLOAT or len(src.shape) < 2
+                or (zp is not None and zp.dtype != np.int8)):
             continue  # activations; already converted
         axis = attr_int(q, "axis", 1)
         name16 = unique_name(graph, f"{w.name or 'weight'}.fp16")
         if scales_guarantee_exact(s, zp):
-            w16 = _lazy_fp16(x, s, zp, axis, name16)
+            w16 = _lazy_fp16(src, s, zp, axis, name16)
         else:
-            w16 = fp16_weight(x, s, zp, axis)
+            w16 = fp16_weight(src.numpy(), s, zp, axis)
             if w16 is None:
                 kept += 1
                 continue

@@ -36,6 +36,12 @@ def quantize_like_onnx(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, 
     return y.astype(zp.dtype)
 
 
+def _lazy_int8(src, s, zp, axis: int):
+    dtype = np.dtype(zp.dtype)
+    return ir.LazyTensor(lambda: ir.Tensor(quantize_like_onnx(src.numpy(), s, zp, axis, dtype)),
+                         dtype=ir.DataType.INT8 if dtype == np.int8 else ir.DataType.UINT8, shape=src.shape)
+
+
 def weights_graph(graph: ir.Graph) -> int:
     count = 0
     for q in nodes_of(graph, "QuantizeLinear"):
@@ -46,11 +52,18 @@ def weights_graph(graph: ir.Graph) -> int:
         if q.outputs[0].is_graph_output():
             continue
         zp_v = q.inputs[2] if len(q.inputs) > 2 else None
-        x, s = const_array(w), const_array(q.inputs[1])
+        s = const_array(q.inputs[1])
         zp = const_array(zp_v) if zp_v is not None else np.zeros((), np.uint8)
-        if x is None or s is None or zp is None or x.dtype != np.float32 or np.dtype(zp.dtype) not in _RANGES:
-            continue
-        wq = quantize_like_onnx(x, s, zp, attr_int(q, "axis", 1), zp.dtype)
+        src = w.const_value
+        if isinstance(src, ir.LazyTensor):  # a weight read from the checkpoint when written: quantized then too
+            if s is None or zp is None or src.dtype != ir.DataType.FLOAT or np.dtype(zp.dtype) not in _RANGES:
+                continue
+            wq = _lazy_int8(src, s, zp, attr_int(q, "axis", 1))
+        else:
+            x = const_array(w)
+            if x is None or s is None or zp is None or x.dtype != np.float32 or np.dtype(zp.dtype) not in _RANGES:
+                continue
+            wq = quantize_like_onnx(x, s, zp, attr_int(q, "axis", 1), zp.dtype)
         qv = add_initializer(graph, f"{w.name or 'weight'}.int8" if zp.dtype == np.int8 else f"{w.name}.uint8", wq)
         for dq in users:
             dq.replace_input_with(0, qv)

@@ -61,6 +61,12 @@ def fake_quant_dynamic(x: torch.Tensor, per_token: bool) -> torch.Tensor:
     return _straight_through(x, q)
 
 
+def weight_scale(w_kn: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """The symmetric INT8 weight scale of a [K, N] weight: per output channel (max |w| over K) or one for all."""
+    amax = abs_max(w_kn, 0) if per_channel else abs_max(w_kn).expand(w_kn.shape[1])
+    return scale_from_amax(amax).contiguous()
+
+
 class QLinear(nn.Module):
     """W8A8 replacement for nn.Linear / transformers' Conv1D."""
 
@@ -75,8 +81,7 @@ class QLinear(nn.Module):
         w_kn = linear.weight.detach() if is_conv1d(linear) else linear.weight.detach().t()
         self.w_kn = nn.Parameter(w_kn, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        amax = abs_max(w_kn, 0) if per_channel else abs_max(w_kn).expand(w_kn.shape[1])
-        self.register_buffer("w_scale", scale_from_amax(amax).contiguous())
+        self.register_buffer("w_scale", weight_scale(w_kn, per_channel))
         self.register_buffer("w_zero", torch.zeros(w_kn.shape[1], dtype=torch.int32, device=w_kn.device))
         self.act = act
         self.act_scale = None if act_scale is None else float(max(float(act_scale), 1e-8))

@@ -45,6 +45,25 @@ class Checkpoint:
                     for k in f.keys():
                         self.files[k] = fname
         self._open: dict | None = None  # open files, inside `reading()`
+        self.alias: dict[str, str] = {}  # model parameter name -> key in the files, where they differ (renames)
+
+    def use_renames_of(self, model) -> "Checkpoint":
+        """Also find tensors that transformers renames when it loads this model (GPT-NeoX saves its LM head as
+        `embed_out.weight`, loads it as `lm_head.weight`): each key in the files is renamed as from_pretrained
+        would (transformers' conversion mapping, where this transformers version has one)."""
+        try:
+            from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+            renames = [r for r in get_model_conversion_mapping(model) if isinstance(r, WeightRenaming)]
+        except (ImportError, AttributeError, TypeError):
+            return self
+        for k in self.files:
+            name = k
+            for r in renames:
+                name = r.rename_source_key(name)[0]
+            if name != k:
+                self.alias.setdefault(name, k)
+        return self
 
     def keys(self) -> list[str]:
         return list(self.files)
@@ -53,6 +72,8 @@ class Checkpoint:
         """The key holding parameter `name` of the loaded model (None when absent)."""
         if name in self.files:
             return name
+        if name in self.alias:
+            return self.alias[name]
         if self.base_prefix and name.startswith(self.base_prefix + "."):
             short = name[len(self.base_prefix) + 1:]
             if short in self.files:
