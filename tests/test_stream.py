@@ -193,3 +193,17 @@ def test_lazy_model_is_for_the_logits_export_only(tiny_dirs, small_text, tmp_pat
     with pytest.raises(BadInput, match="device and dtype"):
         api.load_quantized(tmp_path / "q", lazy=True, device="cuda")
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_lazy_export_of_a_float16_streamed_folder(family, tiny_dirs, small_text, tmp_path):
+    """A streamed quantization on a GPU writes its folder in float16; exported from placeholders, the weights are
+    read and widened to float32 exactly as load_quantized widens them: the same bytes."""
+    folder = str(tiny_dirs(family))
+    _, tok = api.load_model(folder, device="cpu")
+    r = make_recipe("paper", calib=_calib(small_text))
+    api.quantize_streamed(folder, tmp_path / "q16", r, tokenizer=tok, device="cpu", dtype="float16")
+    a, b = tmp_path / "loaded.onnx", tmp_path / "lazy.onnx"
+    api.export_onnx(api.load_quantized(tmp_path / "q16", device="cpu"), a, weights="qdq16")
+    api.export_onnx(api.load_quantized(tmp_path / "q16", lazy=True), b, weights="qdq16")
+    assert a.read_bytes() == b.read_bytes()
