@@ -178,13 +178,8 @@ def _attach_weights(model, params: dict, lazy=None) -> None:
         raise RuntimeError(f"exported graph lacks inputs for parameters {missing[:3]}")
     for v in [v for v in g.inputs if v.name in params]:
         p = params[v.name].detach()
-        if lazy is not None:
-            lazy.check_captured(p, v.name)
-        if lazy is not None and lazy.source_of(p) is not None:
-            from sq_export.stream.lazy import lazy_tensor
-
-            t = lazy_tensor(lazy, p, v.name)
-        else:
+        t = lazy.captured(p, v.name) if lazy is not None else None
+        if t is None:
             t = TorchTensor(p, name=v.name)
         g.inputs.remove(v)
         v.const_value = t
@@ -235,11 +230,6 @@ def float32_on(model, device="cpu"):
     finally:
         for t, data in swapped:
             t.data = data
-
-
-def cpu_float32(model):
-    """float32_on(model, "cpu"): the default export ground."""
-    return float32_on(model, "cpu")
 
 
 @contextlib.contextmanager

@@ -34,14 +34,21 @@ class LazyWeights:
         self.by_storage: dict[int, tuple[str, torch.Tensor]] = {}
         self.real_storages: set[int] = set()  # the model's real tensors (norms, biases, scales, buffers)
 
-    def check_captured(self, t: torch.Tensor, name: str) -> None:
-        """A float tensor the exporter computed itself (constant folding) from placeholders would be written with
-        placeholder values: refuse a large one that is neither a placeholder view nor a real tensor of the model."""
-        if self.source_of(t) is not None or not t.is_floating_point() or t.dim() < 2 or t.numel() < 1024:
-            return
-        if t.untyped_storage().data_ptr() not in self.real_storages:
+    def captured(self, t: torch.Tensor, name: str):
+        """What the exporter's captured parameter `t` becomes: an ir.LazyTensor of the checkpoint's values when it is
+        a placeholder or a view of one, None when it is one of the model's real tensors (kept as it is). A large
+        float tensor the exporter computed itself (constant folding) from placeholders would be written with
+        placeholder values: refused."""
+        if self.source_of(t) is not None:
+            import onnx_ir as ir
+
+            return ir.LazyTensor(lambda: ir.Tensor(self.real(t).numpy(), name=name), dtype=ir.DataType.FLOAT,
+                                 shape=ir.Shape(tuple(t.shape)), name=name)
+        if (t.is_floating_point() and t.dim() >= 2 and t.numel() >= 1024
+                and t.untyped_storage().data_ptr() not in self.real_storages):
             raise RuntimeError(f"export from placeholders: the exporter computed initializer {name} {list(t.shape)} "
                                "from the weights (constant folding); export this model with load_quantized(lazy=False)")
+        return None
 
     def placeholder(self, name: str, shape) -> torch.Tensor:
         n = 1
@@ -71,16 +78,6 @@ class LazyWeights:
         return base.as_strided(t.shape, t.stride(), base.storage_offset() + off).contiguous()
 
 
-def lazy_tensor(weights: LazyWeights, t: torch.Tensor, name: str):
-    """An ir.LazyTensor of `t`'s real values (read from the checkpoint when its bytes are needed)."""
-    import onnx_ir as ir
-
-    def make():
-        return ir.Tensor(weights.real(t).numpy(), name=name)
-
-    return ir.LazyTensor(make, dtype=ir.DataType.FLOAT, shape=ir.Shape(tuple(t.shape)), name=name)
-
-
 def load_lazy(folder: str | Path, rec: dict):
     """(model with placeholder weights and real small tensors, LazyWeights, quantized names): the model of a
     `quantize_streamed` folder on the CPU in float32, its QLinears built with the scales in `rec` (sq_quant.json)
@@ -100,10 +97,8 @@ def load_lazy(folder: str | Path, rec: dict):
                 if t is None:
                     continue
                 full = pre + pname
-                if ckpt.key(full) is None:
-                    if t.device.type == "meta":  # a tied weight (the LM head): tie_weights below
-                        continue
-                    continue  # a buffer the model computes (rotary inv_freq)
+                if ckpt.key(full) is None:  # a tied weight (tie_weights below) or a computed buffer (rotary)
+                    continue
                 if t.device.type == "meta" and t.is_floating_point() and t.dim() >= 2:
                     v = lw.placeholder(full, t.shape)
                 else:
