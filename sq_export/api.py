@@ -302,6 +302,10 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
     target = normalize_target(target)
     if dtype == "fp16" and decode:
         raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
+    qm = model if isinstance(model, QuantizedModel) else _float(model)
+    if getattr(qm.model, "_sq_lazy_weights", None) is not None and (decode or dtype != "fp32" or trace_device != "cpu"):
+        raise BadInput("a model loaded with load_quantized(lazy=True) exports the float32 logits graph traced on the CPU "
+                       "only: load it with lazy=False for --decode, --dtype fp16 or --trace-device cuda")
     if trace_device != "cpu":
         from sq_export.device import resolve_device
 
@@ -312,10 +316,6 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
             trace_device = resolve_device(trace_device)
         except BackendMissing:
             raise BackendMissing(f"--trace-device {trace_device}: torch sees no CUDA GPU; trace on the CPU (--trace-device cpu)") from None
-    qm = model if isinstance(model, QuantizedModel) else _float(model)
-    if getattr(qm.model, "_sq_lazy_weights", None) is not None and (decode or dtype != "fp32" or str(trace_device) != "cpu"):
-        raise BadInput("a model loaded with load_quantized(lazy=True) exports the float32 logits graph traced on the CPU "
-                       "only: load it with lazy=False for --decode, --dtype fp16 or --trace-device cuda")
     r = qm.recipe
     calibration = Path(r.act_scales).name if r.act_scales else r.calib.label()
     meta = graph_metadata(source_model or qm.source or "", qm.prepared, calibration)

@@ -255,7 +255,11 @@ def add_initializer(graph: ir.Graph, base: str, arr) -> ir.Value:
     """A new initializer named `base` (made unique): `arr` a numpy array, or an onnx-ir tensor (e.g. a LazyTensor,
     computed only when read) taken as it is."""
     name = unique_name(graph, base)
-    t = arr if isinstance(arr, ir.LazyTensor) else ir.tensor(np.ascontiguousarray(arr), name=name)
+    if isinstance(arr, ir.LazyTensor):
+        t = arr
+        t.name = name
+    else:
+        t = ir.tensor(np.ascontiguousarray(arr), name=name)
     v = ir.val(name, const_value=t)
     graph.register_initializer(v)
     return v

@@ -66,11 +66,11 @@ def fp16_weight(w: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: i
     return w16 if np.array_equal(back, q) else None
 
 
-def _lazy_fp16(src, s: np.ndarray, zp, axis: int, name: str) -> ir.LazyTensor:
+def _lazy_fp16(src, s: np.ndarray, zp, axis: int) -> ir.LazyTensor:
     """float16(q·s) computed when the tensor is read (written to the file), not kept afterwards. `src`: the float32
     weight's tensor (its values are read then: a model's tensor, or a weight still in the checkpoint)."""
-    return ir.LazyTensor(lambda: ir.Tensor(fp16_weight(src.numpy(), s, zp, axis, verify=False), name=name),
-                         dtype=ir.DataType.FLOAT16, shape=ir.Shape(tuple(src.shape)), name=name)
+    return ir.LazyTensor(lambda: ir.Tensor(fp16_weight(src.numpy(), s, zp, axis, verify=False)),
+                         dtype=ir.DataType.FLOAT16, shape=ir.Shape(tuple(src.shape)))
 
 
 def weights_graph(graph: ir.Graph) -> tuple[int, int]:
@@ -88,15 +88,14 @@ def weights_graph(graph: ir.Graph) -> tuple[int, int]:
                 or (zp is not None and zp.dtype != np.int8)):
             continue  # activations; already converted
         axis = attr_int(q, "axis", 1)
-        name16 = unique_name(graph, f"{w.name or 'weight'}.fp16")
         if scales_guarantee_exact(s, zp):
-            w16 = _lazy_fp16(src, s, zp, axis, name16)
+            w16 = _lazy_fp16(src, s, zp, axis)
         else:
             w16 = fp16_weight(src.numpy(), s, zp, axis)
             if w16 is None:
                 kept += 1
                 continue
-        v16 = add_initializer(graph, name16, w16)
+        v16 = add_initializer(graph, f"{w.name or 'weight'}.fp16", w16)
         out = ir.val(unique_name(graph, f"{w.name or 'weight'}.fp32"), ir.DataType.FLOAT, v16.shape)
         cast = ir.node("Cast", [v16], attributes={"to": FLOAT}, outputs=[out], name=unique_name(graph, f"{w.name or 'weight'}.cast"))
         graph.insert_before(q, cast)

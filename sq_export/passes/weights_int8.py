@@ -54,16 +54,14 @@ def weights_graph(graph: ir.Graph) -> int:
         zp_v = q.inputs[2] if len(q.inputs) > 2 else None
         s = const_array(q.inputs[1])
         zp = const_array(zp_v) if zp_v is not None else np.zeros((), np.uint8)
-        src = w.const_value
-        if isinstance(src, ir.LazyTensor):  # a weight read from the checkpoint when written: quantized then too
-            if s is None or zp is None or src.dtype != ir.DataType.FLOAT or np.dtype(zp.dtype) not in _RANGES:
-                continue
-            wq = _lazy_int8(src, s, zp, attr_int(q, "axis", 1))
-        else:
-            x = const_array(w)
-            if x is None or s is None or zp is None or x.dtype != np.float32 or np.dtype(zp.dtype) not in _RANGES:
-                continue
-            wq = quantize_like_onnx(x, s, zp, attr_int(q, "axis", 1), zp.dtype)
+        # a weight read from the checkpoint when written (stream/lazy.py) is quantized then too, without reading it now
+        lazy = w.const_value if isinstance(w.const_value, ir.LazyTensor) else None
+        x = None if lazy is not None else const_array(w)
+        is_float = lazy.dtype == ir.DataType.FLOAT if lazy is not None else x is not None and x.dtype == np.float32
+        if not is_float or s is None or zp is None or np.dtype(zp.dtype) not in _RANGES:
+            continue
+        axis = attr_int(q, "axis", 1)
+        wq = _lazy_int8(lazy, s, zp, axis) if lazy is not None else quantize_like_onnx(x, s, zp, axis, zp.dtype)
         qv = add_initializer(graph, f"{w.name or 'weight'}.int8" if zp.dtype == np.int8 else f"{w.name}.uint8", wq)
         for dq in users:
             dq.replace_input_with(0, qv)

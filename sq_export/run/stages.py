@@ -85,8 +85,12 @@ def torch_side(ctx: RunContext) -> dict:
 
 
 def rows_input(ctx: RunContext) -> dict:
-    rows = {"calib_rows": ctx.out / CALIB_ROWS} if ctx.needs_rows() else {}
-    return {**rows, **({"prefix": ctx.out / PREFIX} if ctx.opts.prefix_outliers else {})}
+    return {"calib_rows": ctx.out / CALIB_ROWS} if ctx.needs_rows() else {}
+
+
+def prefix_input(ctx: RunContext) -> dict:
+    """The outlier prefix the quantized models and their graphs run after (--prefix-outliers)."""
+    return {"prefix": ctx.out / PREFIX} if ctx.opts.prefix_outliers else {}
 
 
 def graph_inputs(ctx: RunContext, modes=None) -> dict:
@@ -239,7 +243,8 @@ def run_smooth(ctx: RunContext, staging: Path) -> dict:
 
 # ----- export ---------------------------------------------------------------------------------------------------
 def spec_export(ctx: RunContext):
-    inputs = {"model": ctx.model_path, "act_scales": ctx.out / ACT_SCALES, "smoothed": ctx.out / SMOOTHED, **rows_input(ctx)}
+    inputs = {"model": ctx.model_path, "act_scales": ctx.out / ACT_SCALES, "smoothed": ctx.out / SMOOTHED, **rows_input(ctx),
+              **prefix_input(ctx)}
     if ctx.recipe("sq").fallback == "auto":  # scored on calibration-split windows
         inputs["calib_text"] = ctx.calib_text()
     o = ctx.opts
@@ -365,7 +370,7 @@ def engines(ctx: RunContext) -> dict:
 # ----- eval -----------------------------------------------------------------------------------------------------
 def spec_eval(ctx: RunContext):
     inputs = {"model": ctx.model_path, "act_scales": ctx.out / ACT_SCALES, "smoothed": ctx.out / SMOOTHED,
-              "eval_text": ctx.eval_text(), "calib_text": ctx.calib_text(), **rows_input(ctx)}
+              "eval_text": ctx.eval_text(), "calib_text": ctx.calib_text(), **rows_input(ctx), **prefix_input(ctx)}
     inputs.update({f"onnx_{m}": p for m, p in graph_inputs(ctx).items()})
     inputs.update({f"engine_{m}": p for m, p in engines(ctx).items()})
     return inputs, {
