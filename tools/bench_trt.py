@@ -386,18 +386,17 @@ def main(argv=None) -> int:
         return 0
     f16 = report["engines"]["fp16"]
     report["size_ratio_int8_over_fp16"] = {k: e["engine_bytes"] / f16["engine_bytes"] for k, e in report["engines"].items() if k != "fp16"}
-    report["speedup_over_fp16"] = {
-        k: {("b" + str(r16["shape"][0]) if a.decode else "x".join(map(str, r16["shape"]))): r16["gpu_ms_median"] / r8["gpu_ms_median"]
-            for r16, r8 in zip(f16["timings"], e["timings"])}
-        for k, e in report["engines"].items() if k != "fp16"
-    }
-    report["speedup_int8_over_fp16"] = report["speedup_over_fp16"]["int8"]
-    if a.cuda_graph:
-        report["cuda_graph_speedup_over_fp16"] = {
-            k: {("b" + str(r16["shape"][0]) if a.decode else "x".join(map(str, r16["shape"]))): r16["cuda_graph_ms_median"] / r8["cuda_graph_ms_median"]
-                for r16, r8 in zip(f16["timings"], e["timings"]) if "cuda_graph_ms_median" in r16 and "cuda_graph_ms_median" in r8}
+    def speedups(key: str) -> dict:  # {engine: {shape or batch: FP16 time / its time}} where both have `key`
+        return {
+            k: {("b" + str(r16["shape"][0]) if a.decode else "x".join(map(str, r16["shape"]))): r16[key] / r8[key]
+                for r16, r8 in zip(f16["timings"], e["timings"]) if key in r16 and key in r8}
             for k, e in report["engines"].items() if k != "fp16"
         }
+
+    report["speedup_over_fp16"] = speedups("gpu_ms_median")
+    report["speedup_int8_over_fp16"] = report["speedup_over_fp16"]["int8"]
+    if a.cuda_graph:
+        report["cuda_graph_speedup_over_fp16"] = speedups("cuda_graph_ms_median")
 
     what = f"decode step, past {a.past}{', KV FP16' if a.kv_fp16 else ''}" if a.decode else "prefill"
     print(f"\nTensorRT {trt.__version__} on {gpu.get('name')}, {what}; median of {a.runs} runs after {a.warmup} warm-up (GPU time, CUDA events)")
