@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it: `chec
 
 __all__ = [
     "load_model", "load_tokenizer", "calibrate", "quantize", "export_onnx", "check", "perplexity", "run_pipeline",
-    "calibrate_streamed", "quantize_streamed", "load_quantized",
+    "calibrate_streamed", "quantize_streamed", "load_quantized", "load_float",
     "QuantizedModel", "ExportResult", "Recipe", "CalibOptions", "make_recipe", "normalize_target", "text_ids",
     "token_outliers", "linear_sqnr",
 ]
@@ -215,6 +215,29 @@ def load_quantized(folder: str | Path, *, device: str | None = None, dtype: str 
     return QuantizedModel(model, fam, recipe, prep, None, rec["source_model"])
 
 
+def load_float(model: str | Path, *, device: str | None = None, dtype: str = "auto", lazy: bool = False) -> QuantizedModel:
+    """The float model of `model` (a Hugging Face folder, a .gguf file or an alias) as the QuantizedModel of mode fp
+    that `export_onnx` writes as the float (FP32 / FP16 reference) graph — what `export_onnx` makes of a loaded float
+    model. `lazy=True` (a Hugging Face safetensors folder): for export only, like load_quantized(lazy=True) — the
+    weight matrices are placeholders, the export traces on them and reads each weight from the checkpoint when it
+    writes it (sq_export.stream.lazy: the bytes of the loaded model's export, host memory ≈ one weight)."""
+    if not lazy:
+        m, _ = load_model(model, with_tokenizer=False, device=device, dtype=dtype)
+        return _float(m)
+    from sq_export.modeling import resolve_model_path
+    from sq_export.stream.lazy import load_float_lazy
+
+    if device not in (None, "cpu") or dtype not in ("auto", "float32"):
+        raise BadInput("load_float(lazy=True) builds a CPU float32 skeleton for export: leave device and dtype")
+    if not resolve_model_path(str(model)).is_dir():
+        raise BadInput(f"{model} is not a Hugging Face safetensors folder: a .gguf model cannot be exported from "
+                       "placeholders (lazy); load it (lazy=False, no --stream) or save it once with save_pretrained")
+    m, fam, lw = load_float_lazy(model)
+    m._sq_lazy_weights = lw  # read by the exporter (export.exporter._attach_weights)
+    m._sq_source = str(model)  # as load_model records it
+    return _float(m, fam)
+
+
 # ----- quantization ---------------------------------------------------------------------------------------------
 @dataclass
 class QuantizedModel:
@@ -304,8 +327,8 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
         raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
     qm = model if isinstance(model, QuantizedModel) else _float(model)
     if getattr(qm.model, "_sq_lazy_weights", None) is not None and (decode or dtype != "fp32" or trace_device != "cpu"):
-        raise BadInput("a model loaded with load_quantized(lazy=True) exports the float32 logits graph traced on the CPU "
-                       "only: load it with lazy=False for --decode, --dtype fp16 or --trace-device cuda")
+        raise BadInput("a model loaded with lazy=True (load_quantized, load_float) exports the float32 logits graph "
+                       "traced on the CPU only: load it with lazy=False for --decode, --dtype fp16 or --trace-device cuda")
     if trace_device != "cpu":
         from sq_export.device import resolve_device
 
@@ -330,11 +353,11 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
     return ExportResult(Path(res.pop("onnx")), res.pop("bytes"), res.pop("nodes"), {**meta, **res})
 
 
-def _float(model) -> QuantizedModel:
+def _float(model, fam=None) -> QuantizedModel:
     from sq_export.families import family_for
     from sq_export.quant.prepare import prepare
 
-    fam = family_for(model)
+    fam = fam or family_for(model)
     r = Recipe.fp()
     return QuantizedModel(model, fam, r, prepare(model, fam, r, None), None, getattr(model, "_sq_source", None))
 
@@ -364,8 +387,8 @@ def check(path, *, target: str = "tensorrt", fix: str | Path | None = None):
 def _refuse_placeholders(model, what: str) -> None:
     m = model.model if isinstance(model, QuantizedModel) else model
     if getattr(m, "_sq_lazy_weights", None) is not None:
-        raise BadInput(f"{what}: this model was loaded with load_quantized(lazy=True), whose weights are placeholders "
-                       "for export only; load it with lazy=False")
+        raise BadInput(f"{what}: this model was loaded with lazy=True (load_quantized, load_float), whose weights are "
+                       "placeholders for export only; load it with lazy=False")
 
 
 def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_tokens: int | None = None) -> dict:

@@ -58,7 +58,7 @@ def add_tokenizer(p):
 
 def add_export_options(p):
     """The graph options of `export` (and `run`, which exports too)."""
-    p.add_argument("--weights", choices=["int8", "qdq", "qdq16"], default="int8", help="int8: INT8 initializers -> DQ (a quarter of qdq's bytes; TensorRT 10+); qdq: float32 W -> Q -> DQ (TensorRT 8.6); qdq16: float16 W -> Cast -> Q -> DQ with W the already-quantized weight, the same INT8 values at half qdq's bytes (TensorRT 8.6 builds the same engine as from qdq: verified on an H200)")
+    p.add_argument("--weights", choices=["int8", "qdq", "qdq16"], default="int8", help="int8: INT8 initializers -> DQ (a quarter of qdq's bytes; TensorRT 10+); qdq: float32 W -> Q -> DQ (TensorRT 8.6); qdq16: float16 W -> Cast -> Q -> DQ with W the already-quantized weight, the same INT8 values at half qdq's bytes (TensorRT 8.6 builds the same engine as from qdq: verified on an H200). On a float graph (--mode fp, and run's fp graph) int8 and qdq change nothing, and qdq16 stores every float32 MatMul/Gemm/embedding weight that float16 holds exactly as float16 W -> Cast (bit-identical results; a float16 checkpoint's graph halves), the others stay float32")
     add_target(p, "ort: activation Q/DQ as uint8/128 (same grid) so ONNX Runtime runs integer kernels")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="type of the float parts (weights left float, norm gamma/beta, activations, logits); fp16: Q/DQ with float16 scales at opset 19, norm statistics in float32 (TensorRT 10+ strongly typed; ONNX Runtime runs it too)")
 

@@ -13,6 +13,7 @@ def add_parser(sub):
         + ".\nExamples:\n  sq-export export smollm2 -o out/sq.onnx                 # TensorRT 10+ (int8 weights)\n"
         "  sq-export export smollm2 --weights qdq -o out/sq86.onnx # TensorRT 8.6 (float W -> Q -> DQ)\n"
         "  sq-export export smollm2 --mode fp -o out/fp.onnx\n"
+        "  sq-export export FOLDER --mode fp --weights qdq16 --stream -o out/fp16w.onnx  # float16-exact weights stored in float16, written from FOLDER without loading it\n"
         "  sq-export export smollm2 --dtype fp16 -o out/sq16.onnx   # float16 float parts, opset 19 (TensorRT 10+ strongly typed)",
     )
     c.add_model(p, " (or a smoothed folder from `smooth`, with --act-scales of the smoothed model)")
@@ -21,7 +22,7 @@ def add_parser(sub):
     c.add_tokenizer(p)
     c.add_recipe(p)
     c.add_export_options(p)
-    p.add_argument("--stream", metavar="DIR", help="calibrate, smooth and quantize one decoder layer at a time from MODEL's safetensors into DIR (the smoothed checkpoint and its scales: sq_quant.json), then export from DIR; for models larger than the GPU; --fallback auto needs the whole model (use none, N or names)")
+    p.add_argument("--stream", metavar="DIR", nargs="?", const="", default=None, help="calibrate, smooth and quantize one decoder layer at a time from MODEL's safetensors into DIR (the smoothed checkpoint and its scales: sq_quant.json), then export from DIR without loading it (each weight read when written); for models larger than the GPU; --fallback auto needs the whole model (use none, N or names). With --mode fp: no DIR (nothing to quantize): the float graph is written from MODEL's safetensors without loading them")
     p.add_argument("--trace-device", choices=["cpu", "cuda"], default="cpu", help="where the float32 trace of the logits graph runs: cpu (default) or cuda (the 4 bytes a parameter in GPU memory instead of host memory: for 7B+ models on a GPU host; with --stream the quantized folder is loaded onto the GPU)")
     p.add_argument("--decode", action="store_true", help="KV-cache decode graph: inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value (float cache)")
     p.add_argument("--json", action="store_true")
@@ -40,14 +41,22 @@ def run(args):
     if args.dtype == "fp16" and args.decode:
         raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
     recipe = c.recipe_from(args)
+    # the logits graph is exported from placeholders, each weight read from the checkpoint when written (host memory
+    # ≈ the largest tensor: sq_export.stream.lazy); the decode and float16 graphs trace the loaded model (where
+    # --trace-device says)
+    lazy = not args.decode and args.dtype == "fp32" and args.trace_device == "cpu"
+    if args.stream is not None and recipe.mode == "fp" and args.stream:
+        raise BadInput(f"--mode fp --stream takes no DIR ({args.stream}): nothing is quantized, the float graph is "
+                       "written from MODEL's safetensors")
+    if args.stream is not None and recipe.mode != "fp" and not args.stream:
+        raise BadInput("--stream needs DIR for a quantized graph (the smoothed checkpoint and its scales go there); "
+                       "only --mode fp --stream takes none")
     t = time.perf_counter()
-    if args.stream:
+    if args.stream is not None and recipe.mode == "fp" and lazy:
+        qm = api.load_float(args.model, lazy=True)
+    elif args.stream:
         tok = api.load_tokenizer(args.tokenizer or args.model)
         api.quantize_streamed(args.model, args.stream, recipe, tokenizer=tok, device=args.device, dtype=args.model_dtype)
-        # the logits graph is exported from placeholders, each weight read from DIR when written (host memory ≈ the
-        # largest tensor: sq_export.stream.lazy); the decode and float16 graphs trace the loaded model (where
-        # --trace-device says)
-        lazy = not args.decode and args.dtype == "fp32" and args.trace_device == "cpu"
         qm = api.load_quantized(args.stream, lazy=True) if lazy else api.load_quantized(args.stream, device=args.trace_device)
     else:
         model, tok, _ = c.load(args)

@@ -33,7 +33,9 @@ OPSET = 17
 OPSET_FP16 = 19  # float16 QuantizeLinear/DequantizeLinear scales need opset 19
 DTYPES = ("fp32", "fp16")
 # int8: INT8 initializers -> DQ (TensorRT 10+); qdq: float32 W -> Q -> DQ (TensorRT 8.6); qdq16: float16 (q·s) ->
-# Cast -> Q -> DQ, the same INT8 values at half qdq's bytes (passes/weights_fp16.py)
+# Cast -> Q -> DQ, the same INT8 values at half qdq's bytes (passes/weights_fp16.py); on a float graph (mode fp)
+# qdq16 stores float16 W -> Cast where float16 holds W exactly (passes/float_weights_fp16.py), int8 and qdq nothing
+# else than the float32 weights
 WEIGHTS = ("int8", "qdq", "qdq16")
 
 
@@ -314,6 +316,16 @@ def export_onnx(model, family, path, *, weights: str = "int8", target: str = "te
     passes.TidyQDQConstantsPass()(m)
     if weights == "int8":
         passes.WeightsToInt8Pass()(m)
+    elif weights == "qdq16" and (meta or {}).get("mode") == "fp":
+        # the float graph's compact form: float16 W -> Cast where float16 holds W exactly (passes/float_weights_fp16.py)
+        from sq_export.passes.float_weights_fp16 import FloatWeightsToFp16Pass
+
+        p16 = FloatWeightsToFp16Pass()
+        p16(m)
+        if p16.kept_float32:
+            log.warning("--weights qdq16: %d float weights kept in float32 (float16 does not hold their values exactly)",
+                        p16.kept_float32)
+        extra = {**extra, "weights_fp16": p16.count, "weights_kept_float32": p16.kept_float32}
     elif weights == "qdq16":
         from sq_export.passes.weights_fp16 import WeightsToFp16Pass
 

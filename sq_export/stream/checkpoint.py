@@ -3,6 +3,7 @@
     ck = Checkpoint(folder)                      # model.safetensors, or the shards of model.safetensors.index.json
     t = ck.tensor("model.layers.3.mlp.up_proj.weight", device, dtype)
     ck.key("model.layers.3.mlp.up_proj.weight")  # the name it has in the files (base-model prefix tolerated)
+    ck.stored_dtype("model.layers.3.mlp.up_proj.weight")  # "F16", "BF16", "F32", ... (the header's, no data read)
 
 Names are the loaded model's parameter names; a checkpoint saved from the base model (keys without the
 `model.` / `transformer.` prefix, e.g. facebook/opt-*) is read too.
@@ -118,6 +119,14 @@ class Checkpoint:
         elif device is None or torch.device(device).type == "cpu":
             t = t.clone()  # not a view of the memory map
         return t if device is None or t.device == torch.device(device) else t.to(device)
+
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors type parameter `name` is stored in ("F16", "BF16", "F32", ...), from the file's header
+        (no data read)."""
+        k = self.key(name)
+        if k is None:
+            raise BadInput(f"{self.folder}: no tensor {name} in the checkpoint's safetensors")
+        return str(self._handle(self.files[k]).get_slice(k).get_dtype())
 
     def close(self) -> None:
         self._open = None

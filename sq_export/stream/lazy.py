@@ -11,8 +11,14 @@ tensor from the checkpoint (widened to float32 exactly as `load_model` does) whe
 time. The qdq16/int8 weight passes keep their inputs lazy too. The file has the bytes of the in-memory export
 (tests/test_stream.py, every family).
 
+The float graph of a Hugging Face safetensors folder is exported the same way (`load_float_lazy`, the skeleton the
+quantized one builds on): `--mode fp --stream`, no quantization and no DIR. Each lazy weight records the type its
+checkpoint stores it in (the safetensors header's), so the compact float graph (`--weights qdq16`,
+passes/float_weights_fp16.py) knows a float16 checkpoint's weights are exact in float16 without reading them.
+
     qm = api.load_quantized(folder, lazy=True)
     api.export_onnx(qm, "sq16.onnx", weights="qdq16")
+    api.export_onnx(api.load_float(hf_folder, lazy=True), "fp16w.onnx", weights="qdq16")
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from sq_export.stream.checkpoint import Checkpoint
 
 PLACEHOLDER_MIN_ELEMENTS = 1 << 20  # tensors of 4 MB (float32) and more: fresh zero pages; smaller ones: zeros
+STORED_TYPES = {"F16": "FLOAT16", "BF16": "BFLOAT16", "F32": "FLOAT", "F64": "DOUBLE"}  # safetensors -> ir.DataType
 
 
 class LazyWeights:
@@ -39,11 +46,20 @@ class LazyWeights:
         a placeholder or a view of one, None when it is one of the model's real tensors (kept as it is). A large
         float tensor the exporter computed itself (constant folding) from placeholders would be written with
         placeholder values: refused."""
-        if self.source_of(t) is not None:
+        src = self.source_of(t)
+        if src is not None:
             import onnx_ir as ir
 
-            return ir.LazyTensor(lambda: ir.Tensor(self.real(t).numpy(), name=name), dtype=ir.DataType.FLOAT,
-                                 shape=ir.Shape(tuple(t.shape)), name=name)
+            from sq_export.passes.float_weights_fp16 import SOURCE_DTYPE
+
+            lt = ir.LazyTensor(lambda: ir.Tensor(self.real(t).numpy(), name=name), dtype=ir.DataType.FLOAT,
+                               shape=ir.Shape(tuple(t.shape)), name=name)
+            # the type the checkpoint stores it in (its header's; no data read): a float16 one is exact in float16,
+            # which the compact float graph (--mode fp --weights qdq16) then knows without reading it
+            stored = STORED_TYPES.get(self.ckpt.stored_dtype(src[0]))
+            if stored is not None:
+                lt.meta[SOURCE_DTYPE] = getattr(ir.DataType, stored)
+            return lt
         if (t.is_floating_point() and t.dim() >= 2 and t.numel() >= 1024
                 and t.untyped_storage().data_ptr() not in self.real_storages):
             raise RuntimeError(f"export from placeholders: the exporter computed initializer {name} {list(t.shape)} "
@@ -78,14 +94,18 @@ class LazyWeights:
         return base.as_strided(t.shape, t.stride(), base.storage_offset() + off).contiguous()
 
 
-def load_lazy(folder: str | Path, rec: dict):
-    """(model with placeholder weights and real small tensors, LazyWeights, quantized names): the model of a
-    `quantize_streamed` folder on the CPU in float32, its QLinears built with the scales in `rec` (sq_quant.json)
-    and their weight scales computed from the checkpoint's weights, one at a time."""
-    from sq_export.families import family_for
-    from sq_export.quant.qlinear import quantize_model, weight_scale
+    def seal(self, model) -> None:
+        """Record the model's real tensors (everything that is not a placeholder), once the model is complete: a
+        large float initializer outside them and the placeholders was computed by the exporter (`captured`)."""
+        for t in (*model.parameters(), *model.buffers()):
+            if self.source_of(t) is None:
+                self.real_storages.add(t.untyped_storage().data_ptr())
+
+
+def _skeleton(folder: str | Path):
+    """(model of `folder`'s config.json on the CPU in float32, LazyWeights): every weight matrix a placeholder, the
+    small tensors read from the checkpoint (widened to float32 as `load_model` does), weights tied."""
     from sq_export.stream.layers import build_skeleton
-    from sq_export.stream.quantize import recipe_from_json
 
     model = build_skeleton(folder, torch.float32)
     ckpt = Checkpoint(folder, getattr(model, "base_model_prefix", None)).use_renames_of(model)
@@ -110,7 +130,28 @@ def load_lazy(folder: str | Path, rec: dict):
         from sq_export.errors import BadInput
 
         raise BadInput(f"{folder}: the checkpoint has no tensor {left[0]} (is it complete?)")
-    fam = family_for(model)
+    return model, lw
+
+
+def load_float_lazy(folder: str | Path):
+    """(float model with placeholder weights and real small tensors, family, LazyWeights): a Hugging Face
+    safetensors folder's model on the CPU in float32 for the export of its float graph (api.load_float(lazy=True))."""
+    from sq_export.families import family_for
+
+    model, lw = _skeleton(folder)
+    lw.seal(model)
+    return model, family_for(model), lw
+
+
+def load_lazy(folder: str | Path, rec: dict):
+    """(model with placeholder weights and real small tensors, family, LazyWeights, quantized names): the model of a
+    `quantize_streamed` folder on the CPU in float32 (the float skeleton of `load_float_lazy`), its QLinears built
+    with the scales in `rec` (sq_quant.json) and their weight scales computed from the checkpoint's weights, one at
+    a time."""
+    from sq_export.quant.qlinear import quantize_model, weight_scale
+    from sq_export.stream.quantize import recipe_from_json
+
+    model, fam, lw = load_float_lazy(folder)
     recipe = recipe_from_json(rec["recipe"])
     quantized = quantize_model(model, rec["quantized"], recipe.act, {n: float(v) for n, v in rec["act_scales"].items()},
                                recipe.per_channel)
@@ -119,7 +160,5 @@ def load_lazy(folder: str | Path, rec: dict):
     for n in quantized:
         q = model.get_submodule(n)
         q.w_scale.copy_(weight_scale(lw.real(q.w_kn), recipe.per_channel))
-    for t in (*model.parameters(), *model.buffers()):
-        if lw.source_of(t) is None:
-            lw.real_storages.add(t.untyped_storage().data_ptr())
+    lw.seal(model)  # the QLinears' own tensors too
     return model, fam, lw, quantized
