@@ -112,6 +112,32 @@ job_b13() {
   rm -rf "$T"
 }
 
+job_buildmem() {  # after the 32-layer INT8 build was OOM-killed at 79.5 GB: TensorRT 8.6 build host RSS vs depth
+  export PYTHONPATH=$ROOT
+  local D=$R/buildmem C=$W/bm L; mkdir -p "$D" "$C"
+  for L in 4 8; do
+    python3 tools/make_big_checkpoint.py --shape llama2-7b --layers $L -o "$C/c$L" -q || return 1
+    $SQ export "$C/c$L" --stream "$C/q$L" --weights qdq16 --fallback none --device cuda --samples 32 -o "$C/sq$L.onnx" --json > "$D/export$L.json" 2> "$D/export$L.err" || return 1
+    rm -rf "$C/c$L" "$C/q$L"
+    need_kit || return 1
+    maxrss bash -c 'source /opt/trt86/env.sh; exec "$TRTPY" "$@"' _ -m sq_export -q build "$C/sq$L.onnx" -o "$C/sq$L.engine" --precision int8 \
+        --batch 1:1:1 --seq 1:512:512 --opt-level 0 --json > "$D/build$L.json" 2> "$D/build$L.err"
+    echo "$(date +%T) layers $L $(tail -n 1 "$D/build$L.err") engine $(stat -c %s "$C/sq$L.engine" 2>/dev/null)" >> "$D/log"
+    rm -rf "$C"/sq$L.*
+  done
+}
+
+job_gemmasq() {  # started beside the models job (its Gemma INT8 builds wait for the SmolLM2 builds): same builds now
+  export PYTHONPATH=/tmp/site:$ROOT OMP_NUM_THREADS=4
+  local M=$W/m BD="trtpy -m sq_export -q build --batch 1:1:1 --seq 1:256:256 --json --opt-level 0" PIN='layers\.\d+/(Add(_1)?|mlp/down_proj/MatMul)$'
+  local CP="trtpy -m sq_export compare --perplexity --batches 0 --min-cosine -1 --min-top1 0 --json"
+  $CP "$M/gemma.fp.onnx" "$M/gemma.fp.engine" --tokens "$M/gemma.tokens.npz" > "$R/gemma.fp.compare2.json" 2> "$R/gemma.fp.compare2.err" &
+  $BD --fp32-nodes "$PIN" "$M/gemma.sq.onnx" -o "$M/gemma.sqp.engine" > "$R/gemma.sqp.build.json" 2> "$R/gemma.sqp.build.err" &
+  $BD --no-fp16 "$M/gemma.sq.onnx" -o "$M/gemma.sq32b.engine" > "$R/gemma.sq32b.build.json" 2> "$R/gemma.sq32b.build.err" &
+  wait
+  $CP "$M/gemma.sq.onnx" "$M/gemma.sqp.engine" "$M/gemma.sq32b.engine" --tokens "$M/gemma.tokens.npz" > "$R/gemma.sq.compare2.json" 2> "$R/gemma.sq.compare2.err"
+}
+
 job_tests() {
   need_kit || return 1
   PYTHONPATH=$ROOT trtpy -m pytest -q -rfs --noconftest -p no:cacheprovider tests/test_engine_*.py
@@ -180,7 +206,8 @@ start() {
   gpumon
   for j in "$@"; do
     case $j in
-      gpu|b7|b13|tests|compactfp) run_job "$j" "job_$j" ;;
+      gpu|b7|b13|tests|compactfp|buildmem|gemmasq) run_job "$j" "job_$j" ;;
+      buildmem2) run_job buildmem2 job_buildmem ;;
       models) [ "$(ls "$W"/*.part_* 2>/dev/null | wc -l)" -ge 7 ] || { echo "models: GGUF parts still to carry"; continue; }
               run_job models job_models ;;
     esac
@@ -195,7 +222,7 @@ report() {
   tar -C "$W" -czf "${OUT:-/tmp}/res.tgz" res 2>/dev/null
 }
 
-export -f log trtpy maxrss need_kit run_job step job_gpu job_b7 job_b13 job_tests job_models job_compactfp
+export -f log trtpy maxrss need_kit run_job step job_gpu job_b7 job_b13 job_tests job_models job_compactfp job_buildmem job_gemmasq
 export W R ROOT SQ SHM
 case ${1:-poll} in
   start) shift; start "$@"; report ;;
