@@ -38,10 +38,11 @@ def tokenizer():
     return _TOK["t"]
 
 
-def save_tiny(family: str, path, outliers=True, seed=0):
-    """A tiny model folder (config, safetensors, tokenizer) that `sq-export MODEL` commands load."""
+def save_tiny(family: str, path, outliers=True, seed=0, half=False):
+    """A tiny model folder (config, safetensors, tokenizer) that `sq-export MODEL` commands load; `half`: the
+    weights saved in float16 (as Llama-2-7B's checkpoint is)."""
     model, fam = make_tiny_vocab(family, outliers, seed)
-    model.save_pretrained(path, safe_serialization=True)
+    (model.half() if half else model).save_pretrained(path, safe_serialization=True)
     tokenizer().save_pretrained(path)
     return model, fam
 
@@ -50,19 +51,24 @@ def make_tiny_vocab(family, outliers=True, seed=0):
     return make_tiny(family, outliers, seed, vocab_size=len(tokenizer()))
 
 
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory):
-    """One saved tiny model folder per family (built lazily)."""
+def tiny_dir_factory(tmp_path_factory, prefix="tiny", **save_kw):
+    """family -> a saved tiny model folder (save_tiny(**save_kw)), built on first use and kept for the session."""
     cache = {}
 
     def get(family):
         if family not in cache:
-            d = tmp_path_factory.mktemp(f"tiny_{family}")
-            save_tiny(family, d)
+            d = tmp_path_factory.mktemp(f"{prefix}_{family}")
+            save_tiny(family, d, **save_kw)
             cache[family] = d
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """One saved tiny model folder per family (built lazily)."""
+    return tiny_dir_factory(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

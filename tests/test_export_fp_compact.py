@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
-from conftest import FAMILIES, make_tiny_vocab, token_batches, tokenizer
+from conftest import FAMILIES, make_tiny_vocab, tiny_dir_factory, token_batches, tokenizer
 from sq_export import api
 from sq_export.errors import BadInput
 from sq_export.measure.perplexity import ort_session
@@ -19,18 +19,7 @@ from sq_export.passes import float_weights_fp16 as fw
 @pytest.fixture(scope="session")
 def fp16_dirs(tmp_path_factory):
     """One tiny model folder per family saved in float16 (as Llama-2-7B's checkpoint is)."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            d = tmp_path_factory.mktemp(f"tiny16_{family}")
-            model, _ = make_tiny_vocab(family)
-            model.half().save_pretrained(d, safe_serialization=True)
-            tokenizer().save_pretrained(d)
-            cache[family] = d
-        return cache[family]
-
-    return get
+    return tiny_dir_factory(tmp_path_factory, "tiny16", half=True)
 
 
 def _logits(path):
