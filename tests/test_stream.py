@@ -175,6 +175,24 @@ def test_cli_stream_gives_the_whole_model_files(tiny_dirs, small_text, tmp_path)
     assert (tmp_path / "q" / "sq_quant.json").is_file() and (tmp_path / "q" / "model.safetensors.index.json").is_file()
 
 
+def test_cli_stream_default_recipe_streams_with_fallback_none(tiny_dirs, small_text, tmp_path, capsys):
+    """The default recipe's --fallback auto needs whole-model logits: `export --stream` without --fallback streams
+    it with none (said on stderr) and writes the whole-model `--fallback none` bytes; an explicit auto is refused."""
+    from sq_export.cli import main
+
+    folder = str(tiny_dirs("llama"))
+    opts = ["--calib-text", str(small_text / "calib.txt"), "--samples", "4", "--calib-seq-len", "32", "--device", "cpu",
+            "--weights", "qdq16", "--alpha", "0.8"]
+    assert main(["-q", "export", folder, *opts, "--fallback", "none", "-o", str(tmp_path / "w.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "export", folder, *opts, "--stream", str(tmp_path / "q"), "-o", str(tmp_path / "s.onnx")]) == 0
+    assert "--fallback none" in capsys.readouterr().err
+    assert (tmp_path / "w.onnx").read_bytes() == (tmp_path / "s.onnx").read_bytes()
+    rc = main(["-q", "export", folder, *opts, "--fallback", "auto", "--stream", str(tmp_path / "q2"), "-o", str(tmp_path / "a.onnx")])
+    assert rc == 2 and "--fallback auto" in capsys.readouterr().err
+    assert not (tmp_path / "a.onnx").exists()
+
+
 def test_lazy_model_is_for_the_logits_export_only(tiny_dirs, small_text, tmp_path):
     """load_quantized(lazy=True) holds placeholders: the decode and float16 graphs, the GPU trace and perplexity
     refuse it (one line each) instead of computing with placeholder weights; its float32 logits graph is exact."""

@@ -31,6 +31,7 @@ def add_parser(sub):
 
 
 def run(args):
+    import sys
     import time
 
     from sq_export import api
@@ -41,6 +42,14 @@ def run(args):
     if args.dtype == "fp16" and args.decode:
         raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
     recipe = c.recipe_from(args)
+    if args.stream and args.fallback is None and recipe.fallback == "auto":
+        # the preset's --fallback auto scores whole-model logits, which a streamed quantization never has: streamed,
+        # the default is none (an explicit --fallback auto is refused by quantize_streamed with the alternatives)
+        args.fallback = "none"
+        recipe = c.recipe_from(args)
+        if not args.json:
+            print("sq-export export: --stream: --fallback none (auto needs the whole model; give N or NAMES to keep "
+                  "Linears in float)", file=sys.stderr)
     # the logits graph is exported from placeholders, each weight read from the checkpoint when written (host memory
     # ≈ the largest tensor: sq_export.stream.lazy); the decode and float16 graphs trace the loaded model (where
     # --trace-device says)
