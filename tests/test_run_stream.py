@@ -4,14 +4,25 @@
 (exit 2, one line)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from sq_export.cli import main
-from test_pipeline import SMALL, STAGES, manifest, snapshot, texts  # noqa: F401 (texts: the module's fixture)
+from test_pipeline import SMALL, STAGES, manifest, snapshot
 
 CALIB = ["--samples", "4", "--calib-seq-len", "32"]
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """Calibration and eval text as test_pipeline.py takes them (slices of the shipped calibration file)."""
+    from sq_export.textdata import DEFAULT_CALIB
+
+    d = tmp_path_factory.mktemp("run_stream_text")
+    full = DEFAULT_CALIB.read_text()
+    (d / "calib.txt").write_text(full[:20000])
+    (d / "eval.txt").write_text(full[400000:408000])
+    return d
 
 
 def run(model, out, texts, *extra):
@@ -20,7 +31,7 @@ def run(model, out, texts, *extra):
 
 
 @pytest.fixture(scope="module")
-def stream_run(tiny_dirs, texts, tmp_path_factory):  # noqa: F811
+def stream_run(tiny_dirs, texts, tmp_path_factory):
     import sq_export.run.context as context
 
     def whole(self):
@@ -36,7 +47,7 @@ def stream_run(tiny_dirs, texts, tmp_path_factory):  # noqa: F811
     return out
 
 
-def test_stream_run_gives_the_export_commands_graphs(stream_run, tiny_dirs, texts, tmp_path):  # noqa: F811
+def test_stream_run_gives_the_export_commands_graphs(stream_run, tiny_dirs, texts, tmp_path):
     out, folder = stream_run, str(tiny_dirs("llama"))
     for f in ("act_scales.safetensors", "smoothed/sq_quant.json", "channel_stats.safetensors", "model.fp.onnx",
               "model.sq.onnx", "check.json", "eval.json", "report.md", "report.json", "plots/act_channels.png",
@@ -74,7 +85,7 @@ def test_stream_run_gives_the_export_commands_graphs(stream_run, tiny_dirs, text
     assert "PyTorch perplexity: --stream never loads" in md
 
 
-def test_stream_rerun_skips_and_switching_stream_reruns(stream_run, tiny_dirs, texts, tmp_path):  # noqa: F811
+def test_stream_rerun_skips_and_switching_stream_reruns(stream_run, tiny_dirs, texts, tmp_path):
     import shutil
 
     out = tmp_path / "out"
@@ -90,6 +101,9 @@ def test_stream_rerun_skips_and_switching_stream_reruns(stream_run, tiny_dirs, t
     assert manifest(out)["last_run"]["ran"] == ["calibrate", "smooth", "export"]
     assert (out / "model.naive.onnx").is_file()
     assert (out / "model.fp.onnx").read_bytes() == before["model.fp.onnx"][1]  # the same float graph either way
+    # the same calibration and per-channel statistics either way (CPU, float32): the report plots the same channels
+    for f in ("act_scales.safetensors", "channel_stats.safetensors"):
+        assert (out / f).read_bytes() == before[f][1], f
     assert run(tiny_dirs("llama"), out, texts, "--stream", "--until", "check") == 0
     m = manifest(out)
     assert m["last_run"]["ran"] == ["calibrate", "smooth", "export"]
@@ -98,7 +112,7 @@ def test_stream_rerun_skips_and_switching_stream_reruns(stream_run, tiny_dirs, t
     assert m["last_run"]["skipped"] == ["check"]
 
 
-def test_stream_refusals(tiny_dirs, texts, tmp_path, capsys):  # noqa: F811
+def test_stream_refusals(tiny_dirs, texts, tmp_path, capsys):
     folder = tiny_dirs("llama")
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 100)
