@@ -25,7 +25,7 @@ MODE_LABEL = {"fp": "FP32", "fp_prefix": "FP32 after the outlier prefix", "naive
 # what the quantized models, all run after it, approximate)
 ROW_ORDER = ("fp", "fp_prefix", "sq", "paper", "naive")
 NOT_MEASURED_LABEL = {"pytorch": "PyTorch perplexity", "onnxruntime": "ONNX Runtime perplexity", "tensorrt": "TensorRT perplexity",
-                      "layer_sqnr": "per-Linear SQNR"}
+                      "layer_sqnr": "per-Linear SQNR", "engine_vs_graph": "engine vs graph agreement"}
 NOT_BUILT_WHY = "each would need a streamed quantization of the whole checkpoint of its own"
 BACKEND_LABEL = {"pytorch": "PyTorch", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
 COLORS = {"fp": "#4c72b0", "fp_prefix": "#64b5cd", "naive": "#dd8452", "paper": "#8172b3", "sq": "#55a868", "before": "#c44e52", "after": "#55a868"}

@@ -74,7 +74,7 @@ def test_stream_run_gives_the_export_commands_graphs(stream_run, tiny_dirs, text
 
     ev = json.loads((out / "eval.json").read_text())
     assert ev["stream"] is True and ev["modes"] == ["fp", "sq"] and ev["perplexity"] == {}
-    assert set(ev["skipped"]) == {"pytorch", "onnxruntime", "layer_sqnr", "tensorrt"}  # no TensorRT here
+    assert set(ev["skipped"]) == {"pytorch", "onnxruntime", "layer_sqnr", "engine_vs_graph", "tensorrt"}  # no TensorRT here
     assert set(ev["not_built"]) == {"naive", "paper"}
     assert json.loads((out / "check.json").read_text())["ok"] is True
     rep = json.loads((out / "report.json").read_text())
@@ -110,6 +110,48 @@ def test_stream_rerun_skips_and_switching_stream_reruns(stream_run, tiny_dirs, t
     assert (out / "model.sq.onnx").read_bytes() == before["model.sq.onnx"][1]
     # check reads graphs only: its record (of the first streamed run, the same model.sq.onnx bytes) is up to date
     assert m["last_run"]["skipped"] == ["check"]
+
+
+def test_stream_run_measures_the_engines(stream_run, tiny_dirs, texts, tmp_path, monkeypatch):
+    """No TensorRT here: stand-ins (as test_pipeline's fake TensorRT) check that a streamed run builds fp and sq
+    engines and that eval measures them; the report leads with their perplexity."""
+    import shutil
+    import types
+    from pathlib import Path
+
+    import numpy as np
+
+    import sq_export.engine.build as eb
+    import sq_export.engine.run as er
+    import sq_export.engine.trt_compat as tc
+    from sq_export.measure.perplexity import onnx_perplexity
+
+    out = tmp_path / "trt"
+    shutil.copytree(stream_run, out)
+    built = []
+
+    def fake_build(onnx, dest, precision="int8", batch=None, seq=None, **k):
+        built.append((Path(onnx).name, precision))
+        Path(dest).write_bytes(b"engine:" + Path(onnx).read_bytes()[:64])
+        return {"engine": str(dest), "engine_bytes": Path(dest).stat().st_size, "build_seconds": 0.1, "tensorrt_version": "8.6.1"}
+
+    def fake_engine_ppl(path, toks, *a, **k):
+        ids = np.concatenate([toks.input_ids[i, : toks.lengths[i]] for i in range(toks.n_chunks)])
+        return onnx_perplexity(str(Path(path).with_suffix(".onnx")), ids, int(toks.input_ids.shape[1]), len(ids))
+
+    monkeypatch.setattr(tc, "import_tensorrt", lambda: types.SimpleNamespace(__version__="8.6.1"))
+    monkeypatch.setattr(tc, "require_gpu", lambda: {"name": "FakeGPU"})
+    monkeypatch.setattr(eb, "build_engine", fake_build)
+    monkeypatch.setattr(er, "engine_perplexity", fake_engine_ppl)
+    assert run(tiny_dirs("llama"), out, texts, "--stream") == 0
+    assert manifest(out)["last_run"]["ran"] == ["build", "eval", "report"]
+    assert sorted(built) == [("model.fp.onnx", "fp16"), ("model.sq.onnx", "int8")]
+    ev = json.loads((out / "eval.json").read_text())
+    trt = ev["perplexity"]["tensorrt"]
+    assert set(trt) == {"fp", "sq"} and all(1.0 < v < 1e4 for v in trt.values()) and ev["tokens"] == 252  # 256 tokens in chunks of 64
+    assert "tensorrt" not in ev["skipped"] and "pytorch" in ev["skipped"]
+    md = (out / "report.md").read_text()
+    assert "**Perplexity** (TensorRT" in md and f"**{trt['sq']:.3f}**" in md and "| model | TensorRT |" in md
 
 
 def test_stream_refusals(tiny_dirs, texts, tmp_path, capsys):
