@@ -244,6 +244,7 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
         "smooth_pairs": bool(meta.get("smooth_pairs") or rc.get("smooth_pairs")),
         "clip": rc.get("clip", "max"),
         "fallback": rc.get("fallback"),
+        **({"fallback_note": rc["fallback_note"]} if rc.get("fallback_note") else {}),
         "quantized_layers_total": rc.get("quantized_layers_total"),
         "fp16_layers": list(rc.get("fp16_layers") or []),
     }
@@ -318,6 +319,8 @@ def _recipe_line(r: dict) -> str:
                      + ", ".join(f"`{n}`" for n in fp16))
     elif r.get("fallback"):
         parts.append(f"--fallback {r['fallback']}: every Linear stays quantized")
+    elif r.get("fallback_note"):
+        parts.append(f"--fallback {r['fallback_note']}")
     return head + "; ".join(parts)
 
 

@@ -83,6 +83,7 @@ def test_stream_run_gives_the_export_commands_graphs(stream_run, tiny_dirs, text
     md = (out / "report.md").read_text()
     assert "**Perplexity**: not measured" in md and "Layer-streamed run" in md and "naive W8A8" in md
     assert "PyTorch perplexity: --stream never loads" in md
+    assert "--fallback none: the --stream default" in md
 
 
 def test_stream_rerun_skips_and_switching_stream_reruns(stream_run, tiny_dirs, texts, tmp_path):
