@@ -24,6 +24,9 @@ MODE_LABEL = {"fp": "FP32", "fp_prefix": "FP32 after the outlier prefix", "naive
 # the delivered model first after the float reference (and, with --prefix-outliers, the float model after the prefix:
 # what the quantized models, all run after it, approximate)
 ROW_ORDER = ("fp", "fp_prefix", "sq", "paper", "naive")
+NOT_MEASURED_LABEL = {"pytorch": "PyTorch perplexity", "onnxruntime": "ONNX Runtime perplexity", "tensorrt": "TensorRT perplexity",
+                      "layer_sqnr": "per-Linear SQNR", "engine_vs_graph": "engine vs graph agreement"}
+NOT_BUILT_WHY = "each would need a streamed quantization of the whole checkpoint of its own"
 BACKEND_LABEL = {"pytorch": "PyTorch", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
 COLORS = {"fp": "#4c72b0", "fp_prefix": "#64b5cd", "naive": "#dd8452", "paper": "#8172b3", "sq": "#55a868", "before": "#c44e52", "after": "#55a868"}
 
@@ -212,7 +215,9 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
         _ppl_plot(plots / "perplexity.png", ppl, rc.get("name"))
 
     # --- numbers ---
-    pt = ppl.get("pytorch", {})
+    # the headline's backend: PyTorch; a streamed run (no whole model) has TensorRT at most
+    head_backend = next((b for b in ("pytorch", "tensorrt", "onnxruntime") if ppl.get(b)), None)
+    pt = ppl.get(head_backend, {}) if head_backend else {}
     fp, nv, sq, paper = pt.get("fp"), pt.get("naive"), pt.get("sq"), pt.get("paper")
     recovered = None
     if None not in (fp, nv, sq) and nv - fp > 1e-9:
@@ -239,12 +244,16 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
         "smooth_pairs": bool(meta.get("smooth_pairs") or rc.get("smooth_pairs")),
         "clip": rc.get("clip", "max"),
         "fallback": rc.get("fallback"),
+        **({"fallback_note": rc["fallback_note"]} if rc.get("fallback_note") else {}),
         "quantized_layers_total": rc.get("quantized_layers_total"),
         "fp16_layers": list(rc.get("fp16_layers") or []),
     }
     headline = {
         "model": manifest.get("model", {}).get("arg"),
-        "perplexity_pytorch": {"fp": fp, "naive": nv, "sq": sq, **({"paper": paper} if paper is not None else {})},
+        "perplexity_backend": head_backend,
+        "perplexity_pytorch": {"fp": fp, "naive": nv, "sq": sq, **({"paper": paper} if paper is not None else {})}
+        if head_backend == "pytorch" else {},
+        "perplexity_headline": {"fp": fp, "naive": nv, "sq": sq, **({"paper": paper} if paper is not None else {})},
         "sq_recovers_fraction_of_naive_gap": recovered,
         "eval_tokens": ev.get("tokens"),
         "check_ok": check_ok,
@@ -264,6 +273,10 @@ def write_report(out: Path, manifest: dict, staging: Path, linear: str | None = 
         "headline": headline,
         "perplexity": ppl,
         "eval": {k: ev.get(k) for k in ("tokens", "seq_len", "max_tokens", "eval_text", "modes", "recipes")},
+        # a streamed run (--stream): what it did not measure, and the models it did not build, with the reasons
+        "stream": bool(ev.get("stream")),
+        "not_measured": ev.get("skipped") or {},
+        "not_built": ev.get("not_built") or {},
         "engine_vs_graph": ev.get("engine_vs_graph") or {},
         "alpha": alpha,
         "alpha_per_group": recipe["alpha_per_group"],
@@ -306,12 +319,14 @@ def _recipe_line(r: dict) -> str:
                      + ", ".join(f"`{n}`" for n in fp16))
     elif r.get("fallback"):
         parts.append(f"--fallback {r['fallback']}: every Linear stays quantized")
+    elif r.get("fallback_note"):
+        parts.append(f"--fallback {r['fallback_note']}")
     return head + "; ".join(parts)
 
 
 def _markdown(doc: dict, manifest: dict) -> str:
     h = doc["headline"]
-    p = h["perplexity_pytorch"]
+    p = h["perplexity_headline"]
     ev = doc["eval"]
     ch = doc["channels"]
     L = []
@@ -319,10 +334,20 @@ def _markdown(doc: dict, manifest: dict) -> str:
     L.append("")
     rname = doc["recipe"].get("name")
     beside = [f"{MODE_LABEL[m]} {_fmt_ppl(p[m])}{_pct(p[m], p['fp'])}" for m in ("paper", "naive") if p.get(m) is not None]
-    L.append(f"**Perplexity** (PyTorch, {ev.get('tokens')} predicted tokens of {ev.get('eval_text')}, chunks of {ev.get('seq_len')}): "
-             f"{mode_label('sq', rname)} **{_fmt_ppl(p['sq'])}**{_pct(p['sq'], p['fp'])} vs FP32 **{_fmt_ppl(p['fp'])}**; "
-             f"beside it: " + " · ".join(beside))
+    backend = h.get("perplexity_backend")
+    if backend:
+        L.append(f"**Perplexity** ({BACKEND_LABEL[backend]}, {ev.get('tokens')} predicted tokens of {ev.get('eval_text')}, chunks of {ev.get('seq_len')}): "
+                 f"{mode_label('sq', rname)} **{_fmt_ppl(p['sq'])}**{_pct(p['sq'], p['fp'])} vs FP32 **{_fmt_ppl(p['fp'])}**"
+                 + ("; beside it: " + " · ".join(beside) if beside else ""))
+    else:
+        why = doc["not_measured"].get("tensorrt") or doc["not_measured"].get("pytorch") or "the eval stage did not run"
+        L.append(f"**Perplexity**: not measured ({why}).")
     L.append("")
+    if doc.get("stream"):
+        L.append("Layer-streamed run (`--stream`): the model was never loaded whole. Built: "
+                 + ", ".join(mode_label(m, rname) for m in (ev.get("modes") or []))
+                 + "; not built: " + ", ".join(f"{MODE_LABEL[m]}" for m in doc["not_built"]) + " (" + NOT_BUILT_WHY + ").")
+        L.append("")
     bullets = []
     if h["sq_recovers_fraction_of_naive_gap"] is not None:
         bullets.append(f"The delivered recipe closes **{h['sq_recovers_fraction_of_naive_gap'] * 100:.0f}%** of the naive-INT8 perplexity gap"
@@ -344,18 +369,25 @@ def _markdown(doc: dict, manifest: dict) -> str:
 
     L.append("## Perplexity")
     L.append("")
+    if doc["not_measured"]:
+        L.append("Not measured in this run:")
+        L.append("")
+        for k, why in sorted(doc["not_measured"].items()):
+            L.append(f"- {NOT_MEASURED_LABEL.get(k, k)}: {why}")
+        L.append("")
     backends = [b for b in ("pytorch", "onnxruntime", "tensorrt") if doc["perplexity"].get(b)]
-    L.append("| model | " + " | ".join(BACKEND_LABEL[b] for b in backends) + (" | TensorRT |" if "tensorrt" not in backends else " |"))
-    L.append("|---|" + "---:|" * (len(backends) + (0 if "tensorrt" in backends else 1)))
-    for m in [m for m in ROW_ORDER if any(m in doc["perplexity"][b] for b in backends)]:
-        cells = [_fmt_ppl(doc["perplexity"][b].get(m)) for b in backends]
-        if "tensorrt" not in backends:
-            cells.append("n/a")
-        L.append(f"| {mode_label(m, rname)} | " + " | ".join(cells) + " |")
-    L.append("")
-    L.append(f"Evaluation: first {ev.get('max_tokens') or 'all'} tokens, non-overlapping chunks of {ev.get('seq_len')}. "
-             "Same chunking and arithmetic on every backend (sq_export.measure.perplexity), so the columns differ only by their logits.")
-    L.append("")
+    if backends:
+        L.append("| model | " + " | ".join(BACKEND_LABEL[b] for b in backends) + (" | TensorRT |" if "tensorrt" not in backends else " |"))
+        L.append("|---|" + "---:|" * (len(backends) + (0 if "tensorrt" in backends else 1)))
+        for m in [m for m in ROW_ORDER if any(m in doc["perplexity"][b] for b in backends)]:
+            cells = [_fmt_ppl(doc["perplexity"][b].get(m)) for b in backends]
+            if "tensorrt" not in backends:
+                cells.append("n/a")
+            L.append(f"| {mode_label(m, rname)} | " + " | ".join(cells) + " |")
+        L.append("")
+        L.append(f"Evaluation: first {ev.get('max_tokens') or 'all'} tokens, non-overlapping chunks of {ev.get('seq_len')}. "
+                 "Same chunking and arithmetic on every backend (sq_export.measure.perplexity), so the columns differ only by their logits.")
+        L.append("")
     for m, v in (doc.get("engine_vs_graph") or {}).items():
         if not v.get("ok", True):
             L.append(f"**The TensorRT engine of {mode_label(m, rname)} does not compute its graph** (perplexity {v['engine']:.4g} vs "

@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   sq-export run smollm2 -o out/ --until export           # stop after the ONNX files
   sq-export run smollm2 -o out/ --weights qdq            # graphs for TensorRT 8.6
   sq-export run smollm2 -o out/ --force --samples 64 --calib-seq-len 256 --max-tokens 2048
+  sq-export run llama-2-7b/ -o out7b/ --stream --device cuda --weights qdq16   # a model larger than memory, layer by layer
 
 The recipe and graph options are those of `export`: model.sq.onnx is the delivered model (the default recipe unless
 --recipe or an option says otherwise); model.paper.onnx (the paper's setup) and model.naive.onnx (plain W8A8) are
@@ -24,6 +25,14 @@ OUT holds act_scales.safetensors (+ calib_rows.safetensors), smoothed/, model.{f
 eval.json, report.md, report.json, plots/*.png and manifest.json (per stage: inputs/outputs with sha256, options,
 tool versions, wall time). A stage is skipped when its inputs, options and outputs are unchanged; Ctrl-C leaves no
 partial file at a final path, and the next run resumes with the interrupted stage.
+
+--stream (MODEL: a Hugging Face folder of safetensors) never loads the model whole: calibration, smoothing and
+quantization run one decoder layer at a time into smoothed/ (+ sq_quant.json), and model.fp.onnx and model.sq.onnx are
+written from placeholders, each weight read from the checkpoint when written. It builds fp and sq only (naive and
+paper would each need a streamed quantization of their own); --fallback defaults to none (auto needs whole-model
+logits; N or NAMES stream); eval measures the TensorRT engines only (PyTorch and ONNX Runtime perplexity and the
+per-Linear SQNR need whole models: eval.json and the report say so). Refused with --stream: --fallback auto,
+--quantize-attention, --quantize-lm-head, --act-scales, --prefix-outliers, --dtype fp16.
 exit codes: 0 ok, 1 check found violations or an engine does not match its graph, 2 bad input, 3 backend missing, 4 refused (smoothing changed outputs)"""
 
 
@@ -42,6 +51,10 @@ def add_parser(sub):
     p.add_argument("--report-linear", metavar="NAME", help="Linear whose input channels the report plots (default: the middle layer's q_proj-equivalent)")
     c.add_recipe(p, modes=False)
     c.add_export_options(p)
+    p.add_argument("--stream", action="store_true", help="for models larger than memory (MODEL: a folder of safetensors): "
+                   "calibrate, smooth, quantize one decoder layer at a time and write the graphs from placeholders; builds "
+                   "fp and sq only (no naive, no paper), --fallback none unless given (auto refused), eval measures the "
+                   "TensorRT engines only (no PyTorch / ONNX Runtime perplexity, no per-Linear SQNR)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
     p.set_defaults(func=run)
     return p
@@ -82,6 +95,7 @@ def run(args):
         max_tokens=args.max_tokens or None,
         seq_len=args.seq_len,
         report_linear=args.report_linear,
+        stream=args.stream,
         force=args.force,
         until=args.until,
     )
@@ -103,6 +117,9 @@ def run(args):
         print(f"{last['status']}: ran {', '.join(last['ran']) or 'nothing'}; up to date/skipped {', '.join(last['skipped']) or 'nothing'}")
         if ev and "report" in m["stages"] and last["until"] in ("eval", "report"):
             print("perplexity (PyTorch): " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        trt = (m["stages"].get("eval") or {}).get("summary", {}).get("perplexity", {}).get("tensorrt", {})
+        if opts.stream and trt and last["until"] in ("eval", "report"):
+            print("perplexity (TensorRT): " + ", ".join(f"{k} {v:.3f}" for k, v in trt.items() if v is not None))
         if (out / "report.md").is_file() and last["until"] == "report":
             print(f"report: {out / 'report.md'}")
     bad = {k: v for k, v in (m["stages"].get("eval") or {}).get("summary", {}).get("engine_vs_graph", {}).items() if not v["ok"]}

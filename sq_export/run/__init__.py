@@ -33,7 +33,11 @@ def run_pipeline(model, out_dir, options: RunOptions | None = None, echo=None, o
 
     options = options or RunOptions()
     options.validate()
+    options.validate_model(str(model))  # --stream: a folder of safetensors (an alias is refused before resolving)
     resolve_model_path(str(model))  # a missing model is refused before OUT is created
     d = Driver(out_dir, PIPELINE, options, echo=echo, observers=[*OBSERVERS, *observers])
     d.ctx = RunContext(model, d.out, options, d.manifest, echo=d.echo)
+    if options.stream_fallback_defaulted():
+        d.echo(f"--stream: --fallback none (the {options.recipe} recipe's --fallback auto scores whole-model logits); "
+               "pass --fallback N or NAMES to keep Linears in float")
     return d.run()

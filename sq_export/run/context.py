@@ -29,6 +29,7 @@ class RunContext:
         self.echo = echo or (lambda msg: None)
         self.modes = options.modes()
         self._loaded = None
+        self._tok = None  # the tokenizer alone (--stream)
         self._calib = None  # sq_export.quant.calibrate.Calibration read back from the calibrate stage's files
         self._alpha_groups = None  # {group source: α} of --alpha auto, as the smooth stage chose it
         self._quantized: dict = {}  # mode -> model
@@ -39,6 +40,10 @@ class RunContext:
         return self.opts.recipe_for(mode)
 
     def needs_rows(self) -> bool:
+        """Whether the calibrate stage keeps a row sample (never with --stream: the streamed quantization samples
+        each layer's rows as it goes)."""
+        if self.opts.stream:
+            return False
         return any(self.recipe(m).needs_rows() for m in self.modes)
 
     def alpha(self) -> float | str:
@@ -63,7 +68,21 @@ class RunContext:
         return self._alpha_groups
 
     # ----- the float model -----
+    def tokenizer(self):
+        """The model's tokenizer (the loaded model's, or read alone: a streamed run never loads the model)."""
+        if self._loaded is not None:
+            return self._loaded[1]
+        if self._tok is None:
+            from sq_export import api
+
+            self._tok = api.load_tokenizer(self.model_arg)  # BadInput when there is none
+            if self._tok is None:
+                raise BadInput(f"model {self.model_arg} has no tokenizer: the pipeline needs one for calibration and eval")
+        return self._tok
+
     def loaded(self):
+        if self.opts.stream:  # every stage of a streamed run reads the checkpoint a layer (or a tensor) at a time
+            raise SqExportError("internal: a --stream run never loads the whole model")
         if self._loaded is None:
             from sq_export import api, progress
             from sq_export.families import family_for

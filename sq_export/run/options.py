@@ -60,6 +60,8 @@ class RunOptions:
     max_tokens: int | None = 4096
     seq_len: int = 512
     report_linear: str | None = None  # default: first Linear of the first smoothing group of layer n//2
+    # layer-streamed (a model larger than memory: sq_export.run.streamed): fp and sq only, never the whole model
+    stream: bool = False
     # the driver
     force: bool = False
     until: str | None = None
@@ -75,7 +77,7 @@ class RunOptions:
         if mode == "paper":
             return make_recipe("paper", calib=self.calib, **runtime)
         main = make_recipe(self.recipe, calib=self.calib, alpha=self.alpha, linear_pairs=self.linear_pairs, clip=self.clip,
-                           fallback=self.fallback, target_ppl_increase=self.target_ppl_increase,
+                           fallback=self.sq_fallback(), target_ppl_increase=self.target_ppl_increase,
                            max_fallback=self.max_fallback, **runtime)
         if mode == "naive":
             return main.baseline()
@@ -83,15 +85,29 @@ class RunOptions:
             return main
         raise KeyError(mode)
 
+    def sq_fallback(self) -> str | None:
+        """The delivered recipe's --fallback: the user's; with --stream and none given "none" (the presets' "auto"
+        scores whole-model logits, which a streamed run never has)."""
+        return "none" if self.stream and self.fallback is None else self.fallback
+
+    def stream_fallback_defaulted(self) -> bool:
+        """Whether --stream replaced the recipe's --fallback auto by none (the run says so)."""
+        return self.stream and self.fallback is None and make_recipe(self.recipe, fallback=None).fallback is not None
+
     def modes(self) -> tuple[str, ...]:
-        """The models the run builds, in order: fp, naive, paper (unless the run's recipe is the paper's), sq."""
+        """The models the run builds, in order: fp, naive, paper (unless the run's recipe is the paper's), sq; with
+        --stream fp and sq only (naive and paper would each need a streamed quantization of their own)."""
         main = self.recipe_for("sq")
         if main.mode != "sq":
             raise BadInput(f"--recipe {self.recipe}: run delivers a SmoothQuant model (default or paper); the float and "
                            "naive models are always built beside it")
+        if self.stream:
+            return ("fp", "sq")
         return ("fp", "naive", "sq") if main == self.recipe_for("paper") else ("fp", "naive", "paper", "sq")
 
     def validate(self) -> None:
+        if self.stream:
+            self.validate_stream()
         self.recipe_for("sq")  # the preset and every recipe option (make_recipe validates)
         self.modes()
         if self.weights not in ("int8", "qdq", "qdq16"):
@@ -110,6 +126,42 @@ class RunOptions:
             raise BadInput(f"reservoir_rows {self.reservoir_rows} must be at least 1")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise BadInput(f"--max-tokens {self.max_tokens} must be at least 2 (or 0 for all)")
+
+    def validate_stream(self) -> None:
+        """What --stream cannot do, refused in one line each with the alternative."""
+        from sq_export.quant.recipe import parse_fallback
+
+        if self.fallback is not None and (parse_fallback(self.fallback) or ("",))[0] == "auto":
+            raise BadInput("--fallback auto scores whole-model logits for every candidate, which --stream never has: "
+                           "use --fallback none (the --stream default), N or NAMES, or run without --stream")
+        for flag, given, alt in (
+            ("--quantize-attention", self.quantize_attention, "run without --stream"),
+            ("--quantize-lm-head", self.quantize_lm_head, "run without --stream"),
+            ("--act-scales", self.act_scales, "leave it out (--stream calibrates as it goes)"),
+            ("--prefix-outliers", self.prefix_outliers, "run without --stream"),
+        ):
+            if given:
+                raise BadInput(f"{flag} is not available with --stream (it needs the whole model): {alt}")
+        if self.dtype != "fp32":
+            raise BadInput(f"--dtype {self.dtype} is not available with --stream (graphs are written from placeholder "
+                           "weights, float32 logits graphs only): use --weights qdq16 for compact graphs")
+
+    def validate_model(self, model: str) -> None:
+        """With --stream, MODEL must be a Hugging Face folder of safetensors (each layer is read from them)."""
+        if not self.stream:
+            return
+        from sq_export.modeling import ALIASES, resolve_model_path
+
+        if model in ALIASES:
+            raise BadInput(f"--stream reads a Hugging Face folder of safetensors; {model} is a .gguf alias: run without "
+                           "--stream, or save it once with save_pretrained(safe_serialization=True)")
+        p = resolve_model_path(model)
+        if not p.is_dir():
+            raise BadInput(f"--stream reads a Hugging Face folder of safetensors, not {p.name}: run without --stream, or "
+                           "save the model once with save_pretrained(safe_serialization=True)")
+        if not any(p.glob("*.safetensors")):
+            raise BadInput(f"--stream reads safetensors and {model} has none: save it once with "
+                           "save_pretrained(safe_serialization=True)")
 
     def to_dict(self) -> dict:
         return asdict(self)

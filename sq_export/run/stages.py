@@ -15,6 +15,9 @@
                                                            engine; per-Linear SQNR (naive vs sq) on a calibration batch
   report     report.md, report.json, plots/*.png           sq_export.report (rendering only)
 
+With --stream (sq_export.run.streamed) calibrate, smooth, export and eval read the checkpoint a layer or a tensor
+at a time instead, for fp and sq only.
+
 Each stage declares its inputs (paths) and options: the recipe options it depends on are among them, so changing
 one reruns exactly the stages it affects and those downstream.
 """
@@ -30,6 +33,7 @@ from typing import Callable
 
 from sq_export.errors import BadInput, GraphCheckFailed
 from sq_export.fileio import write_text_atomic
+from sq_export.run import streamed
 from sq_export.run.context import RunContext
 from sq_export.run.driver import Skip, StageFailed
 from sq_export.run.options import (ACT_SCALES, BUILD, CALIB_ROWS, CHANNEL_STATS, CHECK, EVAL, PREFIX, SMOOTHED, STAGES,
@@ -103,6 +107,8 @@ def quantized_modes(ctx: RunContext) -> list[str]:
 
 # ----- calibrate ------------------------------------------------------------------------------------------------
 def spec_calibrate(ctx: RunContext):
+    if ctx.opts.stream:
+        return streamed.spec_calibrate(ctx, torch_side(ctx))
     c = ctx.opts.calib
     calib = {"samples": c.samples, "calib_seq_len": c.seq_len, "calib_batch": c.batch_size}
     # the row sample only when a recipe option needs it ("row_sample" absent otherwise, so runs without those
@@ -123,6 +129,8 @@ def spec_calibrate(ctx: RunContext):
 
 
 def run_calibrate(ctx: RunContext, staging: Path) -> dict:
+    if ctx.opts.stream:
+        return streamed.run_calibrate(ctx, staging)
     from sq_export.quant.calibrate import calibrate_ids, save_act_scales
     from sq_export.quant.reservoir import save_rows
     from sq_export.textdata import token_ids
@@ -156,6 +164,8 @@ def run_calibrate(ctx: RunContext, staging: Path) -> dict:
 
 # ----- smooth ---------------------------------------------------------------------------------------------------
 def spec_smooth(ctx: RunContext):
+    if ctx.opts.stream:
+        return streamed.spec_smooth(ctx, recipe_options(ctx, "alpha", "smooth_pairs", "clip", "fallback"), torch_side(ctx))
     inputs = {"model": ctx.model_path, "act_scales": ctx.out / ACT_SCALES, "calib_text": ctx.calib_text()}
     options = {"check_seq_len": min(128, ctx.opts.calib.seq_len), **recipe_options(ctx, "alpha", "smooth_pairs"), **torch_side(ctx)}
     if ctx.recipe("sq").alpha == "auto":  # the search reads the row sample
@@ -164,11 +174,14 @@ def spec_smooth(ctx: RunContext):
 
 
 def run_smooth(ctx: RunContext, staging: Path) -> dict:
+    if ctx.opts.stream:
+        return streamed.run_smooth(ctx, staging)
     import torch
     from safetensors.torch import save_file
 
     from sq_export.modeling import abs_max, weight_oi
     from sq_export.quant.prepare import working_copy
+    from sq_export.run.channel_stats import save_channel_stats
     from sq_export.quant.smooth import smooth_checked, smoothed_act_max
 
     model, tok, fam = ctx.loaded()
@@ -202,34 +215,13 @@ def run_smooth(ctx: RunContext, staging: Path) -> dict:
     save_file({k: v.contiguous() for k, v in sorted(factors.items())}, str(dest / "smoothing_factors.safetensors"))
 
     # per-channel statistics of every quantized Linear, before and after, for the report
-    after = smoothed_act_max(act, fam, factors, pairs)
     names = fam.quantized_linears()
-    stats = {}
     with torch.no_grad():
-        for n in names:
-            stats[f"act_before/{n}"] = act[n].float().clone().contiguous()
-            stats[f"act_after/{n}"] = after[n].float().clone().contiguous()
-            stats[f"w_before/{n}"] = abs_max(weight_oi(model.get_submodule(n)), 0).float().cpu().contiguous()
-            stats[f"w_after/{n}"] = abs_max(weight_oi(m.get_submodule(n)), 0).float().cpu().contiguous()
-    n_layers = fam.num_layers()
-    prefix = fam.layer_prefix(n_layers // 2)
-    groups = fam.groups()
-    mid = [g for g in groups if g.source.startswith(prefix)]
-    default_linear = (mid or groups)[0].linears[0]
-    smoothed_names = sorted({n for g in fam.groups(include_linear_pairs=pairs) for n in g.linears})
-    meta = {
-        "format": "channel_stats/1",
-        "alpha": alpha,
-        "family": fam.name,
-        "model_type": model.config.model_type,
-        "num_layers": n_layers,
-        "default_linear": default_linear,
-        "linears": names,
-        "smoothed_linears": smoothed_names,
-        "smooth_pairs": pairs,
-        "alpha_per_group": alpha_groups,
-    }
-    save_file(dict(sorted(stats.items())), str(staging / CHANNEL_STATS), metadata={"sq_export": json.dumps(meta, sort_keys=True)})
+        w_before = {n: abs_max(weight_oi(model.get_submodule(n)), 0) for n in names}
+        w_after = {n: abs_max(weight_oi(m.get_submodule(n)), 0) for n in names}
+    default_linear = save_channel_stats(staging / CHANNEL_STATS, fam, model.config.model_type, act,
+                                        smoothed_act_max(act, fam, factors, pairs), w_before, w_after, alpha=alpha,
+                                        pairs=pairs, alpha_groups=alpha_groups)
     ctx._alpha_groups = alpha_groups
     ctx.release("sq")
     ctx._prepared.pop("sq", None)
@@ -249,10 +241,13 @@ def spec_export(ctx: RunContext):
         inputs["calib_text"] = ctx.calib_text()
     o = ctx.opts
     return inputs, {"weights": o.weights, "act": "static", "target": o.target, "dtype": o.dtype,
-                    **recipe_options(ctx, "alpha", "smooth_pairs", "clip", "fallback", "runtime"), **torch_side(ctx)}
+                    **recipe_options(ctx, "alpha", "smooth_pairs", "clip", "fallback", "runtime"), **torch_side(ctx),
+                    **(streamed.STREAM if o.stream else {})}
 
 
 def run_export(ctx: RunContext, staging: Path) -> dict:
+    if ctx.opts.stream:
+        return streamed.run_export(ctx, staging)
     from sq_export.export.exporter import export_onnx
     from sq_export.onnxio.meta import graph_metadata
 
@@ -369,6 +364,8 @@ def engines(ctx: RunContext) -> dict:
 
 # ----- eval -----------------------------------------------------------------------------------------------------
 def spec_eval(ctx: RunContext):
+    if ctx.opts.stream:
+        return streamed.spec_eval(ctx, graph_inputs(ctx), engines(ctx), recipe_options(ctx, "alpha", "smooth_pairs", "clip", "fallback"))
     inputs = {"model": ctx.model_path, "act_scales": ctx.out / ACT_SCALES, "smoothed": ctx.out / SMOOTHED,
               "eval_text": ctx.eval_text(), "calib_text": ctx.calib_text(), **rows_input(ctx), **prefix_input(ctx)}
     inputs.update({f"onnx_{m}": p for m, p in graph_inputs(ctx).items()})
@@ -383,6 +380,8 @@ def spec_eval(ctx: RunContext):
 
 
 def run_eval(ctx: RunContext, staging: Path) -> dict:
+    if ctx.opts.stream:
+        return streamed.run_eval(ctx, staging, engines(ctx))
     import contextlib
 
     import numpy as np

@@ -15,6 +15,7 @@ reads a streamed result back as a QuantizedModel for export (sq_export.api.load_
 - calibrate.py: the streamed calibration (bit-identical to the whole-model pass on the CPU in float32)
 - quantize.py: the streamed smoothing + static scales + fallback N, writing the smoothed checkpoint shard by shard
 - writer.py: the shard writer
+- weight_stats.py: per-input-channel max|W| of every quantized Linear, one layer at a time (run --stream's report)
 """
 
 from __future__ import annotations

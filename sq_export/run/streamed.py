@@ -1,0 +1,215 @@
+"""The stages of `sq-export run --stream`: the model is never loaded whole (a 7B-70B checkpoint, larger than host
+or GPU memory). Each stage reads the checkpoint a decoder layer or a tensor at a time (sq_export.stream):
+
+  calibrate  act_scales.safetensors        api.calibrate_streamed (the whole-model file, byte for byte on the CPU)
+  smooth     smoothed/ (HF folder +        api.quantize_streamed: calibrate, smooth, quantize layer by layer (α per
+             sq_quant.json),               group, clip, --fallback N|NAMES); the per-channel statistics for the report
+             channel_stats.safetensors     (weights read again one layer at a time, before and after smoothing)
+  export     model.{fp,sq}.onnx            from placeholders (api.load_float / api.load_quantized, lazy): each weight
+                                           read from its checkpoint when written; host memory ≈ one weight
+  eval       eval.json                     the TensorRT engines' perplexity when built; PyTorch and ONNX Runtime
+                                           perplexity and the per-Linear SQNR need whole models: recorded as skipped
+
+check, build and report are the whole-model run's (they read files). naive and paper are not built: each would need
+a streamed quantization of the whole checkpoint of its own. The stage records carry "stream": true, so a streamed
+run and a whole-model run into the same OUT never take each other's outputs as up to date.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from sq_export.run.context import RunContext
+from sq_export.run.options import ACT_SCALES, CALIB_ROWS, CHANNEL_STATS, EVAL, PREFIX, SMOOTHED, onnx_name
+
+STREAM = {"stream": True}  # in every streamed stage's options
+
+NOT_BUILT = "not built with --stream: it would need a streamed quantization of the whole checkpoint of its own"
+SKIPPED = {
+    "pytorch": "--stream never loads the float or the quantized model whole (a layer-streamed perplexity is not "
+               "implemented); measure it without --stream where the model fits",
+    "onnxruntime": "--stream: an ONNX Runtime session holds the whole graph in host memory; the TensorRT engines are "
+                   "measured instead",
+    "layer_sqnr": "--stream: the per-Linear SQNR runs the float, naive and quantized models whole (naive is not built)",
+    "engine_vs_graph": "--stream: each engine's perplexity is compared with its graph's in ONNX Runtime, which is not "
+                       "measured; compare engines with `sq-export compare` where a graph fits in memory",
+}
+
+
+FALLBACK_NOTE = "none: the --stream default (the recipe's --fallback auto scores whole-model logits)"
+
+
+def _calib_options(ctx: RunContext) -> dict:
+    c = ctx.opts.calib
+    return {"samples": c.samples, "calib_seq_len": c.seq_len, "calib_batch": c.batch_size}
+
+
+# ----- calibrate ------------------------------------------------------------------------------------------------
+def spec_calibrate(ctx: RunContext, torch_side: dict):
+    return {"model": ctx.model_path, "calib_text": ctx.calib_text()}, {**_calib_options(ctx), **torch_side, **STREAM}
+
+
+def run_calibrate(ctx: RunContext, staging: Path) -> dict:
+    from sq_export import api
+    from sq_export.quant.calibrate import save_act_scales
+
+    o = ctx.opts
+    c = o.calib
+    calib = api.calibrate_streamed(ctx.model_arg, ctx.tokenizer(), Path(c.calib_text) if c.calib_text else None,
+                                   samples=c.samples, seq_len=c.seq_len, batch_size=c.batch_size, rows=None,
+                                   device=o.device, dtype=o.model_dtype)
+    meta = dict(calib.meta)
+    meta.pop("seconds", None)  # no times in artifacts
+    save_act_scales(staging / ACT_SCALES, calib.act_max, {"model_type": api.model_type(ctx.model_path), **meta})
+    for stale in (CALIB_ROWS, PREFIX):  # of an earlier whole-model calibration: must not be read
+        if (ctx.out / stale).exists():
+            (ctx.out / stale).unlink()
+    return {"linears": len(calib.act_max), **meta, **STREAM}
+
+
+# ----- smooth (+ quantize) --------------------------------------------------------------------------------------
+def spec_smooth(ctx: RunContext, recipe_options: dict, torch_side: dict):
+    """The streamed quantization calibrates as it goes (its own row sample) and decides everything the recipe
+    decides: α (per group), clip, --fallback N|NAMES; so all of them are its options."""
+    r = ctx.recipe("sq")
+    inputs = {"model": ctx.model_path, "act_scales": ctx.out / ACT_SCALES, "calib_text": ctx.calib_text()}
+    rows = {"row_sample": r.reservoir_rows} if r.needs_rows() else {}
+    return inputs, {**_calib_options(ctx), **rows, **recipe_options, **torch_side, **STREAM}
+
+
+def run_smooth(ctx: RunContext, staging: Path) -> dict:
+    import torch
+
+    from sq_export import api
+    from sq_export.families import family_for
+    from sq_export.run.channel_stats import save_channel_stats
+    from sq_export.stream.layers import build_skeleton
+    from sq_export.stream.weight_stats import weight_channel_max
+
+    o = ctx.opts
+    r = ctx.recipe("sq")
+    dest = staging / SMOOTHED
+    t = time.perf_counter()
+    res = api.quantize_streamed(ctx.model_arg, dest, r, tokenizer=ctx.tokenizer(), device=o.device, dtype=o.model_dtype)
+    t_quant = round(time.perf_counter() - t, 2)
+    # the report's per-channel statistics: act before (calibration) / after (÷ the factors), and max|W| per input
+    # channel before / after smoothing, read one decoder layer at a time from the checkpoint and from smoothed/
+    t = time.perf_counter()
+    pairs = bool(r.linear_pairs)
+    fam = family_for(build_skeleton(ctx.model_path, torch.float32))
+    from sq_export.quant.smooth import smoothed_act_max
+
+    after = smoothed_act_max(res.act_max, fam, res.factors, pairs)
+    w_before, w_after = weight_channel_max([ctx.model_path, dest], o.device, o.model_dtype)
+    default_linear = save_channel_stats(staging / CHANNEL_STATS, fam, api.model_type(ctx.model_path), res.act_max, after,
+                                        w_before, w_after, alpha=res.alpha, pairs=pairs, alpha_groups=res.alpha_per_group)
+    summary = {"alpha": res.alpha, "smooth_pairs": pairs, "groups": len(res.factors),
+               "max_layer_change": res.max_layer_change, "quantized_linears": len(res.quantized),
+               "fp16_layers": list(res.fp16_layers), "default_report_linear": default_linear,
+               "quantize_s": t_quant, "weight_stats_s": round(time.perf_counter() - t, 2), **STREAM}
+    if res.alpha_per_group is not None:
+        summary["alpha_per_group"] = res.alpha_per_group
+    if o.stream_fallback_defaulted():
+        summary["fallback"] = FALLBACK_NOTE
+    return summary
+
+
+# ----- export ---------------------------------------------------------------------------------------------------
+def run_export(ctx: RunContext, staging: Path) -> dict:
+    from sq_export import api
+    from sq_export.memory import release_memory
+
+    o = ctx.opts
+    summary = {}
+    for mode in ctx.modes:
+        if mode == "fp":
+            # the run's calibration label in its metadata, as the whole-model run's float graph has (same bytes)
+            qm = dataclasses.replace(api.load_float(ctx.model_arg, lazy=True), recipe=ctx.recipe("fp"))
+        else:
+            qm = api.load_quantized(ctx.out / SMOOTHED, lazy=True)
+        res = api.export_onnx(qm, staging / onnx_name(mode), weights=o.weights, target=o.target)
+        prep = qm.prepared
+        summary[mode] = {"bytes": res.bytes, "nodes": res.nodes, "quantized_linears": len(prep.quantized),
+                         "from_placeholders": True}
+        if mode == "sq":
+            summary[mode]["fp16_layers"] = list(prep.fp16_layers)
+            if prep.tune.get("clip_ratio"):
+                summary[mode]["clip_ratio_min"] = min(prep.tune["clip_ratio"].values())
+        del qm, prep
+        release_memory()
+    return summary
+
+
+# ----- eval -----------------------------------------------------------------------------------------------------
+def spec_eval(ctx: RunContext, graphs: dict, engines: dict, recipe_options: dict):
+    inputs = {"smoothed": ctx.out / SMOOTHED, "eval_text": ctx.eval_text()}
+    inputs.update({f"onnx_{m}": p for m, p in graphs.items()})
+    inputs.update({f"engine_{m}": p for m, p in engines.items()})
+    return inputs, {"max_tokens": ctx.opts.max_tokens, "seq_len": ctx.opts.seq_len, **recipe_options, **STREAM}
+
+
+def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
+    """The TensorRT engines' perplexity when the build stage built them; what a streamed run does not measure is
+    recorded with the reason (eval.json "skipped"), as are the models it does not build ("not_built")."""
+    import numpy as np
+
+    from sq_export.stream.quantize import QUANT_FILE
+    from sq_export.textdata import token_ids
+
+    o = ctx.opts
+    ids = np.array(token_ids(ctx.tokenizer(), o.eval_text, "eval"))
+    ppl: dict = {}
+    secs: dict = {}
+    tokens = None
+    skipped = dict(SKIPPED)
+    if built:
+        from sq_export.engine.run import Tokens, engine_perplexity
+        from sq_export.measure.perplexity import chunk_tokens
+
+        toks = Tokens.from_chunks(chunk_tokens(ids, o.seq_len, o.max_tokens), "<eval text>")
+        tokens = int((toks.lengths - 1).sum())  # predicted tokens: each chunk's ids[1:] (measure.perplexity.chunk_nll)
+        ppl["tensorrt"], secs["tensorrt"] = {}, {}
+        for mode, p in built.items():
+            t = time.perf_counter()
+            r = engine_perplexity(p, toks)
+            ppl["tensorrt"][mode] = r["perplexity"]
+            secs["tensorrt"][mode] = round(time.perf_counter() - t, 2)
+    else:
+        b = ctx.manifest["stages"].get("build") or {}
+        skipped["tensorrt"] = f"no engine built ({b.get('reason') or 'the build stage did not run'})"
+    q = json.loads((ctx.out / SMOOTHED / QUANT_FILE).read_text())
+    main = ctx.recipe("sq")
+    recipe = {
+        "name": o.recipe,
+        "describe": main.describe(),
+        "alpha": q.get("alpha"),
+        "alpha_per_group": q.get("alpha_per_group"),
+        "smooth_pairs": main.linear_pairs,
+        "clip": main.clip or "max",
+        "fallback": main.fallback or None,
+        **({"fallback_note": FALLBACK_NOTE} if o.stream_fallback_defaulted() else {}),
+        "quantized_layers_total": len(q["quantized"]),
+        "fp16_layers": list(q["fp16_layers"]),
+    }
+    not_built = {m: NOT_BUILT for m in ("naive", "paper")}
+    doc = {
+        "recipe": recipe,
+        "tokens": tokens,
+        "seq_len": o.seq_len,
+        "max_tokens": o.max_tokens,
+        "eval_text": ctx.eval_text().name,
+        "modes": list(ctx.modes),
+        "recipes": {m: ctx.recipe(m).describe() for m in ctx.modes},
+        "perplexity": ppl,
+        "engine_vs_graph": {},
+        "layer_sqnr_db": [],
+        "stream": True,
+        "skipped": skipped,
+        "not_built": not_built,
+    }
+    (staging / EVAL).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return {"tokens": tokens, "perplexity": ppl, "seconds": secs, "fp16_layers": recipe["fp16_layers"],
+            "engine_vs_graph": {}, "skipped": sorted(skipped), **STREAM}

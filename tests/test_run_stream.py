@@ -1,0 +1,178 @@
+"""`sq-export run --stream` on a tiny Llama folder: the model is never loaded whole; model.sq.onnx is the bytes of
+`export --stream DIR` with the same recipe (--fallback none, the --stream default) and model.fp.onnx the bytes of
+`export --mode fp`; a second run skips every stage; switching --stream reruns; what --stream cannot do is refused
+(exit 2, one line)."""
+
+import json
+
+import pytest
+
+from sq_export.cli import main
+from test_pipeline import SMALL, STAGES, manifest, snapshot
+
+CALIB = ["--samples", "4", "--calib-seq-len", "32"]
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """Calibration and eval text as test_pipeline.py takes them (slices of the shipped calibration file)."""
+    from sq_export.textdata import DEFAULT_CALIB
+
+    d = tmp_path_factory.mktemp("run_stream_text")
+    full = DEFAULT_CALIB.read_text()
+    (d / "calib.txt").write_text(full[:20000])
+    (d / "eval.txt").write_text(full[400000:408000])
+    return d
+
+
+def run(model, out, texts, *extra):
+    return main(["-q", "run", str(model), "-o", str(out), *SMALL, "--calib-text", str(texts / "calib.txt"),
+                 "--text", str(texts / "eval.txt"), "--weights", "qdq16", *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def stream_run(tiny_dirs, texts, tmp_path_factory):
+    import sq_export.run.context as context
+
+    def whole(self):
+        raise AssertionError("a --stream run loaded the whole model")
+
+    real = context.RunContext.loaded
+    context.RunContext.loaded = whole  # (also refused by the context itself; this makes the test independent of it)
+    try:
+        out = tmp_path_factory.mktemp("run_stream") / "out"
+        assert run(tiny_dirs("llama"), out, texts, "--stream") == 0
+    finally:
+        context.RunContext.loaded = real
+    return out
+
+
+def test_stream_run_gives_the_export_commands_graphs(stream_run, tiny_dirs, texts, tmp_path):
+    out, folder = stream_run, str(tiny_dirs("llama"))
+    for f in ("act_scales.safetensors", "smoothed/sq_quant.json", "channel_stats.safetensors", "model.fp.onnx",
+              "model.sq.onnx", "check.json", "eval.json", "report.md", "report.json", "plots/act_channels.png",
+              "plots/weight_channels.png"):
+        assert (out / f).is_file(), f
+    assert not (out / "model.naive.onnx").exists() and not (out / "model.paper.onnx").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp/staging leftovers"
+    m = manifest(out)
+    assert m["last_run"]["status"] == "complete"
+    for s in ("calibrate", "smooth", "export", "eval"):
+        assert m["stages"][s]["options"]["stream"] is True, s
+    assert m["stages"]["smooth"]["options"]["fallback"] is None  # --fallback none: the --stream default
+    assert "--stream default" in m["stages"]["smooth"]["summary"]["fallback"]
+    # the act scales of the calibrate stage are those the streamed quantization measured
+    assert (out / "act_scales.safetensors").read_bytes() == (out / "smoothed" / "act_scales.safetensors").read_bytes()
+
+    cal = [*CALIB, "--calib-text", str(texts / "calib.txt")]
+    exp = ["-q", "export", folder, "--weights", "qdq16", *cal]
+    assert main([*exp, "--fallback", "none", "--stream", str(tmp_path / "q"), "-o", str(tmp_path / "sq.onnx")]) == 0
+    assert (out / "model.sq.onnx").read_bytes() == (tmp_path / "sq.onnx").read_bytes()
+    assert (out / "smoothed" / "sq_quant.json").read_bytes() == (tmp_path / "q" / "sq_quant.json").read_bytes()
+    assert main([*exp, "--mode", "fp", "-o", str(tmp_path / "fp.onnx")]) == 0  # the whole model, loaded
+    assert (out / "model.fp.onnx").read_bytes() == (tmp_path / "fp.onnx").read_bytes()
+
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["stream"] is True and ev["modes"] == ["fp", "sq"] and ev["perplexity"] == {}
+    assert set(ev["skipped"]) == {"pytorch", "onnxruntime", "layer_sqnr", "engine_vs_graph", "tensorrt"}  # no TensorRT here
+    assert set(ev["not_built"]) == {"naive", "paper"}
+    assert json.loads((out / "check.json").read_text())["ok"] is True
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["channels"]["act_max_before"]["ratio"] > 5 * rep["channels"]["act_max_after"]["ratio"]  # outliers flattened
+    assert rep["channels"]["w_max_after"]["ratio"] > rep["channels"]["w_max_before"]["ratio"]  # moved into the weights
+    md = (out / "report.md").read_text()
+    assert "**Perplexity**: not measured" in md and "Layer-streamed run" in md and "naive W8A8" in md
+    assert "PyTorch perplexity: --stream never loads" in md
+    assert "--fallback none: the --stream default" in md
+
+
+def test_stream_rerun_skips_and_switching_stream_reruns(stream_run, tiny_dirs, texts, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(stream_run, out)
+    before = snapshot(out)
+    assert run(tiny_dirs("llama"), out, texts, "--stream") == 0
+    m = manifest(out)
+    assert m["last_run"]["ran"] == [] and m["last_run"]["skipped"] == STAGES
+    assert snapshot(out) == before
+
+    # the whole-model run does not take the streamed outputs as its own, and the other way round
+    assert run(tiny_dirs("llama"), out, texts, "--until", "export") == 0
+    assert manifest(out)["last_run"]["ran"] == ["calibrate", "smooth", "export"]
+    assert (out / "model.naive.onnx").is_file()
+    assert (out / "model.fp.onnx").read_bytes() == before["model.fp.onnx"][1]  # the same float graph either way
+    # the same calibration and per-channel statistics either way (CPU, float32): the report plots the same channels
+    for f in ("act_scales.safetensors", "channel_stats.safetensors"):
+        assert (out / f).read_bytes() == before[f][1], f
+    assert run(tiny_dirs("llama"), out, texts, "--stream", "--until", "check") == 0
+    m = manifest(out)
+    assert m["last_run"]["ran"] == ["calibrate", "smooth", "export"]
+    assert (out / "model.sq.onnx").read_bytes() == before["model.sq.onnx"][1]
+    # check reads graphs only: its record (of the first streamed run, the same model.sq.onnx bytes) is up to date
+    assert m["last_run"]["skipped"] == ["check"]
+
+
+def test_stream_run_measures_the_engines(stream_run, tiny_dirs, texts, tmp_path, monkeypatch):
+    """No TensorRT here: stand-ins (as test_pipeline's fake TensorRT) check that a streamed run builds fp and sq
+    engines and that eval measures them; the report leads with their perplexity."""
+    import shutil
+    import types
+    from pathlib import Path
+
+    import numpy as np
+
+    import sq_export.engine.build as eb
+    import sq_export.engine.run as er
+    import sq_export.engine.trt_compat as tc
+    from sq_export.measure.perplexity import onnx_perplexity
+
+    out = tmp_path / "trt"
+    shutil.copytree(stream_run, out)
+    built = []
+
+    def fake_build(onnx, dest, precision="int8", batch=None, seq=None, **k):
+        built.append((Path(onnx).name, precision))
+        Path(dest).write_bytes(b"engine:" + Path(onnx).read_bytes()[:64])
+        return {"engine": str(dest), "engine_bytes": Path(dest).stat().st_size, "build_seconds": 0.1, "tensorrt_version": "8.6.1"}
+
+    def fake_engine_ppl(path, toks, *a, **k):
+        ids = np.concatenate([toks.input_ids[i, : toks.lengths[i]] for i in range(toks.n_chunks)])
+        return onnx_perplexity(str(Path(path).with_suffix(".onnx")), ids, int(toks.input_ids.shape[1]), len(ids))
+
+    monkeypatch.setattr(tc, "import_tensorrt", lambda: types.SimpleNamespace(__version__="8.6.1"))
+    monkeypatch.setattr(tc, "require_gpu", lambda: {"name": "FakeGPU"})
+    monkeypatch.setattr(eb, "build_engine", fake_build)
+    monkeypatch.setattr(er, "engine_perplexity", fake_engine_ppl)
+    assert run(tiny_dirs("llama"), out, texts, "--stream") == 0
+    assert manifest(out)["last_run"]["ran"] == ["build", "eval", "report"]
+    assert sorted(built) == [("model.fp.onnx", "fp16"), ("model.sq.onnx", "int8")]
+    ev = json.loads((out / "eval.json").read_text())
+    trt = ev["perplexity"]["tensorrt"]
+    assert set(trt) == {"fp", "sq"} and all(1.0 < v < 1e4 for v in trt.values()) and ev["tokens"] == 252  # 256 tokens in chunks of 64
+    assert "tensorrt" not in ev["skipped"] and "pytorch" in ev["skipped"]
+    md = (out / "report.md").read_text()
+    assert "**Perplexity** (TensorRT" in md and f"**{trt['sq']:.3f}**" in md and "| model | TensorRT |" in md
+
+
+def test_stream_refusals(tiny_dirs, texts, tmp_path, capsys):
+    folder = tiny_dirs("llama")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    cases = [
+        (folder, ["--fallback", "auto"], "--fallback auto"),
+        (folder, ["--quantize-attention"], "--quantize-attention"),
+        (folder, ["--quantize-lm-head"], "--quantize-lm-head"),
+        (folder, ["--act-scales", str(tmp_path / "a.safetensors")], "--act-scales"),
+        (folder, ["--prefix-outliers", "auto"], "--prefix-outliers"),
+        (folder, ["--dtype", "fp16"], "--dtype fp16"),
+        (gguf, [], "m.gguf"),
+        ("smollm2", [], "smollm2"),
+    ]
+    capsys.readouterr()
+    for model, extra, what in cases:
+        out = tmp_path / "out"
+        assert run(model, out, texts, "--stream", *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--stream" in err and what in err, err
+        assert not out.exists()
