@@ -28,6 +28,7 @@ _API = {
     "calibrate_streamed": "sq_export.api",
     "quantize_streamed": "sq_export.api",
     "load_quantized": "sq_export.api",
+    "perplexity_streamed": "sq_export.api",
     "load_float": "sq_export.api",
     "quantize": "sq_export.api",
     "export_onnx": "sq_export.api",

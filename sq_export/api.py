@@ -413,6 +413,21 @@ def perplexity(model, tokenizer=None, text=None, *, seq_len: int = 512, max_toke
     return torch_perplexity(m, text_ids(tokenizer, text, "eval"), seq_len, max_tokens)  # on the model's device
 
 
+def perplexity_streamed(folder: str | Path, tokenizer=None, text=None, *, seq_len: int = 512, max_tokens: int | None = None,
+                        device: str | None = None, dtype: str = "auto") -> dict:
+    """`perplexity` of a model folder too large to load (Hugging Face safetensors), one decoder layer at a time
+    (sq_export.stream.perplexity); a `quantize_streamed` folder is measured as its fake-quantized model (what
+    `load_quantized(folder)` computes). The whole-model value bit for bit on the CPU in float32. {"perplexity",
+    "tokens", "quantized"}. `tokenizer`: default the folder's."""
+    from sq_export.stream.perplexity import perplexity_streamed as _stream
+
+    if seq_len < 2:
+        raise BadInput(f"--seq-len {seq_len} must be at least 2")
+    if tokenizer is None and not isinstance(text, np.ndarray):
+        tokenizer = load_tokenizer(folder)
+    return _stream(folder, text_ids(tokenizer, text, "eval"), seq_len, max_tokens, device=device, dtype=dtype)
+
+
 def linear_sqnr(model, tokenizer=None, recipe: Recipe | None = None, *, windows: int = 4, plot: str | Path | None = None,
                 seed: int = 2) -> dict:
     """The SQNR view of `sq-export diagnose`: every quantized Linear's output SQNR (dB) against the float model, for

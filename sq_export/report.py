@@ -19,6 +19,9 @@ from pathlib import Path
 
 from sq_export.errors import BadInput
 
+# what an engine's perplexity was checked against (run.stages.engine_agreement's "reference")
+REFERENCE_LABELS = {"onnxruntime": "in ONNX Runtime", "pytorch": "in PyTorch (layer-streamed)"}
+
 MODE_LABEL = {"fp": "FP32", "fp_prefix": "FP32 after the outlier prefix", "naive": "naive W8A8",
               "paper": "SmoothQuant W8A8, paper recipe", "sq": "SmoothQuant W8A8"}
 # the delivered model first after the float reference (and, with --prefix-outliers, the float model after the prefix:
@@ -390,8 +393,9 @@ def _markdown(doc: dict, manifest: dict) -> str:
         L.append("")
     for m, v in (doc.get("engine_vs_graph") or {}).items():
         if not v.get("ok", True):
+            ref = v.get("reference", "onnxruntime")
             L.append(f"**The TensorRT engine of {mode_label(m, rname)} does not compute its graph** (perplexity {v['engine']:.4g} vs "
-                     f"{v['onnxruntime']:.4g} in ONNX Runtime, {v['ratio']:.3g}x): do not deploy it; rebuild with "
+                     f"{v[ref]:.4g} {REFERENCE_LABELS.get(ref, ref)}, {v['ratio']:.3g}x): do not deploy it; rebuild with "
                      "`sq-export build --no-fp16` (docs/TENSORRT.md).")
             L.append("")
     if Path("plots/perplexity.png").name in {Path(x).name for x in doc["plots"]}:

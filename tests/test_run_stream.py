@@ -73,16 +73,24 @@ def test_stream_run_gives_the_export_commands_graphs(stream_run, tiny_dirs, text
     assert (out / "model.fp.onnx").read_bytes() == (tmp_path / "fp.onnx").read_bytes()
 
     ev = json.loads((out / "eval.json").read_text())
-    assert ev["stream"] is True and ev["modes"] == ["fp", "sq"] and ev["perplexity"] == {}
-    assert set(ev["skipped"]) == {"pytorch", "onnxruntime", "layer_sqnr", "engine_vs_graph", "tensorrt"}  # no TensorRT here
+    assert ev["stream"] is True and ev["modes"] == ["fp", "sq"] and set(ev["perplexity"]) == {"pytorch"}
+    assert set(ev["skipped"]) == {"onnxruntime", "layer_sqnr", "tensorrt"}  # no TensorRT here
+    # the layer-streamed PyTorch perplexity is the whole models' (CPU, float32: bit for bit)
+    from sq_export import api
+
+    model, tok = api.load_model(folder, device="cpu")
+    kw = dict(seq_len=64, max_tokens=256)
+    assert ev["perplexity"]["pytorch"]["fp"] == api.perplexity(model, tok, texts / "eval.txt", **kw)["perplexity"]
+    qm = api.load_quantized(out / "smoothed", device="cpu")
+    assert ev["perplexity"]["pytorch"]["sq"] == api.perplexity(qm, tok, texts / "eval.txt", **kw)["perplexity"]
+    assert ev["tokens"] == 252 and ev["perplexity"]["pytorch"]["sq"] != ev["perplexity"]["pytorch"]["fp"]
     assert set(ev["not_built"]) == {"naive", "paper"}
     assert json.loads((out / "check.json").read_text())["ok"] is True
     rep = json.loads((out / "report.json").read_text())
     assert rep["channels"]["act_max_before"]["ratio"] > 5 * rep["channels"]["act_max_after"]["ratio"]  # outliers flattened
     assert rep["channels"]["w_max_after"]["ratio"] > rep["channels"]["w_max_before"]["ratio"]  # moved into the weights
     md = (out / "report.md").read_text()
-    assert "**Perplexity**: not measured" in md and "Layer-streamed run" in md and "naive W8A8" in md
-    assert "PyTorch perplexity: --stream never loads" in md
+    assert f"**{ev['perplexity']['pytorch']['sq']:.3f}**" in md and "Layer-streamed run" in md and "naive W8A8" in md
     assert "--fallback none: the --stream default" in md
 
 
@@ -150,9 +158,13 @@ def test_stream_run_measures_the_engines(stream_run, tiny_dirs, texts, tmp_path,
     ev = json.loads((out / "eval.json").read_text())
     trt = ev["perplexity"]["tensorrt"]
     assert set(trt) == {"fp", "sq"} and all(1.0 < v < 1e4 for v in trt.values()) and ev["tokens"] == 252  # 256 tokens in chunks of 64
-    assert "tensorrt" not in ev["skipped"] and "pytorch" in ev["skipped"]
+    assert "tensorrt" not in ev["skipped"] and set(ev["perplexity"]["pytorch"]) == {"fp", "sq"}
+    # each engine checked against the layer-streamed PyTorch model its graph was exported from
+    agree = ev["engine_vs_graph"]
+    assert set(agree) == {"fp", "sq"} and all(v["reference"] == "pytorch" and v["ok"] for v in agree.values())
+    assert agree["sq"]["pytorch"] == ev["perplexity"]["pytorch"]["sq"]
     md = (out / "report.md").read_text()
-    assert "**Perplexity** (TensorRT" in md and f"**{trt['sq']:.3f}**" in md and "| model | TensorRT |" in md
+    assert f"{trt['sq']:.3f}" in md and "TensorRT" in md
 
 
 def test_stream_refusals(tiny_dirs, texts, tmp_path, capsys):

@@ -124,9 +124,12 @@ def run(args):
             print(f"report: {out / 'report.md'}")
     bad = {k: v for k, v in (m["stages"].get("eval") or {}).get("summary", {}).get("engine_vs_graph", {}).items() if not v["ok"]}
     if bad:
+        from sq_export.report import REFERENCE_LABELS
+
         k, v = next(iter(bad.items()))
+        ref = v.get("reference", "onnxruntime")
         print(f"sq-export run: error: the TensorRT engine of model.{k}.onnx does not compute its graph (perplexity "
-              f"{v['engine']:.4g} vs {v['onnxruntime']:.4g} in ONNX Runtime): do not deploy it; rebuild it with "
+              f"{v['engine']:.4g} vs {v[ref]:.4g} {REFERENCE_LABELS.get(ref, ref)}): do not deploy it; rebuild it with "
               f"`sq-export build {Path(args.output) / ('model.' + k + '.onnx')} -o {Path(args.output) / ('model.' + k + '.engine')} --no-fp16` (docs/TENSORRT.md)", file=sys.stderr)
         return 1
     return 0

@@ -7,8 +7,10 @@ or GPU memory). Each stage reads the checkpoint a decoder layer or a tensor at a
              channel_stats.safetensors     (weights read again one layer at a time, before and after smoothing)
   export     model.{fp,sq}.onnx            from placeholders (api.load_float / api.load_quantized, lazy): each weight
                                            read from its checkpoint when written; host memory ≈ one weight
-  eval       eval.json                     the TensorRT engines' perplexity when built; PyTorch and ONNX Runtime
-                                           perplexity and the per-Linear SQNR need whole models: recorded as skipped
+  eval       eval.json                     PyTorch perplexity of the float and the quantized model, layer-streamed
+                                           (sq_export.stream.perplexity: the whole-model value, bit for bit on the
+                                           CPU), and the TensorRT engines' when built, each checked against its
+                                           model's; ONNX Runtime and the per-Linear SQNR need whole models: skipped
 
 check, build and report are the whole-model run's (they read files). naive and paper are not built: each would need
 a streamed quantization of the whole checkpoint of its own. The stage records carry "stream": true, so a streamed
@@ -29,13 +31,9 @@ STREAM = {"stream": True}  # in every streamed stage's options
 
 NOT_BUILT = "not built with --stream: it would need a streamed quantization of the whole checkpoint of its own"
 SKIPPED = {
-    "pytorch": "--stream never loads the float or the quantized model whole (a layer-streamed perplexity is not "
-               "implemented); measure it without --stream where the model fits",
     "onnxruntime": "--stream: an ONNX Runtime session holds the whole graph in host memory; the TensorRT engines are "
                    "measured instead",
     "layer_sqnr": "--stream: the per-Linear SQNR runs the float, naive and quantized models whole (naive is not built)",
-    "engine_vs_graph": "--stream: each engine's perplexity is compared with its graph's in ONNX Runtime, which is not "
-                       "measured; compare engines with `sq-export compare` where a graph fits in memory",
 }
 
 
@@ -144,33 +142,41 @@ def run_export(ctx: RunContext, staging: Path) -> dict:
 
 
 # ----- eval -----------------------------------------------------------------------------------------------------
-def spec_eval(ctx: RunContext, graphs: dict, engines: dict, recipe_options: dict):
-    inputs = {"smoothed": ctx.out / SMOOTHED, "eval_text": ctx.eval_text()}
+def spec_eval(ctx: RunContext, graphs: dict, engines: dict, recipe_options: dict, torch_side: dict):
+    inputs = {"model": ctx.model_path, "smoothed": ctx.out / SMOOTHED, "eval_text": ctx.eval_text()}
     inputs.update({f"onnx_{m}": p for m, p in graphs.items()})
     inputs.update({f"engine_{m}": p for m, p in engines.items()})
-    return inputs, {"max_tokens": ctx.opts.max_tokens, "seq_len": ctx.opts.seq_len, **recipe_options, **STREAM}
+    return inputs, {"max_tokens": ctx.opts.max_tokens, "seq_len": ctx.opts.seq_len, "pytorch": "layer-streamed",
+                    **recipe_options, **torch_side, **STREAM}
 
 
 def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
-    """The TensorRT engines' perplexity when the build stage built them; what a streamed run does not measure is
-    recorded with the reason (eval.json "skipped"), as are the models it does not build ("not_built")."""
+    """PyTorch perplexity of the float model (MODEL) and the quantized one (smoothed/), layer-streamed, and the
+    TensorRT engines' when the build stage built them, each engine checked against its PyTorch model (run.stages.
+    engine_agreement); what a streamed run does not measure is recorded with the reason (eval.json "skipped"), as
+    are the models it does not build ("not_built")."""
     import numpy as np
 
+    from sq_export.run.stages import engine_agreement
+    from sq_export.stream.perplexity import perplexity_streamed
     from sq_export.stream.quantize import QUANT_FILE
     from sq_export.textdata import token_ids
 
     o = ctx.opts
     ids = np.array(token_ids(ctx.tokenizer(), o.eval_text, "eval"))
-    ppl: dict = {}
-    secs: dict = {}
-    tokens = None
+    ppl: dict = {"pytorch": {}}
+    secs: dict = {"pytorch": {}}
     skipped = dict(SKIPPED)
+    for mode, folder in (("fp", ctx.model_path), ("sq", ctx.out / SMOOTHED)):
+        t = time.perf_counter()
+        r = perplexity_streamed(folder, ids, o.seq_len, o.max_tokens, device=o.device, dtype=o.model_dtype)
+        ppl["pytorch"][mode], tokens = r["perplexity"], r["tokens"]
+        secs["pytorch"][mode] = round(time.perf_counter() - t, 2)
     if built:
         from sq_export.engine.run import Tokens, engine_perplexity
         from sq_export.measure.perplexity import chunk_tokens
 
         toks = Tokens.from_chunks(chunk_tokens(ids, o.seq_len, o.max_tokens), "<eval text>")
-        tokens = int((toks.lengths - 1).sum())  # predicted tokens: each chunk's ids[1:] (measure.perplexity.chunk_nll)
         ppl["tensorrt"], secs["tensorrt"] = {}, {}
         for mode, p in built.items():
             t = time.perf_counter()
@@ -180,6 +186,7 @@ def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
     else:
         b = ctx.manifest["stages"].get("build") or {}
         skipped["tensorrt"] = f"no engine built ({b.get('reason') or 'the build stage did not run'})"
+    engine_check = engine_agreement(ppl.get("tensorrt", {}), ppl["pytorch"], reference="pytorch")
     q = json.loads((ctx.out / SMOOTHED / QUANT_FILE).read_text())
     main = ctx.recipe("sq")
     recipe = {
@@ -204,7 +211,7 @@ def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
         "modes": list(ctx.modes),
         "recipes": {m: ctx.recipe(m).describe() for m in ctx.modes},
         "perplexity": ppl,
-        "engine_vs_graph": {},
+        "engine_vs_graph": engine_check,
         "layer_sqnr_db": [],
         "stream": True,
         "skipped": skipped,
@@ -212,4 +219,4 @@ def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
     }
     (staging / EVAL).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return {"tokens": tokens, "perplexity": ppl, "seconds": secs, "fp16_layers": recipe["fp16_layers"],
-            "engine_vs_graph": {}, "skipped": sorted(skipped), **STREAM}
+            "engine_vs_graph": engine_check, "skipped": sorted(skipped), **STREAM}

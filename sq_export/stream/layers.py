@@ -57,6 +57,20 @@ class _Recorder(LayerStandIn):
         return args[0] if args else kwargs.get("hidden_states")
 
 
+class _Replay(LayerStandIn):
+    """Stands in for a decoder layer in `LayerStream.logits`: passes its input on, or returns `out` (the last)."""
+
+    def __init__(self, layer, out, as_tuple: bool):
+        super().__init__(layer)
+        object.__setattr__(self, "_out", out)
+        object.__setattr__(self, "_tuple", as_tuple)
+
+    def forward(self, *args, **kwargs):
+        out = object.__getattribute__(self, "_out")
+        h = out if out is not None else (args[0] if args else kwargs.get("hidden_states"))
+        return (h,) if object.__getattribute__(self, "_tuple") else h  # BLOOM's blocks return a tuple
+
+
 class _Interner:
     """Stores each distinct tensor once: the same object (one mask passed to every layer) or an equal one (the same
     mask in the next batch) maps to the first copy kept."""
@@ -110,10 +124,11 @@ class LayerStream:
         self.cache_device = torch.device(cache_device) if cache_device is not None else self.device
         self.model = build_skeleton(self.folder, dtype)
         self.family = family_for(self.model)
-        self.ckpt = Checkpoint(self.folder, getattr(self.model, "base_model_prefix", None))
+        self.ckpt = Checkpoint(self.folder, getattr(self.model, "base_model_prefix", None)).use_renames_of(self.model)
         self.layers = self.model.get_submodule(self.family.layers_path)
         self.num_layers = len(self.layers)
         self.hidden: list[torch.Tensor] = []  # per batch: the current layer's input hidden states
+        self.returns_tuple = False  # whether the decoder layers return a tuple (BLOOM), seen by forward
         self.extras: list[list] = []  # per layer, per batch: (args after the hidden states, kwargs)
         self._loaded: dict[str, list[str]] = {}  # module name -> the tensor names materialized in it
         self._load_outside_layers()
@@ -189,10 +204,15 @@ class LayerStream:
 
     # ----- activations -----
     @torch.no_grad()
-    def capture(self, batches: np.ndarray, batch_size: int = 4) -> None:
+    def capture(self, batches, batch_size: int = 4) -> None:
         """Run the model's forward on each batch of `batches` ([n, L] ids, `batch_size` at a time, as the
-        whole-model calibration does) up to the decoder layers, recording every layer's call arguments."""
-        ids = torch.as_tensor(np.asarray(batches))
+        whole-model calibration does; or a list of [b, L_i] arrays, each one batch, e.g. perplexity chunks of
+        unequal length) up to the decoder layers, recording every layer's call arguments."""
+        if isinstance(batches, (list, tuple)):
+            groups = [torch.as_tensor(np.asarray(b)) for b in batches]
+        else:
+            ids = torch.as_tensor(np.asarray(batches))
+            groups = [ids[s : s + batch_size] for s in range(0, len(ids), batch_size)]
         intern = _Interner()
         self.hidden, self.extras = [], [[] for _ in range(self.num_layers)]
         real = list(self.layers)
@@ -210,8 +230,8 @@ class LayerStream:
             for i in range(self.num_layers):
                 self.layers[i] = _Recorder(real[i], i, sink, i == self.num_layers - 1)
             with fits("the embedding part of a batch", self.device, hint=STREAM_HINT):
-                for s in range(0, len(ids), batch_size):
-                    b = ids[s : s + batch_size].to(self.device)
+                for g in groups:
+                    b = g.to(self.device)
                     intern.next_batch()
                     try:
                         body(input_ids=b, attention_mask=torch.ones_like(b), use_cache=False)
@@ -237,11 +257,44 @@ class LayerStream:
         with fits(f"decoder layer {i}'s forward on a cached batch", self.device, hint=STREAM_HINT):
             for b in range(len(self.hidden)):
                 args, kw = self.layer_args(i, b)
-                outs.append(hidden_of(layer(*args, **kw)).to(self.cache_device))
+                out = layer(*args, **kw)
+                self.returns_tuple = isinstance(out, (tuple, list))
+                outs.append(hidden_of(out).to(self.cache_device))
         return outs
 
     def advance(self, outputs: list[torch.Tensor]) -> None:
         self.hidden = outputs
+
+    def load_head(self) -> None:
+        """The LM head's weights (not loaded by default: calibration reads no logits); a tied head shares the input
+        embedding's weight, as tie_weights makes it in a loaded model."""
+        head = self.model.get_output_embeddings()
+        if head is None or head.weight.device.type != "meta":
+            return
+        emb = self.model.get_input_embeddings()
+        if getattr(self.model.config, "tie_word_embeddings", False) and emb is not None and emb.weight.device.type != "meta":
+            head.weight = emb.weight
+            return
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        with fits("the LM head", self.device, hint=STREAM_HINT), self.ckpt.reading():
+            self._loaded[name] = self._materialize(name)
+
+    @torch.no_grad()
+    def logits(self, b: int, ids) -> torch.Tensor:
+        """Logits [b, L, vocab] of batch `b` (input ids `ids`, [b, L]) once every layer ran (`advance`d): the model's
+        own forward with each decoder layer standing in — passing its input on, the last one returning batch `b`'s
+        cached final hidden states — so the final norm, head and any logit transform are the model's code. Needs
+        `load_head`."""
+        real = list(self.layers)
+        final = self.hidden[b].to(self.device)
+        try:
+            for i in range(self.num_layers):
+                self.layers[i] = _Replay(real[i], final if i == self.num_layers - 1 else None, self.returns_tuple)
+            x = torch.as_tensor(np.asarray(ids)).to(self.device)
+            return self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+        finally:
+            for i in range(self.num_layers):
+                self.layers[i] = real[i]
 
     def close(self) -> None:
         self.hidden, self.extras = [], []
