@@ -1,5 +1,59 @@
+import contextlib
+
 from sq_export.families import register
 from sq_export.families.llama import Llama
+
+# The exported graph carries Gemma's residual stream divided by 2**RESIDUAL_SHIFT (issue 16). Gemma-3-270m's stream
+# reaches |x| = 95,270 on held-out text (layers 9-16, lab/2026-11-29/logs4/gemma/), above FP16's 65,504: in a
+# TensorRT FP16 engine that one token's value is inf, its next norm NaN, and attention spreads the NaN to every
+# position (softmax weight 0 × NaN value = NaN), so every logit was non-finite. Divided by 4 the stream peaks at
+# 23,818. The shift is exact in float32 (powers of two); 2 and not more because the pre-norms' ε (1e-6) is divided
+# by 4**shift and must stay above FP16's smallest subnormal (6e-8): 1e-6/16 = 6.25e-8 does.
+RESIDUAL_SHIFT = 2
+
+
+def residual_scaled(model, shift: int | None = None):
+    """While exporting: the residual stream of a Gemma-3 model divided by s = 2**shift, exactly.
+
+    Every reader of the stream is a norm (input_layernorm, pre_feedforward_layernorm, the final norm), and
+    RMSNorm(x/s) with ε/s² equals RMSNorm(x) (x/s / sqrt(mean(x²)/s² + ε/s²)); every writer gets a multiply by 1/s:
+    the scaled embedding and the two post-norms (post_attention_layernorm, post_feedforward_layernorm), whose
+    outputs are added to the stream. Forward hooks (a Mul by a power of two each, traced into the graph) and the
+    pre-norms' ε attribute: no weight is touched (lazy placeholders stay valid), and all of it is undone on exit.
+    The function is the same to float32 rounding (every factor a power of two: bit-for-bit but for the order of
+    rounding in the residual adds, which scales with it); the KV cache (k, v from normalized inputs) is unchanged."""
+    s = 2.0 ** (RESIDUAL_SHIFT if shift is None else shift)
+
+    @contextlib.contextmanager
+    def patch():
+        if s == 1.0:
+            yield
+            return
+        base = model.get_submodule("model")
+        layers = base.get_submodule("layers")
+        hooks, eps = [], []
+
+        def div(mod, args, out):
+            return out * (1.0 / s)
+
+        try:
+            hooks.append(base.embed_tokens.register_forward_hook(div))
+            for layer in layers:
+                for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+                    hooks.append(getattr(layer, name).register_forward_hook(div))
+                for name in ("input_layernorm", "pre_feedforward_layernorm"):
+                    eps.append((getattr(layer, name), getattr(layer, name).eps))
+            eps.append((base.norm, base.norm.eps))
+            for mod, e in eps:
+                mod.eps = e / (s * s)
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            for mod, e in eps:
+                mod.eps = e
+
+    return patch()
 
 
 @register
@@ -31,6 +85,8 @@ class Gemma3(Llama):
     model_types = ("gemma3_text",)
     layers_path = "model.layers"
     norm_form = "one_plus_gamma"
+    # the residual stream exported divided by 4 (residual_scaled above: exact, keeps it inside FP16's range)
+    export_patches = (residual_scaled,)
     norm_groups = (
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
