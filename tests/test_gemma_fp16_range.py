@@ -80,3 +80,39 @@ def test_patch_restores_the_model():
     assert torch.equal(after, before)
     with gemma3.residual_scaled(model, shift=0):  # shift 0: nothing changes
         assert not base.embed_tokens._forward_hooks and base.norm.eps == eps[-1]
+
+
+def _act_max(path):
+    """Logits and max |x| over every node output of the MLPs' activation (act_fn) in ONNX Runtime."""
+    m = onnx.load(path)
+    outs = [o for n in m.graph.node if "/act_fn/" in n.name for o in n.output]
+    assert outs
+    for o in outs:
+        m.graph.output.append(helper.make_empty_tensor_value_info(o))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": IDS, "attention_mask": np.ones_like(IDS)})
+    return out[0], max(float(np.abs(o).max()) for o in out[1:])
+
+
+def test_gelu_cube_on_clipped_input(tmp_path, monkeypatch):
+    """A gate projection reaching |x| ~ 100 (Gemma-3-270m's: 68) puts x³ ~ 1e6 in the exported GELU; with the
+    patch the largest value of the activation is of the order of |x|, and the logits keep every bit."""
+    model, fam = make_tiny("gemma3")
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight.mul_(400.0)
+    export_onnx(model, fam, tmp_path / "clipped.onnx", weights="qdq")
+    monkeypatch.setattr(type(fam), "export_patches", (gemma3.residual_scaled,))
+    export_onnx(model, fam, tmp_path / "plain.onnx", weights="qdq")
+    plain, plain_max = _act_max(tmp_path / "plain.onnx")
+    clipped, clipped_max = _act_max(tmp_path / "clipped.onnx")
+    with torch.no_grad():
+        gate = model.model.layers[0].mlp.gate_proj(model.model.layers[0].pre_feedforward_layernorm(
+            model.model.embed_tokens(torch.as_tensor(IDS)))).abs().max().item()
+    assert gate ** 3 > FP16_MAX and plain_max > FP16_MAX  # the cube overflows FP16
+    assert clipped_max <= 2 * gate * 1.001 < FP16_MAX
+    np.testing.assert_array_equal(clipped, plain)
+    # the model's own activation is back
+    assert all(m.act is not None and getattr(m.act, "func", None) is torch.nn.functional.gelu
+               for m in model.modules() if type(m).__name__ == "GELUTanh")

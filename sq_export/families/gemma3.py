@@ -56,6 +56,44 @@ def residual_scaled(model, shift: int | None = None):
     return patch()
 
 
+GELU_CLIP = 10.0
+
+
+def gelu_tanh_clipped(model):
+    """While exporting: Gemma's GELU (tanh form) with the cube computed on x clipped to [-10, 10].
+
+    At opset 17 the exporter writes 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x·x·x))) node by node, and Gemma-3-270m's
+    gate projection reaches |x| = 68 (layer 0), so x³ = 314,720: inf in FP16 (issue 16). It only feeds tanh, which
+    is ±1 in float32 for every argument past ±9.1 — reached at |x| = 10 (√(2/π)·(10 + 44.7) = 43.6) — so
+    clipping x inside the tanh leaves every output bit as it was, and the largest intermediate is 2·|x|, not |x|³.
+    The outer factor 0.5·x keeps the unclipped x. Only the GELUTanh modules (ACT2FN["gelu_pytorch_tanh"]) are
+    patched, and restored on exit."""
+    import math
+
+    import torch
+
+    beta, kappa = math.sqrt(2.0 / math.pi), 0.044715
+
+    def act(x):
+        xc = x.clamp(-GELU_CLIP, GELU_CLIP)
+        inner = beta * (xc + kappa * (xc * (xc * xc)))
+        return 0.5 * (x * (1.0 + torch.tanh(inner)))
+
+    @contextlib.contextmanager
+    def patch():
+        mods = [m for m in model.modules() if type(m).__name__ == "GELUTanh" and hasattr(m, "act")]
+        old = [m.act for m in mods]
+        try:
+            for m in mods:
+                m.act = act
+            yield
+        finally:
+            for m, a in zip(mods, old):
+                m.act = a
+
+    return patch()
+
+
 @register
 class Gemma3(Llama):
     """transformers' Gemma3ForCausalLM (text-only Gemma 3, model_type "gemma3_text", e.g. gemma-3-270m / 1b).
@@ -85,8 +123,8 @@ class Gemma3(Llama):
     model_types = ("gemma3_text",)
     layers_path = "model.layers"
     norm_form = "one_plus_gamma"
-    # the residual stream exported divided by 4 (residual_scaled above: exact, keeps it inside FP16's range)
-    export_patches = (residual_scaled,)
+    # inside FP16's range (issue 16): the residual stream exported divided by 4, the GELU's cube on clipped x (both exact)
+    export_patches = (residual_scaled, gelu_tanh_clipped)
     norm_groups = (
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
