@@ -20,8 +20,8 @@ def residual_scaled(model, shift: int | None = None):
     the scaled embedding and the two post-norms (post_attention_layernorm, post_feedforward_layernorm), whose
     outputs are added to the stream. Forward hooks (a Mul by a power of two each, traced into the graph) and the
     pre-norms' ε attribute: no weight is touched (lazy placeholders stay valid), and all of it is undone on exit.
-    The function is the same to float32 rounding (every factor a power of two: bit-for-bit but for the order of
-    rounding in the residual adds, which scales with it); the KV cache (k, v from normalized inputs) is unchanged."""
+    Every factor is a power of two, and scaling by one commutes with float rounding: the float32 graph computes the
+    same bits (barring subnormals; tests/test_gemma_fp16_range.py); the KV cache (k, v from normalized inputs) too."""
     s = 2.0 ** (RESIDUAL_SHIFT if shift is None else shift)
 
     @contextlib.contextmanager
