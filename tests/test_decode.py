@@ -25,6 +25,7 @@ TRT86_OPS = {
     "Expand", "Flatten", "Gather", "Gemm", "Identity", "LayerNormalization", "Less", "LessOrEqual", "MatMul", "Mul",
     "Neg", "Not", "Pow", "QuantizeLinear", "Range", "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Sin", "Cos",
     "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where", "Greater", "Or",
+    "Clip",  # constant min/max (Gemma-3's GELU cube on clipped x, families/gemma3.py)
 }
 
 

@@ -214,7 +214,8 @@ def build_engine(
     only): the output type of the INT8 GEMMs (8.6 picks FP32 by itself). fp32_nodes: a regex over ONNX node names
     whose layers are pinned to FP32 too (TensorRT 8.x; Q/DQ and INT8 GEMMs excluded). prescale_norms: rewrite
     every decomposed norm so its statistics cannot overflow FP16 (engine/norm_prescale.py; exact), parsed from
-    the rewritten graph in memory.
+    the rewritten graph in memory. With the FP16 flag the attention mask's float32-lowest fills become -16,384
+    (engine/mask_fill.py: a fully masked row's softmax is NaN in FP16 otherwise).
     """
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path)
@@ -267,7 +268,14 @@ def build_engine(
 
         prescaled = _prescale(model)
         log.info("prescaled norms: %d (statistics FP16-safe)", len(prescaled))
-    if prescaled:
+    mask_fills: list[str] = []
+    if plan.fp16_flag:  # float32's lowest as the mask fill is -inf in FP16: a fully masked row's softmax NaN
+        from sq_export.engine.mask_fill import finite_mask_fills
+
+        mask_fills = finite_mask_fills(model)
+        if mask_fills:
+            log.info("attention-mask fills made FP16-finite: %d", len(mask_fills))
+    if prescaled or mask_fills:
         network = network_from_rewritten_onnx(model, onnx_path, trt, **plan.network_kwargs())
     else:
         network = NetworkFromOnnxPath(str(onnx_path), **plan.network_kwargs())
@@ -363,6 +371,7 @@ def build_engine(
         "int8_gemm_output": {"layers": 0, "nodes": 0, "dtype": int8_gemm_output},
         "fp32_nodes": {"layers": 0, "nodes": 0, "pattern": fp32_nodes},
         "prescaled_norms": len(prescaled),
+        "finite_mask_fills": len(mask_fills),
         **{p.key: p.record() for p in pins},
         "build_seconds": round(build_s, 3),
         "engine_bytes": n_bytes,
