@@ -16,6 +16,8 @@ reads a streamed result back as a QuantizedModel for export (sq_export.api.load_
 - quantize.py: the streamed smoothing + static scales + fallback N, writing the smoothed checkpoint shard by shard
 - writer.py: the shard writer
 - weight_stats.py: per-input-channel max|W| of every quantized Linear, one layer at a time (run --stream's report)
+- lazy.py: export without the weights in memory (placeholders; each weight read from the checkpoint when written)
+- perplexity.py: the streamed perplexity of a float or quantize_streamed folder (bit-identical on the CPU in float32)
 """
 
 from __future__ import annotations
