@@ -28,6 +28,8 @@ class RunContext:
         self.manifest = manifest
         self.echo = echo or (lambda msg: None)
         self.modes = options.modes()
+        if self.recipe("sq").alpha == "kl":
+            raise BadInput("--alpha kl is not a `run` option yet: use `eval` or `export` (or the API) with it")
         self._loaded = None
         self._calib = None  # sq_export.quant.calibrate.Calibration read back from the calibrate stage's files
         self._alpha_groups = None  # {group source: α} of --alpha auto, as the smooth stage chose it
