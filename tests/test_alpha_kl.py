@@ -1,5 +1,6 @@
-"""`--alpha kl` (sq_export.quant.alpha.search_alpha_kl): one α per smoothing-group kind, chosen by the KL of the every-
-Linear-INT8 model to the float model on calibration-split windows; with and without an outlier prefix."""
+"""`--alpha kl` (sq_export.quant.alpha.search_alpha_kl): one α per Linear-pair kind (up→down, v→o; the norm groups keep
+the family's α), chosen by the KL of the every-Linear-INT8 model to the float model on calibration-split windows; with
+and without an outlier prefix."""
 
 import json
 
@@ -49,9 +50,10 @@ def test_alpha_kl_scores_the_model_prepare_builds(prefix):
     for src, a in prep.alpha_per_group.items():
         by_kind.setdefault(A.group_kind(src), set()).add(a)
         assert a in A.KL_ALPHA_GRID
-    assert set(by_kind) == set(rec["kinds"]) and all(len(v) == 1 for v in by_kind.values())
-    # the pair kinds are searched first, every grid value tried once per kind
-    assert set(list(rec["kinds"])[:2]) == {"model.layers.*.self_attn.v_proj", "model.layers.*.mlp.up_proj"}
+    assert all(len(v) == 1 for v in by_kind.values())
+    # the pair kinds are searched, every grid value tried once per kind; the norm kinds keep the family's α
+    assert set(rec["kinds"]) == {"model.layers.*.self_attn.v_proj", "model.layers.*.mlp.up_proj"}
+    assert by_kind["model.layers.*.input_layernorm"] == by_kind["model.layers.*.post_attention_layernorm"] == {fam.default_alpha}
     assert all(len(k["kl"]) == len(A.KL_ALPHA_GRID) for k in rec["kinds"].values())
     assert rec["final_kl"] <= rec["start_kl"]
     # the search's trials are the model prepare delivers: its KL is the recorded one (prefix cache and scales included)
@@ -69,7 +71,8 @@ def test_alpha_kl_moves_a_kind_only_beyond_the_noise_margin():
     s.reference(model)
     stay, rec = A.search_alpha_kl(model, fam, calib.act_max, s, True, 0.85, min_gain=1.0)  # no drop can exceed 100 %
     assert set(stay.values()) == {0.85} and rec["final_kl"] == rec["start_kl"]
-    free, rec = A.search_alpha_kl(model, fam, calib.act_max, s, True, 0.85, min_gain=0.0)
+    free, rec = A.search_alpha_kl(model, fam, calib.act_max, s, True, 0.85, min_gain=0.0, norms=True)
+    assert len(rec["kinds"]) == 4 and list(rec["kinds"])[2:] == ["model.layers.*.input_layernorm", "model.layers.*.post_attention_layernorm"]
     cur = rec["start_kl"]
     for kind, k in rec["kinds"].items():  # greedy: each kind takes the grid minimum given the kinds before it
         best = min(k["kl"], key=k["kl"].get)
@@ -91,6 +94,8 @@ def test_alpha_kl_options_and_refusals(tiny_dirs, small_text, tmp_path, capsys):
     no_text = Calibration(calib.act_max, None, None, OPTS)
     with pytest.raises(BadInput, match="alpha kl"):
         api.quantize(model, no_text, make_recipe("default", calib=OPTS, fallback="none", alpha="kl"), copy=True)
+    with pytest.raises(BadInput, match="smooth-pairs"):
+        api.quantize(model, calib, make_recipe("default", calib=OPTS, fallback="none", alpha="kl", linear_pairs=False), copy=True)
     d = tiny_dirs("llama")
     cal = ["--calib-text", small_text / "calib.txt", "--samples", "4", "--calib-seq-len", "32"]
     code = main(["-q", "eval", str(d), "--alpha", "kl", "--fallback", "none", "--text", str(small_text / "eval.txt"), *map(str, cal),

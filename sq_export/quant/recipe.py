@@ -61,7 +61,7 @@ class Recipe:
     mode: str = "sq"  # fp | naive | sq
     act: str = "static"  # static (TensorRT's form) | dynamic-tensor | dynamic-token | none (PyTorch measurement)
     # None: the family's default α; a number in [0, 1]; "auto": per-group search (sq_export.quant.alpha);
-    # "kl": one α per group kind, by the KL to the float model on calibration-split windows (alpha.search_alpha_kl);
+    # "kl": one α per Linear-pair kind, by the KL to the float model on calibration-split windows (alpha.search_alpha_kl);
     # {group source: α}: the result of such a search, replayed
     alpha: float | str | dict | None = "auto"
     per_channel: bool = True  # INT8 weight scales per output channel (else per tensor)
@@ -148,7 +148,7 @@ class Recipe:
             parts = ["naive W8A8"]
         else:
             a = self.alpha
-            alpha = "alpha auto (per group)" if a == "auto" or isinstance(a, dict) else "alpha kl (per group kind)" if a == "kl" \
+            alpha = "alpha auto (per group)" if a == "auto" or isinstance(a, dict) else "alpha kl (per pair kind)" if a == "kl" \
                 else f"alpha {a if a is not None else 'family default'}"
             parts = ["SmoothQuant W8A8", "norm + pair smoothing" if self.linear_pairs else "norm smoothing", alpha]
         if self.clip not in (None, "max"):
