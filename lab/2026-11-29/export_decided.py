@@ -3,7 +3,7 @@ chose (read from its --json, replayed: no second search) for ONNX Runtime, and m
 same tokens. Then: sq-export eval OUT.onnx --max-tokens 8192 --json
 
     PYTHONPATH=. python lab/2026-11-29/export_decided.py lab/2026-11-29/logs4/eval_alpha_kl.json /tmp/kl.onnx
-    PYTHONPATH=. python lab/2026-11-29/export_decided.py 'kinds:{"mlp.up_proj": 0.8}' /tmp/kl.onnx
+    PYTHONPATH=. python lab/2026-11-29/export_decided.py 'kinds:{"mlp.up_proj": 0.8}' /tmp/kl.onnx [--no-ppl]
 """
 
 import json
@@ -36,6 +36,8 @@ def main():
     qm = api.quantize(model, calib, r)
     res = api.export_onnx(qm, out, target="ort", source_model="smollm2")
     print(f"exported {out} in {time.perf_counter() - t:.0f} s: {res}", flush=True)
+    if "--no-ppl" in sys.argv:
+        return
     v = torch_perplexity(qm.model, api.text_ids(tok, None, "eval"), 512, 8192, desc=None)
     print(json.dumps({"pytorch_perplexity": v["perplexity"], "tokens": v["tokens"], "prefix": qm.prepared.prefix.tokens}))
 
