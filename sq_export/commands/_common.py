@@ -30,7 +30,7 @@ def add_recipe(p, modes=True, runtime=True):
                    help=f"the preset the options below override ({presets}); default: default (--mode naive/fp: that mode alone)")
     if modes:
         p.add_argument("--mode", default=None, choices=["fp", "naive", "sq"], help="fp: float; naive: W8A8 without smoothing; sq: SmoothQuant W8A8 (default)")
-    p.add_argument("--alpha", type=_alpha, default=None, metavar="A", help="migration strength in [0,1], 'default' (the family's: 0.5 OPT/BLOOM, 0.85 Llama), or 'auto' (the default recipe's): per smoothing group, the alpha in 0.30..0.95 minimizing that group's static W8A8 output error on calibration rows")
+    p.add_argument("--alpha", type=_alpha, default=None, metavar="A", help="migration strength in [0,1], 'default' (the family's: 0.5 OPT/BLOOM, 0.85 Llama), or 'auto' (the default recipe's): per smoothing group, the alpha in 0.30..0.95 minimizing that group's static W8A8 output error on calibration rows; or 'kl': one alpha per Linear pair kind (up->down, v->o; the norm groups keep the family's alpha), each in 0.6..0.95 minimizing the mean KL of the W8A8 model (every Linear INT8) to the float model on 4 calibration-split windows, kept only when the KL drops by over 2%% (about 15 scorings; eval/export/API, not run; needs --smooth-pairs)")
     p.add_argument("--smooth-pairs", action=argparse.BooleanOptionalAction, default=None, help="also smooth Linear inputs that have no norm in front (down_proj via up_proj's rows, o_proj via v_proj's rows) where the family declares an exact fold (default recipe: on)")
     p.add_argument("--clip", default=None, metavar="max|pNN.NN|mse", help="static activation range per Linear input: max|x| (default), a percentile of |x| (e.g. p99.99), or mse (the range minimizing the input's INT8 error), from a bounded row sample taken during calibration")
     p.add_argument("--fallback", default=None, metavar="auto|none|N|NAME,...", help="keep Linears in float (no Q/DQ; TensorRT runs them FP16): auto (the default recipe's; scored by mean KL divergence to the float model on 4 calibration-split windows: each role (down_proj, o_proj, ...) is first put in float as a whole; from the roles that gain most per Linear, twice the --max-fallback budget of Linears are each scored alone, then added greedily by measured gain while the KL drops, until --target-ppl-increase holds at the windows' 95%% upper confidence bound or --max-fallback is reached), none (every Linear INT8), N (the N lowest-SQNR Linears), or module names")
@@ -74,14 +74,14 @@ def add_quantize_attention(p) -> None:
 
 
 def _alpha(v: str):
-    if v in ("auto", "default"):
+    if v in ("auto", "kl", "default"):
         return v
     try:
         return float(v)
     except ValueError:
         import argparse
 
-        raise argparse.ArgumentTypeError(f"{v!r} is neither a number in [0, 1], 'default' nor 'auto'") from None
+        raise argparse.ArgumentTypeError(f"{v!r} is neither a number in [0, 1], 'default', 'auto' nor 'kl'") from None
 
 
 def recipe_from(args, act="static"):

@@ -92,7 +92,7 @@ def eval_onnx(args, max_tokens):
         "backend": "onnxruntime",
         "mode": meta.get("mode"),
         "act": meta.get("act"),
-        "alpha": None if meta.get("alpha") in (None, "None", "") else meta["alpha"] if meta["alpha"] == "auto" else float(meta["alpha"]),
+        "alpha": None if meta.get("alpha") in (None, "None", "") else meta["alpha"] if meta["alpha"] in ("auto", "kl") else float(meta["alpha"]),
         "quantized_layers_total": int(meta.get("quantized_layers_total", 0)),
         "fp16_layers": [x for x in meta.get("fp16_layers", "").split(",") if x],
     }

@@ -95,6 +95,10 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
         bad = [n for n in fb[1] if n not in known]
         if bad:
             raise BadInput(f"--fallback: {bad[0]} is not a quantized Linear of this model (e.g. {family.quantized_linears()[0]})")
+    if alpha == "kl" and recipe.mode == "sq" and (calib is None or calib.ids is None):
+        raise BadInput("--alpha kl scores on calibration-split windows: calibrate from text (not --act-scales alone)")
+    if alpha == "kl" and recipe.mode == "sq" and not recipe.linear_pairs:
+        raise BadInput("--alpha kl chooses the α of the Linear pairs (up→down, v→o): it needs --smooth-pairs")
     if recipe.needs_calibration() and calib is None:
         raise BadInput("this recipe needs calibration statistics (sq_export.quant.calibrate)")
     act_max = res = None
@@ -111,7 +115,13 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
         elif alpha == "auto":
             alpha_per_group = alpha_search.search_alpha(model, family, act_max, res, recipe.linear_pairs, per_channel=recipe.per_channel)
             times["alpha_search_s"] = time.perf_counter() - t
-        a = alpha_per_group if alpha == "auto" else alpha
+        elif alpha == "kl":  # one α per pair kind, by the KL to the float model on the fallback's scoring windows
+            kl_score = fallback.KLScore(calib.scoring_windows(fallback.FALLBACK_WINDOWS), layers_path=family.layers_path)
+            kl_score.reference(model)
+            alpha_per_group, info["alpha_kl"] = alpha_search.search_alpha_kl(
+                model, family, act_max, kl_score, recipe.linear_pairs, family.default_alpha, per_channel=recipe.per_channel, prefix=pre)
+            times["alpha_search_s"] = time.perf_counter() - t
+        a = alpha_per_group if alpha in ("auto", "kl") else alpha
 
         def refresh_prefix():  # the prefix's cache as the smoothed float model computes it (v→o pairs scale V's rows)
             nonlocal pre

@@ -61,6 +61,7 @@ class Recipe:
     mode: str = "sq"  # fp | naive | sq
     act: str = "static"  # static (TensorRT's form) | dynamic-tensor | dynamic-token | none (PyTorch measurement)
     # None: the family's default α; a number in [0, 1]; "auto": per-group search (sq_export.quant.alpha);
+    # "kl": one α per Linear-pair kind, by the KL to the float model on calibration-split windows (alpha.search_alpha_kl);
     # {group source: α}: the result of such a search, replayed
     alpha: float | str | dict | None = "auto"
     per_channel: bool = True  # INT8 weight scales per output channel (else per tensor)
@@ -120,7 +121,7 @@ class Recipe:
         if isinstance(self.alpha, dict):  # {group source: α}: an --alpha auto result, replayed (no search)
             for a in self.alpha.values():
                 validate_alpha(a)
-        elif self.alpha is not None and self.alpha != "auto":
+        elif self.alpha is not None and self.alpha not in ("auto", "kl"):
             validate_alpha(self.alpha)
         parse_clip(self.clip)
         parse_fallback(self.fallback)
@@ -147,7 +148,8 @@ class Recipe:
             parts = ["naive W8A8"]
         else:
             a = self.alpha
-            alpha = "alpha auto (per group)" if a == "auto" or isinstance(a, dict) else f"alpha {a if a is not None else 'family default'}"
+            alpha = "alpha auto (per group)" if a == "auto" or isinstance(a, dict) else "alpha kl (per pair kind)" if a == "kl" \
+                else f"alpha {a if a is not None else 'family default'}"
             parts = ["SmoothQuant W8A8", "norm + pair smoothing" if self.linear_pairs else "norm smoothing", alpha]
         if self.clip not in (None, "max"):
             parts.append(f"clip {self.clip}")
@@ -167,7 +169,7 @@ def validate_alpha(alpha) -> float:
     try:
         a = float(alpha)
     except (TypeError, ValueError):
-        raise BadInput(f"--alpha {alpha!r} is neither a number in [0, 1] nor 'auto'") from None
+        raise BadInput(f"--alpha {alpha!r} is neither a number in [0, 1] nor 'auto' or 'kl'") from None
     if not (0.0 <= a <= 1.0):  # also rejects NaN
         raise BadInput(f"--alpha {alpha} is outside [0, 1]: the migration strength must be between 0 and 1")
     return a
@@ -269,7 +271,7 @@ def make_recipe(name: str | None = "default", *, calib: CalibOptions | None = No
         values["alpha"] = None
     if values.get("fallback") in ("", "none", "0"):
         values["fallback"] = None
-    if isinstance(values.get("alpha"), str) and values["alpha"] != "auto":
+    if isinstance(values.get("alpha"), str) and values["alpha"] not in ("auto", "kl"):
         values["alpha"] = validate_alpha(values["alpha"])
     r = Recipe(calib=calib or CalibOptions(), **values)
     return r.validate()

@@ -154,6 +154,8 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
         if bad:
             raise BadInput(f"--fallback: {bad[0]} is not a quantized Linear of this model (e.g. {fam.quantized_linears()[0]})")
     alpha = recipe.alpha if recipe.alpha is not None else fam.default_alpha
+    if alpha == "kl":
+        raise BadInput("--alpha kl scores the whole model: not available layer-streamed (use --alpha auto or a number)")
     searched = dict(alpha) if isinstance(alpha, dict) else None
     if searched is not None:
         alpha = "auto"
