@@ -29,18 +29,25 @@ def _massive_gemma(value=1.0e4):
     return model, fam
 
 
-def _logits_and_stream(path):
-    """The logits and max |x| of the residual stream (every decoder layer's two residual adds) in ONNX Runtime."""
+def _logits_and_max(path, node_filter):
+    """The logits and the max |x| over the outputs of the nodes `node_filter(name)` selects, in ONNX Runtime."""
     m = onnx.load(path)
-    adds = [o for n in m.graph.node if re.search(r"layers\.\d+/Add(_1)?$", n.name) for o in n.output]
-    assert len(adds) == 2 * 2  # two layers, two residual adds each
-    for o in adds:
+    outs = [o for n in m.graph.node if node_filter(n.name) for o in n.output]
+    assert outs
+    for o in outs:
         m.graph.output.append(helper.make_empty_tensor_value_info(o))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     out = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
         None, {"input_ids": IDS, "attention_mask": np.ones_like(IDS)})
-    return out[0], max(float(np.abs(o).max()) for o in out[1:])
+    return out[0], max(float(np.abs(o).max()) for o in out[1:]), len(outs)
+
+
+def _logits_and_stream(path):
+    """The logits and max |x| of the residual stream (every decoder layer's two residual adds) in ONNX Runtime."""
+    logits, mx, n = _logits_and_max(path, lambda name: re.search(r"layers\.\d+/Add(_1)?$", name))
+    assert n == 2 * 2  # two layers, two residual adds each
+    return logits, mx
 
 
 def test_residual_stream_exported_divided_by_four_exactly(tmp_path, monkeypatch):
@@ -84,16 +91,8 @@ def test_patch_restores_the_model():
 
 def _act_max(path):
     """Logits and max |x| over every node output of the MLPs' activation (act_fn) in ONNX Runtime."""
-    m = onnx.load(path)
-    outs = [o for n in m.graph.node if "/act_fn/" in n.name for o in n.output]
-    assert outs
-    for o in outs:
-        m.graph.output.append(helper.make_empty_tensor_value_info(o))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    out = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
-        None, {"input_ids": IDS, "attention_mask": np.ones_like(IDS)})
-    return out[0], max(float(np.abs(o).max()) for o in out[1:])
+    logits, mx, _ = _logits_and_max(path, lambda name: "/act_fn/" in name)
+    return logits, mx
 
 
 def test_gelu_cube_on_clipped_input(tmp_path, monkeypatch):

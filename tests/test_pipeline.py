@@ -16,17 +16,20 @@ PLOTS = ["act_channels.png", "weight_channels.png", "sqnr.png", "perplexity.png"
 STAGES = ["calibrate", "smooth", "export", "check", "build", "eval", "report"]
 
 
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    # The eval split is a slice of the calibration file far from the calibration slice, so the tests do not depend
-    # on calibration/heldout.txt being present in the checkout.
+def write_texts(d):
+    """calib.txt and eval.txt in `d`: the eval split is a slice of the calibration file far from the calibration
+    slice, so the tests do not depend on calibration/heldout.txt being present in the checkout."""
     from sq_export.textdata import DEFAULT_CALIB
 
-    d = tmp_path_factory.mktemp("pipeline_text")
     full = DEFAULT_CALIB.read_text()
     (d / "calib.txt").write_text(full[:20000])
     (d / "eval.txt").write_text(full[400000:408000])
     return d
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    return write_texts(tmp_path_factory.mktemp("pipeline_text"))
 
 
 def run(model, out, texts, *extra):

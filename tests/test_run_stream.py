@@ -8,7 +8,8 @@ import json
 import pytest
 
 from sq_export.cli import main
-from test_pipeline import SMALL, STAGES, manifest, snapshot
+from test_pipeline import STAGES, manifest, snapshot, write_texts
+from test_pipeline import run as pipeline_run
 
 CALIB = ["--samples", "4", "--calib-seq-len", "32"]
 
@@ -16,18 +17,11 @@ CALIB = ["--samples", "4", "--calib-seq-len", "32"]
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     """Calibration and eval text as test_pipeline.py takes them (slices of the shipped calibration file)."""
-    from sq_export.textdata import DEFAULT_CALIB
-
-    d = tmp_path_factory.mktemp("run_stream_text")
-    full = DEFAULT_CALIB.read_text()
-    (d / "calib.txt").write_text(full[:20000])
-    (d / "eval.txt").write_text(full[400000:408000])
-    return d
+    return write_texts(tmp_path_factory.mktemp("run_stream_text"))
 
 
 def run(model, out, texts, *extra):
-    return main(["-q", "run", str(model), "-o", str(out), *SMALL, "--calib-text", str(texts / "calib.txt"),
-                 "--text", str(texts / "eval.txt"), "--weights", "qdq16", *map(str, extra)])
+    return pipeline_run(model, out, texts, "--weights", "qdq16", *extra)
 
 
 @pytest.fixture(scope="module")

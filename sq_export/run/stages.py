@@ -486,6 +486,15 @@ def run_eval(ctx: RunContext, staging: Path) -> dict:
         "fp16_layers": list(prep.fp16_layers),
         **({"prefix_outliers": pre.summary()} if pre is not None else {}),
     }
+    write_eval(ctx, staging, recipe, tokens, ppl, engine_check, layer_sqnr_db=sqnr, sqnr_batch=list(batch.shape))
+    return {"tokens": tokens, "perplexity": ppl, "seconds": secs, "fp16_layers": recipe["fp16_layers"],
+            "engine_vs_graph": engine_check}
+
+
+def write_eval(ctx: RunContext, staging: Path, recipe: dict, tokens, ppl: dict, engine_check: dict, **extra) -> None:
+    """eval.json: the recipe delivered, the tokens and chunking, perplexity per backend and model, each engine's
+    agreement with its reference, and what the caller adds (per-Linear SQNR; a streamed run's skipped parts)."""
+    o = ctx.opts
     doc = {
         "recipe": recipe,
         "tokens": tokens,
@@ -496,12 +505,9 @@ def run_eval(ctx: RunContext, staging: Path) -> dict:
         "recipes": {m: ctx.recipe(m).describe() for m in ctx.modes},
         "perplexity": ppl,
         "engine_vs_graph": engine_check,
-        "layer_sqnr_db": sqnr,
-        "sqnr_batch": list(batch.shape),
+        **extra,
     }
     (staging / EVAL).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    return {"tokens": tokens, "perplexity": ppl, "seconds": secs, "fp16_layers": recipe["fp16_layers"],
-            "engine_vs_graph": engine_check}
 
 
 def engine_agreement(engine_ppl: dict, graph_ppl: dict, tol: float = ENGINE_PPL_TOLERANCE, reference: str = "onnxruntime") -> dict:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from sq_export.run.context import RunContext
-from sq_export.run.options import ACT_SCALES, CALIB_ROWS, CHANNEL_STATS, EVAL, PREFIX, SMOOTHED, onnx_name
+from sq_export.run.options import ACT_SCALES, CALIB_ROWS, CHANNEL_STATS, PREFIX, SMOOTHED, onnx_name
 
 STREAM = {"stream": True}  # in every streamed stage's options
 
@@ -157,7 +157,7 @@ def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
     are the models it does not build ("not_built")."""
     import numpy as np
 
-    from sq_export.run.stages import engine_agreement
+    from sq_export.run.stages import engine_agreement, write_eval
     from sq_export.stream.perplexity import perplexity_streamed
     from sq_export.stream.quantize import QUANT_FILE
     from sq_export.textdata import token_ids
@@ -201,22 +201,7 @@ def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
         "quantized_layers_total": len(q["quantized"]),
         "fp16_layers": list(q["fp16_layers"]),
     }
-    not_built = {m: NOT_BUILT for m in ("naive", "paper")}
-    doc = {
-        "recipe": recipe,
-        "tokens": tokens,
-        "seq_len": o.seq_len,
-        "max_tokens": o.max_tokens,
-        "eval_text": ctx.eval_text().name,
-        "modes": list(ctx.modes),
-        "recipes": {m: ctx.recipe(m).describe() for m in ctx.modes},
-        "perplexity": ppl,
-        "engine_vs_graph": engine_check,
-        "layer_sqnr_db": [],
-        "stream": True,
-        "skipped": skipped,
-        "not_built": not_built,
-    }
-    (staging / EVAL).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_eval(ctx, staging, recipe, tokens, ppl, engine_check, layer_sqnr_db=[], stream=True, skipped=skipped,
+               not_built={m: NOT_BUILT for m in ("naive", "paper")})
     return {"tokens": tokens, "perplexity": ppl, "seconds": secs, "fp16_layers": recipe["fp16_layers"],
             "engine_vs_graph": engine_check, "skipped": sorted(skipped), **STREAM}
