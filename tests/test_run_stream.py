@@ -108,6 +108,7 @@ def test_stream_rerun_skips_and_switching_stream_reruns(stream_run, tiny_dirs, t
     for f in ("act_scales.safetensors", "channel_stats.safetensors"):
         assert (out / f).read_bytes() == before[f][1], f
     assert run(tiny_dirs("llama"), out, texts, "--stream", "--until", "check") == 0
+    assert not (out / "model.naive.onnx").exists() and not (out / "model.paper.onnx").exists()  # not this run's
     m = manifest(out)
     assert m["last_run"]["ran"] == ["calibrate", "smooth", "export"]
     assert (out / "model.sq.onnx").read_bytes() == before["model.sq.onnx"][1]

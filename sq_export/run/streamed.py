@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from sq_export.run.context import RunContext
-from sq_export.run.options import ACT_SCALES, CALIB_ROWS, CHANNEL_STATS, PREFIX, SMOOTHED, onnx_name
+from sq_export.run.options import ACT_SCALES, CALIB_ROWS, CHANNEL_STATS, PREFIX, SMOOTHED, engine_name, onnx_name
 
 STREAM = {"stream": True}  # in every streamed stage's options
 
@@ -122,6 +122,11 @@ def run_export(ctx: RunContext, staging: Path) -> dict:
 
     o = ctx.opts
     summary = {}
+    # a whole-model run's naive and paper graphs (and engines) in the same OUT would look like this run's: removed
+    stale = [ctx.out / f for m in ("naive", "paper")
+             for f in (onnx_name(m), onnx_name(m) + ".data", engine_name(m), engine_name(m) + ".json")]
+    for f in stale:
+        f.unlink(missing_ok=True)
     for mode in ctx.modes:
         if mode == "fp":
             # the run's calibration label in its metadata, as the whole-model run's float graph has (same bytes)
