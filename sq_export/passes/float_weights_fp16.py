@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sq_export.passes._graph import add_initializer, drop_if_unused, unique_name
+from sq_export.passes._graph import drop_if_unused
+from sq_export.passes.weights_fp16 import WeightsToFp16Pass, widened_fp16
 
-FLOAT = 1  # onnx.TensorProto.FLOAT
 # ir.Tensor.meta key: the ir.DataType its values are stored in at their source (a checkpoint tensor widened to
 # float32 when read). FLOAT16: float16 holds them exactly, no need to read them to know.
 SOURCE_DTYPE = "sq_export.source_dtype"
@@ -75,11 +75,8 @@ def float_weights_graph(graph: ir.Graph) -> tuple[int, int]:
         if not (known_exact(src) or fp16_exact(src.numpy())):  # one weight read at a time, not kept
             kept += 1
             continue
-        v16 = add_initializer(graph, f"{w.name or 'weight'}.fp16", _lazy_fp16(src))
-        out = ir.val(unique_name(graph, f"{w.name or 'weight'}.fp32"), ir.DataType.FLOAT, v16.shape)
-        cast = ir.node("Cast", [v16], attributes={"to": FLOAT}, outputs=[out], name=unique_name(graph, f"{w.name or 'weight'}.cast"))
         first = min((u.node for u in w.uses()), key=lambda n: order.get(id(n), 0))
-        graph.insert_before(first, cast)
+        out = widened_fp16(graph, w, _lazy_fp16(src), before=first)
         for u in list(w.uses()):
             u.node.replace_input_with(u.idx, out)
         drop_if_unused(graph, w)
@@ -87,14 +84,7 @@ def float_weights_graph(graph: ir.Graph) -> tuple[int, int]:
     return done, kept
 
 
-class FloatWeightsToFp16Pass(ir.passes.InPlacePass):
+class FloatWeightsToFp16Pass(WeightsToFp16Pass):
     """The compact float graph (module docstring); `count` weights stored in float16, `kept_float32` not."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.kept_float32 = 0
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.count, self.kept_float32 = float_weights_graph(model.graph)
-        return ir.passes.PassResult(model, modified=self.count > 0)
+    graph_pass = staticmethod(float_weights_graph)

@@ -95,22 +95,33 @@ def weights_graph(graph: ir.Graph) -> tuple[int, int]:
             if w16 is None:
                 kept += 1
                 continue
-        v16 = add_initializer(graph, f"{w.name or 'weight'}.fp16", w16)
-        out = ir.val(unique_name(graph, f"{w.name or 'weight'}.fp32"), ir.DataType.FLOAT, v16.shape)
-        cast = ir.node("Cast", [v16], attributes={"to": FLOAT}, outputs=[out], name=unique_name(graph, f"{w.name or 'weight'}.cast"))
-        graph.insert_before(q, cast)
-        q.replace_input_with(0, out)
+        q.replace_input_with(0, widened_fp16(graph, w, w16, before=q))
         drop_if_unused(graph, w)
         done += 1
     return done, kept
 
 
+def widened_fp16(graph: ir.Graph, w: ir.Value, tensor16, *, before: ir.Node) -> ir.Value:
+    """A float16 initializer holding `tensor16` (weight `w`'s values in float16) and a Cast(to=FLOAT) of it inserted
+    before node `before`: the float32 value that takes `w`'s place (the caller rewires the uses)."""
+    v16 = add_initializer(graph, f"{w.name or 'weight'}.fp16", tensor16)
+    out = ir.val(unique_name(graph, f"{w.name or 'weight'}.fp32"), ir.DataType.FLOAT, v16.shape)
+    cast = ir.node("Cast", [v16], attributes={"to": FLOAT}, outputs=[out], name=unique_name(graph, f"{w.name or 'weight'}.cast"))
+    graph.insert_before(before, cast)
+    return out
+
+
 class WeightsToFp16Pass(ir.passes.InPlacePass):
+    """`count` weights stored in float16 -> Cast, `kept_float32` left in float32 by `graph_pass` (graph -> (done,
+    kept)): this module's Q/DQ weights, or passes/float_weights_fp16.py's float graph weights."""
+
+    graph_pass = staticmethod(weights_graph)
+
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
         self.kept_float32 = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.count, self.kept_float32 = weights_graph(model.graph)
+        self.count, self.kept_float32 = self.graph_pass(model.graph)
         return ir.passes.PassResult(model, modified=self.count > 0)
