@@ -184,35 +184,33 @@ def load_quantized(folder: str | Path, *, device: str | None = None, dtype: str 
     `lazy=True`: for export only — the weight matrices are placeholders that take no memory, the export traces on
     them and reads each weight from the checkpoint when it writes it (sq_export.stream.lazy: the same bytes, host
     memory ≈ one weight; the model computes nothing meaningful, so nothing but `export_onnx` may use it)."""
-    import json as _json
-
     from sq_export.families import family_for
     from sq_export.quant.prepare import Prepared
     from sq_export.quant.qlinear import quantize_model
-    from sq_export.stream.quantize import FORMAT, QUANT_FILE, recipe_from_json
+    from sq_export.stream.quantize import QUANT_FILE, act_scales_of, read_quant_record, recipe_from_json
 
-    f = Path(folder) / QUANT_FILE
-    if not f.is_file():
+    rec = read_quant_record(folder)
+    if rec is None:
         raise BadInput(f"{folder} holds no {QUANT_FILE}: it was not written by quantize_streamed")
-    rec = _json.loads(f.read_text())
-    if rec.get("format") != FORMAT:
-        raise BadInput(f"{f}: format {rec.get('format')!r}, expected {FORMAT}")
     recipe = recipe_from_json(rec["recipe"])
     if lazy:
         from sq_export.stream.lazy import load_lazy
 
-        if device not in (None, "cpu") or dtype not in ("auto", "float32"):
-            raise BadInput("load_quantized(lazy=True) builds a CPU float32 skeleton for export: leave device and dtype")
+        _lazy_on_cpu("load_quantized", device, dtype)
         model, fam, lw, quantized = load_lazy(folder, rec)
         model._sq_lazy_weights = lw  # read by the exporter (export.exporter._attach_weights)
     else:
         model, _ = load_model(folder, with_tokenizer=False, device=device, dtype=dtype)
         fam = family_for(model)
-        quantized = quantize_model(model, rec["quantized"], recipe.act, {n: float(v) for n, v in rec["act_scales"].items()},
-                                   recipe.per_channel)
+        quantized = quantize_model(model, rec["quantized"], recipe.act, act_scales_of(rec), recipe.per_channel)
     prep = Prepared(model, fam, recipe, rec["alpha"], quantized, {}, None, None, rec.get("max_layer_change"),
                     rec.get("alpha_per_group"), list(rec["fp16_layers"]), rec.get("tune") or {}, {})
     return QuantizedModel(model, fam, recipe, prep, None, rec["source_model"])
+
+
+def _lazy_on_cpu(what: str, device, dtype) -> None:
+    if device not in (None, "cpu") or dtype not in ("auto", "float32"):
+        raise BadInput(f"{what}(lazy=True) builds a CPU float32 skeleton for export: leave device and dtype")
 
 
 def load_float(model: str | Path, *, device: str | None = None, dtype: str = "auto", lazy: bool = False) -> QuantizedModel:
@@ -227,8 +225,7 @@ def load_float(model: str | Path, *, device: str | None = None, dtype: str = "au
     from sq_export.modeling import resolve_model_path
     from sq_export.stream.lazy import load_float_lazy
 
-    if device not in (None, "cpu") or dtype not in ("auto", "float32"):
-        raise BadInput("load_float(lazy=True) builds a CPU float32 skeleton for export: leave device and dtype")
+    _lazy_on_cpu("load_float", device, dtype)
     if not resolve_model_path(str(model)).is_dir():
         raise BadInput(f"{model} is not a Hugging Face safetensors folder: a .gguf model cannot be exported from "
                        "placeholders (lazy); load it (lazy=False, no --stream) or save it once with save_pretrained")
@@ -316,8 +313,8 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
     of host memory while it runs; the model is put back where it was afterwards. A model dispatched by accelerate
     is first gathered onto the CPU (sq_export.dispatch.undispatch, in place). `trace_device` "cuda" (logits graph):
     trace in float32 on the GPU instead, so the 4 bytes a parameter are GPU memory and host memory holds one tensor
-    at a time while the file is written (a 7B model: ~27 GB of GPU memory instead of host memory; not yet run on a
-    GPU: tests/test_gpu.py checks it gives the CPU trace's bytes)."""
+    at a time while the file is written (a 7B model: ~27 GB of GPU memory instead of host memory; the CPU trace's
+    bytes: tests/test_gpu.py, passed on an H200 on 2026-11-29)."""
     from sq_export.export.exporter import export_onnx as _export
     from sq_export.export.exporter import float32_on
     from sq_export.onnxio.meta import graph_metadata

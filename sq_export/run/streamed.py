@@ -20,7 +20,6 @@ run and a whole-model run into the same OUT never take each other's outputs as u
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -63,8 +62,7 @@ def run_calibrate(ctx: RunContext, staging: Path) -> dict:
     meta.pop("seconds", None)  # no times in artifacts
     save_act_scales(staging / ACT_SCALES, calib.act_max, {"model_type": api.model_type(ctx.model_path), **meta})
     for stale in (CALIB_ROWS, PREFIX):  # of an earlier whole-model calibration: must not be read
-        if (ctx.out / stale).exists():
-            (ctx.out / stale).unlink()
+        (ctx.out / stale).unlink(missing_ok=True)
     return {"linears": len(calib.act_max), **meta, **STREAM}
 
 
@@ -83,6 +81,7 @@ def run_smooth(ctx: RunContext, staging: Path) -> dict:
 
     from sq_export import api
     from sq_export.families import family_for
+    from sq_export.quant.smooth import smoothed_act_max
     from sq_export.run.channel_stats import save_channel_stats
     from sq_export.stream.layers import build_skeleton
     from sq_export.stream.weight_stats import weight_channel_max
@@ -98,8 +97,6 @@ def run_smooth(ctx: RunContext, staging: Path) -> dict:
     t = time.perf_counter()
     pairs = bool(r.linear_pairs)
     fam = family_for(build_skeleton(ctx.model_path, torch.float32))
-    from sq_export.quant.smooth import smoothed_act_max
-
     after = smoothed_act_max(res.act_max, fam, res.factors, pairs)
     w_before, w_after = weight_channel_max([ctx.model_path, dest], o.device, o.model_dtype)
     default_linear = save_channel_stats(staging / CHANNEL_STATS, fam, api.model_type(ctx.model_path), res.act_max, after,
@@ -164,7 +161,7 @@ def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
 
     from sq_export.run.stages import engine_agreement, write_eval
     from sq_export.stream.perplexity import perplexity_streamed
-    from sq_export.stream.quantize import QUANT_FILE
+    from sq_export.stream.quantize import read_quant_record
     from sq_export.textdata import token_ids
 
     o = ctx.opts
@@ -192,7 +189,7 @@ def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
         b = ctx.manifest["stages"].get("build") or {}
         skipped["tensorrt"] = f"no engine built ({b.get('reason') or 'the build stage did not run'})"
     engine_check = engine_agreement(ppl.get("tensorrt", {}), ppl["pytorch"], reference="pytorch")
-    q = json.loads((ctx.out / SMOOTHED / QUANT_FILE).read_text())
+    q = read_quant_record(ctx.out / SMOOTHED)
     main = ctx.recipe("sq")
     recipe = {
         "name": o.recipe,

@@ -149,12 +149,11 @@ def load_lazy(folder: str | Path, rec: dict):
     with the scales in `rec` (sq_quant.json) and their weight scales computed from the checkpoint's weights, one at
     a time."""
     from sq_export.quant.qlinear import quantize_model, weight_scale
-    from sq_export.stream.quantize import recipe_from_json
+    from sq_export.stream.quantize import act_scales_of, recipe_from_json
 
     model, fam, lw = load_float_lazy(folder)
     recipe = recipe_from_json(rec["recipe"])
-    quantized = quantize_model(model, rec["quantized"], recipe.act, {n: float(v) for n, v in rec["act_scales"].items()},
-                               recipe.per_channel)
+    quantized = quantize_model(model, rec["quantized"], recipe.act, act_scales_of(rec), recipe.per_channel)
     # the scales QLinear computed from the placeholder, now from the real weight; each tensor opens and closes its
     # file (Checkpoint.reading() would keep every page read mapped: the checkpoint's size in RSS)
     for n in quantized:

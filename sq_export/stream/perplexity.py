@@ -13,9 +13,7 @@ model in float16, 32 MB) + the embedding part and the head.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
 
 from sq_export import progress
 
@@ -29,28 +27,20 @@ def perplexity_streamed(folder: str | Path, ids, seq_len: int = 512, max_tokens:
     from sq_export.measure.perplexity import PerplexityAccumulator, chunk_tokens
     from sq_export.quant.qlinear import quantize_model
     from sq_export.stream.calibrate import layer_linears, open_stream
-    from sq_export.stream.quantize import FORMAT, QUANT_FILE, recipe_from_json
+    from sq_export.stream.quantize import act_scales_of, read_quant_record, recipe_from_json
 
-    rec = None
-    qf = Path(folder) / QUANT_FILE
-    if qf.is_file():
-        rec = json.loads(qf.read_text())
-        if rec.get("format") != FORMAT:
-            from sq_export.errors import BadInput
-
-            raise BadInput(f"{qf}: format {rec.get('format')!r}, expected {FORMAT}")
+    rec = read_quant_record(folder)  # a quantize_streamed folder: its layers run as static QLinears
     chunks = [c[None] for c in chunk_tokens(ids, seq_len, max_tokens)]
     ls = open_stream(folder, device, dtype)
     try:
         ls.capture(chunks)
-        recipe = recipe_from_json(rec["recipe"]) if rec else None
-        scales = {n: float(v) for n, v in rec["act_scales"].items()} if rec else {}
+        if rec:
+            recipe, scales, quantized = recipe_from_json(rec["recipe"]), act_scales_of(rec), set(rec["quantized"])
         for i in progress.bar(range(ls.num_layers), desc="perplexity (streamed)", unit="layer"):
             layer = ls.load(i)
-            if rec:
-                names = [n for n in layer_linears(ls.family, i) if n in set(rec["quantized"])]
+            if rec:  # swapped inside the loaded layer (the same module object)
+                names = [n for n in layer_linears(ls.family, i) if n in quantized]
                 quantize_model(ls.model, names, recipe.act, scales, recipe.per_channel)
-                layer = ls.layers[i]
             outs = ls.forward(i, layer)
             ls.free(i)
             ls.advance(outs)

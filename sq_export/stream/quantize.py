@@ -40,6 +40,23 @@ QUANT_FILE = "sq_quant.json"
 FORMAT = "sq_stream/1"
 
 
+def read_quant_record(folder: str | Path) -> dict | None:
+    """The sq_quant.json of a `quantize_streamed` folder (None when the folder has none); BadInput for another
+    format."""
+    f = Path(folder) / QUANT_FILE
+    if not f.is_file():
+        return None
+    rec = json.loads(f.read_text())
+    if rec.get("format") != FORMAT:
+        raise BadInput(f"{f}: format {rec.get('format')!r}, expected {FORMAT}")
+    return rec
+
+
+def act_scales_of(rec: dict) -> dict[str, float]:
+    """{Linear name: static input scale} of a record (read_quant_record)."""
+    return {n: float(v) for n, v in rec["act_scales"].items()}
+
+
 def check_streamable(recipe: Recipe) -> None:
     if recipe.mode == "fp":
         raise BadInput("streamed quantization needs a quantized recipe (naive or sq), not --mode fp")
