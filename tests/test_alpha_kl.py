@@ -105,4 +105,4 @@ def test_alpha_kl_options_and_refusals(tiny_dirs, small_text, tmp_path, capsys):
     res = json.loads(out.strip().splitlines()[-1])
     assert res["alpha"] == "kl" and len(res["alpha_per_group"]) == len(fam.groups(include_linear_pairs=True))
     assert main(["-q", "run", str(d), "-o", str(tmp_path / "never"), "--alpha", "kl"]) == 2
-    assert "not a `run` option" in capsys.readouterr().err
+    assert "not a `run` option" in capsys.readouterr().err and not (tmp_path / "never").exists()

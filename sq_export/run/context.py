@@ -28,8 +28,6 @@ class RunContext:
         self.manifest = manifest
         self.echo = echo or (lambda msg: None)
         self.modes = options.modes()
-        if self.recipe("sq").alpha == "kl":
-            raise BadInput("--alpha kl is not a `run` option yet: use `eval` or `export` (or the API) with it")
         self._loaded = None
         self._tok = None  # the tokenizer alone (--stream)
         self._calib = None  # sq_export.quant.calibrate.Calibration read back from the calibrate stage's files

@@ -108,7 +108,8 @@ class RunOptions:
     def validate(self) -> None:
         if self.stream:
             self.validate_stream()
-        self.recipe_for("sq")  # the preset and every recipe option (make_recipe validates)
+        if self.recipe_for("sq").alpha == "kl":  # (the preset and every recipe option: make_recipe validates)
+            raise BadInput("--alpha kl is not a `run` option yet: use `eval` or `export` (or the API) with it")
         self.modes()
         if self.weights not in ("int8", "qdq", "qdq16"):
             raise BadInput(f"--weights {self.weights} unknown: int8 (TensorRT 10+), qdq or qdq16 (TensorRT 8.6)")
