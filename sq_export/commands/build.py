@@ -29,8 +29,8 @@ def add_parser(sub):
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("onnx", metavar="MODEL.onnx", help="graph from `sq-export export` (inputs input_ids, attention_mask)")
-    p.add_argument("-o", "--output", required=True, metavar="ENGINE", help="engine file to write (plus ENGINE.json)")
+    p.add_argument("onnx", metavar="MODEL.onnx", help="graph from `sq-export export` (inputs input_ids, attention_mask), or a segment manifest from `sq-export split`")
+    p.add_argument("-o", "--output", required=True, metavar="ENGINE", help="engine file to write (plus ENGINE.json); for a segment manifest, the engine manifest (*.segments.json) beside which the segment engines go")
     p.add_argument("--precision", choices=["int8", "fp16"], default="int8", help="int8: Q/DQ graph (default); fp16: float graph")
     p.add_argument("--batch", default="1:1:4", metavar="MIN:OPT:MAX", help="batch range of the profile (default 1:1:4)")
     p.add_argument("--seq", default="1:128:512", metavar="MIN:OPT:MAX", help="sequence-length range (default 1:128:512)")
@@ -52,16 +52,54 @@ def add_parser(sub):
     p.add_argument("--no-prescale-norms", action="store_true", help="TensorRT 8.x with FP16: build the norms as exported (default: each decomposed norm divides by its token's max |x| before squaring, exact, so its statistics cannot overflow FP16 whichever precision TensorRT picks; without it SmoothQuant INT8 engines of SmolLM2 are garbage)")
     p.add_argument("--opt-level", type=int, default=None, metavar="0-5", help="TensorRT builder optimization level (lower builds faster; default TensorRT's, 3)")
     p.add_argument("--workspace", type=float, default=None, metavar="GIB", help="builder workspace limit in GiB")
+    p.add_argument("--jobs", type=int, default=1, metavar="J", help="segment manifests (`sq-export split`): build J segments at once, each in its own process (default 1; host memory is the limit)")
     p.add_argument("--json", action="store_true", help="print the sidecar as JSON on the last line")
     p.set_defaults(func=run)
     return p
 
 
+# the options every segment's build gets, as `sq-export build` arguments (flag, attribute, kind)
+_FORWARD = [("--precision", "precision", "value"), ("--batch", "batch", "value"), ("--seq", "seq", "value"),
+            ("--past", "past", "value"), ("--kv-fp16", "kv_fp16", "flag"), ("--timing-cache", "timing_cache", "value"),
+            ("--fp16-norms", "fp16_norms", "flag"), ("--no-fp16-matmuls", "no_fp16_matmuls", "flag"),
+            ("--fp32-nodes", "fp32_nodes", "value"), ("--no-fp16", "no_fp16", "flag"),
+            ("--no-prescale-norms", "no_prescale_norms", "flag"), ("--opt-level", "opt_level", "value"),
+            ("--workspace", "workspace", "value")]
+
+
+def forwarded(args) -> list:
+    out = []
+    for flag, attr, kind in _FORWARD:
+        v = getattr(args, attr)
+        if kind == "flag" and v:
+            out.append(flag)
+        elif kind == "value" and v is not None:
+            out += [flag, str(v)]
+    if args.tactic_sources is not None:
+        out += ["--tactic-sources", *args.tactic_sources]
+    return out
+
+
 def run(args) -> int:
     from sq_export.engine.build import build_engine, parse_range
+    from sq_export.onnxio.segments import is_manifest
 
     import contextlib
 
+    if is_manifest(args.onnx):
+        from sq_export.engine.chain import build_segments
+
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            man = build_segments(args.onnx, args.output, jobs=args.jobs, build_args=forwarded(args))
+        if args.json:
+            sys.stdout.write(json.dumps(man, sort_keys=True) + "\n")
+            return 0
+        print(f"wrote {man['path']}: {len(man['segments'])} engines, {man['engine_bytes'] / 2**20:.1f} MiB in "
+              f"{man['wall_seconds']:.0f} s ({args.jobs} at a time)")
+        for e in man["segments"]:
+            print(f"  {e['file']}: layers {e['layers'][0]}-{e['layers'][1]}, {e['engine_bytes'] / 2**20:.1f} MiB, "
+                  f"built in {e['build_seconds']} s")
+        return 0
     batch = parse_range(args.batch, "batch")
     seq = parse_range(args.seq, "seq")
     past = parse_range(args.past, "past") if args.past else None

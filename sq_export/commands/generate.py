@@ -44,6 +44,14 @@ def _engine_source_onnx(engine_path):
     import json
     from pathlib import Path
 
+    from sq_export.onnxio.segments import is_manifest, read_manifest
+
+    if is_manifest(engine_path):  # engine manifest -> ONNX manifest -> the graph it was cut from
+        try:
+            onnx_man = read_manifest(Path(engine_path).parent / read_manifest(engine_path)["source"])
+            return str(Path(onnx_man["path"]).parent / onnx_man["source"])
+        except Exception:
+            return None
     side = Path(str(engine_path) + ".json")
     try:
         return json.loads(side.read_text()).get("onnx")
@@ -86,6 +94,7 @@ def run(args):
     from sq_export.engine.run import ENGINE_SUFFIXES
     from sq_export.errors import BadInput
     from sq_export.onnxio.meta import read_metadata
+    from sq_export.onnxio.segments import is_manifest
 
     if args.max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
@@ -93,6 +102,13 @@ def run(args):
     res = {"prompt": args.prompt, "model": args.model}
     is_engine = args.model.lower().endswith(ENGINE_SUFFIXES)
     is_onnx = args.model.lower().endswith(".onnx")
+    if is_manifest(args.model):  # segments (`sq-export split`): their engines decode as one chain
+        from sq_export.engine.run import model_kind
+
+        if model_kind(args.model) != "engine":
+            raise BadInput(f"{args.model} lists ONNX segments: generate with the whole graph (ONNX Runtime), or build "
+                           "the segments and generate with the engine manifest")
+        is_engine = True
     tok = None
     with contextlib.ExitStack() as stack:
         if is_engine or is_onnx:

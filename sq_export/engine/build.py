@@ -69,6 +69,9 @@ def profile_shapes(facts, batch, seq, past) -> dict:
                 bad.append(f"{name} {dims}")
                 continue
             shapes[name] = tuple((batch[i], dims[1], past[i], dims[3]) for i in range(3))
+        elif len(dims) == 3 and isinstance(dims[2], int) and dims[2] > 0 and not all(isinstance(d, int) for d in dims[:2]):
+            # a segment's residual-stream input [batch, sequence, hidden] (sq_export.onnxio.segments)
+            shapes[name] = tuple((batch[i], seq[i], dims[2]) for i in range(3))
         elif len(dims) != 2:
             bad.append(f"{name} {dims}")
         elif name == "attention_mask" and pasts:
@@ -77,8 +80,9 @@ def profile_shapes(facts, batch, seq, past) -> dict:
             shapes[name] = tuple((batch[i], seq[i]) for i in range(3))
     if bad:
         raise BadInput(
-            "every graph input must be [batch, seq] (input_ids, attention_mask, position_ids), or in a decode graph "
-            "past_key_values.* [batch, heads, past, head_dim] with static heads/head_dim; these are not: " + ", ".join(bad)
+            "every graph input must be [batch, seq] (input_ids, attention_mask, position_ids), a segment's "
+            "[batch, seq, hidden], or in a decode graph past_key_values.* [batch, heads, past, head_dim] with static "
+            "heads/head_dim; these are not: " + ", ".join(bad)
         )
     return shapes
 

@@ -25,25 +25,24 @@ class EngineDecoder:
     """A TensorRT decode engine as a `step(feed) -> outputs` callable; use as a context manager."""
 
     def __init__(self, engine_path):
-        from sq_export.engine.run import load_engine
+        """`engine_path`: an engine, or a segment manifest (its engines run as one chain, sq_export.engine.chain)."""
+        from sq_export.engine.run import open_runner
 
         self.path = str(engine_path)
-        self.engine = load_engine(engine_path)
+        self._runner = open_runner(engine_path, name=Path(self.path).name)  # deserializes the engine(s) now
         self.runner = None
 
     def __enter__(self):
-        from polygraphy.backend.trt import TrtRunner
-
         from sq_export.engine.run import input_dtypes, profile_limits
 
-        self.runner = TrtRunner(self.engine, name=Path(self.path).name).__enter__()
+        self.runner = self._runner.__enter__()
         self.dtypes = input_dtypes(self.runner)
         pasts = past_names(self.dtypes)
         if "input_ids" not in self.dtypes or not pasts:
             self.__exit__(None, None, None)
             raise BadInput(f"{self.path} is not a decode engine (no past_key_values inputs): build it from `sq-export export --decode`")
         self.n_layers = len(pasts) // 2
-        lim = profile_limits(self.engine) or {}
+        lim = profile_limits(self.runner) or {}
         mn, _opt, mx = lim.get(pasts[0], ((1, 0, 0, 0), None, (0, 0, 0, 0)))
         self.kv_heads, self.head_dim = int(mx[1]), int(mx[3])
         self.past_min, self.past_max = int(mn[2]), int(mx[2])

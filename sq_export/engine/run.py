@@ -25,6 +25,7 @@ import numpy as np
 
 from sq_export.errors import BadInput
 from sq_export.measure.perplexity import PerplexityAccumulator
+from sq_export.onnxio.segments import SEGMENTS_SUFFIX
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 ONNX_SUFFIXES = (".onnx",)
@@ -167,12 +168,19 @@ def load_tokens(path) -> Tokens:
 
 
 def model_kind(path) -> str:
+    """"onnx" (ONNX Runtime) or "engine" (TensorRT): by suffix, or for a segment manifest (*.segments.json,
+    sq_export.onnxio.segments) by what its members are."""
     s = str(path).lower()
+    if s.endswith(SEGMENTS_SUFFIX):
+        from sq_export.engine.chain import manifest_kind
+
+        return manifest_kind(path)
     if s.endswith(ONNX_SUFFIXES):
         return "onnx"
     if s.endswith(ENGINE_SUFFIXES):
         return "engine"
-    raise BadInput(f"{path}: expected an .onnx graph or a TensorRT engine ({', '.join(ENGINE_SUFFIXES)})")
+    raise BadInput(f"{path}: expected an .onnx graph, a TensorRT engine ({', '.join(ENGINE_SUFFIXES)}) or a segment "
+                   f"manifest (*{SEGMENTS_SUFFIX})")
 
 
 def _check_readable(path, what: str) -> None:
@@ -216,9 +224,14 @@ def load_engine(engine_path):
 
 
 def open_runner(path, name: str | None = None, providers=None):
-    """A Polygraphy runner (not yet activated): OnnxrtRunner for .onnx, TrtRunner for engines."""
+    """A Polygraphy runner (not yet activated): OnnxrtRunner for .onnx, TrtRunner for engines, a chain of those for
+    a segment manifest (sq_export.engine.chain)."""
     kind = model_kind(path)
     name = name or Path(path).name
+    if str(path).lower().endswith(SEGMENTS_SUFFIX):
+        from sq_export.engine.chain import chain_runner
+
+        return chain_runner(path, name=name, providers=providers)
     if kind == "onnx":
         _check_readable(path, "ONNX file")
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -274,7 +287,10 @@ def pick_logits(outputs: dict) -> tuple[str, np.ndarray]:
 
 def profile_limits(runner_or_engine) -> dict | None:
     """{input: (min, opt, max)} of a TensorRT engine's profile 0 (an engine, or a TrtRunner, active or not);
-    None for other runners."""
+    None for other runners. A chain of engines: each graph input's limits from the first segment taking it."""
+    own = getattr(runner_or_engine, "profile_limits", None)
+    if callable(own):
+        return own()
     engine = getattr(runner_or_engine, "engine", None)
     if engine is None:
         inner = getattr(runner_or_engine, "_engine_or_context", None)

@@ -1,0 +1,225 @@
+"""A segmented model (sq_export.onnxio.segments) as one Polygraphy runner, and its engines built segment by segment.
+
+`ChainRunner` runs the segments of a manifest in order: each takes the graph inputs and earlier segments' outputs
+it names, and the chain returns the graph's outputs, so compare, eval/perplexity and generate treat a manifest as
+they treat one .onnx graph or one engine. Members are ONNX graphs (ONNX Runtime) or TensorRT engines; between
+TensorRT segments the residual stream stays on the GPU (Polygraphy device arrays, copy_outputs_to_host=False).
+
+`build_segments` builds one engine per ONNX segment with the same options `build` takes, and writes the engine
+manifest (the members' sidecars carry what each build measured). Segments build in separate processes, `jobs` at a
+time: TensorRT's builder holds many times a segment's weight bytes in host memory, so `jobs` is what bounds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from sq_export.errors import BadInput
+from sq_export.onnxio.segments import FORMAT, SEGMENTS_SUFFIX, is_manifest, member_paths, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def manifest_kind(path) -> str:
+    """"onnx" or "engine": what the manifest's members are."""
+    man = read_manifest(path)
+    kind = man.get("kind")
+    if kind not in ("onnx", "engine"):
+        raise BadInput(f"{path}: unknown segment kind {kind!r}")
+    return kind
+
+
+def _chain_base():
+    from polygraphy.backend.base import BaseRunner
+
+    return BaseRunner
+
+
+class _Lazy:
+    """Defers subclassing Polygraphy's BaseRunner until a chain is opened (the module imports without Polygraphy)."""
+
+    cls = None
+
+
+def chain_runner(path, name: str | None = None, providers=None):
+    """A (not yet activated) runner of every segment of the manifest at `path`, in order."""
+    from sq_export.engine.run import open_runner
+
+    man = read_manifest(path)
+    members = member_paths(man)
+    runners = [open_runner(p, name=f"{name or Path(path).name}:{i}", providers=providers) for i, p in enumerate(members)]
+    if _Lazy.cls is None:
+        _Lazy.cls = _make_class(_chain_base())
+    return _Lazy.cls(man, runners, name=name or Path(path).name)
+
+
+def _make_class(BaseRunner):
+    class ChainRunner(BaseRunner):
+        def __init__(self, manifest: dict, runners: list, name=None):
+            super().__init__(name=name, prefix="chain-runner")
+            self.manifest = manifest
+            self.runners = runners
+            self.inputs = list(manifest["inputs"])
+            self.outputs = list(manifest["outputs"])
+            self.segment_io = [(list(e["inputs"]), list(e["outputs"])) for e in manifest["segments"]]
+            self.trt = all(type(r).__name__ == "TrtRunner" for r in runners)
+
+        def activate_impl(self):
+            for r in self.runners:
+                r.activate()
+
+        def deactivate_impl(self):
+            for r in reversed(self.runners):
+                if r.is_active:
+                    r.deactivate()
+
+        def get_input_metadata_impl(self):
+            from polygraphy.common import TensorMetadata
+
+            meta = TensorMetadata()
+            for r, (ins, _outs) in zip(self.runners, self.segment_io):
+                m = r.get_input_metadata()
+                for n in ins:
+                    if n in self.inputs and n not in meta:
+                        dtype, shape = m[n]  # (a MetadataTuple unpacks; it does not index)
+                        meta.add(n, dtype, shape)
+            return meta
+
+        def infer_impl(self, feed_dict, copy_outputs_to_host=True):
+            import numpy as np
+
+            values = dict(feed_dict)
+            t0 = time.perf_counter()
+            for i, (r, (ins, outs)) in enumerate(zip(self.runners, self.segment_io)):
+                missing = [n for n in ins if n not in values]
+                if missing:
+                    raise BadInput(f"segment {i} of {self.name} needs {missing[0]}, which neither the feed nor an earlier segment gives")
+                want = r.get_input_metadata()
+                feed = {}
+                for n in ins:
+                    v = values[n]
+                    if isinstance(v, np.ndarray):
+                        dt, _shape = want[n]
+                        dt = np.dtype(dt.numpy() if hasattr(dt, "numpy") else dt)
+                        if v.dtype != dt:
+                            v = np.ascontiguousarray(v, dtype=dt)
+                    feed[n] = v
+                if self.trt:  # the boundary tensors stay on the GPU; graph outputs are copied at the end
+                    got = r.infer(feed, check_inputs=False, copy_outputs_to_host=False)
+                    for k, v in got.items():  # Polygraphy reuses its output buffers per runner, not across runners
+                        values[k] = v
+                else:
+                    got = r.infer(feed, check_inputs=False)
+                    values.update({k: np.array(v) for k, v in got.items()})
+            out = OrderedDict()
+            for n in self.outputs:
+                v = values[n]
+                if copy_outputs_to_host and not isinstance(v, np.ndarray) and hasattr(v, "numpy"):
+                    v = v.numpy()
+                out[n] = v
+            self.inference_time = time.perf_counter() - t0
+            return out
+
+        def profile_limits(self) -> dict | None:
+            """{graph input: (min, opt, max)} from the first segment engine that takes it (None for ONNX chains)."""
+            from sq_export.engine.run import profile_limits
+
+            lim = {}
+            for r in self.runners:
+                got = profile_limits(r)
+                if got is None:
+                    return None
+                for k, v in got.items():
+                    if k in self.inputs and k not in lim:
+                        lim[k] = v
+            return lim
+
+    return ChainRunner
+
+
+def engine_manifest_path(out) -> Path:
+    out = Path(out)
+    if not is_manifest(out):
+        raise BadInput(f"a segmented graph builds into an engine manifest: -o must end with {SEGMENTS_SUFFIX}, got {out}")
+    return out
+
+
+def build_segments(manifest_path, out, *, jobs: int = 1, build_args: list | None = None, python: str | None = None) -> dict:
+    """Build every ONNX segment of `manifest_path` into `<out stem>.segNN.engine` beside `out` (an engine
+    manifest, written last, atomically). `build_args`: the `sq-export build` options every segment gets (precision,
+    profile, pins ...). Each build runs as `python -m sq_export build` in its own process, `jobs` at a time; a
+    failed build stops the rest and leaves no manifest."""
+    from sq_export.fileio import check_output_path, write_text_atomic
+
+    man = read_manifest(manifest_path)
+    if man.get("kind") != "onnx":
+        raise BadInput(f"{manifest_path} lists engines already; build takes the ONNX segment manifest `sq-export split` wrote")
+    out = engine_manifest_path(out)
+    check_output_path(out)
+    if jobs < 1:
+        raise BadInput(f"--jobs must be >= 1, got {jobs}")
+    stem = out.name[: -len(SEGMENTS_SUFFIX)]
+    members = member_paths(man)
+    engines = [out.with_name(f"{stem}.seg{i:02d}.engine") for i in range(len(members))]
+    python = python or sys.executable
+    pending = list(range(len(members)))
+    running: dict = {}
+    t0 = time.perf_counter()
+    failed = None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    while pending or running:
+        while pending and len(running) < jobs and failed is None:
+            i = pending.pop(0)
+            cmd = [python, "-m", "sq_export", "build", str(members[i]), "-o", str(engines[i]), *(build_args or [])]
+            log.info("segment %d/%d: %s", i + 1, len(members), " ".join(cmd))
+            running[i] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.perf_counter())
+        if failed is not None and not running:
+            break
+        if failed is not None:
+            pending.clear()
+        done = [i for i, (p, _t) in running.items() if p.poll() is not None]
+        if not done:
+            time.sleep(0.5)
+            continue
+        for i in done:
+            p, t = running.pop(i)
+            _out, err = p.communicate()
+            if p.returncode != 0 and failed is None:
+                last = [ln for ln in (err or "").strip().splitlines() if ln.strip()]
+                failed = (i, p.returncode, last[-1] if last else "")
+            elif p.returncode == 0:
+                log.info("segment %d built in %.0f s", i, time.perf_counter() - t)
+    if failed is not None:
+        i, rc, msg = failed
+        raise BadInput(f"segment {i} ({members[i].name}) did not build (exit {rc}): {msg}")
+    entries = []
+    for i, (e, eng) in enumerate(zip(man["segments"], engines)):
+        side = Path(str(eng) + ".json")
+        sidecar = json.loads(side.read_text()) if side.is_file() else {}
+        entries.append({**{k: v for k, v in e.items() if k not in ("file", "nodes", "weight_bytes")}, "file": eng.name,
+                        "onnx": members[i].name, "engine_bytes": eng.stat().st_size,
+                        "build_seconds": sidecar.get("build_seconds")})
+    manifest = {
+        "format": FORMAT,
+        "kind": "engine",
+        "source": Path(manifest_path).name,
+        "layers": man.get("layers"),
+        "inputs": man["inputs"],
+        "outputs": man["outputs"],
+        "segments": entries,
+        "jobs": jobs,
+        "build_args": list(build_args or []),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "engine_bytes": sum(e["engine_bytes"] for e in entries),
+    }
+    write_text_atomic(out, json.dumps(manifest, indent=1) + "\n")
+    manifest["path"] = str(out)
+    return manifest
