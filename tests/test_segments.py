@@ -96,6 +96,24 @@ def test_chain_equals_whole_graph_every_family(family, tmp_path):
             np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{family} {name} {k}")
 
 
+def test_weight_only_nodes_stay_with_their_layers(tmp_path, monkeypatch):
+    """qdq16 graphs hold each weight as float16 -> Cast (a node outside any layer's name scope): the Cast of a big
+    weight is computed in the segment that uses it, not handed across cuts (on the H200 the first split of a 7B
+    graph made segment 0 output every later layer's float32 weights). Tiny weights are "big" here by lowering the
+    threshold."""
+    from sq_export.export.exporter import export_onnx
+    from sq_export.onnxio import segments
+
+    model, fam = _tiny("llama")
+    export_onnx(model, fam, tmp_path / "q16.onnx", weights="qdq16", meta={"mode": "sq"})
+    monkeypatch.setattr(segments, "BIG_INITIALIZER", 512)
+    man = split(tmp_path / "q16.onnx", segments=3)
+    assert [len(e["outputs"]) for e in man["segments"]] == [1, 1, 1]
+    assert [len([v for v in e["inputs"] if v not in man["inputs"]]) for e in man["segments"]] == [0, 1, 1]
+    ref, got = _whole_and_chain(tmp_path / "q16.onnx", man["path"])
+    np.testing.assert_array_equal(got["logits"], ref["logits"])
+
+
 def test_segments_point_into_the_source_weights(tmp_path):
     """No weight is copied: a single-file graph's segments read the .onnx's own bytes, an external-data graph's
     segments its .data file; either way the chain is bit-exact and the segment files hold no weights."""

@@ -107,6 +107,26 @@ print(json.dumps(engine_perplexity(sys.argv[1], sys.argv[2]), default=str))" "$T
   cp "$T"/fp.seg*.engine.json "$D/" 2>/dev/null; ls -la "$T" >> "$D/log"
 }
 
+job_b7seg() {  # the b7 job's split (before the weight-only fix) handed qdq16's weight Casts across cuts: stop it,
+  # split again with this call's tree, build the INT8 segments, the chain's perplexity, then the FP16 segments
+  pkill -f "job_b7;" ; pkill -f "/tmp/b7/"; sleep 2
+  export PYTHONPATH=$ROOT
+  local D=$R/b7 T=/tmp/b7
+  rm -f "$T"/sq.seg* "$T"/sq.segments.json "$T"/sq16.seg* "$T"/sq16.segments.json
+  step "$D" split_sq2 python3 -m sq_export split "$T/sq16.onnx" --segments 8 --json || return 1
+  step "$D" split_fp2 python3 -m sq_export split "$T/fp16w.onnx" --segments 8 --json
+  need_kit || return 1
+  maxrss bash -c 'source /opt/trt86/env.sh; exec "$TRTPY" "$@"' _ -m sq_export -q build "$T/sq16.segments.json" -o "$T/sq.segments.json" \
+      --precision int8 --batch 1:1:1 --seq 1:512:512 --opt-level 0 --jobs 4 --json > "$D/build_int8.json" 2> "$D/build_int8.err"
+  echo "$(date +%T) build_int8 segments $(tail -n 1 "$D/build_int8.err")" >> "$D/log"
+  cp "$T"/sq.seg*.engine.json "$D/" 2>/dev/null; ls -la "$T" >> "$D/log"
+  if [ -f "$T/sq.segments.json" ]; then
+    PYTHONPATH=$ROOT trtpy -c "import json, sys; from sq_export.engine.run import engine_perplexity
+print(json.dumps(engine_perplexity(sys.argv[1], sys.argv[2]), default=str))" "$T/sq.segments.json" "$T/t.npz" > "$D/engine_ppl.json" 2> "$D/engine_ppl.err"
+    echo "$(date +%T) engine_ppl $(tail -c 300 "$D/engine_ppl.json")" >> "$D/log"
+  fi
+}
+
 job_models() {  # issues 16, 17 and the segments on a real model: Gemma-3-270m and SmolLM2 through TensorRT 8.6
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/whl/*.whl
   export PYTHONPATH=/tmp/site:$ROOT OMP_NUM_THREADS=3
@@ -116,12 +136,12 @@ job_models() {  # issues 16, 17 and the segments on a real model: Gemma-3-270m a
     [ "$(sha256sum "$W/$m.gguf" | cut -d' ' -f1)" = "$(cat "$W/$m.sha256")" ] || { echo "$m GGUF checksum mismatch"; return 1; }
   done
   mv "$W/smol.gguf" "$M/SmolLM2-135M-Instruct.Q4_1.gguf"; mv "$W/gemma.gguf" "$M/gemma-3-270m-q4_k_m.gguf"
-  local S=$M/SmolLM2-135M-Instruct.Q4_1.gguf G=$M/gemma-3-270m-q4_k_m.gguf C="--samples 16 --device cpu"
+  local S=$M/SmolLM2-135M-Instruct.Q4_1.gguf G=$M/gemma-3-270m-q4_k_m.gguf C="--samples 16 --device ${MDEV:-cpu}"
   $SQ export "$G" --mode fp -o "$M/gemma.fp.onnx" $C --json > "$R/gemma.fp.export.json" 2> "$M/gemma.fp.export.err" &
   $SQ export "$G" --weights qdq -o "$M/gemma.sq.onnx" $C --json > "$R/gemma.sq.export.json" 2> "$M/gemma.sq.export.err" &
   $SQ tokens "$G" -o "$M/gemma.tokens.npz" --seq-len 256 --max-tokens 4096 &
   $SQ export "$S" --weights qdq -o "$M/smol.sq.onnx" $C --json > "$R/smol.sq.export.json" 2> "$M/smol.sq.export.err" &
-  $SQ export "$S" --weights qdq --prefix-outliers auto --alpha kl --smooth-pairs --fallback none -o "$M/smol.kl.onnx" $C --json > "$R/smol.kl.export.json" 2> "$M/smol.kl.export.err" &
+  [ -z "${NOKL:-}" ] && $SQ export "$S" --weights qdq --prefix-outliers auto --alpha kl --smooth-pairs --fallback none -o "$M/smol.kl.onnx" $C --json > "$R/smol.kl.export.json" 2> "$M/smol.kl.export.err" &
   $SQ tokens "$S" -o "$M/smol.tokens.npz" --seq-len 256 --max-tokens 4096 &
   wait
   tail -n 2 "$M"/*.export.err; cp "$M"/*.tokens.npz "$R/" 2>/dev/null
@@ -149,9 +169,11 @@ start() {
   gpumon
   for j in "$@"; do
     case $j in
-      gpu|b7|tests) run_job "$j" "job_$j" ;;
+      gpu|b7|b7seg|tests) run_job "$j" "job_$j" ;;
       models) [ "$(ls "$W"/*.part_* 2>/dev/null | wc -l)" -ge 7 ] || { echo "models: GGUF parts still to carry"; continue; }
               run_job models job_models ;;
+      models2) [ "$(ls "$W"/*.part_* 2>/dev/null | wc -l)" -ge 7 ] || { echo "models: GGUF parts still to carry"; continue; }
+              MDEV=cuda NOKL=1 run_job models job_models ;;
     esac
   done
 }
@@ -164,7 +186,7 @@ report() {
   tar -C "$W" -czf "${OUT:-/tmp}/res.tgz" res 2>/dev/null
 }
 
-export -f log trtpy maxrss need_kit run_job step job_gpu job_b7 job_tests job_models
+export -f log trtpy maxrss need_kit run_job step job_gpu job_b7 job_b7seg job_tests job_models
 export W R ROOT SQ SHM
 case ${1:-poll} in
   start) shift; start "$@"; report ;;

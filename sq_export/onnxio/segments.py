@@ -11,8 +11,10 @@ else (each segment takes its own layers' past_key_values.* and returns their pre
 several layers share (the attention-mask expansion, the rotary cos/sin, position ids, shape arithmetic) is
 recomputed inside each segment that needs it: the nodes are copied, so the values are the same computation on the
 same inputs. "Cheap" is decided per value: computed from graph inputs and small initializers only (no weight of
-`BIG_INITIALIZER` bytes or more anywhere upstream). Any other value used across a cut becomes an output of the
-segment that makes it and an input of the one that uses it.
+`BIG_INITIALIZER` bytes or more anywhere upstream). Values computed from initializers alone (a qdq16 weight's
+float16 -> Cast, a Q -> DQ of a weight: nodes outside any layer's name scope) are computed in the segment that uses
+them too. Any other value used across a cut becomes an output of the segment that makes it and an input of the one
+that uses it.
 
 No weight is copied: each segment's initializers are external data pointing into the source graph's file (its
 `.data` file, or, for a single-file graph, the raw bytes inside the .onnx itself, as onnxio.read.point_into does),
@@ -147,27 +149,36 @@ def plan_segments(proto: onnx.ModelProto, ranges: list[tuple[int, int]], infos: 
     cheap_value = {name: True for name in graph_inputs}
     for name in init:
         cheap_value[name] = name not in big
+    # weight-only values: computed from initializers alone (a weight's Cast, Transpose, Q -> DQ): like the cheap
+    # ones, computed in whichever segment uses them, never handed across a cut
+    weight_only = {name: True for name in init}
+    free_node = []
     for i, n in enumerate(nodes):
+        sub = any(_subgraph(a) for a in n.attribute)
         if n.op_type == "Shape" and n.input and _signature(infos.get(n.input[0])) is not None:
             ok = True
         else:
-            ok = all(cheap_value.get(v, True) for v in n.input if v)  # unknown input (outer scope): let it be
-            ok = ok and not any(_subgraph(a) for a in n.attribute)
+            ok = all(cheap_value.get(v, True) for v in n.input if v) and not sub  # unknown input (outer scope): let it be
+        w_only = all(weight_only.get(v, False) for v in n.input if v) and not sub
         cheap_node.append(ok)
+        free_node.append(ok or w_only)
         for o in n.output:
             if o:
                 cheap_value[o] = ok
+                weight_only[o] = w_only
 
     # owners: a layer node belongs to its layer's segment; any other node sits with its latest producer (the
-    # embedding in segment 0, the final norm and head in the last); cheap nodes are owned by nobody
+    # final norm and head in the last segment); free nodes are owned by nobody (computed where they are used)
     owner = [None] * len(nodes)
     for i, n in enumerate(nodes):
+        if free_node[i]:
+            continue
         k = layer_of(n.name)
         if k is not None:
             if k not in seg_of_layer:
                 raise BadInput(f"node {n.name} belongs to layer {k}, outside the planned layers 0..{len(seg_of_layer) - 1}")
-            owner[i] = None if cheap_node[i] else seg_of_layer[k]
-        elif not cheap_node[i]:
+            owner[i] = seg_of_layer[k]
+        else:
             owner[i] = max([owner[producer[v]] for v in n.input if v in producer and owner[producer[v]] is not None] or [0])
     for i, n in enumerate(nodes):  # a node fed by a later segment's node cannot run in order
         for v in n.input:
@@ -224,13 +235,16 @@ def plan_segments(proto: onnx.ModelProto, ranges: list[tuple[int, int]], infos: 
                 break
             p = deferred.pop()
             x = nodes[p].input[0]
-            if owner[producer[x]] == s:  # computed here anyway
+            px = producer.get(x)
+            if px is None or owner[px] == s:  # computed here anyway
                 stack.append(x)
                 continue
             sig = _signature(infos.get(x))
             same = [y for y in inputs if y != x and _signature(infos.get(y)) == sig]
             if same:
                 shape_of[p] = same[0]
+            elif owner[px] is None:  # a free value (the embedding lookup): compute it here
+                stack.append(x)
             else:
                 take(x)
         order = sorted(keep)
