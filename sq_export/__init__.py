@@ -10,6 +10,7 @@ graph and a TensorRT engine.
     sq.check("model.onnx").raise_for_violations()
     from sq_export.engine import build_engine                  # torch-free
     build_engine("model.onnx", "model.engine", precision="int8")
+    sq.split("big.onnx", segments=8)                           # -> big.segments.json; engine.build_segments(...)
 
 The API lives in sq_export.api (the CLI, `sq-export`, is a thin shell over it); its names are importable from here,
 lazily: `import sq_export` imports nothing heavy, so `import sq_export.engine` works where torch is absent.
@@ -44,6 +45,7 @@ _API = {
     "make_recipe": "sq_export.quant.recipe",
     "Calibration": "sq_export.quant.calibrate",
     "RunOptions": "sq_export.run.options",
+    "split": "sq_export.onnxio.segments",
     "errors": "sq_export",
 }
 

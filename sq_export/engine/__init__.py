@@ -11,13 +11,15 @@ Modules:
   build       build_engine(): ONNX -> serialized engine + JSON sidecar (atomic writes)
   run         load_tokens(), open_runner(), engine_perplexity(), onnx_perplexity()
   compare     compare(): Polygraphy Comparator over real token batches; format_table()
+  chain       segment manifests (sq_export.onnxio.segments): ChainRunner, build_segments()
 
     from sq_export.engine import build_engine, model_perplexity   # (imported on first use)
 """
 
 _LAZY = {"build_engine": "sq_export.engine.build",
          "model_perplexity": "sq_export.engine.run", "engine_perplexity": "sq_export.engine.run",
-         "load_tokens": "sq_export.engine.run", "open_runner": "sq_export.engine.run"}
+         "load_tokens": "sq_export.engine.run", "open_runner": "sq_export.engine.run",
+         "build_segments": "sq_export.engine.chain", "split": "sq_export.onnxio.segments"}
 
 
 def __getattr__(name: str):
