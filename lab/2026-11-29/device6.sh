@@ -1,0 +1,167 @@
+#!/bin/bash
+# Prepared 2026-11-29 ~22:10 UTC for the NEXT lease (not yet run) (one H200; TensorRT 8.6 kit from ../shared/trt86, re-split in .trtkit2).
+# Everything runs in the background (setsid) so calls stay short; each call prints the state and returns the
+# results so far as $OUT/res.tgz.
+#   bash lab/2026-11-29/device6.sh kit [START...]    stage one carried kit part (.trtkit2), then start jobs
+#   bash lab/2026-11-29/device6.sh carry [START...]  copy carried GGUF parts (.devcarry/p) to $W, then start jobs
+#   bash lab/2026-11-29/device6.sh poll S            wait up to S s (or until all started jobs are done), report
+# Jobs (START):
+#   tests    engine tests under TensorRT 8.6 (tests/test_engine_*.py; test_engine_segments.py has never run on a GPU)
+#   gemma    (once all GGUF parts are carried) issue 16: Gemma-3-270m float + SmoothQuant graphs (GPU calibration),
+#            FP16 and INT8 engines with no pins, perplexity beside ONNX Runtime's on 4 x 256 held-out tokens
+#   b7       issues 14 and 15: Llama-2-7B shape, streamed: quantize (GPU) and the compact float graph (CPU) side by
+#            side, the SmoothQuant qdq16 graph, both split into 8 segments; FP16 segment engines as soon as the float
+#            graph exists, then INT8 (3 builds at a time: a 4-layer 7B-wide INT8 build holds ~34 GB), one profile
+#            (batch 1:4:8, seq 1:256:512) for perplexity and the prefill benchmark; the chains' perplexity vs
+#            PyTorch's, FP16 chain vs INT8 chain, tools/bench_trt.py --engines prefill 4x256 / 8x512 (+ CUDA graph)
+#   gpu      pytest of the torch side on the GPU (tests/test_gpu.py, test_device.py)
+# Never leave the machine idle: it goes back 30 s after the last call ends (the fifth lease lost a machine so).
+# Every call snapshots the working tree it carried into /tmp/src.N and runs from there: jobs started by a call keep
+# running the code of that call (an import failed once when a later call re-copied the tree under a running job).
+set -uo pipefail
+if [[ "$PWD" != /tmp/src.* ]] && [ "${1:-poll}" != poll ]; then
+  S=/tmp/src.$(date +%s%N); mkdir -p "$S"
+  tar --exclude=./.trtkit2 --exclude=./.devcarry --exclude=./.git -cf - . | tar -C "$S" -xf -
+  [ "${1}" = kit ] && { bash .trtkit2/stage.sh | tail -n 1; shift; set -- start "$@"; }
+  [ "${1}" = carry ] && { mkdir -p "${W:-/tmp/w6}"; cp -r .devcarry/p/. .devcarry/whl "${W:-/tmp/w6}"/ 2>/dev/null; shift; set -- start "$@"; }
+  cd "$S" && exec bash "$S/lab/2026-11-29/device6.sh" "$@"
+fi
+ROOT=$PWD
+W=${W:-/tmp/w6}; R=$W/res; mkdir -p "$W" "$R"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+SQ="python3 -m sq_export -q"
+# the big checkpoints live in host memory when /dev/shm can take them (disk: 7B 13.5 + 13.5 GB, 13B 26 + 26 GB)
+SHM=/dev/shm; [ "$(df -BG --output=size /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)" -ge 60 ] 2>/dev/null || SHM=/tmp
+
+log() { echo "$(date +%T) $*" >> "$R/log"; }
+# TensorRT commands run in a subshell that sources the kit's env (its LD_LIBRARY_PATH holds cuBLAS/cuDNN stand-ins:
+# never source it where torch runs on the GPU)
+trtpy() { ( source /opt/trt86/env.sh; "$TRTPY" "$@" ) }
+# peak RSS of a command and its children (the kit's python has no /usr/bin/time): printed to stderr as one line
+maxrss() { python3 -c 'import resource, subprocess, sys, time
+t = time.time(); rc = subprocess.call(sys.argv[1:])
+print(f"maxrss_mib {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024} seconds {time.time() - t:.1f} rc {rc}", file=sys.stderr, flush=True)
+sys.exit(rc)' "$@"; }
+need_kit() {
+  local end=$(( $(date +%s) + 1500 ))
+  until [ -f /opt/trt86/.ready ]; do [ "$(date +%s)" -gt $end ] && { echo "kit never staged"; return 1; }; sleep 5; done
+}
+run_job() {  # name, command...: in the background, its output to R/name.log, done marker R/name.rc
+  local name=$1; shift
+  [ -e "$W/$name.started" ] && return 0
+  touch "$W/$name.started"; log "start $name (tree $ROOT)"
+  setsid nohup bash -c "cd '$ROOT'; $*; echo \$? > '$R/$name.rc'; echo \"\$(date +%T) done $name rc \$(cat '$R/$name.rc')\" >> '$R/log'" \
+    > "$R/$name.log" 2>&1 < /dev/null &
+}
+step() {  # dir, name, command...: its JSON line to dir/big.jsonl, stderr to dir/name.err, rc and seconds to dir/log
+  local d=$1 name=$2 t0=$(date +%s); shift 2
+  "$@" >> "$d/big.jsonl" 2> "$d/$name.err"
+  local rc=$?
+  echo "$(date +%T) $name rc $rc $(( $(date +%s) - t0 ))s" >> "$d/log"
+  return $rc
+}
+gpumon() {  # sample the GPU's memory use every 2 s into R/gpumem.csv until the jobs are done
+  [ -e "$W/gpumon.started" ] && return 0; touch "$W/gpumon.started"
+  setsid nohup bash -c "while true; do echo \"\$(date +%T),\$(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits),\$(free -m | awk '/Mem/{print \$3}')\" >> '$R/gpumem.csv'; sleep 2; done" > /dev/null 2>&1 < /dev/null &
+}
+
+job_gpu() {
+  python3 -m pytest -q -rfs -p no:cacheprovider tests/test_gpu.py tests/test_device.py 2>&1 | tail -n 40
+}
+
+job_tests() {
+  need_kit || return 1
+  PYTHONPATH=$ROOT trtpy -m pytest -q -rfs --noconftest -p no:cacheprovider -s tests/test_engine_*.py 2>&1 | grep -v "^\[W\]\|^\[I\]" | tail -n 60
+}
+
+job_b7() {
+  export PYTHONPATH=$ROOT
+  local D=$R/b7 C=$SHM/b7 T=/tmp/b7; mkdir -p "$D" "$C" "$T"
+  local PROF="--batch 1:4:8 --seq 1:256:512 --opt-level 0 --jobs 3 --json"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$D/gpu.txt" 2>&1
+  step "$D" ckpt python3 tools/make_big_checkpoint.py --shape llama2-7b -o "$C/l7b" -q || return 1
+  (  # the float side on the CPU: compact float graph, split, FP16 segment engines
+    step "$D" export_fp16w maxrss python3 -m sq_export -q export "$C/l7b" --mode fp --weights qdq16 --stream -o "$T/fp16w.onnx" --json || exit 1
+    step "$D" split_fp python3 -m sq_export split "$T/fp16w.onnx" --segments 8 --json || exit 1
+    need_kit || exit 1
+    maxrss bash -c 'source /opt/trt86/env.sh; exec "$TRTPY" "$@"' _ -m sq_export -q build "$T/fp16w.segments.json" -o "$T/fp.segments.json" \
+        --precision fp16 $PROF > "$D/build_fp16.json" 2> "$D/build_fp16.err"
+    echo "$(date +%T) build_fp16 segments $(tail -n 1 "$D/build_fp16.err")" >> "$D/log"
+  ) &
+  step "$D" quant_stream python3 tools/bench_big.py quantize "$C/l7b" -o "$C/q" --device cuda --samples 128 || return 1
+  step "$D" ppl_stream python3 tools/bench_big.py ppl "$C/q" --device cuda --max-tokens 4096
+  $SQ tokens "$C/q" -o "$T/t.npz" --seq-len 512 --max-tokens 4096 >> "$D/log" 2>&1
+  step "$D" export_qdq16_lazy python3 tools/bench_big.py export "$C/q" -o "$T/sq16.onnx" --weights qdq16 --lazy || return 1
+  step "$D" split_sq python3 -m sq_export split "$T/sq16.onnx" --segments 8 --json || return 1
+  wait; rm -rf "$C"; du -sb "$T"/*.onnx* >> "$D/log" 2>&1; df -h /tmp >> "$D/log"
+  need_kit || return 1
+  maxrss bash -c 'source /opt/trt86/env.sh; exec "$TRTPY" "$@"' _ -m sq_export -q build "$T/sq16.segments.json" -o "$T/sq.segments.json" \
+      --precision int8 $PROF > "$D/build_int8.json" 2> "$D/build_int8.err"
+  echo "$(date +%T) build_int8 segments $(tail -n 1 "$D/build_int8.err")" >> "$D/log"
+  cp "$T"/*.seg*.engine.json "$D/" 2>/dev/null; ls -la "$T" >> "$D/log"
+  [ -f "$T/sq.segments.json" ] && [ -f "$T/fp.segments.json" ] || return 1
+  # accuracy: the INT8 chain against the FP16 chain and PyTorch's streamed perplexity (ppl_stream above)
+  PYTHONPATH=$ROOT trtpy -m sq_export compare "$T/fp.segments.json" "$T/sq.segments.json" --tokens "$T/t.npz" --perplexity --batches 0 \
+      --min-cosine -1 --min-top1 0 --json > "$D/compare.json" 2> "$D/compare.err"
+  echo "$(date +%T) compare $(tail -c 400 "$D/compare.json")" >> "$D/log"
+  # speed (issue 15): prefill 4x256 and 8x512, plain and as one CUDA graph
+  PYTHONPATH=$ROOT trtpy tools/bench_trt.py --engines "$T/fp.segments.json" "$T/sq.segments.json" --shape 4x256 --large 8x512 --cuda-graph \
+      --json "$D/bench_prefill.json" > "$D/bench_prefill.log" 2>&1
+  echo "$(date +%T) bench rc $?" >> "$D/log"
+}
+
+job_gemma() {  # issue 16: Gemma-3-270m's engines with the FP16 fixes, beside ONNX Runtime
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/whl/*.whl
+  export PYTHONPATH=/tmp/site:$ROOT OMP_NUM_THREADS=4
+  local M=$W/m; mkdir -p "$M"
+  cat "$W"/gemma.part_* > "$W/gemma.gguf"
+  [ "$(sha256sum "$W/gemma.gguf" | cut -d' ' -f1)" = "$(cat "$W/gemma.sha256")" ] || { echo "gemma GGUF checksum mismatch"; return 1; }
+  mv "$W/gemma.gguf" "$M/gemma-3-270m-q4_k_m.gguf"
+  local G=$M/gemma-3-270m-q4_k_m.gguf C="--samples 16 --device cuda"
+  $SQ export "$G" --mode fp -o "$M/gemma.fp.onnx" $C --json > "$R/gemma.fp.export.json" 2> "$M/gemma.fp.export.err" &
+  $SQ export "$G" --weights qdq -o "$M/gemma.sq.onnx" $C --json > "$R/gemma.sq.export.json" 2> "$M/gemma.sq.export.err" &
+  $SQ tokens "$G" -o "$M/gemma.tokens.npz" --seq-len 256 --max-tokens 1024 &
+  wait
+  need_kit || return 1
+  local BD="trtpy -m sq_export -q build --batch 1:1:1 --seq 1:256:256 --json --opt-level 0"
+  $BD --precision fp16 "$M/gemma.fp.onnx" -o "$M/gemma.fp.engine" > "$R/gemma.fp.build.json" 2> "$M/gemma.fp.build.err" &
+  $BD "$M/gemma.sq.onnx" -o "$M/gemma.sq.engine" > "$R/gemma.sq.build.json" 2> "$M/gemma.sq.build.err" &
+  wait
+  local CP="trtpy -m sq_export compare --perplexity --batches 0 --min-cosine -1 --min-top1 0 --json"
+  $CP "$M/gemma.fp.onnx" "$M/gemma.fp.engine" --tokens "$M/gemma.tokens.npz" > "$R/gemma.fp.compare.json" 2> "$M/gemma.fp.compare.err" &
+  $CP "$M/gemma.sq.onnx" "$M/gemma.sq.engine" --tokens "$M/gemma.tokens.npz" > "$R/gemma.sq.compare.json" 2> "$M/gemma.sq.compare.err" &
+  wait
+  tail -n 3 "$M"/*.build.err "$M"/*.compare.err
+}
+
+start() {
+  local j
+  gpumon
+  for j in "$@"; do
+    case $j in
+      gpu|b7|tests) run_job "$j" "job_$j" ;;
+      gemma) [ "$(ls "$W"/gemma.part_* 2>/dev/null | wc -l)" -ge 5 ] || { echo "gemma: GGUF parts still to carry"; continue; }
+             run_job gemma job_gemma ;;
+    esac
+  done
+}
+
+report() {
+  echo "== $(date +%T) $(df -h /tmp | tail -1 | awk '{print "disk used " $3 " of " $2}'); shm $(df -h /dev/shm | tail -1 | awk '{print $3}'); $(free -g | awk '/Mem/{print "RAM used " $3 " GiB"}'); GPU $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"
+  tail -n 30 "$R/log" 2>/dev/null
+  for d in b7; do [ -f "$R/$d/log" ] && { echo "-- $d:"; cat "$R/$d/log"; tail -n 3 "$R/$d/big.jsonl" 2>/dev/null | cut -c1-400; }; done
+  for f in "$R"/*.log; do [ -s "$f" ] && { echo "-- $(basename "$f"):"; tail -n 6 "$f"; }; done
+  tar -C "$W" -czf "${OUT:-/tmp}/res.tgz" res 2>/dev/null
+}
+
+export -f log trtpy maxrss need_kit run_job step job_gpu job_b7 job_tests job_gemma
+export W R ROOT SQ SHM
+case ${1:-poll} in
+  start) shift; start "$@"; report ;;
+  poll) end=$(( $(date +%s) + ${2:-60} ))
+        while [ "$(date +%s)" -lt $end ]; do
+          busy=0; for s in "$W"/*.started; do [ -e "$s" ] || continue; n=$(basename "$s" .started); [ "$n" = gpumon ] && continue; [ -e "$R/$n.rc" ] || busy=1; done
+          [ $busy = 0 ] && break; sleep 10
+        done
+        report ;;
+esac
