@@ -183,3 +183,24 @@ def test_stream_refusals(tiny_dirs, texts, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--stream" in err and what in err, err
         assert not out.exists()
+
+
+def test_stream_fallback_rule_is_one_function(monkeypatch):
+    """--stream's --fallback default (none: the presets' auto needs whole-model logits) is decided by
+    sq_export.quant.recipe.stream_fallback alone: the run's options ask it (export --stream DIR too: test_stream.py's
+    test_cli_stream_default_recipe_streams_with_fallback_none)."""
+    import sq_export.run.options as options
+    from sq_export.quant.recipe import make_recipe, stream_fallback
+    from sq_export.run.options import RunOptions
+
+    assert stream_fallback(None, make_recipe("default")) == ("none", True)
+    assert stream_fallback(None, make_recipe("paper")) == ("none", False)
+    assert stream_fallback("2", make_recipe("default")) == ("2", False)
+    o = RunOptions(stream=True)
+    assert o.sq_fallback() == "none" and o.stream_fallback_defaulted() and o.recipe_for("sq").fallback is None
+    assert not RunOptions(stream=True, recipe="paper").stream_fallback_defaulted()
+    assert RunOptions(stream=True, fallback="2").recipe_for("sq").fallback == "2"
+    assert RunOptions().sq_fallback() is None and not RunOptions().stream_fallback_defaulted()
+    assert RunOptions().recipe_for("sq").fallback == "auto"
+    monkeypatch.setattr(options, "stream_fallback", lambda fallback, recipe: ("3", True))
+    assert RunOptions(stream=True).recipe_for("sq").fallback == "3" and RunOptions(stream=True).stream_fallback_defaulted()
