@@ -161,11 +161,14 @@ def calibrate_streamed(model: str | Path, tokenizer=None, texts=None, *, samples
 
 
 def quantize_streamed(model: str | Path, out: str | Path, recipe: Recipe | None = None, *, tokenizer=None, texts=None,
-                      device: str | None = None, dtype: str = "auto", cache_device: str | None = None):
+                      device: str | None = None, dtype: str = "auto", cache_device: str | None = None,
+                      calibration: Calibration | None = None):
     """Calibrate, smooth and quantize a model folder layer by layer (sq_export.stream.quantize) and write `out`: the
     smoothed checkpoint (loadable by from_pretrained), its static scales and decisions (sq_quant.json). `recipe`:
-    default `Recipe(fallback=None)` (--fallback auto needs whole-model logits; N or names stream). Read it back for
-    export with `load_quantized(out)`. Returns a sq_export.stream.quantize.StreamedQuantization."""
+    default `Recipe(fallback=None)` (--fallback auto needs whole-model logits; N or names stream). `calibration`:
+    `calibrate_streamed`'s result on the same model, text and options, whose act maxima are then not measured again
+    (the same outputs). Read it back for export with `load_quantized(out)`. Returns a
+    sq_export.stream.quantize.StreamedQuantization."""
     from sq_export.stream.quantize import quantize_streamed as _stream
 
     recipe = recipe or Recipe(fallback=None)
@@ -173,7 +176,7 @@ def quantize_streamed(model: str | Path, out: str | Path, recipe: Recipe | None 
     if tokenizer is None and not isinstance(texts, np.ndarray):
         tokenizer = load_tokenizer(model)
     return _stream(model, out, text_ids(tokenizer, texts, "calib"), recipe, device=device, dtype=dtype,
-                   cache_device=cache_device, source_model=str(model))
+                   cache_device=cache_device, source_model=str(model), calibration=calibration)
 
 
 def load_quantized(folder: str | Path, *, device: str | None = None, dtype: str = "auto", lazy: bool = False) -> QuantizedModel:

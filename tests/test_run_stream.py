@@ -20,6 +20,34 @@ def texts(tmp_path_factory):
     return write_texts(tmp_path_factory.mktemp("run_stream_text"))
 
 
+def files(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class Passes:
+    """Counts, while installed, the act-maxima hooks made (one per Linear a calibration pass measures) and the cached
+    batches each streamed layer runs on."""
+
+    def __init__(self, monkeypatch):
+        import sq_export.stream.calibrate as sc
+        from sq_export.stream.layers import LayerStream
+
+        self.hooks, self.batches = 0, []
+        real_hook, real_forward = sc.act_max_hook, LayerStream.forward
+
+        def hook(*a, **k):
+            self.hooks += 1
+            return real_hook(*a, **k)
+
+        def forward(ls, i, layer=None):
+            self.batches.append(len(ls.hidden))
+            return real_forward(ls, i, layer)
+
+        monkeypatch.setattr(sc, "act_max_hook", hook)
+        monkeypatch.setattr(LayerStream, "forward", forward)
+
+
 def run(model, out, texts, *extra):
     return pipeline_run(model, out, texts, "--weights", "qdq16", *extra)
 
@@ -63,6 +91,7 @@ def test_stream_run_gives_the_export_commands_graphs(stream_run, tiny_dirs, text
     assert main([*exp, "--fallback", "none", "--stream", str(tmp_path / "q"), "-o", str(tmp_path / "sq.onnx")]) == 0
     assert (out / "model.sq.onnx").read_bytes() == (tmp_path / "sq.onnx").read_bytes()
     assert (out / "smoothed" / "sq_quant.json").read_bytes() == (tmp_path / "q" / "sq_quant.json").read_bytes()
+    assert files(out / "smoothed") == files(tmp_path / "q")  # (the run's smooth stage took the calibrate stage's maxima)
     assert main([*exp, "--mode", "fp", "-o", str(tmp_path / "fp.onnx")]) == 0  # the whole model, loaded
     assert (out / "model.fp.onnx").read_bytes() == (tmp_path / "fp.onnx").read_bytes()
 
@@ -183,3 +212,70 @@ def test_stream_refusals(tiny_dirs, texts, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--stream" in err and what in err, err
         assert not out.exists()
+
+
+def test_stream_fallback_rule_is_one_function(monkeypatch):
+    """--stream's --fallback default (none: the presets' auto needs whole-model logits) is decided by
+    sq_export.quant.recipe.stream_fallback alone: the run's options ask it (export --stream DIR too: test_stream.py's
+    test_cli_stream_default_recipe_streams_with_fallback_none)."""
+    import sq_export.run.options as options
+    from sq_export.quant.recipe import make_recipe, stream_fallback
+    from sq_export.run.options import RunOptions
+
+    assert stream_fallback(None, make_recipe("default")) == ("none", True)
+    assert stream_fallback(None, make_recipe("paper")) == ("none", False)
+    assert stream_fallback("2", make_recipe("default")) == ("2", False)
+    o = RunOptions(stream=True)
+    assert o.sq_fallback() == "none" and o.stream_fallback_defaulted() and o.recipe_for("sq").fallback is None
+    assert not RunOptions(stream=True, recipe="paper").stream_fallback_defaulted()
+    assert RunOptions(stream=True, fallback="2").recipe_for("sq").fallback == "2"
+    assert RunOptions().sq_fallback() is None and not RunOptions().stream_fallback_defaulted()
+    assert RunOptions().recipe_for("sq").fallback == "auto"
+    monkeypatch.setattr(options, "stream_fallback", lambda fallback, recipe: ("3", True))
+    assert RunOptions(stream=True).recipe_for("sq").fallback == "3" and RunOptions(stream=True).stream_fallback_defaulted()
+
+
+@pytest.mark.parametrize("recipe, kw, batches", [
+    ("paper", {}, 1),  # no row sample: the float-equivalence check's batch only
+    ("default", {"fallback": "2", "clip": "p99.9"}, 4),  # α search, clip and fallback N: every batch, for the rows
+])
+def test_streamed_quantization_takes_a_calibration(tiny_dirs, texts, tmp_path, monkeypatch, recipe, kw, batches):
+    """quantize_streamed given calibrate_streamed's maxima does not measure them again (no act-maxima hook; the
+    layers run on as many batches as the rows need) and writes the bytes of the quantization that measures them;
+    maxima of other windows are refused in one line and nothing is written."""
+    from sq_export import api
+    from sq_export.errors import BadInput
+    from sq_export.quant.recipe import CalibOptions, make_recipe
+
+    folder = tiny_dirs("llama")
+    tok = api.load_tokenizer(folder)
+    r = make_recipe(recipe, calib=CalibOptions(str(texts / "calib.txt"), 8, 32, 2), **kw)  # 4 batches of 2
+    cal = api.calibrate_streamed(folder, tok, texts / "calib.txt", samples=8, seq_len=32, batch_size=2, rows=None)
+    api.quantize_streamed(folder, tmp_path / "measured", r, tokenizer=tok, device="cpu")
+    n = Passes(monkeypatch)
+    api.quantize_streamed(folder, tmp_path / "given", r, tokenizer=tok, device="cpu", calibration=cal)
+    assert n.hooks == 0 and n.batches and set(n.batches) == {batches}
+    assert files(tmp_path / "given") == files(tmp_path / "measured")
+    other = api.calibrate_streamed(folder, tok, texts / "calib.txt", samples=4, seq_len=32, batch_size=2, rows=None)
+    with pytest.raises(BadInput, match="other windows") as e:
+        api.quantize_streamed(folder, tmp_path / "bad", r, tokenizer=tok, device="cpu", calibration=other)
+    assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
+
+
+def test_stream_run_calibrates_once(tiny_dirs, texts, tmp_path, monkeypatch):
+    """run --stream measures the act maxima once (the calibrate stage); the smooth stage takes them and, with a
+    recipe that needs no row sample, runs the layers on the first batch only; its smoothed/ is the bytes of
+    `export --stream DIR` (which measures them itself)."""
+    folder = tiny_dirs("llama")
+    cal = ["--samples", "8", "--calib-batch", "2", "--recipe", "paper"]
+    n = Passes(monkeypatch)
+    assert run(folder, tmp_path / "out", texts, "--stream", *cal, "--until", "smooth") == 0
+    assert manifest(tmp_path / "out")["last_run"]["ran"] == ["calibrate", "smooth"]
+    linears = len(json.loads((tmp_path / "out" / "smoothed" / "sq_quant.json").read_text())["act_scales"])
+    layers = len(n.batches) // 2
+    assert n.hooks == linears  # one measuring pass
+    assert n.batches == [4] * layers + [1] * layers  # calibrate: every batch; smooth: the check's batch
+    monkeypatch.undo()
+    exp = ["-q", "export", str(folder), "--weights", "qdq16", "--calib-text", str(texts / "calib.txt"), *CALIB, *cal]
+    assert main([*exp, "--stream", str(tmp_path / "q"), "-o", str(tmp_path / "sq.onnx")]) == 0
+    assert files(tmp_path / "out" / "smoothed") == files(tmp_path / "q")

@@ -37,15 +37,15 @@ def run(args):
     from sq_export import api
     from sq_export.errors import BadInput
     from sq_export.fileio import check_output_path
+    from sq_export.quant.recipe import stream_fallback
 
     check_output_path(args.output)
     if args.dtype == "fp16" and args.decode:
         raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
     recipe = c.recipe_from(args)
-    if args.stream and args.fallback is None and recipe.fallback == "auto":
-        # the preset's --fallback auto scores whole-model logits, which a streamed quantization never has: streamed,
-        # the default is none (an explicit --fallback auto is refused by quantize_streamed with the alternatives)
-        args.fallback = "none"
+    fallback, defaulted = stream_fallback(args.fallback, recipe) if args.stream else (args.fallback, False)
+    if defaulted:  # streamed, the default is none (an explicit --fallback auto is refused by quantize_streamed)
+        args.fallback = fallback
         recipe = c.recipe_from(args)
         if not args.json:
             print("sq-export export: --stream: --fallback none (auto needs the whole model; give N or NAMES to keep "

@@ -74,6 +74,15 @@ def act_max_hook(name: str, stats: dict, reservoir=None):
     return fn
 
 
+def rows_hook(name: str, reservoir):
+    """A forward pre-hook offering the module's input to `reservoir` only (its maxima already known)."""
+
+    def fn(mod, inputs):
+        reservoir.add(name, inputs[0].detach())
+
+    return fn
+
+
 def finish_act_max(stats: dict) -> dict[str, torch.Tensor]:
     """The maxima as float32 CPU tensors; refuse NaN/Inf."""
     out = {n: v.cpu() for n, v in stats.items()}
@@ -118,6 +127,18 @@ def load_act_scales(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(d, dict) or not d or not all(isinstance(v, torch.Tensor) for v in d.values()):
         raise BadInput(f"act scales {p} is not a dict of tensors")
     return {k: v.float() for k, v in d.items()}
+
+
+def act_scales_meta(path: str | Path) -> dict:
+    """What save_act_scales recorded beside the maxima (model type, samples, calib_seq_len, tokens_fingerprint); {}
+    for a file without (a mit-han-lab .pt)."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("sq_export", "{}"))
 
 
 def validate_act_scales(scales: dict[str, torch.Tensor], model, family, source: str = "act scales") -> None:

@@ -205,6 +205,17 @@ def parse_fallback(spec: str | None):
     return ("names", [x.strip() for x in s.split(",") if x.strip()])
 
 
+def stream_fallback(fallback: str | None, recipe: Recipe) -> tuple[str | None, bool]:
+    """The --fallback of a layer-streamed quantization (`run --stream`, `export --stream DIR`): `fallback` as given;
+    none given (None), "none": the presets' --fallback auto scores whole-model logits for every candidate, which a
+    streamed quantization never has (an explicit auto is refused, with the alternatives). `recipe`: the recipe as
+    built without a --fallback. Returns (the --fallback to build the recipe with, whether it replaced that recipe's
+    fallback: the callers say so)."""
+    if fallback is not None:
+        return fallback, False
+    return "none", recipe.fallback is not None
+
+
 def parse_prefix(spec) -> tuple | None:
     """--prefix-outliers: None/'none'/'0' → None; 'auto' → ('auto', None) (PrefixQuant's choice from calibration
     statistics); 'N' → ('n', N) (N tokens: the N-1 most frequent outlier token ids, then BOS); 'ids:1,198' or a

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from sq_export.errors import BadInput
-from sq_export.quant.recipe import CalibOptions, Recipe, make_recipe
+from sq_export.quant.recipe import CalibOptions, Recipe, make_recipe, stream_fallback
 
 STAGES = ("calibrate", "smooth", "export", "check", "build", "eval", "report")
 
@@ -86,13 +86,16 @@ class RunOptions:
         raise KeyError(mode)
 
     def sq_fallback(self) -> str | None:
-        """The delivered recipe's --fallback: the user's; with --stream and none given "none" (the presets' "auto"
-        scores whole-model logits, which a streamed run never has)."""
-        return "none" if self.stream and self.fallback is None else self.fallback
+        """The delivered recipe's --fallback: the user's; with --stream, sq_export.quant.recipe.stream_fallback's
+        (none unless given)."""
+        return self._stream_fallback()[0] if self.stream else self.fallback
 
     def stream_fallback_defaulted(self) -> bool:
         """Whether --stream replaced the recipe's --fallback auto by none (the run says so)."""
-        return self.stream and self.fallback is None and make_recipe(self.recipe, fallback=None).fallback is not None
+        return self.stream and self._stream_fallback()[1]
+
+    def _stream_fallback(self) -> tuple[str | None, bool]:
+        return stream_fallback(self.fallback, make_recipe(self.recipe))
 
     def modes(self) -> tuple[str, ...]:
         """The models the run builds, in order: fp, naive, paper (unless the run's recipe is the paper's), sq; with

@@ -1,16 +1,24 @@
 """The stages of `sq-export run --stream`: the model is never loaded whole (a 7B-70B checkpoint, larger than host
 or GPU memory). Each stage reads the checkpoint a decoder layer or a tensor at a time (sq_export.stream):
 
-  calibrate  act_scales.safetensors        api.calibrate_streamed (the whole-model file, byte for byte on the CPU)
-  smooth     smoothed/ (HF folder +        api.quantize_streamed: calibrate, smooth, quantize layer by layer (α per
-             sq_quant.json),               group, clip, --fallback N|NAMES); the per-channel statistics for the report
-             channel_stats.safetensors     (weights read again one layer at a time, before and after smoothing)
+  calibrate  act_scales.safetensors        api.calibrate_streamed: the act maxima (the whole-model file, byte for
+                                           byte on the CPU); no row sample (a whole model's would not fit in memory)
+  smooth     smoothed/ (HF folder +        api.quantize_streamed with those maxima (not measured again): smooth and
+             sq_quant.json),               quantize layer by layer (α per group, clip, --fallback N|NAMES); the
+             channel_stats.safetensors     per-channel statistics for the report (weights read again one layer at a
+                                           time, before and after smoothing)
   export     model.{fp,sq}.onnx            from placeholders (api.load_float / api.load_quantized, lazy): each weight
                                            read from its checkpoint when written; host memory ≈ one weight
   eval       eval.json                     PyTorch perplexity of the float and the quantized model, layer-streamed
                                            (sq_export.stream.perplexity: the whole-model value, bit for bit on the
                                            CPU), and the TensorRT engines' when built, each checked against its
                                            model's; ONNX Runtime and the per-Linear SQNR need whole models: skipped
+
+The smooth stage still runs the float layers on the cached calibration batches, for what the calibrate stage does
+not keep: with a recipe that needs the row sample (--alpha auto, the default; --clip; --fallback N) every batch,
+each layer's rows taken as it goes and dropped after it (so that memory holds one layer's rows) and its float
+outputs being the next layer's inputs; otherwise the first batch only, the input of each layer's float-equivalence
+check. The maxima are the calibrate stage's, so nothing is measured twice (tests/test_run_stream.py counts).
 
 check, build and report are the whole-model run's (they read files). naive and paper are not built: each would need
 a streamed quantization of the whole checkpoint of its own. The stage records carry "stream": true, so a streamed
@@ -68,12 +76,21 @@ def run_calibrate(ctx: RunContext, staging: Path) -> dict:
 
 # ----- smooth (+ quantize) --------------------------------------------------------------------------------------
 def spec_smooth(ctx: RunContext, recipe_options: dict, torch_side: dict):
-    """The streamed quantization calibrates as it goes (its own row sample) and decides everything the recipe
-    decides: α (per group), clip, --fallback N|NAMES; so all of them are its options."""
+    """The streamed quantization takes the calibrate stage's act maxima (an input), samples its own rows as it goes
+    when the recipe needs them (the calibration options are its options) and decides everything the recipe decides:
+    α (per group), clip, --fallback N|NAMES; so all of them are its options."""
     r = ctx.recipe("sq")
     inputs = {"model": ctx.model_path, "act_scales": ctx.out / ACT_SCALES, "calib_text": ctx.calib_text()}
     rows = {"row_sample": r.reservoir_rows} if r.needs_rows() else {}
     return inputs, {**_calib_options(ctx), **rows, **recipe_options, **torch_side, **STREAM}
+
+
+def _calibration(ctx: RunContext):
+    """The calibrate stage's maxima with what they were taken on (act_scales.safetensors' metadata)."""
+    from sq_export.quant.calibrate import Calibration, act_scales_meta, load_act_scales
+
+    path = ctx.out / ACT_SCALES
+    return Calibration(load_act_scales(path), options=ctx.opts.calib, meta=act_scales_meta(path))
 
 
 def run_smooth(ctx: RunContext, staging: Path) -> dict:
@@ -90,7 +107,8 @@ def run_smooth(ctx: RunContext, staging: Path) -> dict:
     r = ctx.recipe("sq")
     dest = staging / SMOOTHED
     t = time.perf_counter()
-    res = api.quantize_streamed(ctx.model_arg, dest, r, tokenizer=ctx.tokenizer(), device=o.device, dtype=o.model_dtype)
+    res = api.quantize_streamed(ctx.model_arg, dest, r, tokenizer=ctx.tokenizer(), device=o.device, dtype=o.model_dtype,
+                                calibration=_calibration(ctx))
     t_quant = round(time.perf_counter() - t, 2)
     # the report's per-channel statistics: act before (calibration) / after (÷ the factors), and max|W| per input
     # channel before / after smoothing, read one decoder layer at a time from the checkpoint and from smoothed/

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sq_export import progress
-from sq_export.quant.calibrate import Calibration, act_max_hook, finish_act_max, text_fingerprint
+from sq_export.quant.calibrate import Calibration, act_max_hook, finish_act_max, rows_hook, text_fingerprint
 from sq_export.quant.recipe import CalibOptions
 
 
@@ -42,10 +42,15 @@ def layer_linears(family, i: int) -> list[str]:
 
 
 @torch.no_grad()
-def calibrate_layer(ls, i: int, layer, stats: dict, reservoir=None) -> list[torch.Tensor]:
-    """Layer `i`'s Linears' statistics on every cached batch; returns its float outputs (the next inputs)."""
-    hooks = [layer.get_submodule(n[len(ls.family.layer_prefix(i)):]).register_forward_pre_hook(act_max_hook(n, stats, reservoir))
-             for n in layer_linears(ls.family, i)]
+def calibrate_layer(ls, i: int, layer, stats: dict | None, reservoir=None) -> list[torch.Tensor]:
+    """Layer `i`'s Linears' statistics on every cached batch; returns its float outputs (the next inputs). `stats`
+    None: the maxima are known (a calibration given), only the row sample is taken (into `reservoir`, when one)."""
+    def hook(n):
+        return act_max_hook(n, stats, reservoir) if stats is not None else rows_hook(n, reservoir)
+
+    pre = len(ls.family.layer_prefix(i))
+    hooks = [layer.get_submodule(n[pre:]).register_forward_pre_hook(hook(n))
+             for n in layer_linears(ls.family, i) if stats is not None or reservoir is not None]
     try:
         return ls.forward(i, layer)
     finally:

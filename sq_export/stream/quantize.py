@@ -9,7 +9,9 @@ for its groups (--alpha auto), smooth it (its norm groups and Linear pairs: ever
 the fold on the first cached batch in float32 (quant.equivalence), compute its static scales (clipped with --clip,
 from its rows) and, for --fallback N, its Linears' local SQNR; write its smoothed tensors as one safetensors shard,
 free it, drop its rows. Same recipe, same calibration text: the same smoothed weights, α per group, static scales
-and fallback as `prepare` on the whole model (bit-identical on the CPU in float32: tests/test_stream.py).
+and fallback as `prepare` on the whole model (bit-identical on the CPU in float32: tests/test_stream.py). Given a
+calibration's act maxima (run --stream's calibrate stage), the hooks take the row sample only, and without a row
+sample to take only the first cached batch runs (quantize_streamed's `calibration`).
 
 What needs more than one layer, and is refused here with the reason:
 - `--fallback auto` scores whole-model logits (mean KL to the float model on calibration windows) for every
@@ -132,11 +134,20 @@ def _checkpoint_keys(ls, module_name: str) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, recipe: Recipe | None = None, *,
-                      device=None, dtype="auto", cache_device=None, source_model: str | None = None) -> StreamedQuantization:
+                      device=None, dtype="auto", cache_device=None, source_model: str | None = None,
+                      calibration=None) -> StreamedQuantization:
     """Calibrate, smooth and quantize the model in `folder` layer by layer with `recipe` on the token stream `ids`;
     write `out` (atomically): the smoothed Hugging Face folder (loadable by from_pretrained; shards per layer),
     sq_quant.json (the recipe's decisions: static scales, α per group, fallback), act_scales.safetensors (the
-    unsmoothed maxima, as `calibrate` writes them) and smoothing_factors.safetensors."""
+    unsmoothed maxima, as `calibrate` writes them) and smoothing_factors.safetensors.
+
+    `calibration`: the act maxima of this model on the recipe's calibration windows, already measured
+    (sq_export.stream.calibrate.calibrate_streamed's Calibration, or act_scales.safetensors read back with its
+    metadata; refused in one line when taken on other windows or for another model): they are not measured again.
+    The layers still run on the cached batches where the recipe needs more than the maxima: every batch when it
+    needs the row sample (α search, --clip, --fallback N; taken one layer at a time, so that host memory holds one
+    layer's rows, and dropped after it), each layer's float outputs being the next layer's inputs; otherwise the
+    first batch only (the per-layer float-equivalence check's). The outputs are the bytes of a run without it."""
     from safetensors.torch import save_file
 
     from sq_export.fileio import atomic_dir
@@ -181,6 +192,7 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
     stats, act, factors, scales, sens, alpha_groups, clip_ratio = {}, {}, {}, {}, {}, {}, {}
     worst = None
     try:
+        given = _given_act_max(calibration, ls.model, fam, o, batches) if calibration is not None else None
         with atomic_dir(out) as tmp:
             w = ShardWriter(tmp, ls.dtype)
             layer_keys = set()
@@ -190,13 +202,16 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
                 if key not in layer_keys:
                     w.add(key, ls.ckpt.tensor(key))
             w.flush("model-rest.safetensors")
-            ls.capture(batches, o.batch_size)
+            # the maxima given and no row sample needed: the float-equivalence check's batch (the first) is all that
+            # runs through the layers
+            ls.capture(batches[: o.batch_size] if given is not None and res is None else batches, o.batch_size)
             times["capture_s"] = round(time.perf_counter() - t0, 2)
             for i in progress.bar(range(ls.num_layers), desc="quantize (streamed)", unit="layer"):
                 layer = ls.load(i)
-                outs = calibrate_layer(ls, i, layer, stats, res)  # float outputs: the next layer's inputs
+                # float outputs: the next layer's inputs (given the maxima, only the row sample is taken)
+                outs = calibrate_layer(ls, i, layer, stats if given is None else None, res)
                 names = layer_linears(fam, i)
-                act.update(finish_act_max({n: stats.pop(n) for n in names}))
+                act.update(finish_act_max({n: stats.pop(n) for n in names}) if given is None else {n: given[n] for n in names})
                 groups = _layer_groups(fam, i, pairs) if recipe.mode == "sq" else []
                 f_i = {}
                 if recipe.mode == "sq":
@@ -265,6 +280,22 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
     times["total_s"] = round(time.perf_counter() - t0, 2)
     return StreamedQuantization(Path(out), recipe, a_out, alpha_groups or None, quantized, fp16, scales, factors, act,
                                 worst, times, {"clip_ratio": clip_ratio} if clip_ratio else {})
+
+
+def _given_act_max(calibration, model, fam, o, batches: np.ndarray) -> dict:
+    """The maxima of a Calibration given to quantize_streamed, checked to be this model's on these windows."""
+    from sq_export.quant.calibrate import text_fingerprint, validate_act_scales
+
+    meta = calibration.meta or {}
+    want = {"samples": o.samples, "calib_seq_len": o.seq_len, "tokens_fingerprint": text_fingerprint(batches)}
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+        raise BadInput(f"the calibration given was taken on other windows ({got['samples']}x{got['calib_seq_len']}, "
+                       f"tokens {got['tokens_fingerprint']}) than the recipe's ({o.label()}, tokens "
+                       f"{want['tokens_fingerprint']}): calibrate with the same text, --samples and --calib-seq-len, "
+                       "or give none")
+    validate_act_scales(calibration.act_max, model, fam, "the calibration given")
+    return calibration.act_max
 
 
 def _is_param(model, name: str) -> bool:
