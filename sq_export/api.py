@@ -326,9 +326,9 @@ def export_onnx(model, path, *, weights: str = "int8", target: str = "tensorrt",
     if dtype == "fp16" and decode:
         raise BadInput("--dtype fp16 is for the logits graph only: export the --decode graph with --dtype fp32")
     qm = model if isinstance(model, QuantizedModel) else _float(model)
-    if getattr(qm.model, "_sq_lazy_weights", None) is not None and (decode or dtype != "fp32" or trace_device != "cpu"):
-        raise BadInput("a model loaded with lazy=True (load_quantized, load_float) exports the float32 logits graph "
-                       "traced on the CPU only: load it with lazy=False for --decode, --dtype fp16 or --trace-device cuda")
+    if getattr(qm.model, "_sq_lazy_weights", None) is not None and (dtype != "fp32" or trace_device != "cpu"):
+        raise BadInput("a model loaded with lazy=True (load_quantized, load_float) exports float32 graphs traced on "
+                       "the CPU only: load it with lazy=False for --dtype fp16 or --trace-device cuda")
     if trace_device != "cpu":
         from sq_export.device import resolve_device
 

@@ -193,9 +193,9 @@ def test_cli_stream_default_recipe_streams_with_fallback_none(tiny_dirs, small_t
     assert not (tmp_path / "a.onnx").exists()
 
 
-def test_lazy_model_is_for_the_logits_export_only(tiny_dirs, small_text, tmp_path):
-    """load_quantized(lazy=True) holds placeholders: the decode and float16 graphs, the GPU trace and perplexity
-    refuse it (one line each) instead of computing with placeholder weights; its float32 logits graph is exact."""
+def test_lazy_model_is_for_float32_exports_only(tiny_dirs, small_text, tmp_path):
+    """load_quantized(lazy=True) holds placeholders: the float16 graph, the GPU trace and perplexity refuse it (one
+    line each) instead of computing with placeholder weights; its float32 logits and decode graphs are exact."""
     from sq_export.errors import BadInput
 
     folder = str(tiny_dirs("llama"))
@@ -203,7 +203,7 @@ def test_lazy_model_is_for_the_logits_export_only(tiny_dirs, small_text, tmp_pat
     r = make_recipe("paper", calib=_calib(small_text))
     api.quantize_streamed(folder, tmp_path / "q", r, tokenizer=tok, device="cpu")
     ql = api.load_quantized(tmp_path / "q", lazy=True)
-    for kw in (dict(decode=True), dict(dtype="fp16")):
+    for kw in (dict(dtype="fp16"), dict(trace_device="cuda")):
         with pytest.raises(BadInput, match="lazy=True"):
             api.export_onnx(ql, tmp_path / "x.onnx", **kw)
     with pytest.raises(BadInput, match="placeholders"):
@@ -225,3 +225,20 @@ def test_lazy_export_of_a_float16_streamed_folder(family, tiny_dirs, small_text,
     api.export_onnx(api.load_quantized(tmp_path / "q16", device="cpu"), a, weights="qdq16")
     api.export_onnx(api.load_quantized(tmp_path / "q16", lazy=True), b, weights="qdq16")
     assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lazy_decode_export_is_byte_identical(family, tiny_dirs, small_text, tmp_path):
+    """The KV-cache decode graph from placeholders (a 7B model's without 27 GB of float32 weights in memory: issue
+    15's full-size decode engines need it) has the loaded export's bytes: a streamed quantized folder (qdq16, the
+    TensorRT 8.6 form) and a float checkpoint (--mode fp, compact qdq16)."""
+    folder = str(tiny_dirs(family))
+    _, tok = api.load_model(folder, device="cpu")
+    r = make_recipe("paper", calib=_calib(small_text))
+    api.quantize_streamed(folder, tmp_path / "q", r, tokenizer=tok, device="cpu")
+    for name, loaded, lazy in (("sq", api.load_quantized(tmp_path / "q", device="cpu"), api.load_quantized(tmp_path / "q", lazy=True)),
+                               ("fp", api.load_float(folder, device="cpu"), api.load_float(folder, lazy=True))):
+        a, b = tmp_path / f"{name}_loaded.onnx", tmp_path / f"{name}_lazy.onnx"
+        api.export_onnx(loaded, a, weights="qdq16", decode=True)
+        api.export_onnx(lazy, b, weights="qdq16", decode=True)
+        assert a.read_bytes() == b.read_bytes(), name

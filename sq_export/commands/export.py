@@ -50,10 +50,10 @@ def run(args):
         if not args.json:
             print("sq-export export: --stream: --fallback none (auto needs the whole model; give N or NAMES to keep "
                   "Linears in float)", file=sys.stderr)
-    # the logits graph is exported from placeholders, each weight read from the checkpoint when written (host memory
-    # ≈ the largest tensor: sq_export.stream.lazy); the decode and float16 graphs trace the loaded model (where
-    # --trace-device says)
-    lazy = not args.decode and args.dtype == "fp32" and args.trace_device == "cpu"
+    # the float32 logits and decode graphs are exported from placeholders, each weight read from the checkpoint when
+    # written (host memory ≈ the largest tensor: sq_export.stream.lazy); the float16 graph and the GPU trace trace
+    # the loaded model (where --trace-device says)
+    lazy = args.dtype == "fp32" and args.trace_device == "cpu"
     if args.stream is not None and recipe.mode == "fp" and args.stream:
         raise BadInput(f"--mode fp --stream takes no DIR ({args.stream}): nothing is quantized, the float graph is "
                        "written from MODEL's safetensors")

@@ -9,7 +9,7 @@ real. The TorchScript trace runs on the placeholders — the graph's structure d
 and the exporter's captured parameters that are (views of) placeholders become `ir.LazyTensor`s that read their
 tensor from the checkpoint (widened to float32 exactly as `load_model` does) when the writer reaches them, one at a
 time. The qdq16/int8 weight passes keep their inputs lazy too. The file has the bytes of the in-memory export
-(tests/test_stream.py, every family).
+(tests/test_stream.py, every family), for the logits graph and the KV-cache decode graph (`export_onnx(decode=True)`).
 
 The float graph of a Hugging Face safetensors folder is exported the same way (`load_float_lazy`, the skeleton the
 quantized one builds on): `--mode fp --stream`, no quantization and no DIR. Each lazy weight records the type its
