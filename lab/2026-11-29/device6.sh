@@ -14,6 +14,9 @@
 #            graph exists, then INT8 (3 builds at a time: a 4-layer 7B-wide INT8 build holds ~34 GB), one profile
 #            (batch 1:4:8, seq 1:256:512) for perplexity and the prefill benchmark; the chains' perplexity vs
 #            PyTorch's, FP16 chain vs INT8 chain, tools/bench_trt.py --engines prefill 4x256 / 8x512 (+ CUDA graph)
+#   b7dec    (after b7 started with DEC=1 in the environment of the call that starts it, which also exports and splits
+#            the 7B decode graphs from placeholders) decode-step segment engines per batch (DEC_BATCHES, default
+#            "1 8"; past 512), FP16 vs INT8 chains timed by bench_trt --engines --decode --cuda-graph
 #   gpu      pytest of the torch side on the GPU (tests/test_gpu.py, test_device.py)
 # Never leave the machine idle: it goes back 30 s after the last call ends (the fifth lease lost a machine so).
 # Every call snapshots the working tree it carried into /tmp/src.N and runs from there: jobs started by a call keep
@@ -93,6 +96,14 @@ job_b7() {
   $SQ tokens "$C/q" -o "$T/t.npz" --seq-len 512 --max-tokens 4096 >> "$D/log" 2>&1
   step "$D" export_qdq16_lazy python3 tools/bench_big.py export "$C/q" -o "$T/sq16.onnx" --weights qdq16 --lazy || return 1
   step "$D" split_sq python3 -m sq_export split "$T/sq16.onnx" --segments 8 --json || return 1
+  if [ -n "${DEC:-}" ]; then  # the decode graphs from placeholders too (for job b7dec): ~5 min each, side by side
+    ( step "$D" export_sq_dec python3 -c 'import json, sys, sq_export as sq
+r = sq.export_onnx(sq.load_quantized(sys.argv[1], lazy=True), sys.argv[2], weights="qdq16", decode=True)
+print(json.dumps({"onnx": str(r.path), "bytes": r.bytes, "nodes": r.nodes}))' "$C/q" "$T/sq16_dec.onnx" \
+        && step "$D" split_sq_dec python3 -m sq_export split "$T/sq16_dec.onnx" --segments 8 --json ) &
+    ( step "$D" export_fp_dec python3 -m sq_export -q export "$C/l7b" --mode fp --weights qdq16 --stream --decode -o "$T/fp16w_dec.onnx" --json \
+        && step "$D" split_fp_dec python3 -m sq_export split "$T/fp16w_dec.onnx" --segments 8 --json ) &
+  fi
   wait; rm -rf "$C"; du -sb "$T"/*.onnx* >> "$D/log" 2>&1; df -h /tmp >> "$D/log"
   need_kit || return 1
   maxrss bash -c 'source /opt/trt86/env.sh; exec "$TRTPY" "$@"' _ -m sq_export -q build "$T/sq16.segments.json" -o "$T/sq.segments.json" \
@@ -108,6 +119,24 @@ job_b7() {
   PYTHONPATH=$ROOT trtpy tools/bench_trt.py --engines "$T/fp.segments.json" "$T/sq.segments.json" --shape 4x256 --large 8x512 --cuda-graph \
       --json "$D/bench_prefill.json" > "$D/bench_prefill.log" 2>&1
   echo "$(date +%T) bench rc $?" >> "$D/log"
+}
+
+job_b7dec() {  # issue 15 at full size: decode-step engines (one static profile per batch) of the 7B decode graphs
+  # (job b7 with DEC=1 exports and splits them), FP16 vs INT8 chains timed by bench_trt --engines --decode
+  export PYTHONPATH=$ROOT
+  local D=$R/b7 T=/tmp/b7 b
+  [ -f "$T/sq16_dec.segments.json" ] && [ -f "$T/fp16w_dec.segments.json" ] || { echo "run job b7 with DEC=1 first"; return 1; }
+  need_kit || return 1
+  for b in ${DEC_BATCHES:-1 8}; do
+    trtpy -m sq_export -q build "$T/fp16w_dec.segments.json" -o "$T/fpD$b.segments.json" --precision fp16 --batch $b:$b:$b \
+        --seq 1:1:1 --past 512:512:512 --opt-level 0 --jobs 3 --json > "$D/build_fpD$b.json" 2> "$D/build_fpD$b.err"
+    trtpy -m sq_export -q build "$T/sq16_dec.segments.json" -o "$T/sqD$b.segments.json" --precision int8 --batch $b:$b:$b \
+        --seq 1:1:1 --past 512:512:512 --opt-level 0 --jobs 3 --json > "$D/build_sqD$b.json" 2> "$D/build_sqD$b.err"
+    trtpy tools/bench_trt.py --engines --decode "$T/fpD$b.segments.json" "$T/sqD$b.segments.json" --batches $b --past 512 \
+        --cuda-graph --json "$D/bench_dec_b$b.json" > "$D/bench_dec_b$b.log" 2>&1
+    echo "$(date +%T) decode b$b bench rc $?" >> "$D/log"
+    rm -f "$T"/fpD$b.seg* "$T"/sqD$b.seg* "$T/fpD$b.segments.json" "$T/sqD$b.segments.json"
+  done
 }
 
 job_gemma() {  # issue 16: Gemma-3-270m's engines with the FP16 fixes, beside ONNX Runtime
@@ -139,7 +168,7 @@ start() {
   gpumon
   for j in "$@"; do
     case $j in
-      gpu|b7|tests) run_job "$j" "job_$j" ;;
+      gpu|b7|b7dec|tests) run_job "$j" "job_$j" ;;
       gemma) [ "$(ls "$W"/gemma.part_* 2>/dev/null | wc -l)" -ge 5 ] || { echo "gemma: GGUF parts still to carry"; continue; }
              run_job gemma job_gemma ;;
     esac
@@ -154,7 +183,7 @@ report() {
   tar -C "$W" -czf "${OUT:-/tmp}/res.tgz" res 2>/dev/null
 }
 
-export -f log trtpy maxrss need_kit run_job step job_gpu job_b7 job_tests job_gemma
+export -f log trtpy maxrss need_kit run_job step job_gpu job_b7 job_b7dec job_tests job_gemma
 export W R ROOT SQ SHM
 case ${1:-poll} in
   start) shift; start "$@"; report ;;
