@@ -279,3 +279,58 @@ def test_stream_run_calibrates_once(tiny_dirs, texts, tmp_path, monkeypatch):
     exp = ["-q", "export", str(folder), "--weights", "qdq16", "--calib-text", str(texts / "calib.txt"), *CALIB, *cal]
     assert main([*exp, "--stream", str(tmp_path / "q"), "-o", str(tmp_path / "sq.onnx")]) == 0
     assert files(tmp_path / "out" / "smoothed") == files(tmp_path / "q")
+
+
+def test_stream_run_with_segments(stream_run, tiny_dirs, texts, tmp_path, monkeypatch):
+    """--segments 2 --build-jobs 2: export cuts each graph into 2 segments beside it (a changed option: export
+    reruns), build makes one engine per segment through sq_export.engine.chain.build_segments (its `sq-export build`
+    processes stood in for by a script: no TensorRT here), and eval measures each engine manifest as one chain: here
+    the ONNX segments run through ONNX Runtime in its place, whose perplexity must agree with the layer-streamed
+    PyTorch model as a whole engine's does."""
+    import functools
+    import shutil
+    import sys
+    import types
+    from pathlib import Path
+
+    import sq_export.engine.chain as chain
+    import sq_export.engine.run as er
+    import sq_export.engine.trt_compat as tc
+    from sq_export.onnxio.segments import read_manifest
+    from test_segments import FAKE_BUILD
+
+    out = tmp_path / "seg"
+    shutil.copytree(stream_run, out)
+    fake = tmp_path / "fakepy"
+    fake.write_text(f"#!{sys.executable}\n" + FAKE_BUILD)
+    fake.chmod(0o755)
+    measured = []
+
+    def chain_ppl(path, toks, *a, **k):  # the engine manifest's ONNX segments, chained in ONNX Runtime
+        onnx_man = Path(path).with_name(Path(path).name.replace(".engines.segments.json", ".segments.json"))
+        measured.append(onnx_man.name)
+        return er.model_perplexity(onnx_man, toks)
+
+    monkeypatch.setattr(tc, "import_tensorrt", lambda: types.SimpleNamespace(__version__="8.6.1"))
+    monkeypatch.setattr(tc, "require_gpu", lambda: {"name": "FakeGPU"})
+    monkeypatch.setattr(chain, "build_segments", functools.partial(chain.build_segments, python=str(fake)))
+    monkeypatch.setattr(er, "engine_perplexity", chain_ppl)
+    assert run(tiny_dirs("llama"), out, texts, "--stream", "--segments", "2", "--build-jobs", "2") == 0
+    assert manifest(out)["last_run"]["ran"] == ["export", "build", "eval", "report"]  # the graphs themselves are unchanged: check is up to date
+    for mode in ("fp", "sq"):
+        man = read_manifest(out / f"model.{mode}.segments.json")
+        assert [e["layers"] for e in man["segments"]] == [[0, 0], [1, 1]]
+        eng = read_manifest(out / f"model.{mode}.engines.segments.json")
+        assert eng["kind"] == "engine" and [e["file"] for e in eng["segments"]] == [f"model.{mode}.engines.seg0{i}.engine" for i in range(2)]
+        side = json.loads((out / f"model.{mode}.engines.seg01.engine.json").read_text())
+        assert side["args"][:2] == ["--precision", "fp16" if mode == "fp" else "int8"]
+    assert sorted(measured) == ["model.fp.segments.json", "model.sq.segments.json"]
+    ev = json.loads((out / "eval.json").read_text())
+    agree = ev["engine_vs_graph"]
+    assert set(agree) == {"fp", "sq"} and all(v["reference"] == "pytorch" and v["ok"] for v in agree.values())
+    build = json.loads((out / "build.json").read_text())
+    assert build["sq"]["segments"] == 2 and build["sq"]["engine"] == "model.sq.engines.segments.json"
+    # bad values: one line, exit 2
+    assert main(["-q", "run", str(tiny_dirs("llama")), "-o", str(tmp_path / "x"), "--segments", "0"]) == 2
+    assert main(["-q", "run", str(tiny_dirs("llama")), "-o", str(tmp_path / "y"), "--build-jobs", "2"]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

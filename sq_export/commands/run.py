@@ -55,6 +55,10 @@ def add_parser(sub):
                    "calibrate, smooth, quantize one decoder layer at a time and write the graphs from placeholders; builds "
                    "fp and sq only (no naive, no paper), --fallback none unless given (auto refused), eval measures the "
                    "TensorRT engines only (no PyTorch / ONNX Runtime perplexity, no per-Linear SQNR)")
+    p.add_argument("--segments", type=int, metavar="N", help="cut each graph into N segments of consecutive decoder layers "
+                   "(`sq-export split`) and build one TensorRT engine per segment, run as one chain (TensorRT 8.6's builder "
+                   "needs ~10x a graph's weights in host memory: a 7B graph does not build whole on a 128 GB host)")
+    p.add_argument("--build-jobs", type=int, default=1, metavar="J", help="with --segments: build J segment engines at once (default 1)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
     p.set_defaults(func=run)
     return p
@@ -89,6 +93,8 @@ def run(args):
         weights=args.weights,
         target=normalize_target(args.target),
         dtype=args.dtype,
+        segments=args.segments,
+        build_jobs=args.build_jobs,
         device=args.device,
         model_dtype=args.model_dtype,
         eval_text=args.text,

@@ -30,6 +30,16 @@ def engine_name(mode: str) -> str:
     return f"model.{mode}.engine"
 
 
+def segments_name(mode: str) -> str:
+    """`--segments`: the graph's segment manifest (sq_export.onnxio.segments), beside model.{mode}.onnx."""
+    return f"model.{mode}.segments.json"
+
+
+def engine_segments_name(mode: str) -> str:
+    """`--segments`: the engine manifest (one engine per segment: model.{mode}.engines.segNN.engine)."""
+    return f"model.{mode}.engines.segments.json"
+
+
 @dataclass
 class RunOptions:
     # the delivered model's recipe: a preset (sq_export.quant.recipe.RECIPES) and the options overriding it (None:
@@ -52,6 +62,8 @@ class RunOptions:
     weights: str = "int8"  # int8 | qdq | qdq16 (see `sq-export export --weights`)
     target: str = "tensorrt"  # tensorrt | ort
     dtype: str = "fp32"  # fp32 | fp16 (the ONNX graphs' float type)
+    segments: int | None = None  # cut each graph into N segments of consecutive layers, one engine each
+    build_jobs: int = 1  # --segments: segment engines built at once (host memory is the bound)
     # the PyTorch side (sq_export.device): where the model runs and its float type there
     device: str | None = None  # cuda | cuda:N | cpu | None (cuda when torch sees a GPU)
     model_dtype: str = "auto"  # auto (the checkpoint's on cuda, float32 on cpu) | float32 | float16 | bfloat16
@@ -126,6 +138,12 @@ class RunOptions:
             raise BadInput(f"--until {self.until} unknown: choose one of {', '.join(STAGES)}")
         if self.seq_len < 2:
             raise BadInput(f"--seq-len {self.seq_len} must be at least 2")
+        if self.segments is not None and self.segments < 1:
+            raise BadInput(f"--segments {self.segments} must be at least 1")
+        if self.build_jobs < 1:
+            raise BadInput(f"--build-jobs {self.build_jobs} must be at least 1")
+        if self.build_jobs > 1 and self.segments is None:
+            raise BadInput("--build-jobs builds segment engines at once: give --segments N too")
         if self.reservoir_rows < 1:
             raise BadInput(f"reservoir_rows {self.reservoir_rows} must be at least 1")
         if self.max_tokens is not None and self.max_tokens < 2:

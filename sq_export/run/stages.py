@@ -37,7 +37,7 @@ from sq_export.run import streamed
 from sq_export.run.context import RunContext
 from sq_export.run.driver import Skip, StageFailed
 from sq_export.run.options import (ACT_SCALES, BUILD, CALIB_ROWS, CHANNEL_STATS, CHECK, EVAL, PREFIX, SMOOTHED, STAGES,
-                                   engine_name, onnx_name)
+                                   engine_name, engine_segments_name, onnx_name, segments_name)
 
 ENGINE_PPL_TOLERANCE = 0.05  # an engine more than 5 % above its own graph's perplexity computes something else
 
@@ -242,7 +242,18 @@ def spec_export(ctx: RunContext):
     o = ctx.opts
     return inputs, {"weights": o.weights, "act": "static", "target": o.target, "dtype": o.dtype,
                     **recipe_options(ctx, "alpha", "smooth_pairs", "clip", "fallback", "runtime"), **torch_side(ctx),
-                    **(streamed.STREAM if o.stream else {})}
+                    **(streamed.STREAM if o.stream else {}), **({"segments": o.segments} if o.segments else {})}
+
+
+def split_graph(ctx: RunContext, staging: Path, mode: str, summary: dict) -> None:
+    """--segments N: cut the graph just written into staging into N segments beside it (sq_export.onnxio.segments:
+    the segment files point into the graph's own bytes, so they sit and move with it)."""
+    if not ctx.opts.segments:
+        return
+    from sq_export.onnxio.segments import split
+
+    man = split(staging / onnx_name(mode), segments=ctx.opts.segments, out=staging / segments_name(mode))
+    summary["segments"] = [e["layers"] for e in man["segments"]]
 
 
 def run_export(ctx: RunContext, staging: Path) -> dict:
@@ -264,6 +275,7 @@ def run_export(ctx: RunContext, staging: Path) -> dict:
         del m
         ctx.release(mode)  # one quantized model at a time (eval rebuilds it, replaying the searches)
         summary[mode] = {"bytes": res["bytes"], "nodes": res["nodes"], "quantized_linears": len(prep.quantized)}
+        split_graph(ctx, staging, mode, summary[mode])
         if mode == "sq":
             summary[mode]["fp16_layers"] = list(prep.fp16_layers)
             if prep.tune.get("fallback"):
@@ -329,7 +341,25 @@ def build_profile(ctx: RunContext):
 
 def spec_build(ctx: RunContext):
     trt, gpu = tensorrt_or_skip(ctx)
-    return graph_inputs(ctx), {"tensorrt": trt.__version__, "gpu": gpu.get("name"), **build_profile(ctx)}
+    o = ctx.opts
+    inputs = graph_inputs(ctx)
+    seg = {}
+    if o.segments:
+        inputs.update({f"segments_{m}": ctx.out / segments_name(m) for m in ctx.modes})
+        seg = {"segments": o.segments, "build_jobs": o.build_jobs}
+    return inputs, {"tensorrt": trt.__version__, "gpu": gpu.get("name"), **build_profile(ctx), **seg}
+
+
+def _build_segments(ctx: RunContext, staging: Path, mode: str, precision: str, prof: dict) -> dict:
+    """--segments: one engine per segment of model.{mode}.segments.json (sq_export.engine.chain.build_segments:
+    each in its own process, --build-jobs at once), the engine manifest and engines written into staging."""
+    from sq_export.engine.chain import build_segments
+
+    args = ["--precision", precision, "--batch", ":".join(map(str, prof["batch"])), "--seq", ":".join(map(str, prof["seq"]))]
+    man = build_segments(ctx.out / segments_name(mode), staging / engine_segments_name(mode), jobs=ctx.opts.build_jobs,
+                         build_args=args)
+    return {"built": True, "engine": engine_segments_name(mode), "bytes": man["engine_bytes"], "build_seconds": man["wall_seconds"],
+            "precision": precision, "segments": len(man["segments"])}
 
 
 def run_build(ctx: RunContext, staging: Path) -> dict:
@@ -341,6 +371,9 @@ def run_build(ctx: RunContext, staging: Path) -> dict:
         precision = "fp16" if mode == "fp" else "int8"
         dest = staging / engine_name(mode)
         try:
+            if ctx.opts.segments:
+                out[mode] = _build_segments(ctx, staging, mode, precision, prof)
+                continue
             side = build_engine(ctx.out / onnx_name(mode), dest, precision=precision, batch=prof["batch"], seq=prof["seq"])
         except BadInput as e:
             if mode != "fp":
@@ -359,7 +392,8 @@ def run_build(ctx: RunContext, staging: Path) -> dict:
 def engines(ctx: RunContext) -> dict:
     """{mode: engine path} of engines the build stage produced (and that are up to date)."""
     produced = set(ctx.stage_outputs("build"))
-    return {m: ctx.out / engine_name(m) for m in ctx.modes if engine_name(m) in produced}
+    name = engine_segments_name if ctx.opts.segments else engine_name  # --segments: the engine manifest (a chain)
+    return {m: ctx.out / name(m) for m in ctx.modes if name(m) in produced}
 
 
 # ----- eval -----------------------------------------------------------------------------------------------------

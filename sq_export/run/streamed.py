@@ -134,6 +134,7 @@ def run_smooth(ctx: RunContext, staging: Path) -> dict:
 def run_export(ctx: RunContext, staging: Path) -> dict:
     from sq_export import api
     from sq_export.memory import release_memory
+    from sq_export.run.stages import split_graph
 
     o = ctx.opts
     summary = {}
@@ -152,6 +153,7 @@ def run_export(ctx: RunContext, staging: Path) -> dict:
         prep = qm.prepared
         summary[mode] = {"bytes": res.bytes, "nodes": res.nodes, "quantized_linears": len(prep.quantized),
                          "from_placeholders": True}
+        split_graph(ctx, staging, mode, summary[mode])
         if mode == "sq":
             summary[mode]["fp16_layers"] = list(prep.fp16_layers)
             if prep.tune.get("clip_ratio"):
