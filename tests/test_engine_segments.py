@@ -13,18 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (these tests need TensorRT and an NVIDIA GPU)")
-
-from sq_export.engine.trt_compat import gpu_info  # noqa: E402
-
-_GPU = gpu_info()
-if _GPU["count"] < 1:
-    pytest.skip(f"no NVIDIA GPU visible ({_GPU['error']})", allow_module_level=True)
+# test_engine_decode skips the module without TensorRT or a GPU (with its reason) and holds the decode fixtures
+from test_engine_decode import FIX, PROFILE, _teacher_forced  # noqa: E402
 
 from sq_export.cli import main  # noqa: E402
 from sq_export.engine.build import build_engine  # noqa: E402
 from sq_export.engine.generate import EngineDecoder  # noqa: E402
-from test_engine_decode import FIX, PROFILE, _teacher_forced  # noqa: E402
 
 pytestmark = pytest.mark.trt
 G = Path(__file__).resolve().parent / "fixtures" / "graphs"
