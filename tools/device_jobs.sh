@@ -9,7 +9,7 @@
 # Every call that starts jobs snapshots the working tree it carried into /tmp/src.N and runs from there, so jobs
 # keep the code of the call that started them. The driver defines job_NAME functions and `start_job NAME`
 # (the names it accepts; return 1 to refuse), and calls `device_main "$@"` last.
-# Helpers for jobs: log, trtpy (the kit's Python; never where torch runs on the GPU), maxrss, need_kit, step,
+# Standard jobs: job_gpu, job_tests. Helpers for jobs: log, trtpy (the kit's Python; never where torch runs on the GPU), maxrss, need_kit, step,
 # run_job; $W work folder, $R results (returned), $ROOT the snapshot, $SQ the torch-side CLI, $SHM big scratch.
 # Never leave the machine idle between calls: it goes back 30 s after a call ends, with everything on it.
 set -uo pipefail
@@ -59,6 +59,16 @@ gpumon() {  # sample the GPU's memory use every 2 s into R/gpumem.csv until the 
   setsid nohup bash -c "while true; do echo \"\$(date +%T),\$(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits),\$(free -m | awk '/Mem/{print \$3}')\" >> '$R/gpumem.csv'; sleep 2; done" > /dev/null 2>&1 < /dev/null &
 }
 
+
+# the two standard jobs (a driver may redefine them): the torch side's GPU tests, the engine tests under the kit
+job_gpu() {
+  python3 -m pytest -q -rfs -p no:cacheprovider tests/test_gpu.py tests/test_device.py 2>&1 | tail -n 40
+}
+
+job_tests() {
+  need_kit || return 1
+  PYTHONPATH=$ROOT trtpy -m pytest -q -rfs --noconftest -p no:cacheprovider -s tests/test_engine_*.py 2>&1 | grep -v "^\[W\]\|^\[I\]" | tail -n 60
+}
 
 start() {
   local j

@@ -22,15 +22,6 @@ DRIVER=lab/2026-11-29/device6.sh
 W=${W:-/tmp/w6}
 source "$(cd "$(dirname "$0")/../.." && pwd)/tools/device_jobs.sh"
 
-job_gpu() {
-  python3 -m pytest -q -rfs -p no:cacheprovider tests/test_gpu.py tests/test_device.py 2>&1 | tail -n 40
-}
-
-job_tests() {
-  need_kit || return 1
-  PYTHONPATH=$ROOT trtpy -m pytest -q -rfs --noconftest -p no:cacheprovider -s tests/test_engine_*.py 2>&1 | grep -v "^\[W\]\|^\[I\]" | tail -n 60
-}
-
 job_b7() {
   export PYTHONPATH=$ROOT
   local D=$R/b7 C=$SHM/b7 T=/tmp/b7; mkdir -p "$D" "$C" "$T"
