@@ -73,7 +73,8 @@ or pip replaces the CPU torch with a multi-GB CUDA build:
     /work/peer-venv/bin/pip show torch        # Version: 2.13.0+cpu
 
 Measured: docs/peer_table_2026-11-29.json (SmolLM2-135M, 64 x 512 calibration, first 16,384 held-out tokens;
-run on the lent machine's 16 CPU cores, its note says why and how).
+run on the lent machine's 16 CPU cores, its note says why and how); with the prefix rows and ModelOpt α 0.85 side
+by side: docs/peer_table_prefix_2026-11-29.json (2 CPU cores; docs/ACCURACY.md).
 
 Without modelopt the tool says so in one line and exits 2 (rows that need only sq_export still run with
 `--rows fp32,naive,...`). Seconds: prepare (calibration where the row does it, α search, fallback search,
