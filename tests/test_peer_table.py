@@ -72,3 +72,39 @@ def test_peer_table_tiny_llama(tmp_path, small_text):
     assert exp["q_proj+k_proj+v_proj"] == pytest.approx(1.0) and exp["gate_proj+up_proj"] == pytest.approx(1.0)
     assert any("pre_quant_scale vectors differ" in s for s in logs)
     assert "| ModelOpt INT8_SMOOTHQUANT_CFG, α 1.0 (default) |" in pt.markdown(res)
+
+
+def test_prefix_rows_without_modelopt_match_eval(tmp_path, small_text, monkeypatch, capsys):
+    """The outlier-prefix rows need no ModelOpt, bring fp32_prefix along, and measure what `sq-export eval
+    --prefix-outliers auto` measures (its calibration and prepare path, the same scored tokens)."""
+    import json
+
+    from conftest import save_tiny
+
+    from sq_export.cli import main
+
+    pt = _tool()
+    monkeypatch.setitem(sys.modules, "modelopt", None)
+    monkeypatch.setitem(sys.modules, "modelopt.torch", None)
+    monkeypatch.setitem(sys.modules, "modelopt.torch.quantization", None)
+    save_tiny("llama", tmp_path / "m")
+    kw = dict(samples=4, calib_seq_len=32, seq_len=64, max_tokens=256, text=str(small_text / "eval.txt"),
+              calib_text=str(small_text / "calib.txt"))
+    res = pt.peer_table(str(tmp_path / "m"), rows=("prefix_alpha085", "prefix_kl"), log=lambda s: None, **kw)
+    rows = {r["row"]: r for r in res["rows"]}
+    assert list(rows) == ["fp32", "fp32_prefix", "prefix_alpha085", "prefix_kl"]
+    assert rows["fp32"]["tokens"] == rows["fp32_prefix"]["tokens"] == rows["prefix_kl"]["tokens"] == 252  # prefix not scored
+    assert rows["fp32_prefix"]["delta_prefix_pct"] is None and rows["fp32"]["delta_prefix_pct"] is not None
+    for k in ("prefix_alpha085", "prefix_kl"):
+        assert rows[k]["float_linears"] == 0 and rows[k]["quantized_linears"] == res["linears"]
+        assert rows[k]["prefix_outliers"]["tokens"] == rows["fp32_prefix"]["prefix_outliers"]["tokens"]
+    assert "| vs FP32 + prefix |" in pt.markdown(res)
+    common = ["--calib-text", kw["calib_text"], "--samples", "4", "--calib-seq-len", "32", "--text", kw["text"],
+              "--max-tokens", "256", "--seq-len", "64", "--prefix-outliers", "auto", "--json"]
+    for key, args in (("fp32_prefix", ["--mode", "fp"]), ("prefix_alpha085", ["--alpha", "0.85", "--fallback", "none"])):
+        assert main(["-q", "eval", str(tmp_path / "m"), *args, *common]) == 0
+        ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert ev["tokens"] == rows[key]["tokens"] and ev["prefix_outliers"]["tokens"] == rows[key]["prefix_outliers"]["tokens"]
+        assert ev["perplexity"] == pytest.approx(rows[key]["perplexity"], rel=1e-5), key
+    # the default table is unchanged: no prefix rows, no extra column
+    assert not any(r in pt.DEFAULT_ROWS or r in pt.ALL_ROWS for r in pt.PREFIX)

@@ -18,6 +18,18 @@ Rows (the model is loaded once; every row works on its own copy):
                          preprocessing, `requantize_resmooth_fused_llm_layers`: one averaged pre_quant_scale per
                          group of Linears that read the same tensor (q/k/v, gate/up), weights re-quantized
 
+The outlier-prefix rows (only when named in `--rows`; not in the default list nor in `all`): the recipe's
+`prefix_outliers="auto"` (PrefixQuant, sq_export.quant.prefix), calibrated and prepared exactly as
+`sq-export eval --prefix-outliers auto` does (calibrate_ids(prefix=..., tokenizer=...) chooses the tokens on the
+calibration windows and takes the statistics after their float KV cache; `prepare` installs the prefix on the
+row's model, so `torch_perplexity` runs every chunk after it and scores the chunk's own tokens only). One prefix
+calibration is shared by these rows, as one plain calibration is by the rows above:
+
+    fp32_prefix          the float model after the prefix (the prefix changes the float model; its own Δ column)
+    prefix_alpha085      prefix auto + pairs + α 0.85, every Linear INT8 (fallback none)
+    prefix_kl            prefix auto + pairs + `--alpha kl` (one α per Linear-pair kind by KL), every Linear INT8
+    prefix_fallback      the default recipe with the prefix (pairs + α per group + fallback auto)
+
 Same inputs for everybody: ModelOpt's `forward_loop` feeds exactly the windows sq_export calibrates on,
 `calibration_samples(token_ids(tok, CALIB_TEXT, "calib"), samples, calib_seq_len)` (seeded; default: the shipped
 calibration split), in batches of 4 through the decoder body as sq_export's own calibration does (batching does
@@ -61,7 +73,8 @@ or pip replaces the CPU torch with a multi-GB CUDA build:
     /work/peer-venv/bin/pip show torch        # Version: 2.13.0+cpu
 
 Measured: docs/peer_table_2026-11-29.json (SmolLM2-135M, 64 x 512 calibration, first 16,384 held-out tokens;
-run on the lent machine's 16 CPU cores, its note says why and how).
+run on the lent machine's 16 CPU cores, its note says why and how); with the prefix rows and ModelOpt α 0.85 side
+by side: docs/peer_table_prefix_2026-11-29.json (2 CPU cores; docs/ACCURACY.md).
 
 Without modelopt the tool says so in one line and exits 2 (rows that need only sq_export still run with
 `--rows fp32,naive,...`). Seconds: prepare (calibration where the row does it, α search, fallback search,
@@ -82,8 +95,11 @@ from pathlib import Path
 OURS = ("fp32", "naive", "paper", "accurate_fallback", "accurate")
 PEER = ("modelopt_sq_1.0", "modelopt_sq_0.85", "modelopt_int8")
 EXTRA = ("modelopt_sq_0.85_export",)
+PREFIX = ("fp32_prefix", "prefix_alpha085", "prefix_kl", "prefix_fallback")  # named in --rows only
 DEFAULT_ROWS = OURS + PEER
 ALL_ROWS = OURS + PEER + EXTRA
+KNOWN_ROWS = ("fp32", "fp32_prefix") + OURS[1:] + PREFIX[1:] + PEER + EXTRA  # the order rows run and print in
+PREFIX_SPEC = "auto"
 CALIB_BATCH = 4  # sq_export's CalibOptions.batch_size: the windows go through the model 4 at a time
 
 INSTALL = "pip install torch==2.13.0 nvidia-modelopt (in a separate venv; torch must stay 2.13.0+cpu)"
@@ -109,6 +125,10 @@ def labels(default_alpha) -> dict:
         "modelopt_sq_0.85": "ModelOpt INT8_SMOOTHQUANT_CFG, α 0.85",
         "modelopt_int8": "ModelOpt INT8_DEFAULT_CFG (no smoothing)",
         "modelopt_sq_0.85_export": "ModelOpt SQ α 0.85 + its export's q/k/v, gate/up resmoothing",
+        "fp32_prefix": "FP32 + outlier prefix (auto)",
+        "prefix_alpha085": "sq_export prefix auto + pairs + α 0.85, all Linears INT8",
+        "prefix_kl": "sq_export prefix auto + pairs + α kl, all Linears INT8",
+        "prefix_fallback": "sq_export prefix auto + default recipe (fallback auto)",
     }
 
 
@@ -272,8 +292,12 @@ def export_resmooth(model):
 
 def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int = 512, seq_len: int = 512,
                max_tokens: int | None = 16384, text: str | None = None, calib_text: str | None = None,
-               rows=DEFAULT_ROWS, log=print, show_quantizers: bool = True) -> dict:
-    """Every row in `rows` (keys of ALL_ROWS, run in ALL_ROWS order) on one loaded model; returns the results."""
+               rows=DEFAULT_ROWS, log=print, show_quantizers: bool = True, order: str = "canonical") -> dict:
+    """Every row in `rows` (keys of KNOWN_ROWS: ALL_ROWS and PREFIX, run in KNOWN_ROWS order) on one loaded model;
+    returns the results. A prefix row brings fp32_prefix along (the reference of its `delta_prefix_pct`).
+    `order` "given": run the rows in the order of `rows` instead (fp32 first; the export row right after
+    modelopt_sq_0.85; `accurate` before `accurate_fallback` searches its α per group itself: the same search), so
+    that on a slow machine the rows wanted first finish first."""
     import torch
 
     import sq_export as sq
@@ -282,16 +306,26 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
     from sq_export.modeling import load_model
     from sq_export.quant.calibrate import calibrate_ids
     from sq_export.quant.prepare import prepare, working_copy
+    from sq_export.quant.recipe import parse_prefix
     from sq_export.textdata import calibration_samples, token_ids
 
-    unknown = [r for r in rows if r not in ALL_ROWS]
+    unknown = [r for r in rows if r not in KNOWN_ROWS]
     if unknown:
-        raise ValueError(f"unknown row {unknown[0]}: choose from {', '.join(ALL_ROWS)}")
-    rows = [r for r in ALL_ROWS if r in rows]
+        raise ValueError(f"unknown row {unknown[0]}: choose from {', '.join(KNOWN_ROWS)}")
+    if any(r in PREFIX for r in rows) and "fp32_prefix" not in rows:
+        rows = [*rows, "fp32_prefix"]  # the reference of the Δ-with-prefix column
+    if order == "given":
+        rows = list(dict.fromkeys(rows))
+        if "modelopt_sq_0.85_export" in rows and "modelopt_sq_0.85" in rows:
+            rows.remove("modelopt_sq_0.85")
+    else:
+        rows = [r for r in KNOWN_ROWS if r in rows]
+    if "fp32" in rows:
+        rows.remove("fp32")
+    rows.insert(0, "fp32")
     if "modelopt_sq_0.85_export" in rows and "modelopt_sq_0.85" not in rows:
         rows.insert(rows.index("modelopt_sq_0.85_export"), "modelopt_sq_0.85")
-    if "fp32" not in rows:
-        rows.insert(0, "fp32")  # the reference of the Δ column
+    # fp32 (the reference of the Δ column) is always the first row
 
     t = time.perf_counter()
     base, tok, path = load_model(model)
@@ -303,6 +337,7 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
     names = fam.quantized_linears()
     calib = sq.CalibOptions(calib_text, samples, calib_seq_len)
     calibration = None  # our rows share one calibration pass (act max + row sample), taken by the first of them
+    prefix_calibration = None  # the prefix rows share one too: prefix chosen, statistics taken after it
     lab = labels(fam.default_alpha)
     log(f"loaded {path.name if hasattr(path, 'name') else path} ({fam.name}, {len(names)} quantizable Linears) in {load_s:.1f}s; "
         f"calibration {samples}x{calib_seq_len} windows, held-out {len(eval_ids)} tokens (first {max_tokens}, chunks of {seq_len})")
@@ -321,6 +356,37 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
         t0 = time.perf_counter()
         if key == "fp32":
             m, nfloat, nq = base, len(names), 0
+        elif key in PREFIX:
+            # as `sq-export eval --prefix-outliers auto`: api.calibrate(recipe=...) -> calibrate_ids(prefix, tokenizer),
+            # then prepare(), which installs the prefix on the row's model (a working copy: `base` stays without it)
+            if prefix_calibration is None:
+                prefix_calibration = calibrate_ids(base, fam, calib_ids, calib, rows=512, prefix=parse_prefix(PREFIX_SPEC), tokenizer=tok)
+                notes.append("prefix calibration (tokens chosen, act max + row sample after the prefix) taken here, "
+                             "shared by every prefix row")
+            if key == "fp32_prefix":
+                m = working_copy(base, fam, smoothing=False)
+                r = sq.make_recipe("fp", prefix_outliers=PREFIX_SPEC, calib=calib)
+            elif key == "prefix_alpha085":
+                m = working_copy(base, fam, smoothing=True, linear_pairs=True)
+                r = sq.make_recipe("default", alpha=0.85, fallback="none", prefix_outliers=PREFIX_SPEC, calib=calib)
+            elif key == "prefix_kl":
+                m = working_copy(base, fam, smoothing=True, linear_pairs=True)
+                r = sq.make_recipe("default", alpha="kl", fallback="none", prefix_outliers=PREFIX_SPEC, calib=calib)
+            else:  # prefix_fallback: the default recipe with the prefix
+                m = working_copy(base, fam, smoothing=True, linear_pairs=True)
+                r = sq.make_recipe("default", prefix_outliers=PREFIX_SPEC, calib=calib)
+            p = prepare(m, family_for(m), r, prefix_calibration)
+            pre = p.prefix
+            notes.append(f"prefix {pre.tokens} {pre.text!r}")
+            if p.alpha_per_group:
+                vals = [str(a) for a in p.alpha_per_group.values()]
+                notes.append("α histogram " + ", ".join(f"{a}: {vals.count(a)}" for a in sorted(set(vals))))
+            if p.fp16_layers:
+                notes.append(f"float: {', '.join(p.fp16_layers)}")
+            if key == "fp32_prefix":
+                nq, nfloat = 0, len(names)
+            else:
+                nq, nfloat = len(p.quantized), len(p.fp16_layers)
         elif key in OURS:
             if calibration is None:
                 calibration = calibrate_ids(base, fam, calib_ids, calib, rows=512)
@@ -379,6 +445,13 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
         row = {"row": key, "label": lab[key], "perplexity": res["perplexity"], "tokens": res["tokens"],
                "float_linears": nfloat, "quantized_linears": nq, "prepare_s": round(prep_s, 1), "eval_s": round(eval_s, 1),
                "seconds": round(prep_s + eval_s, 1), "notes": "; ".join(notes)}
+        if key in PREFIX:
+            row["prefix_outliers"] = {k: v for k, v in pre.summary().items() if k in ("tokens", "text", "length", "spec", "n_auto")}
+            if key != "fp32_prefix":
+                row["alpha_per_group"] = p.alpha_per_group
+                row["times"] = {k: round(v, 1) for k, v in p.times.items()}
+            if key == "prefix_fallback":
+                row["fp16_layers"] = list(p.fp16_layers)
         if key == "accurate_fallback":
             row["fp16_layers"] = list(p.fp16_layers)
             row["fallback"] = {k: v for k, v in p.tune.get("fallback", {}).items() if k != "gains"}
@@ -392,6 +465,10 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
     fp = out[0]["perplexity"]
     for r in out:
         r["delta_pct"] = None if r["row"] == "fp32" else round((r["perplexity"] / fp - 1) * 100, 2)
+    fpp = next((r["perplexity"] for r in out if r["row"] == "fp32_prefix"), None)
+    if fpp is not None:  # only then: a table without prefix rows keeps its keys as before
+        for r in out:
+            r["delta_prefix_pct"] = None if r["row"] == "fp32_prefix" else round((r["perplexity"] / fpp - 1) * 100, 2)
     return {"model": model, "family": fam.name, "linears": len(names), "load_s": round(load_s, 1),
             "calibration": {"text": calib_text or "shipped calibration split", "samples": samples, "calib_seq_len": calib_seq_len,
                             "batch": CALIB_BATCH},
@@ -417,10 +494,19 @@ def dumps(result) -> str:
 
 
 def markdown(result) -> str:
-    lines = ["| row | perplexity | vs FP32 | float Linears | seconds (prepare + eval) |", "|---|---:|---:|---:|---:|"]
+    px = any("delta_prefix_pct" in r for r in result["rows"])  # the extra column only with the prefix rows
+
+    def pct(v):
+        return "–" if v is None else f"{v:+.2f} %"
+
+    if px:
+        lines = ["| row | perplexity | vs FP32 | vs FP32 + prefix | float Linears | seconds (prepare + eval) |",
+                 "|---|---:|---:|---:|---:|---:|"]
+    else:
+        lines = ["| row | perplexity | vs FP32 | float Linears | seconds (prepare + eval) |", "|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        d = "–" if r["delta_pct"] is None else f"{r['delta_pct']:+.2f} %"
-        fl = "all" if r["row"] == "fp32" else ("–" if r["float_linears"] is None else f"{r['float_linears']} / {result['linears']}")
+        d = pct(r["delta_pct"]) + (f" | {pct(r.get('delta_prefix_pct'))}" if px else "")
+        fl = "all" if r["row"] in ("fp32", "fp32_prefix") else ("–" if r["float_linears"] is None else f"{r['float_linears']} / {result['linears']}")
         lines.append(f"| {r['label']} | {r['perplexity']:.3f} | {d} | {fl} | {r['prepare_s']:.0f} + {r['eval_s']:.0f} |")
     return "\n".join(lines)
 
@@ -449,14 +535,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16384, help="first N held-out tokens (default 16384)")
     ap.add_argument("--text", help="held-out text file (default: the shipped held-out split)")
     ap.add_argument("--calib-text", help="calibration text file (default: the shipped calibration split)")
-    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma list of {', '.join(ALL_ROWS)}, or 'all'")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma list of {', '.join(KNOWN_ROWS)}, or 'all' (= {', '.join(ALL_ROWS)})")
+    ap.add_argument("--order", choices=["canonical", "given"], default="canonical",
+                    help="canonical: the rows run and print in the tool's fixed order (default); given: in --rows' order")
     ap.add_argument("--quiet-quantizers", action="store_true", help="do not print ModelOpt's per-Linear quantizers")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
     rows = ALL_ROWS if a.rows == "all" else tuple(x.strip() for x in a.rows.split(",") if x.strip())
-    bad = [r for r in rows if r not in ALL_ROWS]
+    bad = [r for r in rows if r not in KNOWN_ROWS]
     if bad:
-        print(f"peer_table: unknown row {bad[0]}: choose from {', '.join(ALL_ROWS)} or 'all'", file=sys.stderr)
+        print(f"peer_table: unknown row {bad[0]}: choose from {', '.join(KNOWN_ROWS)} or 'all'", file=sys.stderr)
         return 2
     if any(r.startswith("modelopt") for r in rows):
         msg = modelopt_missing()
@@ -472,7 +560,8 @@ def main(argv=None) -> int:
     try:
         res = peer_table(a.model, samples=a.samples, calib_seq_len=a.calib_seq_len, seq_len=a.seq_len,
                          max_tokens=a.max_tokens, text=a.text, calib_text=a.calib_text, rows=rows,
-                         log=lambda s: print(s, flush=True), show_quantizers=not a.quiet_quantizers)
+                         log=lambda s: print(s, flush=True), show_quantizers=not a.quiet_quantizers,
+                         order=a.order)
     except BadInput as e:
         print(f"peer_table: {e}", file=sys.stderr)
         return 2
