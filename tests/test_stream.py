@@ -242,3 +242,21 @@ def test_lazy_decode_export_is_byte_identical(family, tiny_dirs, small_text, tmp
         api.export_onnx(loaded, a, weights="qdq16", decode=True)
         api.export_onnx(lazy, b, weights="qdq16", decode=True)
         assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_streamed_refusals_close_the_checkpoint(tiny_dirs, small_text, tmp_path, monkeypatch):
+    """--fallback NAMES naming no quantized Linear and --alpha kl are refused right after the checkpoint is opened:
+    one line each, the checkpoint's files closed, no output folder."""
+    from sq_export.stream.layers import LayerStream
+
+    closed = []
+    real = LayerStream.close
+    monkeypatch.setattr(LayerStream, "close", lambda self: (closed.append(1), real(self))[1])
+    folder = str(tiny_dirs("llama"))
+    _, tok = api.load_model(folder, device="cpu")
+    for kw, msg in ((dict(fallback="model.layers.0.nope"), "not a quantized Linear"), (dict(alpha="kl", fallback="none"), "alpha kl")):
+        r = make_recipe("default", calib=_calib(small_text), **kw)
+        with pytest.raises(BadInput, match=msg):
+            api.quantize_streamed(folder, tmp_path / "q", r, tokenizer=tok, device="cpu")
+        assert closed and not (tmp_path / "q").exists()
+        closed.clear()

@@ -176,13 +176,12 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
     t0 = time.perf_counter()
     ls = open_stream(folder, device, dtype, cache_device)
     fam = ls.family
-    if fb and fb[0] == "names":
-        known = set(fam.quantized_linears())
-        bad = [n for n in fb[1] if n not in known]
+    alpha = recipe.alpha if recipe.alpha is not None else fam.default_alpha
+    bad = [n for n in fb[1] if n not in set(fam.quantized_linears())] if fb and fb[0] == "names" else []
+    if bad or alpha == "kl":  # refused before any work; the stream's files are closed first
+        ls.close()
         if bad:
             raise BadInput(f"--fallback: {bad[0]} is not a quantized Linear of this model (e.g. {fam.quantized_linears()[0]})")
-    alpha = recipe.alpha if recipe.alpha is not None else fam.default_alpha
-    if alpha == "kl":
         raise BadInput("--alpha kl scores the whole model: not available layer-streamed (use --alpha auto or a number)")
     searched = dict(alpha) if isinstance(alpha, dict) else None
     if searched is not None:
