@@ -238,3 +238,16 @@ def test_build_forwards_every_build_option():
         i = got.index(want[0])
         assert got[i:i + len(want)] == want
     assert "--no-fp16" not in got and "--jobs" not in got
+
+
+def test_chain_refuses_a_segment_input_nobody_gives(tmp_path):
+    """A manifest whose segment takes a value neither the graph inputs nor an earlier segment give is refused when
+    the chain is opened (one line naming it), not mid-inference."""
+    dec = tmp_path / "dec.onnx"
+    dec.write_bytes((G / "decode_llama_sq.onnx").read_bytes())
+    man = split(dec, segments=2)
+    doc = json.loads(Path(man["path"]).read_text())
+    doc["segments"][1]["inputs"].append("hidden_from_nowhere")
+    Path(man["path"]).write_text(json.dumps(doc))
+    with pytest.raises(BadInput, match="segment 1 takes hidden_from_nowhere"):
+        open_runner(man["path"])

@@ -12,6 +12,7 @@ time: TensorRT's builder holds many times a segment's weight bytes in host memor
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -36,31 +37,27 @@ def manifest_kind(path) -> str:
     return kind
 
 
-def _chain_base():
-    from polygraphy.backend.base import BaseRunner
-
-    return BaseRunner
-
-
-class _Lazy:
-    """Defers subclassing Polygraphy's BaseRunner until a chain is opened (the module imports without Polygraphy)."""
-
-    cls = None
-
-
 def chain_runner(path, name: str | None = None, providers=None):
     """A (not yet activated) runner of every segment of the manifest at `path`, in order."""
     from sq_export.engine.run import open_runner
 
     man = read_manifest(path)
-    members = member_paths(man)
-    runners = [open_runner(p, name=f"{name or Path(path).name}:{i}", providers=providers) for i, p in enumerate(members)]
-    if _Lazy.cls is None:
-        _Lazy.cls = _make_class(_chain_base())
-    return _Lazy.cls(man, runners, name=name or Path(path).name)
+    known = set(man["inputs"])
+    for i, e in enumerate(man["segments"]):  # each segment takes graph inputs or earlier segments' outputs only
+        missing = [n for n in e["inputs"] if n not in known]
+        if missing:
+            raise BadInput(f"{path}: segment {i} takes {missing[0]}, which neither the graph inputs nor an earlier "
+                           "segment give; split the graph again")
+        known.update(e["outputs"])
+    runners = [open_runner(p, name=f"{name or Path(path).name}:{i}", providers=providers) for i, p in enumerate(member_paths(man))]
+    return _chain_class()(man, runners, name=name or Path(path).name)
 
 
-def _make_class(BaseRunner):
+@functools.cache
+def _chain_class():
+    """ChainRunner, a Polygraphy BaseRunner: defined on first use, so this module imports without Polygraphy."""
+    from polygraphy.backend.base import BaseRunner
+
     class ChainRunner(BaseRunner):
         def __init__(self, manifest: dict, runners: list, name=None):
             super().__init__(name=name, prefix="chain-runner")
@@ -69,11 +66,16 @@ def _make_class(BaseRunner):
             self.inputs = list(manifest["inputs"])
             self.outputs = list(manifest["outputs"])
             self.segment_io = [(list(e["inputs"]), list(e["outputs"])) for e in manifest["segments"]]
+            self.needed = [n for n in self.inputs if any(n in ins for ins, _ in self.segment_io)]  # graph inputs used
             self.trt = all(type(r).__name__ == "TrtRunner" for r in runners)
+            self.dtypes = None  # per segment: {input: numpy dtype}, read once when activated
 
         def activate_impl(self):
+            from sq_export.engine.run import input_dtypes
+
             for r in self.runners:
                 r.activate()
+            self.dtypes = [input_dtypes(r) for r in self.runners]
 
         def deactivate_impl(self):
             for r in reversed(self.runners):
@@ -95,21 +97,17 @@ def _make_class(BaseRunner):
         def infer_impl(self, feed_dict, copy_outputs_to_host=True):
             import numpy as np
 
+            missing = [n for n in self.needed if n not in feed_dict]
+            if missing:
+                raise BadInput(f"{self.name} needs the input {missing[0]}, which the feed does not give")
             values = dict(feed_dict)
             t0 = time.perf_counter()
-            for i, (r, (ins, outs)) in enumerate(zip(self.runners, self.segment_io)):
-                missing = [n for n in ins if n not in values]
-                if missing:
-                    raise BadInput(f"segment {i} of {self.name} needs {missing[0]}, which neither the feed nor an earlier segment gives")
-                want = r.get_input_metadata()
+            for r, dtypes, (ins, _outs) in zip(self.runners, self.dtypes, self.segment_io):
                 feed = {}
-                for n in ins:
+                for n in ins:  # (chain_runner checked that the feed or an earlier segment gives each)
                     v = values[n]
-                    if isinstance(v, np.ndarray):
-                        dt, _shape = want[n]
-                        dt = np.dtype(dt.numpy() if hasattr(dt, "numpy") else dt)
-                        if v.dtype != dt:
-                            v = np.ascontiguousarray(v, dtype=dt)
+                    if isinstance(v, np.ndarray) and v.dtype != dtypes[n]:  # host arrays: the type this segment takes
+                        v = np.ascontiguousarray(v, dtype=dtypes[n])
                     feed[n] = v
                 if self.trt:  # the boundary tensors stay on the GPU; graph outputs are copied at the end
                     got = r.infer(feed, check_inputs=False, copy_outputs_to_host=False)

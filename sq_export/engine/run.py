@@ -25,7 +25,6 @@ import numpy as np
 
 from sq_export.errors import BadInput
 from sq_export.measure.perplexity import PerplexityAccumulator
-from sq_export.onnxio.segments import SEGMENTS_SUFFIX
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 ONNX_SUFFIXES = (".onnx",)
@@ -170,8 +169,10 @@ def load_tokens(path) -> Tokens:
 def model_kind(path) -> str:
     """"onnx" (ONNX Runtime) or "engine" (TensorRT): by suffix, or for a segment manifest (*.segments.json,
     sq_export.onnxio.segments) by what its members are."""
+    from sq_export.onnxio.segments import SEGMENTS_SUFFIX, is_manifest  # (here: that module imports onnx)
+
     s = str(path).lower()
-    if s.endswith(SEGMENTS_SUFFIX):
+    if is_manifest(path):
         from sq_export.engine.chain import manifest_kind
 
         return manifest_kind(path)
@@ -226,9 +227,11 @@ def load_engine(engine_path):
 def open_runner(path, name: str | None = None, providers=None):
     """A Polygraphy runner (not yet activated): OnnxrtRunner for .onnx, TrtRunner for engines, a chain of those for
     a segment manifest (sq_export.engine.chain)."""
+    from sq_export.onnxio.segments import is_manifest
+
     kind = model_kind(path)
     name = name or Path(path).name
-    if str(path).lower().endswith(SEGMENTS_SUFFIX):
+    if is_manifest(path):
         from sq_export.engine.chain import chain_runner
 
         return chain_runner(path, name=name, providers=providers)

@@ -103,7 +103,6 @@ class Segment:
     nodes: list  # node indices into the source graph, in source order
     inputs: list  # value names (graph inputs and values from earlier segments)
     outputs: list  # value names (graph outputs and values later segments use)
-    cloned: int  # cheap nodes (mask, rotary, shapes) computed here; other segments may compute them too
     shape_of: dict  # node index -> the input a Shape node reads here instead (same inferred shape)
 
 
@@ -145,7 +144,6 @@ def plan_segments(proto: onnx.ModelProto, ranges: list[tuple[int, int]], infos: 
     # cheap values: computed from graph inputs and small initializers only (recomputed wherever they are needed);
     # a Shape node is cheap when its input's shape is known by name (it can read any value of that shape)
     big = {name for name, t in init.items() if _tensor_bytes(t) >= BIG_INITIALIZER}
-    cheap_node = []
     cheap_value = {name: True for name in graph_inputs}
     for name in init:
         cheap_value[name] = name not in big
@@ -160,7 +158,6 @@ def plan_segments(proto: onnx.ModelProto, ranges: list[tuple[int, int]], infos: 
         else:
             ok = all(cheap_value.get(v, True) for v in n.input if v) and not sub  # unknown input (outer scope): let it be
         w_only = all(weight_only.get(v, False) for v in n.input if v) and not sub
-        cheap_node.append(ok)
         free_node.append(ok or w_only)
         for o in n.output:
             if o:
@@ -254,8 +251,7 @@ def plan_segments(proto: onnx.ModelProto, ranges: list[tuple[int, int]], infos: 
             raise BadInput(f"segment {s} was asked for {missing[0]}, which it does not compute")
         outputs = [o for o in graph_outputs if o in demands[s]] + sorted(v for v in demands[s] if v not in graph_outputs)
         ins = [v for v in graph_inputs if v in inputs] + sorted(v for v in inputs if v not in graph_inputs)
-        cloned = sum(owner[i] is None for i in order)
-        segments.append(Segment(s, ranges[s], order, ins, outputs, cloned, shape_of))
+        segments.append(Segment(s, ranges[s], order, ins, outputs, shape_of))
     segments.reverse()
     return segments
 
