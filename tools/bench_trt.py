@@ -62,7 +62,7 @@ from sq_export.engine.run import ENGINE_SUFFIXES, input_dtypes, load_engine, loa
 from sq_export.engine.trt_compat import graph_facts, import_tensorrt, require_gpu  # noqa: E402
 from sq_export.errors import BadInput  # noqa: E402
 from sq_export.fileio import write_text_atomic  # noqa: E402
-from sq_export.onnxio.segments import SEGMENTS_SUFFIX, is_manifest  # noqa: E402
+from sq_export.onnxio.segments import SEGMENTS_SUFFIX, check_chain, is_manifest  # noqa: E402
 
 
 def parse_shape(s: str) -> tuple[int, int]:
@@ -328,24 +328,8 @@ def chain_bindings(graph_inputs, segment_io) -> list[dict]:
     taking it bind too (segment k's residual-stream output is segment k+1's input: zero copies). Buffers are named
     after their tensor. BadInput when a segment takes a tensor that neither the graph inputs nor an earlier segment
     give, or returns one that a graph input or an earlier segment names already."""
-    graph_inputs = set(graph_inputs)
-    made: dict[str, int] = {}
-    out = []
-    for k, (ins, outs) in enumerate(segment_io):
-        bind = {}
-        for n in ins:
-            if n not in graph_inputs and n not in made:
-                raise BadInput(f"segment {k} takes {n}, which neither the graph inputs nor an earlier segment give: "
-                               "not a chain of segments; split the graph and build it again")
-            bind[n] = n
-        for n in outs:
-            if n in graph_inputs or n in made:
-                by = "a graph input" if n in graph_inputs else f"segment {made[n]}'s output too"
-                raise BadInput(f"segment {k} returns {n}, which is {by}: not a chain of segments; split the graph and build it again")
-            made[n] = k
-            bind[n] = n
-        out.append(bind)
-    return out
+    check_chain(graph_inputs, segment_io)
+    return [{n: n for n in [*ins, *outs]} for ins, outs in segment_io]
 
 
 def plan_chain_buffers(graph_inputs, segment_io, segment_tensors) -> tuple[list[dict], dict]:
@@ -392,7 +376,6 @@ def time_chain(manifest_path, shapes, runs, warmup, vocab, tokens_file=None, pas
     man = read_manifest(manifest_path)
     graph_inputs = list(man["inputs"])
     segment_io = [(list(e["inputs"]), list(e["outputs"])) for e in man["segments"]]
-    chain_bindings(graph_inputs, segment_io)  # a broken manifest is refused before any engine loads
     members = member_paths(man)
     ev = CudaEvents()
     rows = []

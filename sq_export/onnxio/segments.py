@@ -410,6 +410,23 @@ def split(onnx_path, *, segments: int | None = None, layers_per_segment: int | N
     return manifest
 
 
+def check_chain(graph_inputs, segment_io) -> None:
+    """BadInput unless the segments form a chain: each takes graph inputs or earlier segments' outputs only, and no
+    value is returned twice (or is a graph input). segment_io: [(inputs, outputs)] per segment, in order."""
+    given = {n: None for n in graph_inputs}
+    for k, (ins, outs) in enumerate(segment_io):
+        for n in ins:
+            if n not in given:
+                raise BadInput(f"segment {k} takes {n}, which neither the graph inputs nor an earlier segment give: "
+                               "not a chain of segments; split the graph and build it again")
+        for n in outs:
+            if n in given:
+                by = "a graph input" if given[n] is None else f"segment {given[n]}'s output too"
+                raise BadInput(f"segment {k} returns {n}, which is {by}: not a chain of segments; split the graph and "
+                               "build it again")
+            given[n] = k
+
+
 def read_manifest(path) -> dict:
     """A segment manifest (ONNX or engines), checked: every member file present; BadInput otherwise."""
     p = Path(path)
@@ -425,6 +442,10 @@ def read_manifest(path) -> dict:
         f = p.parent / e["file"]
         if not f.is_file():
             raise BadInput(f"{p}: its segment {e['file']} is missing beside it; split (or build) again")
+    try:
+        check_chain(man["inputs"], [(e["inputs"], e["outputs"]) for e in man["segments"]])
+    except BadInput as e:
+        raise BadInput(f"{p}: {e}") from None
     man["path"] = str(p)
     return man
 
