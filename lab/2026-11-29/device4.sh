@@ -1,7 +1,7 @@
 #!/bin/bash
 # Fourth device session of 2026-11-29 (one H200; TensorRT 8.6 kit from ../shared/trt86, re-split in .trtkit2).
-# Everything runs in the background (setsid) so calls stay short; each call prints the state and returns the
-# results so far as $OUT/res.tgz.
+# It ran with its frame inline; that frame is now tools/device_jobs.sh (the same, plus a host-memory column in
+# gpumem.csv and a report of every result folder), which this file sources.
 #   bash lab/2026-11-29/device4.sh kit [START...]    stage one carried kit part (.trtkit2), then start jobs
 #   bash lab/2026-11-29/device4.sh carry [START...]  copy carried GGUF parts (.devcarry/p) to $W, then start jobs
 #   bash lab/2026-11-29/device4.sh poll S            wait up to S s (or until all started jobs are done), report
@@ -18,58 +18,9 @@
 #            engines with the residual stream pinned to FP32, and their perplexity beside ONNX Runtime's
 #   compactfp  (a later call, from that call's tree) the float graph's compact form (float16 weights -> Cast) vs
 #            the plain one, 2-layer 7B shape, FP16 engines, identical logits?
-# Every call snapshots the working tree it carried into /tmp/src.N and runs from there: jobs started by a call keep
-# running the code of that call (an import failed once when a later call re-copied the tree under a running job).
-set -uo pipefail
-if [[ "$PWD" != /tmp/src.* ]] && [ "${1:-poll}" != poll ]; then
-  S=/tmp/src.$(date +%s%N); mkdir -p "$S"
-  tar --exclude=./.trtkit2 --exclude=./.devcarry --exclude=./.git -cf - . | tar -C "$S" -xf -
-  [ "${1}" = kit ] && { bash .trtkit2/stage.sh | tail -n 1; shift; set -- start "$@"; }
-  [ "${1}" = carry ] && { mkdir -p "${W:-/tmp/w4}"; cp -r .devcarry/p/. .devcarry/whl "${W:-/tmp/w4}"/ 2>/dev/null; shift; set -- start "$@"; }
-  cd "$S" && exec bash "$S/lab/2026-11-29/device4.sh" "$@"
-fi
-ROOT=$PWD
-W=${W:-/tmp/w4}; R=$W/res; mkdir -p "$W" "$R"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-SQ="python3 -m sq_export -q"
-# the big checkpoints live in host memory when /dev/shm can take them (disk: 7B 13.5 + 13.5 GB, 13B 26 + 26 GB)
-SHM=/dev/shm; [ "$(df -BG --output=size /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)" -ge 60 ] 2>/dev/null || SHM=/tmp
-
-log() { echo "$(date +%T) $*" >> "$R/log"; }
-# TensorRT commands run in a subshell that sources the kit's env (its LD_LIBRARY_PATH holds cuBLAS/cuDNN stand-ins:
-# never source it where torch runs on the GPU)
-trtpy() { ( source /opt/trt86/env.sh; "$TRTPY" "$@" ) }
-# peak RSS of a command and its children (the kit's python has no /usr/bin/time): printed to stderr as one line
-maxrss() { python3 -c 'import resource, subprocess, sys, time
-t = time.time(); rc = subprocess.call(sys.argv[1:])
-print(f"maxrss_mib {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024} seconds {time.time() - t:.1f} rc {rc}", file=sys.stderr, flush=True)
-sys.exit(rc)' "$@"; }
-need_kit() {
-  local end=$(( $(date +%s) + 1500 ))
-  until [ -f /opt/trt86/.ready ]; do [ "$(date +%s)" -gt $end ] && { echo "kit never staged"; return 1; }; sleep 5; done
-}
-run_job() {  # name, command...: in the background, its output to R/name.log, done marker R/name.rc
-  local name=$1; shift
-  [ -e "$W/$name.started" ] && return 0
-  touch "$W/$name.started"; log "start $name (tree $ROOT)"
-  setsid nohup bash -c "cd '$ROOT'; $*; echo \$? > '$R/$name.rc'; echo \"\$(date +%T) done $name rc \$(cat '$R/$name.rc')\" >> '$R/log'" \
-    > "$R/$name.log" 2>&1 < /dev/null &
-}
-step() {  # dir, name, command...: its JSON line to dir/big.jsonl, stderr to dir/name.err, rc and seconds to dir/log
-  local d=$1 name=$2 t0=$(date +%s); shift 2
-  "$@" >> "$d/big.jsonl" 2> "$d/$name.err"
-  local rc=$?
-  echo "$(date +%T) $name rc $rc $(( $(date +%s) - t0 ))s" >> "$d/log"
-  return $rc
-}
-gpumon() {  # sample the GPU's memory use every 2 s into R/gpumem.csv until the jobs are done
-  [ -e "$W/gpumon.started" ] && return 0; touch "$W/gpumon.started"
-  setsid nohup bash -c "while true; do echo \"\$(date +%T),\$(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits)\" >> '$R/gpumem.csv'; sleep 2; done" > /dev/null 2>&1 < /dev/null &
-}
-
-job_gpu() {
-  python3 -m pytest -q -rfs -p no:cacheprovider tests/test_gpu.py tests/test_device.py 2>&1 | tail -n 40
-}
+DRIVER=lab/2026-11-29/device4.sh
+W=${W:-/tmp/w4}
+source "$(cd "$(dirname "$0")/../.." && pwd)/tools/device_jobs.sh"
 
 job_b7() {
   export PYTHONPATH=$ROOT
@@ -138,7 +89,7 @@ job_gemmasq() {  # started beside the models job (its Gemma INT8 builds wait for
   $CP "$M/gemma.sq.onnx" "$M/gemma.sqp.engine" "$M/gemma.sq32b.engine" --tokens "$M/gemma.tokens.npz" > "$R/gemma.sq.compare2.json" 2> "$R/gemma.sq.compare2.err"
 }
 
-job_tests() {
+job_tests() {  # (as it ran: the frame's job_tests adds -s and filters the kit's log lines)
   need_kit || return 1
   PYTHONPATH=$ROOT trtpy -m pytest -q -rfs --noconftest -p no:cacheprovider tests/test_engine_*.py
 }
@@ -201,35 +152,14 @@ job_compactfp() {  # the float graph's compact form under TensorRT 8.6 (2-layer 
   ls -la "$C"; rm -rf "$C"
 }
 
-start() {
-  local j
-  gpumon
-  for j in "$@"; do
-    case $j in
-      gpu|b7|b13|tests|compactfp|buildmem|gemmasq) run_job "$j" "job_$j" ;;
-      buildmem2) run_job buildmem2 job_buildmem ;;
-      models) [ "$(ls "$W"/*.part_* 2>/dev/null | wc -l)" -ge 7 ] || { echo "models: GGUF parts still to carry"; continue; }
-              run_job models job_models ;;
-    esac
-  done
+start_job() {
+  case $1 in
+    gpu|b7|b13|tests|compactfp|buildmem|gemmasq) run_job "$1" "job_$1" ;;
+    buildmem2) run_job buildmem2 job_buildmem ;;
+    models) [ "$(ls "$W"/*.part_* 2>/dev/null | wc -l)" -ge 7 ] || { echo "models: GGUF parts still to carry"; return 0; }
+            run_job models job_models ;;
+    *) return 1 ;;
+  esac
 }
 
-report() {
-  echo "== $(date +%T) $(df -h /tmp | tail -1 | awk '{print "disk used " $3 " of " $2}'); shm $(df -h /dev/shm | tail -1 | awk '{print $3}'); $(free -g | awk '/Mem/{print "RAM used " $3 " GiB"}'); GPU $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"
-  tail -n 30 "$R/log" 2>/dev/null
-  for d in b7 b13; do [ -f "$R/$d/log" ] && { echo "-- $d:"; cat "$R/$d/log"; tail -n 3 "$R/$d/big.jsonl" 2>/dev/null | cut -c1-400; }; done
-  for f in "$R"/*.log; do [ -s "$f" ] && { echo "-- $(basename "$f"):"; tail -n 6 "$f"; }; done
-  tar -C "$W" -czf "${OUT:-/tmp}/res.tgz" res 2>/dev/null
-}
-
-export -f log trtpy maxrss need_kit run_job step job_gpu job_b7 job_b13 job_tests job_models job_compactfp job_buildmem job_gemmasq
-export W R ROOT SQ SHM
-case ${1:-poll} in
-  start) shift; start "$@"; report ;;
-  poll) end=$(( $(date +%s) + ${2:-60} ))
-        while [ "$(date +%s)" -lt $end ]; do
-          busy=0; for s in "$W"/*.started; do [ -e "$s" ] || continue; n=$(basename "$s" .started); [ "$n" = gpumon ] && continue; [ -e "$R/$n.rc" ] || busy=1; done
-          [ $busy = 0 ] && break; sleep 10
-        done
-        report ;;
-esac
+device_main "$@"
