@@ -189,6 +189,9 @@ import json, os, sys, time
 args = sys.argv[1:]
 assert args[:2] == ["-m", "sq_export"] and args[2] == "build", args
 seg, out = args[3], args[args.index("-o") + 1]
+if os.environ.get("CHATTY"):
+    for _ in range(5000):  # ~500 KB of log: more than a pipe holds
+        print("[W] a chatty builder " * 5, file=sys.stderr)
 if os.environ.get("FAIL_ON") and os.environ["FAIL_ON"] in seg:
     print("TensorRT ran out of memory", file=sys.stderr)
     sys.exit(1)
@@ -223,6 +226,16 @@ def test_build_segments_runs_each_build_and_writes_the_manifest_last(tmp_path, m
     with pytest.raises(BadInput, match=r"segment 1 \(dec.seg01.onnx\) did not build \(exit 1\): TensorRT ran out of memory"):
         build_segments(tmp_path / "dec.segments.json", out2, jobs=1, python=str(fake))
     assert not out2.exists()
+    # the first segment fails, one build at a time: the second is never started
+    monkeypatch.setenv("FAIL_ON", "seg00")
+    out3 = tmp_path / "e" / "first.segments.json"
+    with pytest.raises(BadInput, match=r"segment 0 \(dec.seg00.onnx\) did not build"):
+        build_segments(tmp_path / "dec.segments.json", out3, jobs=1, python=str(fake))
+    assert not out3.exists() and not (out3.parent / "first.seg01.engine").exists()
+    # a builder that logs more than a pipe holds still finishes (its log is read while it runs)
+    monkeypatch.delenv("FAIL_ON")
+    monkeypatch.setenv("CHATTY", "1")
+    assert build_segments(tmp_path / "dec.segments.json", tmp_path / "e" / "chatty.segments.json", jobs=2, python=str(fake))["engine_bytes"] == 200
 
 
 def test_build_forwards_every_build_option():

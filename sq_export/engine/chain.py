@@ -18,8 +18,10 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from sq_export.errors import BadInput
@@ -160,34 +162,36 @@ def build_segments(manifest_path, out, *, jobs: int = 1, build_args: list | None
     members = member_paths(man)
     engines = [out.with_name(f"{stem}.seg{i:02d}.engine") for i in range(len(members))]
     python = python or sys.executable
-    pending = list(range(len(members)))
-    running: dict = {}
-    t0 = time.perf_counter()
-    failed = None
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    while pending or running:
-        while pending and len(running) < jobs and failed is None:
-            i = pending.pop(0)
-            cmd = [python, "-m", "sq_export", "build", str(members[i]), "-o", str(engines[i]), *(build_args or [])]
-            log.info("segment %d/%d: %s", i + 1, len(members), " ".join(cmd))
-            running[i] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.perf_counter())
-        if failed is not None and not running:
-            break
-        if failed is not None:
-            pending.clear()
-        done = [i for i, (p, _t) in running.items() if p.poll() is not None]
-        if not done:
-            time.sleep(0.5)
-            continue
-        for i in done:
-            p, t = running.pop(i)
-            _out, err = p.communicate()
-            if p.returncode != 0 and failed is None:
-                last = [ln for ln in (err or "").strip().splitlines() if ln.strip()]
-                failed = (i, p.returncode, last[-1] if last else "")
-            elif p.returncode == 0:
-                log.info("segment %d built in %.0f s", i, time.perf_counter() - t)
+
+    stop = threading.Event()  # set by the first failed build: no further one starts
+
+    def build_one(i):  # (subprocess.run reads the child's stderr while it runs: a chatty build cannot fill the pipe)
+        if stop.is_set():
+            return None
+        cmd = [python, "-m", "sq_export", "build", str(members[i]), "-o", str(engines[i]), *(build_args or [])]
+        log.info("segment %d/%d: %s", i + 1, len(members), " ".join(cmd))
+        t = time.perf_counter()
+        p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            stop.set()
+        last = [ln for ln in (p.stderr or "").strip().splitlines() if ln.strip()]
+        return p.returncode, last[-1] if last else "", time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    failed = None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(build_one, i): i for i in range(len(members))}
+        for f in as_completed(futures):
+            i, got = futures[f], f.result()
+            if got is None:  # not started: an earlier build failed
+                continue
+            rc, msg, seconds = got
+            if rc == 0:
+                log.info("segment %d built in %.0f s", i, seconds)
+            elif failed is None:
+                failed = (i, rc, msg)
     if failed is not None:
         i, rc, msg = failed
         raise BadInput(f"segment {i} ({members[i].name}) did not build (exit {rc}): {msg}")
