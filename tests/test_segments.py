@@ -197,7 +197,7 @@ if os.environ.get("FAIL_ON") and os.environ["FAIL_ON"] in seg:
     sys.exit(1)
 time.sleep(0.2)
 open(out, "wb").write(b"x" * 100)
-open(out + ".json", "w").write(json.dumps({"build_seconds": 0.2, "args": args[6:]}))
+open(out + ".json", "w").write(json.dumps({"build_seconds": 0.2, "args": args[6:], "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}))
 """
 
 
@@ -236,6 +236,13 @@ def test_build_segments_runs_each_build_and_writes_the_manifest_last(tmp_path, m
     monkeypatch.delenv("FAIL_ON")
     monkeypatch.setenv("CHATTY", "1")
     assert build_segments(tmp_path / "dec.segments.json", tmp_path / "e" / "chatty.segments.json", jobs=2, python=str(fake))["engine_bytes"] == 200
+    monkeypatch.delenv("CHATTY")
+    # --gpus: two builds at once on two GPUs get one each (each process sees its own as CUDA_VISIBLE_DEVICES)
+    man = build_segments(tmp_path / "dec.segments.json", tmp_path / "e" / "gpus.segments.json", jobs=2, python=str(fake), gpus=["0", "1"])
+    seen = sorted(json.loads((tmp_path / "e" / f"gpus.seg0{i}.engine.json").read_text())["gpu"] for i in range(2))
+    assert seen == ["0", "1"] and man["gpus"] == ["0", "1"]
+    with pytest.raises(BadInput, match="--gpus takes CUDA device numbers"):
+        build_segments(tmp_path / "dec.segments.json", tmp_path / "e" / "x.segments.json", python=str(fake), gpus=["cuda:0"])
 
 
 def test_build_forwards_every_build_option():

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Prepared 2026-11-29 ~22:10 UTC for the NEXT lease (not yet run) (one H200; TensorRT 8.6 kit from ../shared/trt86, re-split in .trtkit2).
+# Prepared 2026-11-29 ~22:10 UTC; run 2026-11-29 from ~00:00 UTC on nvidia-h200-x2 (two H200s, 256 GiB host memory,
+# 128 GiB disk: twice the host memory the 7B segment builds need); TensorRT 8.6 kit from ../shared/trt86, re-split in .trtkit2.
 # The frame (kit staging, snapshots, background jobs, poll/report) is tools/device_jobs.sh; this file holds the jobs.
 #   bash lab/2026-11-29/device6.sh kit [START...]    stage one carried kit part (.trtkit2), then start jobs
 #   bash lab/2026-11-29/device6.sh carry [START...]  copy carried GGUF parts (.devcarry/p) to $W, then start jobs
@@ -17,6 +18,7 @@
 #            the 7B decode graphs from placeholders) decode-step segment engines per batch (DEC_BATCHES, default
 #            "1 8"; past 512), FP16 vs INT8 chains timed by bench_trt --engines --decode --cuda-graph
 #   gpu      pytest of the torch side on the GPU (tests/test_gpu.py, test_device.py)
+#   env BJOBS (segment builds at once, default 4), GPUS (their CUDA devices, default 0,1)
 # Never leave the machine idle: it goes back 30 s after the last call ends (the fifth lease lost a machine so).
 DRIVER=lab/2026-11-29/device6.sh
 W=${W:-/tmp/w6}
@@ -25,7 +27,7 @@ source "$(cd "$(dirname "$0")/../.." && pwd)/tools/device_jobs.sh"
 job_b7() {
   export PYTHONPATH=$ROOT
   local D=$R/b7 C=$SHM/b7 T=/tmp/b7; mkdir -p "$D" "$C" "$T"
-  local PROF="--batch 1:4:8 --seq 1:256:512 --opt-level 0 --jobs 3 --json"
+  local PROF="--batch 1:4:8 --seq 1:256:512 --opt-level 0 --jobs ${BJOBS:-4} --gpus ${GPUS:-0,1} --json"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$D/gpu.txt" 2>&1
   step "$D" ckpt python3 tools/make_big_checkpoint.py --shape llama2-7b -o "$C/l7b" -q || return 1
   (  # the float side on the CPU: compact float graph, split, FP16 segment engines
@@ -38,6 +40,7 @@ job_b7() {
   ) &
   step "$D" quant_stream python3 tools/bench_big.py quantize "$C/l7b" -o "$C/q" --device cuda --samples 128 || return 1
   step "$D" ppl_stream python3 tools/bench_big.py ppl "$C/q" --device cuda --max-tokens 4096
+  step "$D" ppl_fp python3 tools/bench_big.py ppl "$C/l7b" --device cuda --max-tokens 4096
   $SQ tokens "$C/q" -o "$T/t.npz" --seq-len 512 --max-tokens 4096 >> "$D/log" 2>&1
   step "$D" export_qdq16_lazy python3 tools/bench_big.py export "$C/q" -o "$T/sq16.onnx" --weights qdq16 --lazy || return 1
   step "$D" split_sq python3 -m sq_export split "$T/sq16.onnx" --segments 8 --json || return 1
@@ -84,7 +87,13 @@ job_b7dec() {  # issue 15 at full size: decode-step engines (one static profile 
   done
 }
 
+job_tests() {  # the frame's, on the second GPU (the first holds the 7B work)
+  need_kit || return 1
+  CUDA_VISIBLE_DEVICES=1 PYTHONPATH=$ROOT trtpy -m pytest -q -rfs --noconftest -p no:cacheprovider -s tests/test_engine_*.py 2>&1 | grep -v "^\[W\]\|^\[I\]" | tail -n 60
+}
+
 job_gemma() {  # issue 16: Gemma-3-270m's engines with the FP16 fixes, beside ONNX Runtime
+  export CUDA_VISIBLE_DEVICES=1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/whl/*.whl
   export PYTHONPATH=/tmp/site:$ROOT OMP_NUM_THREADS=4
   local M=$W/m; mkdir -p "$M"

@@ -53,6 +53,7 @@ def add_parser(sub):
     p.add_argument("--opt-level", type=int, default=None, metavar="0-5", help="TensorRT builder optimization level (lower builds faster; default TensorRT's, 3)")
     p.add_argument("--workspace", type=float, default=None, metavar="GIB", help="builder workspace limit in GiB")
     p.add_argument("--jobs", type=int, default=1, metavar="J", help="segment manifests (`sq-export split`): build J segments at once, each in its own process (default 1; host memory is the limit)")
+    p.add_argument("--gpus", metavar="LIST", help="segment manifests: spread the builds running at once over these CUDA devices, e.g. 0,1 (default: the visible ones as CUDA picks)")
     p.add_argument("--json", action="store_true", help="print the sidecar as JSON on the last line")
     p.set_defaults(func=run)
     return p
@@ -90,7 +91,8 @@ def run(args) -> int:
         from sq_export.engine.chain import build_segments
 
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            man = build_segments(args.onnx, args.output, jobs=args.jobs, build_args=forwarded(args))
+            man = build_segments(args.onnx, args.output, jobs=args.jobs, build_args=forwarded(args),
+                                 gpus=args.gpus.split(",") if args.gpus else None)
         if args.json:
             sys.stdout.write(json.dumps(man, sort_keys=True) + "\n")
             return 0

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -144,11 +145,14 @@ def engine_manifest_path(out) -> Path:
     return out
 
 
-def build_segments(manifest_path, out, *, jobs: int = 1, build_args: list | None = None, python: str | None = None) -> dict:
+def build_segments(manifest_path, out, *, jobs: int = 1, build_args: list | None = None, python: str | None = None,
+                   gpus: list | None = None) -> dict:
     """Build every ONNX segment of `manifest_path` into `<out stem>.segNN.engine` beside `out` (an engine
     manifest, written last, atomically). `build_args`: the `sq-export build` options every segment gets (precision,
     profile, pins ...). Each build runs as `python -m sq_export build` in its own process, `jobs` at a time; a
-    failed build stops the rest and leaves no manifest."""
+    failed build stops the rest and leaves no manifest. `gpus` (CUDA device ids, e.g. ["0", "1"]): the builds
+    running at once are spread evenly over them (each process sees one, as CUDA_VISIBLE_DEVICES); the engines run
+    on any GPU of the same model."""
     from sq_export.fileio import check_output_path, write_text_atomic
 
     man = read_manifest(manifest_path)
@@ -158,6 +162,12 @@ def build_segments(manifest_path, out, *, jobs: int = 1, build_args: list | None
     check_output_path(out)
     if jobs < 1:
         raise BadInput(f"--jobs must be >= 1, got {jobs}")
+    gpus = [str(g).strip() for g in (gpus or [])]
+    if any(not g.isdigit() for g in gpus):
+        raise BadInput(f"--gpus takes CUDA device numbers separated by commas, e.g. 0,1; got {','.join(gpus)}")
+    free = queue.Queue()  # one token per build slot, the slots dealt over the GPUs in turn
+    for slot in range(jobs):
+        free.put(gpus[slot % len(gpus)] if gpus else None)
     stem = out.name[: -len(SEGMENTS_SUFFIX)]
     members = member_paths(man)
     engines = [out.with_name(f"{stem}.seg{i:02d}.engine") for i in range(len(members))]
@@ -172,8 +182,13 @@ def build_segments(manifest_path, out, *, jobs: int = 1, build_args: list | None
             return None
         cmd = [python, "-m", "sq_export", "build", str(members[i]), "-o", str(engines[i]), *(build_args or [])]
         log.info("segment %d/%d: %s", i + 1, len(members), " ".join(cmd))
+        gpu = free.get()
         t = time.perf_counter()
-        p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            p = subprocess.run(cmd, env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        finally:
+            free.put(gpu)
         if p.returncode != 0:
             stop.set()
         last = [ln for ln in (p.stderr or "").strip().splitlines() if ln.strip()]
@@ -211,6 +226,7 @@ def build_segments(manifest_path, out, *, jobs: int = 1, build_args: list | None
         "outputs": man["outputs"],
         "segments": entries,
         "jobs": jobs,
+        "gpus": gpus or None,
         "build_args": list(build_args or []),
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "engine_bytes": sum(e["engine_bytes"] for e in entries),
