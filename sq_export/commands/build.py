@@ -46,7 +46,7 @@ def add_parser(sub):
         " the lent GPU's kit has no real cuBLAS/cuDNN)",
     )
     p.add_argument("--fp16-norms", action="store_true", help="let TensorRT 8.x run norm math in FP16 (default: pinned to FP32; FP16 overflows on real residual streams)")
-    p.add_argument("--no-fp16-matmuls", action="store_true", help="TensorRT 8.x, --precision int8: do not pin the un-quantized MatMuls (attention, LM head) to FP16 (8.6 then runs them in FP32)")
+    p.add_argument("--no-fp16-matmuls", action="store_true", help="TensorRT 8.x: do not pin the un-quantized MatMuls to FP16 (INT8 engines: attention, LM head; FP16 engines: all of them); next to the FP32 norms 8.6 then runs them in FP32")
     p.add_argument("--fp32-nodes", metavar="REGEX", help="TensorRT 8.x: also pin the layers of ONNX nodes whose name matches REGEX to FP32 (Q/DQ and INT8 GEMMs excluded), e.g. 'layers\\.\\d+/Add(_1)?$' for the residual adds")
     p.add_argument("--no-fp16", action="store_true", help="TensorRT 8.x, --precision int8: no FP16 flag, layers outside Q/DQ run in FP32 (slower; tells FP16 range problems from INT8 ones)")
     p.add_argument("--no-prescale-norms", action="store_true", help="TensorRT 8.x with FP16: build the norms as exported (default: each decomposed norm divides by its token's max |x| before squaring, exact, so its statistics cannot overflow FP16 whichever precision TensorRT picks; without it SmoothQuant INT8 engines of SmolLM2 are garbage)")

@@ -213,8 +213,9 @@ def build_engine(
     past: (min, opt, max) past length of a decode graph (default DEFAULT_PAST; min >= 1). kv_fp16: TensorRT 8.x
     takes and returns the KV cache (past_key_values.* / present.*) in FP16, halving its memory traffic.
     fp16=False (TensorRT 8.x, int8): no FP16 builder flag, float layers stay FP32 (trt_compat.plan_build).
-    fp32_norms / fp16_float_matmuls (TensorRT 8.x): pin norms to FP32, and in INT8 engines the un-quantized MatMuls
-    to FP16 (engine/precision_pins.py). int8_gemm_output "fp16"|"fp32" (TensorRT 8.x, experimental, benchmark
+    fp32_norms / fp16_float_matmuls (TensorRT 8.x): pin norms to FP32, and the un-quantized MatMuls to FP16 (in
+    INT8 engines attention, LM head and fallback Linears; in FP16 engines every MatMul: next to FP32-pinned norms
+    8.6 otherwise runs them in FP32; engine/precision_pins.py). int8_gemm_output "fp16"|"fp32" (TensorRT 8.x, experimental, benchmark
     only): the output type of the INT8 GEMMs (8.6 picks FP32 by itself). fp32_nodes: a regex over ONNX node names
     whose layers are pinned to FP32 too (TensorRT 8.x; Q/DQ and INT8 GEMMs excluded). prescale_norms: rewrite
     every decomposed norm so its statistics cannot overflow FP16 (engine/norm_prescale.py; exact), parsed from

@@ -218,7 +218,7 @@ def plan_pins(model, trt, plan, *, fp32_norms=True, fp16_float_matmuls=True, fp3
     wanted = []  # (kind, names, dtype, output_only, extra)
     if fp32_norms and plan.fp16_flag:
         wanted.append(("norms", norm_node_names(m), trt.float32, False, {}))
-    if fp16_float_matmuls and plan.int8_flag and plan.fp16_flag:
+    if fp16_float_matmuls and plan.fp16_flag:  # INT8 engines: attention, LM head, fallback; FP16 engines: every MatMul
         wanted.append(("float_matmuls", float_matmul_node_names(m), trt.float16, False, {}))
     if fp32_nodes:
         try:
