@@ -1,0 +1,107 @@
+#!/bin/bash
+# Prepared 2026-11-30 ~00:30 UTC for the NEXT lease (not yet run). Best on nvidia-h200-x2 (256 GiB host memory: the
+# 7B segment builds take 22-32 GB each); on one H200 set BJOBS=3 GPUS=0. TensorRT 8.6 kit from .trtkit2 (zstd
+# travels with the LAST part: the tree plus part_00 and zstd exceed one 64 MiB call). Disk: b7 writes four 7B graphs
+# (~55 GB) beside the engines: on one H200 (64 GB disk) run b7 with DEC_BATCHES="" and expect no decode graphs.
+#   bash lab/2026-11-29/device7.sh kit pin b7         first call, with .trtkit2's stage.sh, MANIFEST, part_00
+#   bash .trtkit2/stage.sh                            parts 01..06; part_07 together with .trtkit2/zstd
+#   bash lab/2026-11-29/device7.sh poll 300           keep a call in flight until the end (idle 30 s = machine gone)
+# Jobs (START):
+#   pin   issue 15, first: is the 7B FP16 chain's ~110 TFLOP/s (2026-11-29 23:51 lease) the float MatMuls running
+#         in FP32 next to the FP32-pinned norms? A 4-layer Llama-2-7B-width stack, its float and SmoothQuant graphs;
+#         FP16 engines with the float MatMuls pinned to FP16 (now the default) and without (--no-fp16-matmuls), at
+#         levels 0 and 3, the INT8 engine at 0 and 3; all timed in one bench_trt --engines run (4x256, 8x512,
+#         CUDA graph). Reading: the first engine is the reference, every other is labelled int8 by the tool.
+#   b7    issues 14/15: the 32-layer 7B prefill graphs AND decode graphs (from placeholders, side by side), split
+#         into 8; FP16 and INT8 prefill segment engines (level ${LEVEL:-0}), chains compared and benched; then the
+#         decode-step segment engines (static batch 1 and 8, past 512) benched with --decode --cuda-graph.
+#   gpu, tests  the frame's standard jobs (both passed on 2026-11-29 23:51; rerun only if the code changed)
+#   env BJOBS (segment builds at once, default 4), GPUS (their devices, default 0,1), LEVEL (builder level, default 0)
+DRIVER=lab/2026-11-29/device7.sh
+W=${W:-/tmp/w7}
+source "$(cd "$(dirname "$0")/../.." && pwd)/tools/device_jobs.sh"
+
+job_pin() {
+  export PYTHONPATH=$ROOT
+  local D=$R/pin C=$SHM/pin T=/tmp/pin; mkdir -p "$D" "$C" "$T"
+  step "$D" ckpt python3 tools/make_big_checkpoint.py --shape llama2-7b --layers 4 -o "$C/l4" -q || return 1
+  step "$D" export_fp python3 -m sq_export -q export "$C/l4" --mode fp --weights qdq16 --stream -o "$T/fp.onnx" --json &
+  ( step "$D" quant python3 tools/bench_big.py quantize "$C/l4" -o "$C/q" --device cuda --samples 64 \
+      && step "$D" export_sq python3 tools/bench_big.py export "$C/q" -o "$T/sq.onnx" --weights qdq16 --lazy ) &
+  wait
+  need_kit || return 1
+  local B="-m sq_export -q build --batch 1:4:8 --seq 1:256:512 --json" g=0 e
+  for e in "fp16 fp.onnx fp_pin0 --opt-level 0" "fp16 fp.onnx fp_nopin0 --opt-level 0 --no-fp16-matmuls" \
+           "int8 sq.onnx sq0 --opt-level 0" "fp16 fp.onnx fp_pin3 --opt-level 3" "int8 sq.onnx sq3 --opt-level 3"; do
+    set -- $e
+    ( export CUDA_VISIBLE_DEVICES=$(( g % 2 )); trtpy $B --precision $1 "$T/$2" -o "$T/$3.engine" "${@:4}" \
+        > "$D/build_$3.json" 2> "$D/build_$3.err"; echo "$(date +%T) build $3 rc $? $(tail -n 1 "$D/build_$3.err")" >> "$D/log" ) &
+    g=$(( g + 1 ))
+  done
+  wait
+  cp "$T"/*.engine.json "$D/" 2>/dev/null
+  PYTHONPATH=$ROOT trtpy tools/bench_trt.py --engines "$T/fp_nopin0.engine" "$T/fp_pin0.engine" "$T/sq0.engine" \
+      "$T/fp_pin3.engine" "$T/sq3.engine" --shape 4x256 --large 8x512 --cuda-graph --json "$D/bench.json" > "$D/bench.log" 2>&1
+  echo "$(date +%T) bench rc $?" >> "$D/log"
+}
+
+job_b7() {
+  export PYTHONPATH=$ROOT
+  local D=$R/b7 C=$SHM/b7 T=/tmp/b7; mkdir -p "$D" "$C" "$T"
+  local PROF="--batch 1:4:8 --seq 1:256:512 --opt-level ${LEVEL:-0} --jobs ${BJOBS:-4} --gpus ${GPUS:-0,1} --json"
+  step "$D" ckpt python3 tools/make_big_checkpoint.py --shape llama2-7b -o "$C/l7b" -q || return 1
+  ( step "$D" export_fp16w python3 -m sq_export -q export "$C/l7b" --mode fp --weights qdq16 --stream -o "$T/fp16w.onnx" --json \
+      && step "$D" split_fp python3 -m sq_export split "$T/fp16w.onnx" --segments 8 --json ) &
+  ( step "$D" export_fp_dec python3 -m sq_export -q export "$C/l7b" --mode fp --weights qdq16 --stream --decode -o "$T/fp16w_dec.onnx" --json \
+      && step "$D" split_fp_dec python3 -m sq_export split "$T/fp16w_dec.onnx" --segments 8 --json ) &
+  step "$D" quant_stream python3 tools/bench_big.py quantize "$C/l7b" -o "$C/q" --device cuda --samples 128 || return 1
+  step "$D" ppl_stream python3 tools/bench_big.py ppl "$C/q" --device cuda --max-tokens 4096
+  step "$D" ppl_fp python3 tools/bench_big.py ppl "$C/l7b" --device cuda --max-tokens 4096
+  $SQ tokens "$C/q" -o "$T/t.npz" --seq-len 512 --max-tokens 4096 >> "$D/log" 2>&1
+  ( step "$D" export_sq_dec python3 -c 'import json, sys, sq_export as sq
+r = sq.export_onnx(sq.load_quantized(sys.argv[1], lazy=True), sys.argv[2], weights="qdq16", decode=True)
+print(json.dumps({"onnx": str(r.path), "bytes": r.bytes, "nodes": r.nodes}))' "$C/q" "$T/sq16_dec.onnx" \
+      && step "$D" split_sq_dec python3 -m sq_export split "$T/sq16_dec.onnx" --segments 8 --json ) &
+  step "$D" export_qdq16_lazy python3 tools/bench_big.py export "$C/q" -o "$T/sq16.onnx" --weights qdq16 --lazy || return 1
+  step "$D" split_sq python3 -m sq_export split "$T/sq16.onnx" --segments 8 --json || return 1
+  wait; rm -rf "$C"; du -sb "$T"/*.onnx* >> "$D/log" 2>&1; df -h /tmp >> "$D/log"
+  need_kit || return 1
+  local p
+  for p in "fp16 fp16w fp" "int8 sq16 sq"; do
+    set -- $p
+    maxrss bash -c 'source /opt/trt86/env.sh; exec "$TRTPY" "$@"' _ -m sq_export -q build "$T/$2.segments.json" -o "$T/$3.segments.json" \
+        --precision $1 $PROF > "$D/build_$3.json" 2> "$D/build_$3.err"
+    echo "$(date +%T) build $3 segments $(tail -n 1 "$D/build_$3.err")" >> "$D/log"
+  done
+  cp "$T"/*.seg*.engine.json "$D/" 2>/dev/null
+  [ -f "$T/sq.segments.json" ] && [ -f "$T/fp.segments.json" ] || return 1
+  PYTHONPATH=$ROOT trtpy -m sq_export compare "$T/fp.segments.json" "$T/sq.segments.json" --tokens "$T/t.npz" --perplexity --batches 0 \
+      --min-cosine -1 --min-top1 0 --json > "$D/compare.json" 2> "$D/compare.err"
+  echo "$(date +%T) compare $(tail -c 300 "$D/compare.json")" >> "$D/log"
+  PYTHONPATH=$ROOT trtpy tools/bench_trt.py --engines "$T/fp.segments.json" "$T/sq.segments.json" --shape 4x256 --large 8x512 --cuda-graph \
+      --json "$D/bench_prefill.json" > "$D/bench_prefill.log" 2>&1
+  echo "$(date +%T) bench prefill rc $?" >> "$D/log"
+  rm -f "$T"/fp.seg*.engine "$T"/sq.seg*.engine
+  local b
+  for b in ${DEC_BATCHES:-1 8}; do  # decode-step chains: one static profile per batch
+    for p in "fp16 fp16w_dec fpD$b" "int8 sq16_dec sqD$b"; do
+      set -- $p
+      trtpy -m sq_export -q build "$T/$2.segments.json" -o "$T/$3.segments.json" --precision $1 --batch $b:$b:$b --seq 1:1:1 \
+          --past 512:512:512 --opt-level ${LEVEL:-0} --jobs ${BJOBS:-4} --gpus ${GPUS:-0,1} --json > "$D/build_$3.json" 2> "$D/build_$3.err"
+      echo "$(date +%T) build $3 $(tail -n 1 "$D/build_$3.err")" >> "$D/log"
+    done
+    trtpy tools/bench_trt.py --engines --decode "$T/fpD$b.segments.json" "$T/sqD$b.segments.json" --batches $b --past 512 \
+        --cuda-graph --json "$D/bench_dec_b$b.json" > "$D/bench_dec_b$b.log" 2>&1
+    echo "$(date +%T) decode b$b bench rc $?" >> "$D/log"
+    rm -f "$T"/fpD$b.seg*.engine "$T"/sqD$b.seg*.engine
+  done
+}
+
+start_job() {
+  case $1 in
+    gpu|tests|pin|b7) run_job "$1" "job_$1" ;;
+    *) return 1 ;;
+  esac
+}
+
+device_main "$@"
