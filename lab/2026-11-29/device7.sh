@@ -2,7 +2,7 @@
 # Prepared 2026-11-30 ~00:30 UTC for the NEXT lease (not yet run). Best on nvidia-h200-x2 (256 GiB host memory: the
 # 7B segment builds take 22-32 GB each); on one H200 set BJOBS=3 GPUS=0. TensorRT 8.6 kit from .trtkit2 (zstd
 # travels with the LAST part: the tree plus part_00 and zstd exceed one 64 MiB call). Disk: b7 writes four 7B graphs
-# (~55 GB) beside the engines: on one H200 (64 GB disk) run b7 with DEC_BATCHES="" and expect no decode graphs.
+# (~55 GB) beside the engines: on one H200 (64 GB disk) start b7 with DEC=0 (no decode graphs nor engines).
 #   bash lab/2026-11-29/device7.sh kit pin b7         first call, with .trtkit2's stage.sh, MANIFEST, part_00
 #   bash .trtkit2/stage.sh                            parts 01..06; part_07 together with .trtkit2/zstd
 #   bash lab/2026-11-29/device7.sh poll 300           keep a call in flight until the end (idle 30 s = machine gone)
@@ -52,13 +52,13 @@ job_b7() {
   step "$D" ckpt python3 tools/make_big_checkpoint.py --shape llama2-7b -o "$C/l7b" -q || return 1
   ( step "$D" export_fp16w python3 -m sq_export -q export "$C/l7b" --mode fp --weights qdq16 --stream -o "$T/fp16w.onnx" --json \
       && step "$D" split_fp python3 -m sq_export split "$T/fp16w.onnx" --segments 8 --json ) &
-  ( step "$D" export_fp_dec python3 -m sq_export -q export "$C/l7b" --mode fp --weights qdq16 --stream --decode -o "$T/fp16w_dec.onnx" --json \
+  [ "${DEC:-1}" = 1 ] && ( step "$D" export_fp_dec python3 -m sq_export -q export "$C/l7b" --mode fp --weights qdq16 --stream --decode -o "$T/fp16w_dec.onnx" --json \
       && step "$D" split_fp_dec python3 -m sq_export split "$T/fp16w_dec.onnx" --segments 8 --json ) &
   step "$D" quant_stream python3 tools/bench_big.py quantize "$C/l7b" -o "$C/q" --device cuda --samples 128 || return 1
   step "$D" ppl_stream python3 tools/bench_big.py ppl "$C/q" --device cuda --max-tokens 4096
   step "$D" ppl_fp python3 tools/bench_big.py ppl "$C/l7b" --device cuda --max-tokens 4096
   $SQ tokens "$C/q" -o "$T/t.npz" --seq-len 512 --max-tokens 4096 >> "$D/log" 2>&1
-  ( step "$D" export_sq_dec python3 -c 'import json, sys, sq_export as sq
+  [ "${DEC:-1}" = 1 ] && ( step "$D" export_sq_dec python3 -c 'import json, sys, sq_export as sq
 r = sq.export_onnx(sq.load_quantized(sys.argv[1], lazy=True), sys.argv[2], weights="qdq16", decode=True)
 print(json.dumps({"onnx": str(r.path), "bytes": r.bytes, "nodes": r.nodes}))' "$C/q" "$T/sq16_dec.onnx" \
       && step "$D" split_sq_dec python3 -m sq_export split "$T/sq16_dec.onnx" --segments 8 --json ) &
@@ -83,6 +83,7 @@ print(json.dumps({"onnx": str(r.path), "bytes": r.bytes, "nodes": r.nodes}))' "$
   echo "$(date +%T) bench prefill rc $?" >> "$D/log"
   rm -f "$T"/fp.seg*.engine "$T"/sq.seg*.engine
   local b
+  [ "${DEC:-1}" = 1 ] || return 0
   for b in ${DEC_BATCHES:-1 8}; do  # decode-step chains: one static profile per batch
     for p in "fp16 fp16w_dec fpD$b" "int8 sq16_dec sqD$b"; do
       set -- $p
