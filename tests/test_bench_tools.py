@@ -239,6 +239,7 @@ class _FakeTrt:
         import itertools
 
         self.specs, self.limits, self.log, self.ptrs = specs, limits, [], itertools.count(0x1000, 0x1000)
+        self.scratch, self.mem = [], []  # raw buffers allocated; (engine, activation memory) at each enqueue
         fake = self
 
         class Engine:
@@ -253,9 +254,17 @@ class _FakeTrt:
             def get_tensor_dtype(self, n):
                 return self.io[n][0]
 
+            @property
+            def device_memory_size(self):  # activation memory of a context: differs per segment
+                return 1000 * (1 + int(self.name.split(".seg")[1][:2]))
+
+            def create_execution_context_without_device_memory(self):
+                return Context(self, own_memory=False)
+
         class Context:
-            def __init__(self, engine):
+            def __init__(self, engine, own_memory=True):
                 self.engine, self.shapes, self.addr = engine, {}, {}
+                self.device_memory = "own" if own_memory else None
 
             def set_input_shape(self, n, shape):
                 assert self.engine.io[n][1] == "in"
@@ -271,6 +280,8 @@ class _FakeTrt:
 
             def execute_async_v3(self, stream):
                 assert set(self.addr) == set(self.engine.io), "every I/O tensor bound before enqueue"
+                assert self.device_memory is not None, "activation memory set before enqueue"
+                fake.mem.append((self.engine.name, self.device_memory))
                 fake.log.append((self.engine.name, stream, dict(self.addr)))
                 return True
 
@@ -281,8 +292,12 @@ class _FakeTrt:
                 pass
 
         class Runner:
-            def __init__(self, engine, name=None):
-                self.engine, self.context, self.stream = engine, Context(engine), Stream()
+            def __init__(self, engine, name=None):  # Polygraphy's TrtRunner takes an engine or a context
+                if isinstance(engine, Context):
+                    self.engine, self.context = engine.engine, engine
+                else:
+                    self.engine, self.context = engine, Context(engine)
+                self.stream = Stream()
 
             def __enter__(self):
                 return self
@@ -298,6 +313,12 @@ class _FakeTrt:
                 import numpy as np
 
                 self.shape, self.dtype, self.ptr, self.filled = tuple(shape), np.dtype(dtype), next(fake.ptrs), None
+                self.allocated_nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+            @classmethod
+            def raw(cls, shape):
+                fake.scratch.append(cls(shape, "uint8"))
+                return fake.scratch[-1]
 
             def copy_from(self, arr):
                 assert arr.shape == self.shape and arr.dtype == self.dtype
@@ -340,8 +361,13 @@ class _FakeTrt:
         import polygraphy.backend.trt
         from polygraphy import cuda
 
+        import sq_export.engine.run
+        import sq_export.engine.trt_compat
+
         monkeypatch.setattr(bench_trt, "import_tensorrt", lambda: types.SimpleNamespace(nptype=lambda dt: dt))
+        monkeypatch.setattr(sq_export.engine.trt_compat, "import_tensorrt", lambda: types.SimpleNamespace(nptype=lambda dt: dt))
         monkeypatch.setattr(bench_trt, "load_engine", self.Engine)
+        monkeypatch.setattr(sq_export.engine.run, "load_engine", self.Engine)
         monkeypatch.setattr(bench_trt, "CudaEvents", self.Events)
         monkeypatch.setattr(polygraphy.backend.trt, "TrtRunner", self.Runner)
         monkeypatch.setattr(cuda, "DeviceArray", self.DeviceArray)
@@ -397,6 +423,9 @@ def test_time_chain_binds_one_stream_and_shared_buffers_against_fakes(tmp_path, 
     fake.install(monkeypatch, bench_trt)
     rows = bench_trt.time_chain(man, [(b, 1)], runs=5, warmup=2, vocab=300, past_len=past, cuda_graph=True)
     assert len(rows) == 1 and rows[0]["shape"] == [b, 1] and rows[0]["past"] == past and rows[0]["segments"] == 2
+    # both contexts ran on one shared activation buffer, as large as the larger segment's need (2,000 bytes)
+    assert len(fake.scratch) == 1 and fake.scratch[0].allocated_nbytes == 2000
+    assert {m for _, m in fake.mem} == {fake.scratch[0].ptr} and {n for n, _ in fake.mem} == {"dec.seg00.engine", "dec.seg01.engine"}
     assert rows[0]["gpu_ms_median"] == 2.0 and rows[0]["cuda_graph_ms_median"] == 2.0 and rows[0]["tokens_per_s"] == b / 2e-3
     # warm-up 2 + host-timed 5 + GPU-timed 5 + 1 captured, each a full chain in order on one stream
     assert [e[0] for e in fake.log] == ["dec.seg00.engine", "dec.seg01.engine"] * 13

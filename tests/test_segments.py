@@ -271,3 +271,83 @@ def test_chain_refuses_a_segment_input_nobody_gives(tmp_path):
     Path(man["path"]).write_text(json.dumps(doc))
     with pytest.raises(BadInput, match="segment 1 takes hidden_from_nowhere"):
         open_runner(man["path"])
+
+
+def test_chain_contexts_share_one_activation_buffer(monkeypatch):
+    """A chain's engine contexts own no activation memory; one buffer of the largest segment's size is given to all
+    of them when the chain is activated and freed when it is deactivated (TensorRT 8.x and 10+ APIs, stand-ins)."""
+    import types
+
+    import sq_export.engine.chain as chain
+    from sq_export.engine.trt_compat import context_memory_size, context_without_device_memory, set_context_memory
+
+    class Ctx8:  # TensorRT 8.x: a device_memory attribute
+        device_memory = None
+
+    class Ctx10:  # 10.1+: set_device_memory(ptr, size)
+        got = None
+
+        def set_device_memory(self, ptr, nbytes):
+            self.got = (ptr, nbytes)
+
+    class Engine8:
+        def __init__(self, size):
+            self.device_memory_size = size
+
+        def create_execution_context_without_device_memory(self):
+            return Ctx8()
+
+    class Engine10:
+        device_memory_size_v2 = 7
+
+        def create_execution_context(self, strategy):
+            assert strategy == "USER_MANAGED"
+            return Ctx10()
+
+    trt8 = types.SimpleNamespace()
+    trt10 = types.SimpleNamespace(ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="USER_MANAGED"))
+    assert isinstance(context_without_device_memory(Engine8(5), trt8), Ctx8)
+    c10 = context_without_device_memory(Engine10(), trt10)
+    assert context_memory_size(Engine10()) == 7 and context_memory_size(Engine8(5)) == 5
+    set_context_memory(c10, 0x40, 7)
+    assert c10.got == (0x40, 7)
+
+    freed = []
+
+    class Buf:
+        def __init__(self, n):
+            self.ptr, self.allocated_nbytes = 0x9000, n
+
+        def free(self):
+            freed.append(self.ptr)
+
+    monkeypatch.setattr(chain, "_device_buffer", Buf)
+    scratch = chain.SharedScratch([Engine8(300), Engine8(1200), Engine8(800)])
+    assert scratch.nbytes == 1200
+    ctxs = [Ctx8(), Ctx8(), Ctx8()]
+    scratch.attach(ctxs)
+    assert [c.device_memory for c in ctxs] == [0x9000] * 3 and scratch.buffer.allocated_nbytes == 1200
+    scratch.free()
+    assert freed == [0x9000] and scratch.buffer is None
+
+    # the chain runner attaches the buffer after activating its segments and frees it after deactivating them
+    class TrtRunner:
+        def __init__(self, ctx):
+            self.context, self.is_active = ctx, False
+
+        def activate(self):
+            self.is_active = True
+
+        def deactivate(self):
+            self.is_active = False
+
+        def get_input_metadata(self, use_numpy_dtypes=True):
+            return {}
+
+    man = {"inputs": ["input_ids"], "outputs": ["logits"], "segments": [{"inputs": ["input_ids"], "outputs": ["r"]}, {"inputs": ["r"], "outputs": ["logits"]}]}
+    runners = [TrtRunner(Ctx8()), TrtRunner(Ctx8())]
+    r = chain._chain_class()(man, runners, name="c", scratch=chain.SharedScratch([Engine8(10), Engine8(20)]))
+    r.activate()
+    assert [x.context.device_memory for x in runners] == [0x9000, 0x9000] and r.scratch.buffer.allocated_nbytes == 20
+    r.deactivate()
+    assert r.scratch.buffer is None and freed == [0x9000, 0x9000]

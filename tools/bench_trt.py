@@ -365,10 +365,11 @@ def time_chain(manifest_path, shapes, runs, warmup, vocab, tokens_file=None, pas
     all enqueued on one CUDA stream (the first runner's), device buffers allocated once per shape
     (plan_chain_buffers: the residual stream one buffer between segments, graph inputs one buffer each), and one
     timed run is every segment's execute_async_v3 in order between two CUDA events; --cuda-graph captures the
-    whole chain as one graph. host_inclusive_ms_median: perf_counter around enqueueing the chain + stream sync."""
+    whole chain as one graph. host_inclusive_ms_median: perf_counter around enqueueing the chain + stream sync.
+    The contexts share one activation-memory buffer (sq_export.engine.chain.SharedScratch): the largest segment's."""
     from polygraphy import cuda
-    from polygraphy.backend.trt import TrtRunner
 
+    from sq_export.engine.chain import engine_runners
     from sq_export.engine.run import feed_for, profile_limits
     from sq_export.onnxio.segments import member_paths, read_manifest
 
@@ -380,7 +381,10 @@ def time_chain(manifest_path, shapes, runs, warmup, vocab, tokens_file=None, pas
     ev = CudaEvents()
     rows = []
     with polygraphy_logging("ERROR"), contextlib.ExitStack() as stack:
-        runners = [stack.enter_context(TrtRunner(load_engine(p), name=p.name)) for p in members]
+        opened, scratch = engine_runners(members, [p.name for p in members])  # one shared activation buffer
+        runners = [stack.enter_context(r) for r in opened]
+        scratch.attach([r.context for r in runners])
+        stack.callback(scratch.free)
         for k, r in enumerate(runners):  # the engine's own I/O names: the manifest's, or the manifest is stale
             names = [r.engine.get_tensor_name(i) for i in range(r.engine.num_io_tensors)]
             ins, outs = segment_io[k]

@@ -375,3 +375,36 @@ def plan_build(trt_version: str, precision: str, facts: GraphFacts, fp16: bool =
         graph_float_dtype=fdt,
         notes=notes,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Execution contexts whose activation memory the caller provides (segment chains share one buffer)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def context_without_device_memory(engine, trt=None):
+    """An execution context of `engine` with no activation (scratch) memory of its own: the caller sets it with
+    set_context_memory before the first inference. TensorRT 10+: the USER_MANAGED allocation strategy; 8.x:
+    create_execution_context_without_device_memory. Contexts that never run at the same time can share one buffer
+    of the largest context_memory_size (the segments of a chain run one after another)."""
+    trt = trt or import_tensorrt()
+    strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+    ctx = (engine.create_execution_context(strategy.USER_MANAGED) if strategy is not None
+           else engine.create_execution_context_without_device_memory())
+    if ctx is None:
+        raise BadInput("TensorRT could not create an execution context for a segment engine (see its log above)")
+    return ctx
+
+
+def context_memory_size(engine) -> int:
+    """Bytes of activation memory a context of `engine` needs at its largest profile (10.1+: device_memory_size_v2)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(size if size is not None else engine.device_memory_size)
+
+
+def set_context_memory(context, ptr: int, nbytes: int) -> None:
+    """Give a context made by context_without_device_memory its activation memory (10.1+: set_device_memory)."""
+    if hasattr(context, "set_device_memory"):
+        context.set_device_memory(ptr, nbytes)
+    else:
+        context.device_memory = ptr
