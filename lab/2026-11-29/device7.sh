@@ -3,7 +3,7 @@
 # 7B segment builds take 22-32 GB each); on one H200 set BJOBS=3 GPUS=0. TensorRT 8.6 kit from .trtkit2 (zstd
 # travels with the LAST part: the tree plus part_00 and zstd exceed one 64 MiB call). Disk: b7 writes four 7B graphs
 # (~55 GB) beside the engines: on one H200 (64 GB disk) start b7 with DEC=0 (no decode graphs nor engines).
-#   bash lab/2026-11-29/device7.sh kit pin b7         first call, with .trtkit2's stage.sh, MANIFEST, part_00
+#   bash lab/2026-11-29/device7.sh kit pin b7 tests   first call, with .trtkit2's stage.sh, MANIFEST, part_00
 #   bash .trtkit2/stage.sh                            parts 01..06; part_07 together with .trtkit2/zstd
 #   bash lab/2026-11-29/device7.sh poll 300           keep a call in flight until the end (idle 30 s = machine gone)
 # Jobs (START):
@@ -15,7 +15,8 @@
 #   b7    issues 14/15: the 32-layer 7B prefill graphs AND decode graphs (from placeholders, side by side), split
 #         into 8; FP16 and INT8 prefill segment engines (level ${LEVEL:-0}), chains compared and benched; then the
 #         decode-step segment engines (static batch 1 and 8, past 512) benched with --decode --cuda-graph.
-#   gpu, tests  the frame's standard jobs (both passed on 2026-11-29 23:51; rerun only if the code changed)
+#   tests  engine tests under the kit (test_engine_segments.py now runs the chains on one shared activation buffer:
+#          first GPU run of engine/chain.SharedScratch); gpu  the torch-side GPU tests
 #   env BJOBS (segment builds at once, default 4), GPUS (their devices, default 0,1), LEVEL (builder level, default 0)
 DRIVER=lab/2026-11-29/device7.sh
 W=${W:-/tmp/w7}
