@@ -17,6 +17,10 @@
 #         decode-step segment engines (static batch 1 and 8, past 512) benched with --decode --cuda-graph.
 #   tests  engine tests under the kit (test_engine_segments.py now runs the chains on one shared activation buffer:
 #          first GPU run of engine/chain.SharedScratch); gpu  the torch-side GPU tests
+#   prefix  issue 17 (after `carry prefix` with .devcarry/p/smol.part_00 + smol.sha256 + .devcarry/whl, then
+#         smol.part_01): SmolLM2's every-Linear-INT8 graph with the outlier prefix and --alpha kl (its best PyTorch
+#         row), its INT8 engine's perplexity beside ONNX Runtime's on 16 x 256 held-out tokens, and its prefill /
+#         decode-step speed against the FP16 engine of the float graph (bench_trt builds both from ONNX, level 0)
 #   env BJOBS (segment builds at once, default 4), GPUS (their devices, default 0,1), LEVEL (builder level, default 0)
 DRIVER=lab/2026-11-29/device7.sh
 W=${W:-/tmp/w7}
@@ -99,9 +103,37 @@ print(json.dumps({"onnx": str(r.path), "bytes": r.bytes, "nodes": r.nodes}))' "$
   done
 }
 
+job_prefix() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/whl/*.whl
+  export PYTHONPATH=/tmp/site:$ROOT OMP_NUM_THREADS=4 CUDA_VISIBLE_DEVICES=1
+  local M=$W/m D=$R/prefix; mkdir -p "$M" "$D"
+  cat "$W"/smol.part_* > "$W/smol.gguf"
+  [ "$(sha256sum "$W/smol.gguf" | cut -d' ' -f1)" = "$(cat "$W/smol.sha256")" ] || { echo "smol GGUF checksum mismatch"; return 1; }
+  mv "$W/smol.gguf" "$M/SmolLM2-135M-Instruct.Q4_1.gguf"
+  local S=$M/SmolLM2-135M-Instruct.Q4_1.gguf C="--samples 64 --device cuda" K="--prefix-outliers auto --alpha kl --smooth-pairs --fallback none"
+  $SQ export "$S" --weights qdq $K -o "$M/kl.onnx" $C --json > "$D/kl.export.json" 2> "$D/kl.export.err" &
+  $SQ export "$S" --weights qdq $K --decode -o "$M/kl_dec.onnx" $C --json > "$D/kl_dec.export.json" 2> "$D/kl_dec.export.err" &
+  $SQ export "$S" --mode fp -o "$M/fp.onnx" --json > "$D/fp.export.json" 2> "$D/fp.export.err" &
+  $SQ export "$S" --mode fp --decode -o "$M/fp_dec.onnx" --json > "$D/fp_dec.export.json" 2> "$D/fp_dec.export.err" &
+  $SQ tokens "$S" -o "$M/t.npz" --seq-len 256 --max-tokens 4096 &
+  wait
+  need_kit || return 1
+  trtpy -m sq_export -q build "$M/kl.onnx" -o "$M/kl.engine" --batch 1:1:1 --seq 1:256:256 --opt-level 0 --json > "$D/kl.build.json" 2> "$D/kl.build.err"
+  trtpy -m sq_export compare "$M/kl.onnx" "$M/kl.engine" --tokens "$M/t.npz" --perplexity --batches 0 --min-cosine -1 --min-top1 0 \
+      --json > "$D/kl.compare.json" 2> "$D/kl.compare.err"
+  echo "$(date +%T) prefix compare $(tail -c 400 "$D/kl.compare.json")" >> "$D/log"
+  PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$M/fp.onnx" "$M/kl.onnx" --shape 4x256 --large 8x512 --opt-level 0 --workdir "$M/bp" \
+      --json "$D/bench_prefill.json" > "$D/bench_prefill.log" 2>&1
+  PYTHONPATH=$ROOT trtpy tools/bench_trt.py --decode "$M/fp_dec.onnx" "$M/kl_dec.onnx" --batches 1,8 --past 512 --kv-fp16 --cuda-graph \
+      --opt-level 0 --workdir "$M/bd" --json "$D/bench_decode.json" > "$D/bench_decode.log" 2>&1
+  echo "$(date +%T) prefix benches done" >> "$D/log"
+}
+
 start_job() {
   case $1 in
     gpu|tests|pin|b7) run_job "$1" "job_$1" ;;
+    prefix) [ "$(ls "$W"/smol.part_* 2>/dev/null | wc -l)" -ge 2 ] || { echo "prefix: GGUF parts still to carry"; return 0; }
+            run_job prefix job_prefix ;;
     *) return 1 ;;
   esac
 }
