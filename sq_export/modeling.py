@@ -216,7 +216,11 @@ def load_tokenizer(model: str):
         if not src:
             raise BadInput(f"{model} does not record its source model: pass the model folder instead")
         model = src
-    p = resolve_model_path(model)
+    folder = Path(model)
+    if folder.is_dir() and not (folder / "config.json").is_file() and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        p = folder  # a tokenizer saved on its own (save_pretrained): e.g. made where transformers converts a GGUF's right
+    else:
+        p = resolve_model_path(model)
     try:
         return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
     except Exception as e:

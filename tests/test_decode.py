@@ -138,3 +138,21 @@ def test_cli_prompts_file_and_agreement(tiny_dirs, tmp_path, capsys):
     bad.write_bytes(b"not a zip")
     assert main(["-q", "generate", str(dec), "--prompts-file", str(bad)]) == 2
     assert "not a readable .npz" in capsys.readouterr().err
+
+
+def test_tokens_from_a_tokenizer_folder(tiny_dirs, tmp_path):
+    """A tokenizer saved on its own (no config.json: e.g. made where transformers converts a GGUF's tokenizer as
+    intended, carried to a machine whose transformers does not) tokenizes as its model folder does; a folder with
+    neither a model nor a tokenizer is still refused in one line."""
+    from sq_export.modeling import load_tokenizer
+
+    d = tiny_dirs("llama")
+    only = tmp_path / "tok"
+    load_tokenizer(str(d)).save_pretrained(only)
+    assert not (only / "config.json").exists()
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert main(["-q", "tokens", str(d), "--seq-len", "32", "--max-tokens", "128", "-o", str(a)]) == 0
+    assert main(["-q", "tokens", str(only), "--seq-len", "32", "--max-tokens", "128", "-o", str(b)]) == 0
+    assert np.array_equal(np.load(a)["input_ids"], np.load(b)["input_ids"])
+    (tmp_path / "empty").mkdir()
+    assert main(["-q", "tokens", str(tmp_path / "empty"), "-o", str(tmp_path / "c.npz")]) == 2

@@ -3,7 +3,7 @@
 # relative to the repository root) and before its job_* functions. On the lent GPU machine (device tool), every
 # call of the driver is short; long work runs in the background (setsid) and survives between calls:
 #   bash DRIVER kit [START...]    stage one carried part of the TensorRT 8.6 kit (.trtkit2/stage.sh), start jobs
-#   bash DRIVER carry [START...]  copy carried files (.devcarry/p/*, .devcarry/whl) to $W, start jobs
+#   bash DRIVER carry [START...]  copy carried files (.devcarry/p/* into $W, every other .devcarry/DIR as $W/DIR), start jobs
 #   bash DRIVER start START...    start jobs
 #   bash DRIVER poll S            wait up to S s (or until every started job is done), report; $OUT/res.tgz
 # Every call that starts jobs snapshots the working tree it carried into /tmp/src.N and runs from there, so jobs
@@ -17,7 +17,8 @@ if [[ "$PWD" != /tmp/src.* ]] && [ "${1:-poll}" != poll ]; then
   S=/tmp/src.$(date +%s%N); mkdir -p "$S"
   tar --exclude=./.trtkit2 --exclude=./.devcarry --exclude=./.git -cf - . | tar -C "$S" -xf -
   [ "${1}" = kit ] && { bash .trtkit2/stage.sh | tail -n 1; shift; set -- start "$@"; }
-  [ "${1}" = carry ] && { mkdir -p "${W:-/tmp/w}"; cp -r .devcarry/p/. .devcarry/whl "${W:-/tmp/w}"/ 2>/dev/null; shift; set -- start "$@"; }
+  [ "${1}" = carry ] && { mkdir -p "${W:-/tmp/w}"; cp -r .devcarry/p/. "${W:-/tmp/w}"/ 2>/dev/null
+    for d in .devcarry/*/; do [ "$d" = .devcarry/p/ ] || cp -r "$d" "${W:-/tmp/w}"/ 2>/dev/null; done; shift; set -- start "$@"; }
   cd "$S" && exec bash "$S/$DRIVER" "$@"
 fi
 ROOT=$PWD

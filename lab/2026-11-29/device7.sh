@@ -21,6 +21,11 @@
 #         smol.part_01): SmolLM2's every-Linear-INT8 graph with the outlier prefix and --alpha kl (its best PyTorch
 #         row), its INT8 engine's perplexity beside ONNX Runtime's on 16 x 256 held-out tokens, and its prefill /
 #         decode-step speed against the FP16 engine of the float graph (bench_trt builds both from ONNX, level 0)
+#   gemma issue 16 again, on the right token ids: the device's transformers 5.17 converts Gemma-3's GGUF tokenizer
+#         differently from 5.24 here (no BOS, finer splits: held-out perplexity ~900 instead of ~66), so the tokenizer
+#         made here travels (`carry` with .devcarry/g3tok: tokenizer.json + config + gemma.tokens.npz, 4 x 256 ids
+#         made here) and the exports calibrate with --tokenizer; then FP16 / INT8 / INT8 --no-fp16 engines vs ONNX
+#         Runtime on those ids. Carry order: g3tok, then .devcarry/p/gemma.part_00 + gemma.sha256 + whl, parts 01..04
 #   env BJOBS (segment builds at once, default 4), GPUS (their devices, default 0,1), LEVEL (builder level, default 0)
 DRIVER=lab/2026-11-29/device7.sh
 W=${W:-/tmp/w7}
@@ -129,8 +134,34 @@ job_prefix() {
   echo "$(date +%T) prefix benches done" >> "$D/log"
 }
 
+job_gemma() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/whl/*.whl
+  export PYTHONPATH=/tmp/site:$ROOT OMP_NUM_THREADS=4 CUDA_VISIBLE_DEVICES=1
+  local M=$W/gm D=$R/gemma; mkdir -p "$M" "$D"
+  cat "$W"/gemma.part_* > "$W/gemma.gguf"
+  [ "$(sha256sum "$W/gemma.gguf" | cut -d' ' -f1)" = "$(cat "$W/gemma.sha256")" ] || { echo "gemma GGUF checksum mismatch"; return 1; }
+  mv "$W/gemma.gguf" "$M/gemma-3-270m-q4_k_m.gguf"
+  local G=$M/gemma-3-270m-q4_k_m.gguf C="--samples 16 --device cuda --tokenizer $W/g3tok" T=$W/g3tok/gemma.tokens.npz
+  $SQ export "$G" --mode fp -o "$M/fp.onnx" $C --json > "$D/fp.export.json" 2> "$D/fp.export.err" &
+  $SQ export "$G" --weights qdq -o "$M/sq.onnx" $C --json > "$D/sq.export.json" 2> "$D/sq.export.err" &
+  wait
+  need_kit || return 1
+  local BD="-m sq_export -q build --batch 1:1:1 --seq 1:256:256 --json --opt-level 0"
+  ( CUDA_VISIBLE_DEVICES=0 trtpy $BD --precision fp16 "$M/fp.onnx" -o "$M/fp.engine" > "$D/fp.build.json" 2> "$D/fp.build.err" ) &
+  ( CUDA_VISIBLE_DEVICES=1 trtpy $BD "$M/sq.onnx" -o "$M/sq.engine" > "$D/sq.build.json" 2> "$D/sq.build.err" ) &
+  ( CUDA_VISIBLE_DEVICES=1 trtpy $BD "$M/sq.onnx" -o "$M/sq32.engine" --no-fp16 > "$D/sq32.build.json" 2> "$D/sq32.build.err" ) &
+  wait
+  local CP="-m sq_export compare --perplexity --batches 0 --min-cosine -1 --min-top1 0 --json --tokens $T"
+  trtpy $CP "$M/fp.onnx" "$M/fp.engine" > "$D/fp.compare.json" 2> "$D/fp.compare.err" &
+  trtpy $CP "$M/sq.onnx" "$M/sq.engine" "$M/sq32.engine" > "$D/sq.compare.json" 2> "$D/sq.compare.err" &
+  wait
+  echo "$(date +%T) gemma fp $(tail -c 300 "$D/fp.compare.json") sq $(tail -c 500 "$D/sq.compare.json")" >> "$D/log"
+}
+
 start_job() {
   case $1 in
+    gemma) [ "$(ls "$W"/gemma.part_* 2>/dev/null | wc -l)" -ge 5 ] && [ -f "$W/g3tok/tokenizer.json" ] || { echo "gemma: parts still to carry"; return 0; }
+           run_job gemma job_gemma ;;
     gpu|tests|pin|b7) run_job "$1" "job_$1" ;;
     prefix) [ "$(ls "$W"/smol.part_* 2>/dev/null | wc -l)" -ge 2 ] || { echo "prefix: GGUF parts still to carry"; return 0; }
             run_job prefix job_prefix ;;
