@@ -9,7 +9,7 @@
 # Every call that starts jobs snapshots the working tree it carried into /tmp/src.N and runs from there, so jobs
 # keep the code of the call that started them. The driver defines job_NAME functions and `start_job NAME`
 # (the names it accepts; return 1 to refuse), and calls `device_main "$@"` last.
-# Standard jobs: job_gpu, job_tests. Helpers for jobs: log, trtpy (the kit's Python; never where torch runs on the GPU), maxrss, need_kit, step,
+# Standard jobs: job_gpu, job_tests. Helpers for jobs: log, trtpy (the kit's Python; never where torch runs on the GPU), maxrss, need_kit, step, gguf_from_parts,
 # run_job; $W work folder, $R results (returned), $ROOT the snapshot, $SQ the torch-side CLI, $SHM big scratch.
 # Never leave the machine idle between calls: it goes back 30 s after a call ends, with everything on it.
 set -uo pipefail
@@ -40,6 +40,13 @@ sys.exit(rc)' "$@"; }
 need_kit() {
   local end=$(( $(date +%s) + 1500 ))
   until [ -f /opt/trt86/.ready ]; do [ "$(date +%s)" -gt $end ] && { echo "kit never staged"; return 1; }; sleep 5; done
+}
+gguf_from_parts() {  # name, dest: $W/name.part_* (carried) joined, checked against $W/name.sha256, moved to dest;
+  # the carried gguf wheel installed into /tmp/site (prepend it to PYTHONPATH)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/whl/*.whl || return 1
+  cat "$W/$1".part_* > "$W/$1.gguf"
+  [ "$(sha256sum "$W/$1.gguf" | cut -d' ' -f1)" = "$(cat "$W/$1.sha256")" ] || { echo "$1 GGUF checksum mismatch"; return 1; }
+  mkdir -p "$(dirname "$2")" && mv "$W/$1.gguf" "$2"
 }
 run_job() {  # name, command...: in the background, its output to R/name.log, done marker R/name.rc
   local name=$1; shift
@@ -89,7 +96,7 @@ report() {
 }
 
 device_main() {
-  export -f log trtpy maxrss need_kit run_job step $(declare -F | awk '{print $3}' | grep '^job_')
+  export -f log trtpy maxrss need_kit gguf_from_parts run_job step $(declare -F | awk '{print $3}' | grep '^job_')
   export W R ROOT SQ SHM
   case ${1:-poll} in
     start) shift; start "$@"; report ;;

@@ -109,12 +109,9 @@ print(json.dumps({"onnx": str(r.path), "bytes": r.bytes, "nodes": r.nodes}))' "$
 }
 
 job_prefix() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/whl/*.whl
   export PYTHONPATH=/tmp/site:$ROOT OMP_NUM_THREADS=4 CUDA_VISIBLE_DEVICES=1
   local M=$W/m D=$R/prefix; mkdir -p "$M" "$D"
-  cat "$W"/smol.part_* > "$W/smol.gguf"
-  [ "$(sha256sum "$W/smol.gguf" | cut -d' ' -f1)" = "$(cat "$W/smol.sha256")" ] || { echo "smol GGUF checksum mismatch"; return 1; }
-  mv "$W/smol.gguf" "$M/SmolLM2-135M-Instruct.Q4_1.gguf"
+  gguf_from_parts smol "$M/SmolLM2-135M-Instruct.Q4_1.gguf" || return 1
   local S=$M/SmolLM2-135M-Instruct.Q4_1.gguf C="--samples 64 --device cuda" K="--prefix-outliers auto --alpha kl --smooth-pairs --fallback none"
   $SQ export "$S" --weights qdq $K -o "$M/kl.onnx" $C --json > "$D/kl.export.json" 2> "$D/kl.export.err" &
   $SQ export "$S" --weights qdq $K --decode -o "$M/kl_dec.onnx" $C --json > "$D/kl_dec.export.json" 2> "$D/kl_dec.export.err" &
@@ -135,12 +132,9 @@ job_prefix() {
 }
 
 job_gemma() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/whl/*.whl
   export PYTHONPATH=/tmp/site:$ROOT OMP_NUM_THREADS=4 CUDA_VISIBLE_DEVICES=1
   local M=$W/gm D=$R/gemma; mkdir -p "$M" "$D"
-  cat "$W"/gemma.part_* > "$W/gemma.gguf"
-  [ "$(sha256sum "$W/gemma.gguf" | cut -d' ' -f1)" = "$(cat "$W/gemma.sha256")" ] || { echo "gemma GGUF checksum mismatch"; return 1; }
-  mv "$W/gemma.gguf" "$M/gemma-3-270m-q4_k_m.gguf"
+  gguf_from_parts gemma "$M/gemma-3-270m-q4_k_m.gguf" || return 1
   local G=$M/gemma-3-270m-q4_k_m.gguf C="--samples 16 --device cuda --tokenizer $W/g3tok" T=$W/g3tok/gemma.tokens.npz
   $SQ export "$G" --mode fp -o "$M/fp.onnx" $C --json > "$D/fp.export.json" 2> "$D/fp.export.err" &
   $SQ export "$G" --weights qdq -o "$M/sq.onnx" $C --json > "$D/sq.export.json" 2> "$D/sq.export.err" &
