@@ -222,9 +222,34 @@ def load_tokenizer(model: str):
     else:
         p = resolve_model_path(model)
     try:
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
     except Exception as e:
         raise BadInput(f"could not load a tokenizer from {model}: {type(e).__name__}") from e
+    if p.is_file():
+        check_gguf_tokenizer(tok, p)
+    return tok
+
+
+def gguf_add_bos(path) -> bool | None:
+    """The GGUF's tokenizer.ggml.add_bos_token (None when the file does not say)."""
+    from gguf import GGUFReader
+
+    f = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    return None if f is None else bool(f.parts[f.data[0]][0])
+
+
+def check_gguf_tokenizer(tok, path) -> None:
+    """BadInput when transformers' conversion of a GGUF's tokenizer drops the BOS token the file says to add. Seen
+    with Gemma-3's GGUF under transformers 5.17 (the lent GPU's): no BOS and words split into more pieces, so every
+    perplexity and calibration on its ids is wrong (~900 instead of ~66) while 5.24 converts it right."""
+    if gguf_add_bos(path) and tok.bos_token_id is not None:
+        ids = tok("The")["input_ids"]
+        if not ids or ids[0] != tok.bos_token_id:
+            import transformers
+
+            raise BadInput(f"transformers {transformers.__version__} converts the tokenizer of {Path(path).name} without the "
+                           "BOS token the file asks for, so its token ids are not the model's: use the transformers of the "
+                           "README's install, or pass --tokenizer DIR with a tokenizer saved (save_pretrained) where it converts right")
 
 
 # --- Linears: nn.Linear has weight [out, in]; transformers' Conv1D (GPT-2) has weight [in, out]. ----------

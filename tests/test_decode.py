@@ -156,3 +156,40 @@ def test_tokens_from_a_tokenizer_folder(tiny_dirs, tmp_path):
     assert np.array_equal(np.load(a)["input_ids"], np.load(b)["input_ids"])
     (tmp_path / "empty").mkdir()
     assert main(["-q", "tokens", str(tmp_path / "empty"), "-o", str(tmp_path / "c.npz")]) == 2
+
+
+def test_a_gguf_tokenizer_that_drops_its_bos_is_refused(tmp_path):
+    """A GGUF that says to add BOS, and a tokenizer conversion that does not (transformers 5.17 on Gemma-3): refused in
+    one line naming the way out; with the BOS, or a GGUF that does not ask for it, accepted."""
+    import gguf
+
+    from sq_export.errors import BadInput
+    from sq_export.modeling import check_gguf_tokenizer, gguf_add_bos
+
+    def write(path, add_bos):
+        w = gguf.GGUFWriter(str(path), "llama")
+        if add_bos is not None:
+            w.add_add_bos_token(add_bos)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    class _Tok:
+        bos_token_id = 2
+
+        def __init__(self, first):
+            self.first = first
+
+        def __call__(self, text):
+            return {"input_ids": [self.first, 651]}
+
+    asks = write(tmp_path / "bos.gguf", True)
+    assert gguf_add_bos(asks) is True and gguf_add_bos(write(tmp_path / "nobos.gguf", False)) is False
+    assert gguf_add_bos(write(tmp_path / "silent.gguf", None)) is None
+    check_gguf_tokenizer(_Tok(2), asks)
+    with pytest.raises(BadInput, match="without the BOS token the file asks for.*--tokenizer DIR"):
+        check_gguf_tokenizer(_Tok(651), asks)
+    check_gguf_tokenizer(_Tok(651), tmp_path / "nobos.gguf")
+    check_gguf_tokenizer(_Tok(651), tmp_path / "silent.gguf")
