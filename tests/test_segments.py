@@ -6,6 +6,7 @@ and every refusal. (Under TensorRT: tests/test_engine_segments.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -351,3 +352,33 @@ def test_chain_contexts_share_one_activation_buffer(monkeypatch):
     assert [x.context.device_memory for x in runners] == [0x9000, 0x9000] and r.scratch.buffer.allocated_nbytes == 20
     r.deactivate()
     assert r.scratch.buffer is None and freed == [0x9000, 0x9000]
+
+
+def test_eval_tokens_of_a_graph_and_its_segment_chain(tiny_dirs, tmp_path, capsys):
+    """`eval X --tokens FILE`: the perplexity of an .onnx graph or a manifest on exactly those ids, with no torch
+    imported (what `run --trt-python` asks the TensorRT side for); the chain's equals the whole graph's; a model
+    folder with --tokens is refused in one line."""
+    import subprocess
+
+    from sq_export.cli import main
+
+    d = tiny_dirs("llama")
+    g, t = tmp_path / "sq.onnx", tmp_path / "t.npz"
+    assert main(["-q", "export", str(d), "--samples", "4", "--calib-seq-len", "32", "-o", str(g)]) == 0
+    assert main(["-q", "tokens", str(d), "--seq-len", "32", "--max-tokens", "128", "-o", str(t)]) == 0
+    split(g, segments=2)
+    capsys.readouterr()
+    got = {}
+    for m in (g, tmp_path / "sq.segments.json"):
+        assert main(["eval", str(m), "--tokens", str(t), "--json"]) == 0
+        got[m.name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["sq.onnx"]["perplexity"] == got["sq.segments.json"]["perplexity"] and got["sq.onnx"]["predicted_tokens"] == 124
+    assert got["sq.segments.json"]["kind"] == "onnx" and got["sq.onnx"]["backend"] == "onnxruntime"
+    # torch-free: the same command with torch made unimportable
+    code = ("import sys; sys.modules['torch'] = None; from sq_export.cli import main; "
+            f"sys.exit(main(['eval', {str(g)!r}, '--tokens', {str(t)!r}, '--json']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert p.returncode == 0, p.stderr[-500:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["perplexity"] == got["sq.onnx"]["perplexity"]
+    assert main(["eval", str(d), "--tokens", str(t)]) == 2
+    assert "expected an .onnx graph, a TensorRT engine" in capsys.readouterr().err

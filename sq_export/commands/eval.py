@@ -2,21 +2,24 @@
 
 from sq_export.commands import _common as c
 
-HELP = "perplexity of a model (PyTorch, fp / naive / SmoothQuant W8A8) or an exported .onnx (ONNX Runtime)"
+HELP = ("perplexity of a model (PyTorch, fp / naive / SmoothQuant W8A8), an exported .onnx (ONNX Runtime), or, on a "
+        "token file, a TensorRT engine or segment manifest")
 
 
 def add_parser(sub):
     p = sub.add_parser(
         "eval",
         help=HELP,
-        description=HELP + ".\nExamples:\n  sq-export eval smollm2 --mode sq --json\n  sq-export eval out/sq.onnx --tokenizer smollm2",
+        description=HELP + ".\nExamples:\n  sq-export eval smollm2 --mode sq --json\n  sq-export eval out/sq.onnx --tokenizer smollm2"
+        "\n  sq-export eval out/sq.engine --tokens t.npz --json      # torch-free: runs where only TensorRT is",
     )
-    c.add_model(p, "; or an exported .onnx")
+    c.add_model(p, "; or an exported .onnx; with --tokens also a TensorRT engine or a *.segments.json manifest")
     c.add_device(p)
     p.add_argument("--text", metavar="FILE", help="evaluation text (default: the shipped held-out split)")
     p.add_argument("--seq-len", type=int, default=512, metavar="L", help="chunk length (default 512)")
     p.add_argument("--max-tokens", type=int, default=32768, metavar="N", help="evaluate the first N tokens (default 32768; 0 = all)")
     p.add_argument("--act", default="static", choices=["static", "dynamic-tensor", "dynamic-token", "none"], help="activation quantization: static per-tensor (O3, TensorRT), dynamic per-tensor (O2), dynamic per-token (O1), none (W8A16)")
+    p.add_argument("--tokens", metavar="FILE", help="a token file (`sq-export tokens`): the perplexity of an .onnx graph, an engine or a manifest on exactly these ids (imports no torch)")
     p.add_argument("--tokenizer", metavar="MODEL", help="where the tokenizer is (.onnx: default the source recorded in the graph; a model: default MODEL itself)")
     c.add_recipe(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
@@ -27,8 +30,11 @@ def add_parser(sub):
 def run(args):
     import time
 
-    from sq_export import api
     from sq_export.errors import BadInput
+
+    if args.tokens:
+        return eval_tokens(args)
+    from sq_export import api
 
     if args.seq_len < 2:
         raise BadInput(f"--seq-len {args.seq_len} must be at least 2")
@@ -96,3 +102,18 @@ def eval_onnx(args, max_tokens):
         "quantized_layers_total": int(meta.get("quantized_layers_total", 0)),
         "fp16_layers": [x for x in meta.get("fp16_layers", "").split(",") if x],
     }
+
+
+def eval_tokens(args) -> int:
+    """--tokens: the perplexity of a graph, an engine or a manifest on a token file (sq_export.engine.run, no torch)."""
+    from sq_export.engine.run import model_kind, model_perplexity
+
+    kind = model_kind(args.model)  # BadInput for anything else (a model folder takes --text, not --tokens)
+    res = model_perplexity(args.model, args.tokens)
+    res["kind"] = kind
+    if args.json:
+        c.emit_json(res)
+    else:
+        v = "not finite" if res["perplexity"] is None else f"{res['perplexity']:.4f}"
+        print(f"perplexity {v} over {res['predicted_tokens']} tokens ({res['backend']}, {args.model})")
+    return 0
