@@ -334,3 +334,64 @@ def test_stream_run_with_segments(stream_run, tiny_dirs, texts, tmp_path, monkey
     assert main(["-q", "run", str(tiny_dirs("llama")), "-o", str(tmp_path / "x"), "--segments", "0"]) == 2
     assert main(["-q", "run", str(tiny_dirs("llama")), "-o", str(tmp_path / "y"), "--build-jobs", "2"]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+FAKE_TRT_PYTHON = r'''
+import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+log = Path(__file__).with_suffix(".log")
+with open(log, "a") as f:
+    f.write(json.dumps(args) + "\n")
+if args[0] == "-c":  # run's probe
+    assert "import_tensorrt" in args[1]
+    print(json.dumps({"tensorrt": "8.6.0", "gpu": {"name": "StandInGPU"}}))
+    sys.exit(0)
+assert args[:2] == ["-m", "sq_export"], args
+rest = [a for a in args[2:] if a != "-q"]
+if rest[0] == "build":  # an "engine": the graph's name inside, so eval can find the graph
+    onnx, out = rest[1], rest[rest.index("-o") + 1]
+    Path(out).write_text(onnx)
+    side = {"engine": out, "engine_bytes": Path(out).stat().st_size, "build_seconds": 0.1, "tensorrt_version": "8.6.0",
+            "precision": rest[rest.index("--precision") + 1]}
+    Path(out + ".json").write_text(json.dumps(side))
+    print(json.dumps(side))
+elif rest[0] == "eval":  # the "engine"'s perplexity: its graph's, in ONNX Runtime, on the token file given
+    from sq_export.engine.run import model_perplexity
+    tokens = rest[rest.index("--tokens") + 1]
+    r = model_perplexity(Path(rest[1]).read_text(), tokens)
+    print(json.dumps({**r, "backend": "tensorrt"}))
+else:
+    sys.exit(f"unexpected {rest}")
+'''
+
+
+def test_stream_run_with_tensorrt_in_another_python(stream_run, tiny_dirs, texts, tmp_path, capsys):
+    """--trt-python PATH: TensorRT is not importable here, so the build and the engines' perplexity go through PATH
+    (`PATH -c probe`, `PATH -m sq_export build ... --json`, `PATH -m sq_export eval ENGINE --tokens FILE --json`): a
+    stand-in interpreter here, whose "engines" are their graphs measured in ONNX Runtime; eval then checks them
+    against the layer-streamed PyTorch model as it does in-process engines. A path that is no interpreter: one line."""
+    import shutil
+    import sys
+
+    out = tmp_path / "ext"
+    shutil.copytree(stream_run, out)
+    fake = tmp_path / "trtpy"
+    fake.write_text(f"#!{sys.executable}\n" + FAKE_TRT_PYTHON)
+    fake.chmod(0o755)
+    assert run(tiny_dirs("llama"), out, texts, "--stream", "--trt-python", str(fake)) == 0
+    assert manifest(out)["last_run"]["ran"] == ["build", "eval", "report"]
+    calls = [json.loads(line) for line in fake.with_suffix(".log").read_text().splitlines()]
+    kinds = [c[0] if c[0] == "-c" else [a for a in c[2:] if a != "-q"][0] for c in calls]
+    assert kinds.count("-c") >= 1 and kinds.count("build") == 2 and kinds.count("eval") == 2
+    build = json.loads((out / "build.json").read_text())
+    assert {m: build[m]["precision"] for m in ("fp", "sq")} == {"fp": "fp16", "sq": "int8"}
+    ev = json.loads((out / "eval.json").read_text())
+    agree = ev["engine_vs_graph"]
+    assert set(agree) == {"fp", "sq"} and all(v["reference"] == "pytorch" and v["ok"] for v in agree.values())
+    assert "tensorrt" not in ev["skipped"]
+    capsys.readouterr()
+    assert main(["-q", "run", str(tiny_dirs("llama")), "-o", str(tmp_path / "z"), "--trt-python", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--trt-python" in err and "not an executable Python" in err
+    assert not (tmp_path / "z").exists()

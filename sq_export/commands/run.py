@@ -59,6 +59,9 @@ def add_parser(sub):
                    "(`sq-export split`) and build one TensorRT engine per segment, run as one chain (TensorRT 8.6's builder "
                    "needs ~10x a graph's weights in host memory: a 7B graph does not build whole on a 128 GB host)")
     p.add_argument("--build-jobs", type=int, default=1, metavar="J", help="with --segments: build J segment engines at once (default 1)")
+    p.add_argument("--trt-python", metavar="PATH", help="build and measure the TensorRT engines by running PATH -m sq_export "
+                   "(a Python that has TensorRT when this one does not: another environment or container; it needs numpy, "
+                   "onnx, Polygraphy and TensorRT, no torch)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
     p.set_defaults(func=run)
     return p
@@ -95,6 +98,7 @@ def run(args):
         dtype=args.dtype,
         segments=args.segments,
         build_jobs=args.build_jobs,
+        trt_python=args.trt_python,
         device=args.device,
         model_dtype=args.model_dtype,
         eval_text=args.text,

@@ -3,6 +3,8 @@ options, evaluation and the driver's controls; the artifact names in OUT."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 
 from sq_export.errors import BadInput
@@ -64,6 +66,7 @@ class RunOptions:
     dtype: str = "fp32"  # fp32 | fp16 (the ONNX graphs' float type)
     segments: int | None = None  # cut each graph into N segments of consecutive layers, one engine each
     build_jobs: int = 1  # --segments: segment engines built at once (host memory is the bound)
+    trt_python: str | None = None  # build and measure the engines under this Python (TensorRT there; engine.external)
     # the PyTorch side (sq_export.device): where the model runs and its float type there
     device: str | None = None  # cuda | cuda:N | cpu | None (cuda when torch sees a GPU)
     model_dtype: str = "auto"  # auto (the checkpoint's on cuda, float32 on cpu) | float32 | float16 | bfloat16
@@ -140,6 +143,10 @@ class RunOptions:
             raise BadInput(f"--seq-len {self.seq_len} must be at least 2")
         if self.segments is not None and self.segments < 1:
             raise BadInput(f"--segments {self.segments} must be at least 1")
+        if self.trt_python is not None and not (os.access(self.trt_python, os.X_OK) and os.path.isfile(self.trt_python)
+                                                or shutil.which(self.trt_python)):
+            raise BadInput(f"--trt-python {self.trt_python} is not an executable Python: give the path of the interpreter "
+                           "that has TensorRT (e.g. /opt/trt/bin/python3)")
         if self.build_jobs < 1:
             raise BadInput(f"--build-jobs {self.build_jobs} must be at least 1")
         if self.build_jobs > 1 and self.segments is None:

@@ -313,25 +313,35 @@ def run_check(ctx: RunContext, staging: Path) -> dict:
 
 # ----- build ----------------------------------------------------------------------------------------------------
 def tensorrt_or_skip(ctx: RunContext):
+    """(TensorRT version, GPU facts) where the engines are built and run: this process, or --trt-python's
+    interpreter (sq_export.engine.external); Skip with the reason when there is none."""
     import re
 
+    from sq_export.engine import external
     from sq_export.engine.trt_compat import import_tensorrt, require_gpu
     from sq_export.errors import BackendMissing
 
     if ctx.opts.target != "tensorrt":
         raise Skip(f"--target {ctx.opts.target}: the graphs are for ONNX Runtime, not TensorRT")
-    try:
-        trt = import_tensorrt()
-    except BackendMissing as e:
-        m = re.search(r"\((.*?)\)", str(e))
-        raise Skip(f"TensorRT not installed ({m.group(1) if m else str(e)[:200]})") from None
-    try:
-        gpu = require_gpu()
-    except BackendMissing as e:
-        raise Skip(f"no usable GPU for TensorRT {trt.__version__} ({str(e)[:200]})") from None
-    if ctx.opts.dtype == "fp16" and int(trt.__version__.split(".")[0]) < 10:
-        raise Skip(f"--dtype fp16 graphs need TensorRT 10+ (strongly typed); this is {trt.__version__}")
-    return trt, gpu
+    if ctx.opts.trt_python:
+        try:
+            version, gpu = external.probe(ctx.opts.trt_python)
+        except BackendMissing as e:
+            raise Skip(f"no TensorRT with a GPU under --trt-python ({str(e)[:300]})") from None
+    else:
+        try:
+            version = import_tensorrt().__version__
+        except BackendMissing as e:
+            m = re.search(r"\((.*?)\)", str(e))
+            raise Skip(f"TensorRT not installed ({m.group(1) if m else str(e)[:200]}); or give --trt-python PATH, a "
+                       "Python that has it") from None
+        try:
+            gpu = require_gpu()
+        except BackendMissing as e:
+            raise Skip(f"no usable GPU for TensorRT {version} ({str(e)[:200]})") from None
+    if ctx.opts.dtype == "fp16" and int(version.split(".")[0]) < 10:
+        raise Skip(f"--dtype fp16 graphs need TensorRT 10+ (strongly typed); this is {version}")
+    return version, gpu
 
 
 def build_profile(ctx: RunContext):
@@ -340,14 +350,14 @@ def build_profile(ctx: RunContext):
 
 
 def spec_build(ctx: RunContext):
-    trt, gpu = tensorrt_or_skip(ctx)
+    version, gpu = tensorrt_or_skip(ctx)
     o = ctx.opts
     inputs = graph_inputs(ctx)
     seg = {}
     if o.segments:
         inputs.update({f"segments_{m}": ctx.out / segments_name(m) for m in ctx.modes})
         seg = {"segments": o.segments, "build_jobs": o.build_jobs}
-    return inputs, {"tensorrt": trt.__version__, "gpu": gpu.get("name"), **build_profile(ctx), **seg}
+    return inputs, {"tensorrt": version, "gpu": gpu.get("name"), **build_profile(ctx), **seg}
 
 
 def _build_segments(ctx: RunContext, staging: Path, mode: str, precision: str, prof: dict) -> dict:
@@ -357,13 +367,13 @@ def _build_segments(ctx: RunContext, staging: Path, mode: str, precision: str, p
 
     args = ["--precision", precision, "--batch", ":".join(map(str, prof["batch"])), "--seq", ":".join(map(str, prof["seq"]))]
     man = build_segments(ctx.out / segments_name(mode), staging / engine_segments_name(mode), jobs=ctx.opts.build_jobs,
-                         build_args=args)
+                         build_args=args, **({"python": ctx.opts.trt_python} if ctx.opts.trt_python else {}))
     return {"built": True, "engine": engine_segments_name(mode), "bytes": man["engine_bytes"], "build_seconds": man["wall_seconds"],
             "precision": precision, "segments": len(man["segments"])}
 
 
 def run_build(ctx: RunContext, staging: Path) -> dict:
-    from sq_export.engine.build import build_engine
+    from sq_export.engine import external
 
     prof = build_profile(ctx)
     out = {}
@@ -374,7 +384,8 @@ def run_build(ctx: RunContext, staging: Path) -> dict:
             if ctx.opts.segments:
                 out[mode] = _build_segments(ctx, staging, mode, precision, prof)
                 continue
-            side = build_engine(ctx.out / onnx_name(mode), dest, precision=precision, batch=prof["batch"], seq=prof["seq"])
+            side = external.build(ctx.out / onnx_name(mode), dest, precision=precision, batch=prof["batch"], seq=prof["seq"],
+                                  python=ctx.opts.trt_python)
         except BadInput as e:
             if mode != "fp":
                 raise
@@ -496,14 +507,15 @@ def run_eval(ctx: RunContext, staging: Path) -> dict:
         secs["onnxruntime"][mode] = round(time.perf_counter() - t, 2)
     built = engines(ctx)
     if built:
-        from sq_export.engine.run import Tokens, engine_perplexity
+        from sq_export.engine import external
+        from sq_export.engine.run import Tokens
         from sq_export.measure.perplexity import chunk_tokens
 
         toks = Tokens.from_chunks(chunk_tokens(ids, o.seq_len, o.max_tokens), "<eval text>")
         ppl["tensorrt"], secs["tensorrt"] = {}, {}
         for mode, p in built.items():
             t = time.perf_counter()
-            ppl["tensorrt"][mode] = engine_perplexity(p, toks)["perplexity"]
+            ppl["tensorrt"][mode] = external.perplexity(p, toks, python=o.trt_python)["perplexity"]
             secs["tensorrt"][mode] = round(time.perf_counter() - t, 2)
     engine_check = engine_agreement(ppl.get("tensorrt", {}), ppl["onnxruntime"])
     sqnr = [{"linear": n, **v} for n, v in sqnr.items()]  # a list: model order survives sort_keys

@@ -195,14 +195,15 @@ def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
         ppl["pytorch"][mode], tokens = r["perplexity"], r["tokens"]
         secs["pytorch"][mode] = round(time.perf_counter() - t, 2)
     if built:
-        from sq_export.engine.run import Tokens, engine_perplexity
+        from sq_export.engine import external
+        from sq_export.engine.run import Tokens
         from sq_export.measure.perplexity import chunk_tokens
 
         toks = Tokens.from_chunks(chunk_tokens(ids, o.seq_len, o.max_tokens), "<eval text>")
         ppl["tensorrt"], secs["tensorrt"] = {}, {}
         for mode, p in built.items():
             t = time.perf_counter()
-            r = engine_perplexity(p, toks)
+            r = external.perplexity(p, toks, python=o.trt_python)
             ppl["tensorrt"][mode] = r["perplexity"]
             secs["tensorrt"][mode] = round(time.perf_counter() - t, 2)
     else:
