@@ -26,6 +26,9 @@
 #         made here travels (`carry` with .devcarry/g3tok: tokenizer.json + config + gemma.tokens.npz, 4 x 256 ids
 #         made here) and the exports calibrate with --tokenizer; then FP16 / INT8 / INT8 --no-fp16 engines vs ONNX
 #         Runtime on those ids. Carry order: g3tok, then .devcarry/p/gemma.part_00 + gemma.sha256 + whl, parts 01..04
+#   run   issue 14's one command: `sq-export run CKPT -o OUT --stream --device cuda --segments 2 --build-jobs 2
+#         --trt-python /tmp/trtpy.sh` on a 4-layer 7B-width checkpoint, the kit's Python (wrapped so that only it sources
+#         the kit's env) building and measuring the segment engines
 #   env BJOBS (segment builds at once, default 4), GPUS (their devices, default 0,1), LEVEL (builder level, default 0)
 DRIVER=lab/2026-11-29/device7.sh
 W=${W:-/tmp/w7}
@@ -152,11 +155,22 @@ job_gemma() {
   echo "$(date +%T) gemma fp $(tail -c 300 "$D/fp.compare.json") sq $(tail -c 500 "$D/sq.compare.json")" >> "$D/log"
 }
 
+job_run() {
+  export PYTHONPATH=$ROOT
+  local D=$R/run C=$SHM/run; mkdir -p "$D" "$C"
+  printf '#!/bin/bash\nsource /opt/trt86/env.sh\nexec "$TRTPY" "$@"\n' > /tmp/trtpy.sh; chmod +x /tmp/trtpy.sh
+  step "$D" ckpt python3 tools/make_big_checkpoint.py --shape llama2-7b --layers 4 -o "$C/l4" -q || return 1
+  need_kit || return 1
+  step "$D" run maxrss python3 -m sq_export run "$C/l4" -o /tmp/run7 --stream --device cuda --weights qdq16 --segments 2 \
+      --build-jobs 2 --trt-python /tmp/trtpy.sh --max-tokens 2048 --json
+  cp /tmp/run7/*.json /tmp/run7/report.md "$D/" 2>/dev/null
+}
+
 start_job() {
   case $1 in
     gemma) [ "$(ls "$W"/gemma.part_* 2>/dev/null | wc -l)" -ge 5 ] && [ -f "$W/g3tok/tokenizer.json" ] || { echo "gemma: parts still to carry"; return 0; }
            run_job gemma job_gemma ;;
-    gpu|tests|pin|b7) run_job "$1" "job_$1" ;;
+    gpu|tests|pin|b7|run) run_job "$1" "job_$1" ;;
     prefix) [ "$(ls "$W"/smol.part_* 2>/dev/null | wc -l)" -ge 2 ] || { echo "prefix: GGUF parts still to carry"; return 0; }
             run_job prefix job_prefix ;;
     *) return 1 ;;
