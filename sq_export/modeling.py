@@ -140,15 +140,21 @@ def load_model(model: str, *, with_tokenizer: bool = True, device=None, dtype="a
     check_finite_weights(m, model)
     tok = None
     if with_tokenizer:
-        from transformers import AutoTokenizer
-
         try:
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.is_file() else AutoTokenizer.from_pretrained(path)
+            tok = _auto_tokenizer(path)
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:120]
             raise BadInput(f"model {model} has no usable tokenizer ({type(e).__name__}: {first}); pass "
                            "--tokenizer PATH (a folder or .gguf holding one) or save the tokenizer beside the weights") from e
+        check_gguf_tokenizer(tok, path)
     return m, tok, path
+
+
+def _auto_tokenizer(p: Path):
+    """transformers' tokenizer of a folder or a .gguf file (callers check a GGUF's with check_gguf_tokenizer)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
 
 
 def _from_pretrained(path: Path, kw: dict, dtype):
@@ -207,8 +213,6 @@ def check_finite_weights(model, label: str) -> None:
 
 def load_tokenizer(model: str):
     """The tokenizer of MODEL (folder, .gguf, alias), or of the source model an exported .onnx records."""
-    from transformers import AutoTokenizer
-
     if model.endswith(".onnx"):
         from sq_export.onnxio.meta import read_metadata
 
@@ -222,11 +226,10 @@ def load_tokenizer(model: str):
     else:
         p = resolve_model_path(model)
     try:
-        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.is_file() else AutoTokenizer.from_pretrained(p)
+        tok = _auto_tokenizer(p)
     except Exception as e:
         raise BadInput(f"could not load a tokenizer from {model}: {type(e).__name__}") from e
-    if p.is_file():
-        check_gguf_tokenizer(tok, p)
+    check_gguf_tokenizer(tok, p)
     return tok
 
 
@@ -241,8 +244,9 @@ def gguf_add_bos(path) -> bool | None:
 def check_gguf_tokenizer(tok, path) -> None:
     """BadInput when transformers' conversion of a GGUF's tokenizer drops the BOS token the file says to add. Seen
     with Gemma-3's GGUF under transformers 5.17 (the lent GPU's): no BOS and words split into more pieces, so every
-    perplexity and calibration on its ids is wrong (~900 instead of ~66) while 5.24 converts it right."""
-    if gguf_add_bos(path) and tok.bos_token_id is not None:
+    perplexity and calibration on its ids is wrong (~900 instead of ~66) while 5.24 converts it right. A folder's
+    tokenizer (no GGUF): nothing to check."""
+    if Path(path).is_file() and gguf_add_bos(path) and tok.bos_token_id is not None:
         ids = tok("The")["input_ids"]
         if not ids or ids[0] != tok.bos_token_id:
             import transformers
