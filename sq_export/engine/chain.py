@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import queue
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from sq_export.engine.external import child_env, last_line
 from sq_export.errors import BadInput
 from sq_export.onnxio.segments import FORMAT, SEGMENTS_SUFFIX, is_manifest, member_paths, read_manifest
 
@@ -40,16 +40,16 @@ def manifest_kind(path) -> str:
     return kind
 
 
-def chain_runner(path, name: str | None = None, providers=None, share_memory: bool = True):
+def chain_runner(path, name: str | None = None, providers=None):
     """A (not yet activated) runner of every segment of the manifest at `path`, in order. Engine segments share one
-    activation-memory buffer (SharedScratch) unless share_memory=False."""
+    activation-memory buffer (SharedScratch)."""
     from sq_export.engine.run import open_runner
 
     man = read_manifest(path)  # (a chain: each segment takes graph inputs or earlier segments' outputs only)
     members = member_paths(man)
     names = [f"{name or Path(path).name}:{i}" for i in range(len(members))]
     scratch = None
-    if man.get("kind") == "engine" and share_memory:
+    if man.get("kind") == "engine":
         runners, scratch = engine_runners(members, names)
     else:
         runners = [open_runner(p, name=n, providers=providers) for p, n in zip(members, names)]
@@ -239,8 +239,7 @@ def build_segments(manifest_path, out, *, jobs: int = 1, build_args: list | None
     members = member_paths(man)
     engines = [out.with_name(f"{stem}.seg{i:02d}.engine") for i in range(len(members))]
     python = python or sys.executable
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = child_env()
 
     stop = threading.Event()  # set by the first failed build: no further one starts
 
@@ -258,8 +257,7 @@ def build_segments(manifest_path, out, *, jobs: int = 1, build_args: list | None
             free.put(gpu)
         if p.returncode != 0:
             stop.set()
-        last = [ln for ln in (p.stderr or "").strip().splitlines() if ln.strip()]
-        return p.returncode, last[-1] if last else "", time.perf_counter() - t
+        return p.returncode, last_line(p.stderr), time.perf_counter() - t
 
     t0 = time.perf_counter()
     failed = None

@@ -3,8 +3,8 @@
 TensorRT is often installed apart from torch — another virtual environment or container, or (on this project's
 lent GPU) a CPython 3.10 kit beside a 3.12 torch. The pipeline's torch side then runs in one interpreter and its
 TensorRT side in the other: each call here runs `PATH -m sq_export ...` (this package first on its PYTHONPATH; the
-engine side imports no torch) and reads the one JSON line the command prints last. With `python=None` every
-function runs in this process instead, so callers use one code path either way.
+engine side imports no torch) and reads the one JSON line the command prints last. With `python=None`, build and
+perplexity run in this process instead, so callers use one code path either way.
 """
 
 from __future__ import annotations
@@ -30,9 +30,16 @@ _PROBE = (
 
 
 def child_env() -> dict:
+    """This environment with this package first on PYTHONPATH (for `PYTHON -m sq_export` in a child process)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
+
+
+def last_line(text: str | None) -> str:
+    """The last non-blank line of a child's output ("" for none): its error message."""
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
 
 
 def _run(python: str, args: list, what: str) -> dict:
@@ -43,8 +50,7 @@ def _run(python: str, args: list, what: str) -> dict:
     except OSError as e:
         raise BackendMissing(f"--trt-python {python} cannot be run ({type(e).__name__}: {e.strerror or e})") from None
     if p.returncode != 0:
-        last = [ln for ln in (p.stderr or "").strip().splitlines() if ln.strip()]
-        msg = last[-1] if last else f"exit {p.returncode}"
+        msg = last_line(p.stderr) or f"exit {p.returncode}"
         if p.returncode == 3 or "BackendMissing" in msg or "TensorRT is not importable" in msg or "no usable GPU" in msg:
             raise BackendMissing(f"{what} under {python}: {msg}")
         raise BadInput(f"{what} under {python} failed (exit {p.returncode}): {msg}")
@@ -55,12 +61,9 @@ def _run(python: str, args: list, what: str) -> dict:
         raise BadInput(f"{what} under {python} printed no JSON result (last output: {(lines or ['nothing'])[-1][:200]})") from None
 
 
-def probe(python: str | None = None) -> tuple[str, dict]:
-    """(TensorRT version, GPU facts) where the engines will be built and run; BackendMissing when there is none."""
-    if python is None:
-        from sq_export.engine.trt_compat import import_tensorrt, require_gpu
-
-        return import_tensorrt().__version__, require_gpu()
+def probe(python: str) -> tuple[str, dict]:
+    """(TensorRT version, GPU facts) under `python`; BackendMissing when it has none (in this process:
+    trt_compat.import_tensorrt and require_gpu, whose failures `run` reports apart)."""
     got = _run(python, ["-c", _PROBE], "probing TensorRT")
     return str(got["tensorrt"]), dict(got.get("gpu") or {})
 
@@ -76,14 +79,14 @@ def build(onnx_path, engine_path, *, precision: str, batch, seq, python: str | N
     return _run(python, args, f"building {Path(engine_path).name}")
 
 
-def perplexity(model_path, tokens, *, python: str | None = None) -> dict:
-    """model_perplexity of an engine, a manifest or a graph on `tokens` (sq_export.engine.run.Tokens)."""
+def perplexity(engine_path, tokens, *, python: str | None = None) -> dict:
+    """engine_perplexity of an engine or an engine manifest on `tokens` (sq_export.engine.run.Tokens)."""
     if python is None:
-        from sq_export.engine.run import engine_perplexity, model_kind, model_perplexity
+        from sq_export.engine.run import engine_perplexity
 
-        return (engine_perplexity if model_kind(model_path) == "engine" else model_perplexity)(model_path, tokens)
+        return engine_perplexity(engine_path, tokens)
     with tempfile.TemporaryDirectory(prefix="sq_tokens_") as d:
         f = Path(d) / "tokens.npz"
         np.savez(f, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, lengths=tokens.lengths)
-        return _run(python, ["-m", "sq_export", "eval", str(model_path), "--tokens", str(f), "--json"],
-                    f"measuring {Path(model_path).name}")
+        return _run(python, ["-m", "sq_export", "eval", str(engine_path), "--tokens", str(f), "--json"],
+                    f"measuring {Path(engine_path).name}")
