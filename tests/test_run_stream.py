@@ -287,7 +287,6 @@ def test_stream_run_with_segments(stream_run, tiny_dirs, texts, tmp_path, monkey
     processes stood in for by a script: no TensorRT here), and eval measures each engine manifest as one chain: here
     the ONNX segments run through ONNX Runtime in its place, whose perplexity must agree with the layer-streamed
     PyTorch model as a whole engine's does."""
-    import functools
     import shutil
     import sys
     import types
@@ -313,7 +312,8 @@ def test_stream_run_with_segments(stream_run, tiny_dirs, texts, tmp_path, monkey
 
     monkeypatch.setattr(tc, "import_tensorrt", lambda: types.SimpleNamespace(__version__="8.6.1"))
     monkeypatch.setattr(tc, "require_gpu", lambda: {"name": "FakeGPU"})
-    monkeypatch.setattr(chain, "build_segments", functools.partial(chain.build_segments, python=str(fake)))
+    real_build = chain.build_segments  # every segment build through the stand-in interpreter, whatever run passes
+    monkeypatch.setattr(chain, "build_segments", lambda *a, python=None, **k: real_build(*a, python=str(fake), **k))
     monkeypatch.setattr(er, "engine_perplexity", chain_ppl)
     assert run(tiny_dirs("llama"), out, texts, "--stream", "--segments", "2", "--build-jobs", "2") == 0
     assert manifest(out)["last_run"]["ran"] == ["export", "build", "eval", "report"]  # the graphs themselves are unchanged: check is up to date

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,13 @@ def perplexity(engine_path, tokens, *, python: str | None = None) -> dict:
         np.savez(f, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, lengths=tokens.lengths)
         return _run(python, ["-m", "sq_export", "eval", str(engine_path), "--tokens", str(f), "--json"],
                     f"measuring {Path(engine_path).name}")
+
+
+def engines_perplexity(engines: dict, tokens, *, python: str | None = None) -> tuple[dict, dict]:
+    """({name: perplexity}, {name: seconds}) of each engine or engine manifest in `engines` ({name: path})."""
+    ppl, secs = {}, {}
+    for name, path in engines.items():
+        t = time.perf_counter()
+        ppl[name] = perplexity(path, tokens, python=python)["perplexity"]
+        secs[name] = round(time.perf_counter() - t, 2)
+    return ppl, secs

@@ -367,7 +367,7 @@ def _build_segments(ctx: RunContext, staging: Path, mode: str, precision: str, p
 
     args = ["--precision", precision, "--batch", ":".join(map(str, prof["batch"])), "--seq", ":".join(map(str, prof["seq"]))]
     man = build_segments(ctx.out / segments_name(mode), staging / engine_segments_name(mode), jobs=ctx.opts.build_jobs,
-                         build_args=args, **({"python": ctx.opts.trt_python} if ctx.opts.trt_python else {}))
+                         build_args=args, python=ctx.opts.trt_python)
     return {"built": True, "engine": engine_segments_name(mode), "bytes": man["engine_bytes"], "build_seconds": man["wall_seconds"],
             "precision": precision, "segments": len(man["segments"])}
 
@@ -512,11 +512,7 @@ def run_eval(ctx: RunContext, staging: Path) -> dict:
         from sq_export.measure.perplexity import chunk_tokens
 
         toks = Tokens.from_chunks(chunk_tokens(ids, o.seq_len, o.max_tokens), "<eval text>")
-        ppl["tensorrt"], secs["tensorrt"] = {}, {}
-        for mode, p in built.items():
-            t = time.perf_counter()
-            ppl["tensorrt"][mode] = external.perplexity(p, toks, python=o.trt_python)["perplexity"]
-            secs["tensorrt"][mode] = round(time.perf_counter() - t, 2)
+        ppl["tensorrt"], secs["tensorrt"] = external.engines_perplexity(built, toks, python=o.trt_python)
     engine_check = engine_agreement(ppl.get("tensorrt", {}), ppl["onnxruntime"])
     sqnr = [{"linear": n, **v} for n, v in sqnr.items()]  # a list: model order survives sort_keys
     secs["sqnr"] = round(t_sqnr, 2)

@@ -200,12 +200,7 @@ def run_eval(ctx: RunContext, staging: Path, built: dict) -> dict:
         from sq_export.measure.perplexity import chunk_tokens
 
         toks = Tokens.from_chunks(chunk_tokens(ids, o.seq_len, o.max_tokens), "<eval text>")
-        ppl["tensorrt"], secs["tensorrt"] = {}, {}
-        for mode, p in built.items():
-            t = time.perf_counter()
-            r = external.perplexity(p, toks, python=o.trt_python)
-            ppl["tensorrt"][mode] = r["perplexity"]
-            secs["tensorrt"][mode] = round(time.perf_counter() - t, 2)
+        ppl["tensorrt"], secs["tensorrt"] = external.engines_perplexity(built, toks, python=o.trt_python)
     else:
         b = ctx.manifest["stages"].get("build") or {}
         skipped["tensorrt"] = f"no engine built ({b.get('reason') or 'the build stage did not run'})"
