@@ -166,6 +166,11 @@ job_run() {
   cp /tmp/run7/*.json /tmp/run7/report.md "$D/" 2>/dev/null
 }
 
+job_tests() {  # on the second GPU: the first one times the pin and b7 benches
+  need_kit || return 1
+  CUDA_VISIBLE_DEVICES=1 PYTHONPATH=$ROOT trtpy -m pytest -q -rfs --noconftest -p no:cacheprovider -s tests/test_engine_*.py 2>&1 | grep -v "^\[W\]\|^\[I\]" | tail -n 60
+}
+
 start_job() {
   case $1 in
     gemma) [ "$(ls "$W"/gemma.part_* 2>/dev/null | wc -l)" -ge 5 ] && [ -f "$W/g3tok/tokenizer.json" ] || { echo "gemma: parts still to carry"; return 0; }
