@@ -33,7 +33,9 @@ def replay_kwargs(kwargs: dict, prefix, batch: int) -> dict | None:
         return kwargs
     if prefix is None:
         return None
-    return {**kwargs, **{k: prefix.cache(batch) for k in keys}}
+    device = next((t.device for v in kwargs.values() for t in (v if isinstance(v, (tuple, list)) else (v,))
+                   if isinstance(t, torch.Tensor)), None)  # where the layer runs (the prefix may sit elsewhere)
+    return {**kwargs, **{k: prefix.cache(batch, device=device) for k in keys}}
 
 
 @contextlib.contextmanager

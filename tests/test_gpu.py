@@ -105,3 +105,33 @@ def test_export_traced_on_the_gpu_gives_the_cpu_trace_bytes(tiny_dirs, small_tex
         api.export_onnx(qm, b, weights=w, trace_device="cuda")
         assert a.read_bytes() == b.read_bytes(), w
     assert next(qm.model.parameters()).device.type == "cuda"  # put back where it was
+
+
+def test_outlier_prefix_on_the_gpu(tiny_dirs, small_text, tmp_path):
+    """The outlier prefix with the model on the GPU (2026-11-30 lease: `export --prefix-outliers auto --device cuda`
+    fed CPU token ids to the GPU model when choosing the tokens): the tokens chosen and the prefix's KV cache as on
+    the CPU (float32 both), and the CLI's every-Linear-INT8 prefix export with `--alpha kl`, prefill and decode."""
+    from sq_export.cli import main
+    from sq_export.onnxio.meta import read_metadata
+    from sq_export.quant import prefix as prefix_mod
+    from sq_export.quant.recipe import parse_prefix
+
+    folder = str(tiny_dirs("llama"))
+    mc, tok = api.load_model(folder, device="cpu")
+    mg, _ = api.load_model(folder, device="cuda", dtype="float32")
+    b = token_batches(8, 32)
+    got = {}
+    for dev, m in (("cpu", mc), ("cuda", mg)):
+        tokens, _ = prefix_mod.choose_tokens(m, family_for(m), b, parse_prefix("auto"), tok)
+        got[dev] = prefix_mod.compute_prefix(m, tokens, tok)
+        with prefix_mod.applied(m, got[dev]):  # a forward after the prefix, on the model's device
+            m(input_ids=torch.as_tensor(b[:2]).to(dev))
+    assert got["cpu"].tokens == got["cuda"].tokens
+    for kc, kg in zip(got["cpu"].keys + got["cpu"].values, got["cuda"].keys + got["cuda"].values):
+        assert kg.device.type == "cuda" and torch.allclose(kc, kg.cpu(), rtol=1e-4, atol=1e-5)
+    for dec in ([], ["--decode"]):
+        out = tmp_path / f"kl{len(dec)}.onnx"
+        assert main(["-q", "export", folder, "--weights", "qdq", "--prefix-outliers", "auto", "--alpha", "kl", "--smooth-pairs",
+                     "--fallback", "none", "--device", "cuda", "--calib-text", str(small_text / "calib.txt"), "--samples", "4",
+                     "--calib-seq-len", "64", "-o", str(out), *dec]) == 0
+        assert read_metadata(out)["prefix_outliers"] == ",".join(map(str, got["cpu"].tokens))

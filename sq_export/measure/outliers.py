@@ -62,6 +62,7 @@ def token_stats(model, family, windows, batch_size: int = 4, desc: str | None = 
     import torch
 
     from sq_export import progress
+    from sq_export.device import to_device
 
     windows = np.asarray(windows, dtype=np.int64)
     linears = family.quantized_linears()
@@ -99,7 +100,7 @@ def token_stats(model, family, windows, batch_size: int = 4, desc: str | None = 
         with torch.no_grad():
             for s in progress.bar(starts, desc=desc, unit="batch") if desc else starts:
                 cur["rows"] = slice(s, min(s + batch_size, n))
-                b = torch.as_tensor(windows[cur["rows"]])
+                b = to_device(windows[cur["rows"]], model)
                 body(input_ids=b, attention_mask=torch.ones_like(b), use_cache=False)
     finally:
         for h in hooks:

@@ -53,12 +53,12 @@ class OutlierPrefix:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def cache(self, batch: int = 1, into=None):
+    def cache(self, batch: int = 1, into=None, device=None):
         """A DynamicCache holding the prefix for `batch` sequences (a fresh object each time: a forward appends to
-        its cache). `into`: an empty cache to fill instead."""
+        its cache), on `device` (None: where the cache was computed). `into`: an empty cache to fill instead."""
         from transformers import DynamicCache
 
-        kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in zip(self.keys, self.values)]
+        kv = [(k.to(device).expand(batch, -1, -1, -1), v.to(device).expand(batch, -1, -1, -1)) for k, v in zip(self.keys, self.values)]
         if into is None:
             return DynamicCache(ddp_cache_data=kv)
         for i, (k, v) in enumerate(kv):
@@ -142,7 +142,9 @@ def compute_prefix(model, tokens: list[int], tokenizer=None, info: dict | None =
     bad = [t for t in tokens if not 0 <= int(t) < vocab]
     if bad:
         raise BadInput(f"--prefix-outliers: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
-    x = torch.as_tensor([list(tokens)], dtype=torch.long)
+    from sq_export.device import to_device
+
+    x = to_device(np.asarray([list(tokens)], dtype=np.int64), model)
     with applied(model, None):
         out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
@@ -251,12 +253,12 @@ def _prefix_hook(module, args, kwargs):
     key = _cache_key(module, kwargs)
     cache = kwargs.get(key)
     if cache is None:
-        kwargs[key] = prefix.cache(b)
+        kwargs[key] = prefix.cache(b, device=x.device)
         past = P
     else:
         past = cache.get_seq_length()
         if past == 0:
-            prefix.cache(b, into=cache)
+            prefix.cache(b, into=cache, device=x.device)
             past = P
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2 and mask.shape[1] + P == past + L:  # the caller's mask omits the prefix
