@@ -51,6 +51,17 @@ def _short(name: str, num_layers_path_hint: str = "") -> str:
     return name
 
 
+def artifact_bytes(sizes: dict, name: str) -> int | None:
+    """Bytes of one artifact as the run wrote it: `model.sq.onnx` with its external data (`.data`), `model.sq.engine`
+    or the segment engines that stand for it (`model.sq.engines.segNN.engine`); None when the run has neither."""
+    stem, _, ext = name.rpartition(".")
+    parts = [sizes.get(name), sizes.get(f"{name}.data")]
+    if ext == "engine":
+        parts += [v for k, v in sizes.items() if k.startswith(f"{stem}.engines.seg") and k.endswith(".engine")]
+    parts = [p for p in parts if p]
+    return sum(parts) if parts else None
+
+
 def _mb(n) -> str:
     if n is None:
         return "-"
@@ -363,9 +374,13 @@ def _markdown(doc: dict, manifest: dict) -> str:
                    + (" (" + ", ".join(f"{k}: {v}" for k, v in doc["check"]["violations"].items()) + " violations)" if doc["check"]["violations"] else ""))
     bullets.append(f"TensorRT: {h['tensorrt']}.")
     sz = doc["file_bytes"]
-    if sz.get("model.sq.onnx") and sz.get("model.fp.onnx"):
-        bullets.append(f"Size: model.sq.onnx {_mb(sz['model.sq.onnx'])} vs model.fp.onnx {_mb(sz['model.fp.onnx'])} "
-                       f"({sz['model.sq.onnx'] / sz['model.fp.onnx']:.2f}×).")
+    size = []
+    for what, sq_b, fp_b in (("graph", artifact_bytes(sz, "model.sq.onnx"), artifact_bytes(sz, "model.fp.onnx")),
+                             ("TensorRT engine", artifact_bytes(sz, "model.sq.engine"), artifact_bytes(sz, "model.fp.engine"))):
+        if sq_b and fp_b:
+            size.append(f"{what} {_mb(sq_b)} vs {_mb(fp_b)} ({sq_b / fp_b:.2f}×)")
+    if size:
+        bullets.append("Size, SmoothQuant vs FP32: " + "; ".join(size) + ".")
     bullets.append("Recipe: " + _recipe_line(doc["recipe"]) + ".")
     L += [f"- {b}" for b in bullets]
     L.append("")

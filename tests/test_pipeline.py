@@ -78,6 +78,7 @@ def assert_complete(out):
     assert ev["recipes"]["sq"] == "SmoothQuant W8A8, norm + pair smoothing, alpha auto (per group), fallback auto (max 10%)"
     md = (out / "report.md").read_text()
     assert "default recipe (delivered)" in md and "paper recipe" in md  # leads with the delivered recipe
+    assert "Size, SmoothQuant vs FP32: graph " in md
     assert md.startswith("# SmoothQuant W8A8 report") and "**Perplexity**" in md.splitlines()[2]
     for p in PLOTS:
         assert f"plots/{p}" in md
