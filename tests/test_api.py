@@ -46,6 +46,12 @@ def test_api_end_to_end_every_family(family_name, tiny_dirs, small_text, tmp_pat
     g = sq.export_onnx(qm, tmp_path / "m.onnx", weights="qdq")
     assert g.path.is_file() and g.metadata["mode"] == "sq" and g.metadata["smooth_pairs"] == "1"
     assert g.metadata["source_model"] == str(tiny_dirs(family_name))
+    # the family's INT8-engine FP16 default travels in the graph to the TensorRT 8.x build plan (Gemma-3: off)
+    from sq_export.engine.trt_compat import graph_facts, plan_build
+
+    assert g.metadata.get("int8_fp16") == ("0" if family_name == "gemma3" else None)
+    assert plan_build("8.6.0", "int8", graph_facts(g.path)).fp16_flag is (family_name != "gemma3")
+    assert plan_build("8.6.0", "int8", graph_facts(g.path), fp16=True).fp16_flag  # `build --fp16`
     report = sq.check(g.path, target="trt")
     assert report.raise_for_violations() is report and report.ok
     from sq_export.api import text_ids
@@ -55,7 +61,7 @@ def test_api_end_to_end_every_family(family_name, tiny_dirs, small_text, tmp_pat
     ort = onnx_perplexity(str(g.path), ids, 64, 256)["perplexity"]
     assert ort == pytest.approx(pt, rel=2e-3)  # the graph computes what the fake-quant model computes
     fp = sq.export_onnx(model, tmp_path / "fp.onnx")  # a float model exports as the reference graph
-    assert fp.metadata["mode"] == "fp" and fp.metadata["quantized_layers_total"] == 0
+    assert fp.metadata["mode"] == "fp" and fp.metadata["quantized_layers_total"] == 0 and "int8_fp16" not in fp.metadata
 
 
 def test_quantize_calibrates_itself_given_a_tokenizer_and_in_place(tiny_dirs, small_text):

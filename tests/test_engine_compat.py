@@ -156,6 +156,18 @@ def test_no_fp16_keeps_float_layers_fp32_on_trt8_only():
         plan_build("10.3.0", "int8", facts(dtype="fp16"), fp16=False)
 
 
+def test_graph_asks_int8_engines_without_fp16_flag():
+    """A graph whose metadata says int8_fp16=0 (Gemma-3's exports) builds INT8 without the FP16 flag on 8.x unless
+    --fp16 is given; the FP16 precision, TensorRT 10+ and graphs without the key keep today's flags."""
+    off = facts(int8_fp16=False)
+    p = plan_build("8.6.0", "int8", off)
+    assert p.int8_flag and not p.fp16_flag and any("int8_fp16=0" in n for n in p.notes)
+    assert plan_build("8.6.0", "int8", off, fp16=True).fp16_flag
+    assert plan_build("8.6.0", "int8", facts()).fp16_flag and plan_build("8.6.0", "int8", facts(int8_fp16=True)).fp16_flag
+    assert plan_build("10.3.0", "int8", facts(int8_fp16=False)).strongly_typed  # no flag there: no refusal either
+    assert plan_build("8.6.0", "fp16", facts(qdq=False, int8_fp16=False)).fp16_flag
+
+
 def test_fp16_export_graph_plans(tmp_path):
     """An `export --dtype fp16` graph: TensorRT 10+ builds it strongly typed in INT8; 8.6 refuses its float16
     Q/DQ scales with a re-export hint."""

@@ -258,7 +258,11 @@ def test_build_forwards_every_build_option():
                  ["--tactic-sources", "CUBLAS"], ["--batch", "1:1:4"]):
         i = got.index(want[0])
         assert got[i:i + len(want)] == want
-    assert "--no-fp16" not in got and "--jobs" not in got
+    assert "--no-fp16" not in got and "--fp16" not in got and "--jobs" not in got  # neither: each graph's own default
+    one = build_parser().parse_args(["build", "a.segments.json", "-o", "b.segments.json", "--fp16"])
+    assert "--fp16" in forwarded(one) and "--no-fp16" not in forwarded(one)
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args(["build", "a.onnx", "-o", "b.engine", "--fp16", "--no-fp16"])
 
 
 def test_chain_refuses_a_segment_input_nobody_gives(tmp_path):

@@ -48,7 +48,9 @@ def add_parser(sub):
     p.add_argument("--fp16-norms", action="store_true", help="let TensorRT 8.x run norm math in FP16 (default: pinned to FP32; FP16 overflows on real residual streams)")
     p.add_argument("--no-fp16-matmuls", action="store_true", help="TensorRT 8.x: do not pin the un-quantized MatMuls to FP16 (INT8 engines: attention, LM head; FP16 engines: all of them); next to the FP32 norms 8.6 then runs them in FP32")
     p.add_argument("--fp32-nodes", metavar="REGEX", help="TensorRT 8.x: also pin the layers of ONNX nodes whose name matches REGEX to FP32 (Q/DQ and INT8 GEMMs excluded), e.g. 'layers\\.\\d+/Add(_1)?$' for the residual adds")
-    p.add_argument("--no-fp16", action="store_true", help="TensorRT 8.x, --precision int8: no FP16 flag, layers outside Q/DQ run in FP32 (slower; tells FP16 range problems from INT8 ones)")
+    f16 = p.add_mutually_exclusive_group()
+    f16.add_argument("--no-fp16", action="store_true", help="TensorRT 8.x, --precision int8: no FP16 flag, layers outside Q/DQ run in FP32 (slower; tells FP16 range problems from INT8 ones)")
+    f16.add_argument("--fp16", action="store_true", help="TensorRT 8.x, --precision int8: the FP16 flag even where the graph asks for none (Gemma-3 graphs: their family's default, for accuracy)")
     p.add_argument("--no-prescale-norms", action="store_true", help="TensorRT 8.x with FP16: build the norms as exported (default: each decomposed norm divides by its token's max |x| before squaring, exact, so its statistics cannot overflow FP16 whichever precision TensorRT picks; without it SmoothQuant INT8 engines of SmolLM2 are garbage)")
     p.add_argument("--opt-level", type=int, default=None, metavar="0-5", help="TensorRT builder optimization level (lower builds faster; default TensorRT's, 3)")
     p.add_argument("--workspace", type=float, default=None, metavar="GIB", help="builder workspace limit in GiB")
@@ -63,7 +65,7 @@ def add_parser(sub):
 _FORWARD = [("--precision", "precision", "value"), ("--batch", "batch", "value"), ("--seq", "seq", "value"),
             ("--past", "past", "value"), ("--kv-fp16", "kv_fp16", "flag"), ("--timing-cache", "timing_cache", "value"),
             ("--fp16-norms", "fp16_norms", "flag"), ("--no-fp16-matmuls", "no_fp16_matmuls", "flag"),
-            ("--fp32-nodes", "fp32_nodes", "value"), ("--no-fp16", "no_fp16", "flag"),
+            ("--fp32-nodes", "fp32_nodes", "value"), ("--no-fp16", "no_fp16", "flag"), ("--fp16", "fp16", "flag"),
             ("--no-prescale-norms", "no_prescale_norms", "flag"), ("--opt-level", "opt_level", "value"),
             ("--workspace", "workspace", "value")]
 
@@ -120,7 +122,7 @@ def run(args) -> int:
             fp32_norms=not args.fp16_norms,
             past=past,
             kv_fp16=args.kv_fp16,
-            fp16=not args.no_fp16,
+            fp16=True if args.fp16 else False if args.no_fp16 else None,
             fp16_float_matmuls=not args.no_fp16_matmuls,
             fp32_nodes=args.fp32_nodes,
             prescale_norms=not args.no_prescale_norms,

@@ -199,7 +199,7 @@ def build_engine(
     fp32_norms=True,
     past=None,
     kv_fp16=False,
-    fp16=True,
+    fp16=None,
     fp16_float_matmuls=True,
     int8_gemm_output=None,
     fp32_nodes=None,
@@ -212,7 +212,8 @@ def build_engine(
     timing_cache: a file read before and updated after the build. workspace_gb: workspace memory pool limit.
     past: (min, opt, max) past length of a decode graph (default DEFAULT_PAST; min >= 1). kv_fp16: TensorRT 8.x
     takes and returns the KV cache (past_key_values.* / present.*) in FP16, halving its memory traffic.
-    fp16=False (TensorRT 8.x, int8): no FP16 builder flag, float layers stay FP32 (trt_compat.plan_build).
+    fp16=False (TensorRT 8.x, int8): no FP16 builder flag, float layers stay FP32 (trt_compat.plan_build); True: the
+    flag; None: the graph's own default (metadata int8_fp16: off for Gemma-3 INT8 graphs), else the flag.
     fp32_norms / fp16_float_matmuls (TensorRT 8.x): pin norms to FP32, and the un-quantized MatMuls to FP16 (in
     INT8 engines attention, LM head and fallback Linears; in FP16 engines every MatMul: next to FP32-pinned norms
     8.6 otherwise runs them in FP32; engine/precision_pins.py). int8_gemm_output "fp16"|"fp32" (TensorRT 8.x, experimental, benchmark

@@ -121,6 +121,7 @@ class GraphFacts:
     float_dtype: str = "fp32"  # "fp32" | "fp16" | "bf16" | "none": the dtype most float weights are stored in
     qdq_scale_dtypes: tuple = ()  # dtypes of the Q/DQ scales ("FLOAT", "FLOAT16", ...)
     opset: int = 0
+    int8_fp16: bool | None = None  # the graph's metadata sq_export.int8_fp16 (the exporter's family default), if any
 
     @property
     def has_qdq(self) -> bool:
@@ -202,6 +203,7 @@ def graph_facts_from_model(model) -> GraphFacts:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
             opset = int(o.version)
+    flag = {p.key: p.value for p in model.metadata_props}.get("sq_export.int8_fp16")
     return GraphFacts(
         inputs=inputs,
         input_shapes=shapes,
@@ -212,6 +214,7 @@ def graph_facts_from_model(model) -> GraphFacts:
         float_dtype=float_dtype,
         qdq_scale_dtypes=tuple(sorted(scale_types)),
         opset=opset,
+        int8_fp16=None if flag in (None, "") else flag not in ("0", "false", "False"),
     )
 
 
@@ -271,11 +274,12 @@ class BuildPlan:
         return d
 
 
-def plan_build(trt_version: str, precision: str, facts: GraphFacts, fp16: bool = True) -> BuildPlan:
+def plan_build(trt_version: str, precision: str, facts: GraphFacts, fp16: bool | None = None) -> BuildPlan:
     """Decide builder flags / network typing for `precision` on TensorRT `trt_version`; BadInput when the graph
     cannot give that precision on that version (the message says how to re-export). fp16=False (TensorRT 8.x,
     int8 only): no FP16 flag, so every layer outside the Q/DQ-quantized ones runs in FP32 (slower; isolates FP16
-    range problems from INT8 ones)."""
+    range problems from INT8 ones). fp16=None: what the graph asks for (facts.int8_fp16, written by the exporter
+    from the family's default: off for Gemma-3), else the flag."""
     if precision not in PRECISIONS:
         raise BadInput(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     major, minor, _ = parse_version(trt_version)
@@ -283,6 +287,9 @@ def plan_build(trt_version: str, precision: str, facts: GraphFacts, fp16: bool =
         raise BackendMissing(f"TensorRT {trt_version} is too old (8.5+ needed, 8.6+ tested): {TRT_INSTALL_HINT}")
     strongly_typed = major >= 10
     fdt = facts.float_dtype
+    graph_default = fp16 is None and precision == "int8" and not strongly_typed and facts.int8_fp16 is False
+    if fp16 is None:
+        fp16 = not graph_default
     if not fp16 and (precision != "int8" or strongly_typed):
         raise BadInput(
             "--no-fp16 applies to --precision int8 on TensorRT 8.x only"
@@ -334,8 +341,9 @@ def plan_build(trt_version: str, precision: str, facts: GraphFacts, fp16: bool =
                 f"TensorRT {major}.x explicit quantization: INT8 and FP16 builder flags; Q/DQ placement decides what "
                 "runs in INT8, the rest may run in FP16"
                 if fp16 else
-                f"TensorRT {major}.x explicit quantization, INT8 flag only (--no-fp16): Q/DQ placement decides what "
-                "runs in INT8, the rest runs in FP32"
+                f"TensorRT {major}.x explicit quantization, INT8 flag only ("
+                + ("the graph's metadata int8_fp16=0, its family's default; `build --fp16` overrides" if graph_default else "--no-fp16")
+                + "): Q/DQ placement decides what runs in INT8, the rest runs in FP32"
             )
         else:
             fp16_flag, int8_flag = True, False

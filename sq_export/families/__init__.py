@@ -54,6 +54,10 @@ class Family:
     # How the norms apply their weight: "gamma" γ·f(x)+β (LayerNorm, Llama's RMSNorm), "one_plus_gamma" (1+γ)·f(x)
     # (Gemma's RMSNorm). Smoothing divides the effective gain by s: γ' = γ/s, or (1+γ') = (1+γ)/s.
     norm_form: ClassVar[str] = "gamma"
+    # TensorRT 8.x INT8 engines of this family's graphs get the FP16 builder flag by default (the layers outside the
+    # Q/DQ may run in FP16). False: the exported graph asks the builder to leave it off (graph metadata int8_fp16=0;
+    # `build --fp16` still sets it), for families whose INT8 engines lose accuracy to FP16 float layers.
+    int8_engine_fp16: ClassVar[bool] = True
 
     def __init__(self, model):
         self.model = model

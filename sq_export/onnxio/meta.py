@@ -34,6 +34,8 @@ def graph_metadata(source_model: str, prep, calibration: str, family=None) -> di
         "fp16_layers": ",".join(prep.fp16_layers),
         "calibration": calibration,
     }
+    if quantized and not getattr(family or prep.family, "int8_engine_fp16", True):  # read by engine/trt_compat.plan_build
+        meta["int8_fp16"] = "0"
     if r.mode == "sq" and r.linear_pairs:
         meta["smooth_pairs"] = "1"
     if quantized and r.clip not in (None, "max"):
