@@ -81,6 +81,12 @@ class Family:
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}."
 
+    @property
+    def mlp_out(self) -> str:
+        """The MLP's output Linear, relative to a layer (down_proj, fc2, dense_4h_to_h, c_proj): every family lists
+        it last in `linears` (tests/test_hadamard.py checks each). Its input is the MLP's hidden activation."""
+        return self.linears[-1]
+
     def quantized_linears(self) -> list[str]:
         return [self.layer_prefix(i) + rel for i in range(self.num_layers()) for rel in self.linears]
 

@@ -148,7 +148,21 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
     # kept only for --fallback (it puts float Linears back); a QLinear holds its float Linear's weight itself (a view,
     # not a copy), so the float and the quantized weights are one tensor either way
     float_linears = {n: model.get_submodule(n) for n in names} if fb is not None else {}
+    rot = None
+    if recipe.rotate_down:  # the rotated inputs' ranges, on the smoothed float model (after the prefix, if any)
+        from sq_export.quant import hadamard
+
+        t = time.perf_counter()
+        rot_names = hadamard.targets(model, family)
+        h = hadamard.check_block(model, rot_names, recipe.rotate_down)
+        if calib is None:
+            raise BadInput("--rotate-down calibrates the rotated inputs' ranges: it needs calibration windows")
+        rot = (rot_names, h, hadamard.rotated_maxima(model, rot_names, h, calib.windows(), recipe.calib.batch_size))
+        times["rotate_calibrate_s"] = time.perf_counter() - t
     quantized = quantize_model(model, names, recipe.act, scales, recipe.per_channel)
+    if rot is not None:
+        rotated = hadamard.rotate_inputs(model, rot[0], rot[1], rot[2], recipe.per_channel)
+        info["rotate_down"] = {"block": recipe.rotate_down, "linears": len(rotated)}
     fp16 = []
     if fb is not None:
         t = time.perf_counter()
@@ -165,7 +179,7 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
         info["fallback"] = {k: v for k, v in r.items() if k != "fp16_layers"}
         quantized = [n for n in quantized if n not in set(fp16)]
         times["fallback_s"] = time.perf_counter() - t
-    graph_meta = {}
+    graph_meta = {"rotate_down": str(recipe.rotate_down)} if rot is not None else {}
     if recipe.quantize_attention:
         from sq_export.quant.attention import quantize_attention
 

@@ -86,6 +86,16 @@ class QLinear(nn.Module):
         self.act = act
         self.act_scale = None if act_scale is None else float(max(float(act_scale), 1e-8))
         self.in_features, self.out_features = w_kn.shape
+        # --rotate-down: the input is rotated by diag(rot, ..., rot) before it is quantized, and w_kn holds the weight
+        # rotated back (sq_export.quant.hadamard); None: no rotation
+        self.register_buffer("rot", None)
+
+    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rot is None:
+            return x
+        from sq_export.quant.hadamard import block_rotate
+
+        return block_rotate(x, self.rot.to(x.dtype))
 
     def quantized_weight(self) -> torch.Tensor:
         wq = torch.fake_quantize_per_channel_affine(self.w_kn, self.w_scale, self.w_zero, 1, QMIN, QMAX)
@@ -113,7 +123,7 @@ class QLinear(nn.Module):
             # a half model (float16/bfloat16 weights, e.g. on the GPU): fake quantization and the matmul in float32,
             # as an INT8 GEMM computes (exact products, wide accumulation, float32 rescale), then the model's type;
             # in the half type the dequantized values q·s would be rounded off the INT8 grid (bfloat16: 8 bits)
-            xf = x.float()
+            xf = self._rotated(x.float())
             xq = qdq_exact(xf, self.act_scale) if self.act == "static" else self.quant_input(xf)
             y = torch.matmul(xq, self.quantized_weight_float())
             y = y if self.bias is None else y + self.bias.float()
@@ -121,13 +131,13 @@ class QLinear(nn.Module):
         if x.dtype != self.w_kn.dtype:
             # a float16 model (export --dtype fp16; w_kn and the scales stay float32): fake quantization in float32
             # between Casts, which sq_export.passes.fp16_qdq turns into float16 Q/DQ (opset 19) with the same grid
-            y = torch.matmul(self.quant_input(x.float()).to(x.dtype), self.quantized_weight().to(x.dtype))
+            y = torch.matmul(self.quant_input(self._rotated(x.float())).to(x.dtype), self.quantized_weight().to(x.dtype))
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        y = torch.matmul(self.quant_input(x), self.quantized_weight())
+        y = torch.matmul(self.quant_input(self._rotated(x)), self.quantized_weight())
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self):
-        s = f"in={self.in_features}, out={self.out_features}, act={self.act}"
+        s = f"in={self.in_features}, out={self.out_features}, act={self.act}" + (f", rotated {self.rot.shape[0]}" if self.rot is not None else "")
         return s + (f", act_scale={self.act_scale:.4g}" if self.act_scale is not None else "")
 
 

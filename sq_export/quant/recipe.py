@@ -78,6 +78,9 @@ class Recipe:
     # an outlier prefix (PrefixQuant; sq_export.quant.prefix): None/"none", "auto", "N" (tokens), "ids:1,198" or
     # "text:..." — its float KV cache is prefixed to every sequence; static scales are calibrated without it
     prefix_outliers: str | None = None
+    # --rotate-down B: the MLP output Linear's input rotated by a block Hadamard of order B before it is quantized
+    # (an online transform; sq_export.quant.hadamard); None: no rotation
+    rotate_down: int | None = None
 
     # ----- presets ---------------------------------------------------------------------------------------------
     @classmethod
@@ -138,6 +141,14 @@ class Recipe:
             raise BadInput("--quantize-lm-head applies to quantized modes (naive, sq), not --mode fp")
         if self.act != "static" and self.clip not in (None, "max"):
             raise BadInput(f"--clip sets static activation ranges; it has no effect with --act {self.act}")
+        if self.rotate_down is not None:
+            b = self.rotate_down
+            if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1):
+                raise BadInput(f"--rotate-down {b!r}: the block must be a power of two, at least 2 (e.g. 64)")
+            if self.mode == "fp":
+                raise BadInput("--rotate-down applies to quantized modes (naive, sq), not --mode fp")
+            if self.clip not in (None, "max"):
+                raise BadInput("--rotate-down takes the rotated inputs' ranges from their max: leave out --clip")
         return self
 
     def describe(self) -> str:
@@ -162,6 +173,8 @@ class Recipe:
             parts.append("W8A8 LM head")
         if self.prefix_spec() is not None:
             parts.append(f"outlier prefix {self.prefix_outliers}")
+        if self.rotate_down:
+            parts.append(f"down_proj input rotated (Hadamard blocks of {self.rotate_down})")
         return ", ".join(parts)
 
 

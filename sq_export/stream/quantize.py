@@ -74,6 +74,9 @@ def check_streamable(recipe: Recipe) -> None:
                        "available streamed; use the whole-model path")
     if recipe.act_scales:
         raise BadInput("streamed quantization calibrates as it goes: --act-scales is for the whole-model path")
+    if recipe.rotate_down:
+        raise BadInput("--rotate-down is not available streamed yet (its rotated ranges need a pass of their own): "
+                       "use the whole-model path")
 
 
 @dataclass

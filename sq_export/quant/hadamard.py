@@ -1,0 +1,98 @@
+"""`--rotate-down B`: a block Hadamard rotation of the MLP output Linear's input (down_proj, fc2, dense_4h_to_h, ...).
+
+After the outlier prefix and pair smoothing, what is left of SmolLM2's every-Linear-INT8 error sits at the down_proj
+inputs (82 % of the KL, docs/ACCURACY.md): a few channels of a few tokens still set the one static per-tensor scale.
+An orthogonal rotation R spreads each token's values over its channels, so the per-tensor range fits them better,
+and its inverse folds into the weight, exactly in float (QuaRot, Ashkboos et al. 2024; SpinQuant):
+
+    y = x·W = (x·R)·(Rᵀ·W)        R = diag(H_B, ..., H_B), H_B the orthonormal Sylvester Hadamard of order B
+
+Unlike smoothing, R cannot be folded into the layer in front (x = act(gate)·up is an element-wise product), so it
+runs online: the exported graph computes x·R as Reshape → MatMul with the constant H_B [B, B] → Reshape before the
+QuantizeLinear (a float MatMul: FP16 in TensorRT, B·K multiply-adds per token for a K-wide input, i.e. B / N of
+the down_proj's own K·N). The static range of x·R is calibrated on the smoothed float model like every other
+range (one more pass over the calibration windows).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sq_export.errors import BadInput
+
+
+def hadamard(b: int) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of order `b` (a power of two), float32 (symmetric: H = Hᵀ = H⁻¹)."""
+    if b < 2 or b & (b - 1):
+        raise BadInput(f"--rotate-down {b}: the block must be a power of two, at least 2")
+    h = torch.ones(1, 1)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / b ** 0.5
+
+
+def block_rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x·diag(h, ..., h) over x's last dimension (a multiple of h's order), as the graph computes it."""
+    b = h.shape[0]
+    return torch.matmul(x.unflatten(-1, (x.shape[-1] // b, b)), h).flatten(-2)
+
+
+def targets(model, family) -> list[str]:
+    """The Linears whose input is rotated: each layer's MLP output Linear (Family.mlp_out)."""
+    return [family.layer_prefix(i) + family.mlp_out for i in range(family.num_layers())]
+
+
+def check_block(model, names: list[str], b: int) -> torch.Tensor:
+    """H_b, after checking that every named Linear's input width is a multiple of `b` (one line naming the first that
+    is not)."""
+    h = hadamard(b)
+    for n in names:
+        mod = model.get_submodule(n)
+        k = mod.in_features if hasattr(mod, "in_features") else mod.weight.shape[0]  # Conv1D keeps [in, out]
+        if k % b:
+            raise BadInput(f"--rotate-down {b}: {n} takes {k} inputs, not a multiple of {b}: choose a power of two dividing {k}")
+    return h
+
+
+@torch.no_grad()
+def rotated_maxima(model, names: list[str], h: torch.Tensor, batches, batch_size: int = 4) -> dict[str, float]:
+    """max|x·R| of each named Linear's input over `batches` ([n, L] token ids) through `model` as it is now (the
+    smoothed float model, after the outlier prefix if one is installed): the static ranges of the rotated inputs."""
+    from sq_export.quant.calibrate import run_decoder
+
+    amax = {n: 0.0 for n in names}
+
+    def hook(mod, args, n):
+        x = args[0].float()
+        amax[n] = max(amax[n], float(block_rotate(x, h.to(x.device)).abs().max()))
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
+    try:
+        run_decoder(model, batches, batch_size, desc="rotated ranges")
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return amax
+
+
+def rotate_inputs(model, names: list[str], h: torch.Tensor, maxima: dict[str, float], per_channel: bool = True) -> list[str]:
+    """Give each named QLinear the input rotation: its weight becomes Rᵀ·W (a new tensor: the float Linear it views
+    stays as it was, for the fallback), its per-channel weight scales are recomputed, its static input scale is
+    max|x·R| / 127. Linears left in float (not QLinears) are skipped. Returns the names rotated."""
+    from sq_export.quant.qlinear import QLinear, scale_from_amax, weight_scale
+
+    done = []
+    for n in names:
+        ql = model.get_submodule(n)
+        if not isinstance(ql, QLinear):
+            continue
+        w = ql.w_kn  # [K, N]
+        hh = h.to(device=w.device)
+        rw = torch.matmul(hh.t(), w.float().unflatten(0, (w.shape[0] // hh.shape[0], hh.shape[0]))).flatten(0, 1)
+        ql.w_kn = torch.nn.Parameter(rw.to(w.dtype).contiguous(), requires_grad=False)
+        ql.w_scale = weight_scale(ql.w_kn, per_channel)
+        ql.rot = hh.to(torch.float32)
+        if ql.act == "static":
+            ql.act_scale = float(max(float(scale_from_amax(maxima[n])), 1e-8))
+        done.append(n)
+    return done
