@@ -390,3 +390,32 @@ def test_run_with_an_outlier_prefix(tiny_dirs, texts, tmp_path):
     assert manifest(out)["last_run"]["ran"] == []
     assert run(tiny_dirs("llama"), out, texts, "--fallback", "none", "--until", "export") == 0
     assert "calibrate" in manifest(out)["last_run"]["ran"] and not (out / "prefix.safetensors").exists()
+
+
+def test_run_with_the_down_proj_rotation(tiny_dirs, texts, tmp_path):
+    """`run --rotate-down 32`: the delivered model's down_proj inputs rotated (its graph carries the rotation and the
+    metadata; ONNX Runtime = PyTorch), the paper and naive baselines without it; the export and eval stages record
+    the option, so a run without it into the same folder redoes them."""
+    import onnx
+
+    out = tmp_path / "rot"
+    assert run(tiny_dirs("llama"), out, texts, "--rotate-down", "32", "--fallback", "none") == 0
+    ev = json.loads((out / "eval.json").read_text())
+    pt, ort = ev["perplexity"]["pytorch"], ev["perplexity"]["onnxruntime"]
+    for m in ("naive", "paper", "sq"):
+        assert ort[m] == pytest.approx(pt[m], rel=2e-3), m
+
+    def meta(mode):
+        return {p.key: p.value for p in onnx.load(str(out / f"model.{mode}.onnx"), load_external_data=False).metadata_props}
+
+    assert meta("sq")["sq_export.rotate_down"] == "32"
+    assert "sq_export.rotate_down" not in meta("paper") and "sq_export.rotate_down" not in meta("naive")
+    assert "down_proj input rotated" in ev["recipes"]["sq"]
+    m = manifest(out)
+    assert m["stages"]["export"]["options"]["rotate_down"] == 32 and m["stages"]["eval"]["options"]["rotate_down"] == 32
+    assert run(tiny_dirs("llama"), out, texts, "--fallback", "none") == 0
+    assert {"export", "eval"} <= set(manifest(out)["last_run"]["ran"])
+    assert "sq_export.rotate_down" not in meta("sq")
+    with pytest.raises(SystemExit):
+        main(["-q", "run", str(tiny_dirs("llama")), "-o", str(tmp_path / "s"), "--stream", "--rotate-down", "x"])
+    assert run(tiny_dirs("llama"), tmp_path / "s", texts, "--stream", "--rotate-down", "32") == 2  # refused in one line

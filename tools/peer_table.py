@@ -29,6 +29,9 @@ calibration is shared by these rows, as one plain calibration is by the rows abo
     prefix_alpha085      prefix auto + pairs + α 0.85, every Linear INT8 (fallback none)
     prefix_kl            prefix auto + pairs + `--alpha kl` (one α per Linear-pair kind by KL), every Linear INT8
     prefix_fallback      the default recipe with the prefix (pairs + α per group + fallback auto)
+    prefix_kl_rot64      prefix_kl with `--rotate-down 64` (the down_proj inputs rotated by 64-wide Hadamard blocks,
+                         an online transform: sq_export.quant.hadamard), every Linear INT8
+    prefix_alpha085_rot64  prefix_alpha085 with `--rotate-down 64`, every Linear INT8
 
 Same inputs for everybody: ModelOpt's `forward_loop` feeds exactly the windows sq_export calibrates on,
 `calibration_samples(token_ids(tok, CALIB_TEXT, "calib"), samples, calib_seq_len)` (seeded; default: the shipped
@@ -95,7 +98,7 @@ from pathlib import Path
 OURS = ("fp32", "naive", "paper", "accurate_fallback", "accurate")
 PEER = ("modelopt_sq_1.0", "modelopt_sq_0.85", "modelopt_int8")
 EXTRA = ("modelopt_sq_0.85_export",)
-PREFIX = ("fp32_prefix", "prefix_alpha085", "prefix_kl", "prefix_fallback")  # named in --rows only
+PREFIX = ("fp32_prefix", "prefix_alpha085", "prefix_kl", "prefix_fallback", "prefix_kl_rot64", "prefix_alpha085_rot64")  # named in --rows only
 DEFAULT_ROWS = OURS + PEER
 ALL_ROWS = OURS + PEER + EXTRA
 KNOWN_ROWS = ("fp32", "fp32_prefix") + OURS[1:] + PREFIX[1:] + PEER + EXTRA  # the order rows run and print in
@@ -129,6 +132,8 @@ def labels(default_alpha) -> dict:
         "prefix_alpha085": "sq_export prefix auto + pairs + α 0.85, all Linears INT8",
         "prefix_kl": "sq_export prefix auto + pairs + α kl, all Linears INT8",
         "prefix_fallback": "sq_export prefix auto + default recipe (fallback auto)",
+        "prefix_kl_rot64": "sq_export prefix auto + pairs + α kl + down_proj input Hadamard 64, all Linears INT8",
+        "prefix_alpha085_rot64": "sq_export prefix auto + pairs + α 0.85 + down_proj input Hadamard 64, all Linears INT8",
     }
 
 
@@ -369,9 +374,13 @@ def peer_table(model: str = "smollm2", *, samples: int = 64, calib_seq_len: int 
             elif key == "prefix_alpha085":
                 m = working_copy(base, fam, smoothing=True, linear_pairs=True)
                 r = sq.make_recipe("default", alpha=0.85, fallback="none", prefix_outliers=PREFIX_SPEC, calib=calib)
-            elif key == "prefix_kl":
+            elif key in ("prefix_kl", "prefix_kl_rot64"):
                 m = working_copy(base, fam, smoothing=True, linear_pairs=True)
-                r = sq.make_recipe("default", alpha="kl", fallback="none", prefix_outliers=PREFIX_SPEC, calib=calib)
+                r = sq.make_recipe("default", alpha="kl", fallback="none", prefix_outliers=PREFIX_SPEC, calib=calib,
+                                   rotate_down=64 if key.endswith("rot64") else None)
+            elif key == "prefix_alpha085_rot64":
+                m = working_copy(base, fam, smoothing=True, linear_pairs=True)
+                r = sq.make_recipe("default", alpha=0.85, fallback="none", prefix_outliers=PREFIX_SPEC, calib=calib, rotate_down=64)
             else:  # prefix_fallback: the default recipe with the prefix
                 m = working_copy(base, fam, smoothing=True, linear_pairs=True)
                 r = sq.make_recipe("default", prefix_outliers=PREFIX_SPEC, calib=calib)

@@ -15,9 +15,11 @@
 #           INT8 GEMMs' output pinned to FP16 (bench_trt --int8-gemm-output fp16, experimental); all timed in one
 #           bench_trt --engines run; then Nsight Compute kernel lists of the FP16 and INT8 engines (one 4 x 256
 #           inference each) summed by class with tools/ncu_kernels.py.
-#   prefix  issue 17: SmolLM2 every-Linear-INT8 graph with the outlier prefix and --alpha kl (the export that failed on
-#           the GPU in the seventh lease; fixed), its INT8 engine vs ONNX Runtime on 16 x 256 held-out tokens, and its
-#           prefill / decode-step speed against the FP16 engine, both at level 3 (level 0 is unfair to FP16).
+#   prefix  issue 17: SmolLM2 every-Linear-INT8 graphs with the outlier prefix and --alpha kl (the export that failed on
+#           the GPU in the seventh lease; fixed), without and with --rotate-down 64 (the down_proj inputs rotated:
+#           +0.3 % vs FP32 in PyTorch on 16,384 tokens, 2026-11-30), their INT8 engines vs ONNX Runtime on 16 x 256
+#           held-out tokens, and their prefill / decode-step speed against the FP16 engine, all at level 3 (what
+#           the rotation's online MatMul costs in TensorRT).
 #   tests   engine tests on GPU ${G1:-1} (the segment decode test was rewritten after the seventh lease's INT8 failure;
 #           first run of its shared-memory bit-identity check); gpu  torch-side GPU tests (first run of
 #           test_outlier_prefix_on_the_gpu)
@@ -68,6 +70,8 @@ job_prefix() {
   gguf_from_parts smol "$M/SmolLM2-135M-Instruct.Q4_1.gguf" || return 1
   local S=$M/SmolLM2-135M-Instruct.Q4_1.gguf C="--samples 64 --device cuda" K="--prefix-outliers auto --alpha kl --smooth-pairs --fallback none"
   $SQ export "$S" --weights qdq $K -o "$M/kl.onnx" $C --json > "$D/kl.export.json" 2> "$D/kl.export.err" &
+  $SQ export "$S" --weights qdq $K --rotate-down 64 -o "$M/klr.onnx" $C --json > "$D/klr.export.json" 2> "$D/klr.export.err" &
+  $SQ export "$S" --weights qdq $K --rotate-down 64 --decode -o "$M/klr_dec.onnx" $C --json > "$D/klr_dec.export.json" 2> "$D/klr_dec.export.err" &
   $SQ export "$S" --weights qdq $K --decode -o "$M/kl_dec.onnx" $C --json > "$D/kl_dec.export.json" 2> "$D/kl_dec.export.err" &
   $SQ export "$S" --mode fp -o "$M/fp.onnx" --json > "$D/fp.export.json" 2> "$D/fp.export.err" &
   $SQ export "$S" --mode fp --decode -o "$M/fp_dec.onnx" --json > "$D/fp_dec.export.json" 2> "$D/fp_dec.export.err" &
@@ -75,14 +79,17 @@ job_prefix() {
   wait
   [ -f "$M/kl.onnx" ] || { echo "$(date +%T) prefix export failed: $(tail -n 1 "$D/kl.export.err")" >> "$D/log"; return 1; }
   need_kit || return 1
-  trtpy -m sq_export -q build "$M/kl.onnx" -o "$M/kl.engine" --batch 1:1:1 --seq 1:256:256 --opt-level 3 --json > "$D/kl.build.json" 2> "$D/kl.build.err"
-  trtpy -m sq_export compare "$M/kl.onnx" "$M/kl.engine" --tokens "$M/t.npz" --perplexity --batches 0 --min-cosine -1 --min-top1 0 \
-      --json > "$D/kl.compare.json" 2> "$D/kl.compare.err"
-  echo "$(date +%T) prefix compare $(tail -c 400 "$D/kl.compare.json")" >> "$D/log"
-  PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$M/fp.onnx" "$M/kl.onnx" --shape 4x256 --large 8x512 --opt-level 3 --cuda-graph \
+  local g
+  for g in kl klr; do  # klr: with the down_proj inputs rotated (--rotate-down 64, issue 17's best every-Linear-INT8 row)
+    trtpy -m sq_export -q build "$M/$g.onnx" -o "$M/$g.engine" --batch 1:1:1 --seq 1:256:256 --opt-level 3 --json > "$D/$g.build.json" 2> "$D/$g.build.err"
+    trtpy -m sq_export compare "$M/$g.onnx" "$M/$g.engine" --tokens "$M/t.npz" --perplexity --batches 0 --min-cosine -1 --min-top1 0 \
+        --json > "$D/$g.compare.json" 2> "$D/$g.compare.err"
+    echo "$(date +%T) prefix $g compare $(tail -c 400 "$D/$g.compare.json")" >> "$D/log"
+  done
+  PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$M/fp.onnx" "$M/kl.onnx" "$M/klr.onnx" --shape 4x256 --large 8x512 --opt-level 3 --cuda-graph \
       --workdir "$M/bp" --json "$D/bench_prefill.json" > "$D/bench_prefill.log" 2>&1
-  PYTHONPATH=$ROOT trtpy tools/bench_trt.py --decode "$M/fp_dec.onnx" "$M/kl_dec.onnx" --batches 1,8 --past 512 --kv-fp16 --cuda-graph \
-      --opt-level 3 --workdir "$M/bd" --json "$D/bench_decode.json" > "$D/bench_decode.log" 2>&1
+  PYTHONPATH=$ROOT trtpy tools/bench_trt.py --decode "$M/fp_dec.onnx" "$M/kl_dec.onnx" "$M/klr_dec.onnx" --batches 1,8 --past 512 --kv-fp16 \
+      --cuda-graph --opt-level 3 --workdir "$M/bd" --json "$D/bench_decode.json" > "$D/bench_decode.log" 2>&1
   echo "$(date +%T) prefix benches done" >> "$D/log"
 }
 

@@ -19,7 +19,7 @@ def add_calib(p):
     g.add_argument("--calib-batch", type=int, default=4, metavar="B", help="windows per forward pass (default 4)")
 
 
-def add_recipe(p, modes=True, runtime=True, rotate=True):
+def add_recipe(p, modes=True, runtime=True):
     """The recipe options (sq_export.quant.recipe): --recipe picks a preset, every other option overrides it."""
     import argparse
 
@@ -37,8 +37,8 @@ def add_recipe(p, modes=True, runtime=True, rotate=True):
     p.add_argument("--target-ppl-increase", default=None, metavar="PCT", help="--fallback auto: stop once perplexity on the calibration-split scoring windows is within PCT of float at its one-sided 95%% upper confidence bound (per-token NLL differences to float, 64-token blocks); otherwise the budget is spent while the KL drops (default 2%%)")
     p.add_argument("--max-fallback", default=None, metavar="N|PCT", help="--fallback auto: at most N Linears, or PCT of the quantized Linears (default 10%%)")
     p.add_argument("--prefix-outliers", default=None, metavar="none|auto|N|ids:ID,...|text:S", help="run every sequence after a constant KV-cache prefix (PrefixQuant): auto (the paper's choice: the token ids most often over 64x the median token at the down_proj inputs of the calibration windows, position 0 excluded, then BOS), N tokens (N-1 such ids, then BOS), explicit ids or a text; its float KV cache is computed once, the first token's massive activation (attention sink) then never runs through the quantized layers, and static scales are calibrated without it (default: none)")
-    if rotate:
-        p.add_argument("--rotate-down", type=int, default=None, metavar="B", help="rotate the input of each layer's MLP output Linear (down_proj) by a block Hadamard of order B (a power of two, e.g. 64) before it is quantized, the inverse folded into its weight (exact in float): spreads the remaining outliers over channels so the static per-tensor range fits (issue 17: SmolLM2 every Linear INT8 after --prefix-outliers auto, +1.36%% -> 0.0%% in PyTorch); an online transform: one float MatMul of B x B blocks per layer before the down_proj's QuantizeLinear (B/N of its multiply-adds; FP16 in TensorRT). eval/export/API; not run or --stream")
+    if runtime:
+        p.add_argument("--rotate-down", type=int, default=None, metavar="B", help="rotate the input of each layer's MLP output Linear (down_proj) by a block Hadamard of order B (a power of two, e.g. 64) before it is quantized, the inverse folded into its weight (exact in float): spreads the remaining outliers over channels so the static per-tensor range fits (issue 17: SmolLM2 every Linear INT8 after --prefix-outliers auto, +1.36%% -> 0.0%% in PyTorch); an online transform: one float MatMul of B x B blocks per layer before the down_proj's QuantizeLinear (B/N of its multiply-adds; FP16 in TensorRT). eval/export/run/API; not --stream")
     p.add_argument("--act-scales", metavar="FILE", help="use saved act scales (act_scales.safetensors or a mit-han-lab .pt) instead of calibrating")
     p.add_argument("--weight-granularity", choices=["channel", "tensor"], default="channel", help="INT8 weight scales per output channel (default) or per tensor")
     if runtime:

@@ -49,7 +49,7 @@ def add_parser(sub):
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="evaluate the first N tokens (default 4096; 0 = all)")
     p.add_argument("--seq-len", type=int, default=512, metavar="L", help="evaluation chunk length (default 512)")
     p.add_argument("--report-linear", metavar="NAME", help="Linear whose input channels the report plots (default: the middle layer's q_proj-equivalent)")
-    c.add_recipe(p, modes=False, rotate=False)  # --rotate-down: eval/export/API only (not wired into run's stages yet)
+    c.add_recipe(p, modes=False)
     c.add_export_options(p)
     p.add_argument("--stream", action="store_true", help="for models larger than memory (MODEL: a folder of safetensors): "
                    "calibrate, smooth, quantize one decoder layer at a time and write the graphs from placeholders; builds "
@@ -92,6 +92,7 @@ def run(args):
         quantize_attention=args.quantize_attention,
         quantize_lm_head=args.quantize_lm_head,
         prefix_outliers=args.prefix_outliers if parse_prefix(args.prefix_outliers) is not None else None,
+        rotate_down=args.rotate_down,
         calib=CalibOptions(args.calib_text, args.samples, args.calib_seq_len, args.calib_batch),
         weights=args.weights,
         target=normalize_target(args.target),

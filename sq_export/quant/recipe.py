@@ -114,7 +114,7 @@ class Recipe:
 
     def baseline(self) -> "Recipe":
         """The plain W8A8 baseline with this recipe's calibration and runtime options (what `run` reports beside it)."""
-        return dataclasses.replace(self, mode="naive", alpha=None, linear_pairs=False, clip=None, fallback=None)
+        return dataclasses.replace(self, mode="naive", alpha=None, linear_pairs=False, clip=None, fallback=None, rotate_down=None)
 
     def validate(self) -> "Recipe":
         if self.mode not in MODES:

@@ -59,6 +59,7 @@ class RunOptions:
     quantize_attention: bool = False
     quantize_lm_head: bool = False
     prefix_outliers: str | None = None  # an outlier prefix for every quantized model (sq_export.quant.prefix)
+    rotate_down: int | None = None  # the delivered recipe's down_proj input rotation (sq_export.quant.hadamard)
     calib: CalibOptions = field(default_factory=CalibOptions)
     # the graphs
     weights: str = "int8"  # int8 | qdq | qdq16 (see `sq-export export --weights`)
@@ -93,7 +94,7 @@ class RunOptions:
             return make_recipe("paper", calib=self.calib, **runtime)
         main = make_recipe(self.recipe, calib=self.calib, alpha=self.alpha, linear_pairs=self.linear_pairs, clip=self.clip,
                            fallback=self.sq_fallback(), target_ppl_increase=self.target_ppl_increase,
-                           max_fallback=self.max_fallback, **runtime)
+                           max_fallback=self.max_fallback, rotate_down=self.rotate_down, **runtime)
         if mode == "naive":
             return main.baseline()
         if mode == "sq":
@@ -168,6 +169,7 @@ class RunOptions:
             ("--quantize-lm-head", self.quantize_lm_head, "run without --stream"),
             ("--act-scales", self.act_scales, "leave it out (--stream calibrates as it goes)"),
             ("--prefix-outliers", self.prefix_outliers, "run without --stream"),
+            ("--rotate-down", self.rotate_down, "run without --stream"),
         ):
             if given:
                 raise BadInput(f"{flag} is not available with --stream (it needs the whole model): {alt}")

@@ -71,6 +71,8 @@ def recipe_options(ctx: RunContext, *keys) -> dict:
                       "fallback_windows_seq_len": r.calib.seq_len, "fallback_criterion": FALLBACK_CRITERION})
     if "runtime" in keys:
         d.update({"quantize_attention": r.quantize_attention, "quantize_lm_head": r.quantize_lm_head, "modes": list(ctx.modes)})
+        if r.rotate_down:  # (absent when off: the records of earlier runs keep matching)
+            d["rotate_down"] = r.rotate_down
     return d
 
 
