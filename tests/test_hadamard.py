@@ -117,8 +117,7 @@ def test_rotate_down_refusals(tiny_dirs, small_text):
         sq.quantize(copy.deepcopy(model), calib, sq.Recipe(rotate_down=256, fallback="none"))
     args = build_parser().parse_args(["export", "m", "-o", "x.onnx", "--rotate-down", "64"])
     assert recipe_from(args).rotate_down == 64
-    with pytest.raises(SystemExit):  # `run` does not take it (not wired into its stages)
-        build_parser().parse_args(["run", "m", "-o", "out", "--rotate-down", "64"])
+    assert build_parser().parse_args(["run", "m", "-o", "out", "--rotate-down", "64"]).rotate_down == 64  # run: test_pipeline
     from sq_export.stream.quantize import check_streamable
 
     with pytest.raises(BadInput, match="not available streamed"):
