@@ -135,3 +135,31 @@ def test_outlier_prefix_on_the_gpu(tiny_dirs, small_text, tmp_path):
                      "--fallback", "none", "--device", "cuda", "--calib-text", str(small_text / "calib.txt"), "--samples", "4",
                      "--calib-seq-len", "64", "-o", str(out), *dec]) == 0
         assert read_metadata(out)["prefix_outliers"] == ",".join(map(str, got["cpu"].tokens))
+
+
+def test_rotate_down_on_the_gpu_matches_the_cpu(tiny_dirs, small_text):
+    """--rotate-down with the model on the GPU (float32): the rotated ranges and the quantized model's logits as on
+    the CPU; in float16 a rotated QLinear computes in float32 (rotation, fake quantization, matmul), as the graph's
+    INT8 GEMM does, then casts to float16."""
+    from sq_export.quant.hadamard import block_rotate
+    from sq_export.quant.qlinear import qdq_exact
+
+    folder = str(tiny_dirs("llama"))
+    got = {}
+    for dev, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "float16")):
+        model, tok = api.load_model(folder, device=dev, dtype=dtype)
+        calib = api.calibrate(model, tok, small_text / "calib.txt", samples=4, seq_len=64)
+        qm = api.quantize(model, calib, api.Recipe(rotate_down=32, fallback="none"))
+        ql = qm.model.get_submodule("model.layers.0.mlp.down_proj")
+        assert ql.rot is not None and ql.rot.device.type == dev
+        x = calib.check_batch().to(dev)
+        with torch.no_grad():
+            got[(dev, dtype)] = (qm.model(input_ids=x).logits.float().cpu(), ql.act_scale)
+        if dtype == "float16":
+            xh = torch.randn(2, 5, ql.in_features, device=dev).to(torch.float16)
+            with torch.no_grad():
+                want = (qdq_exact(block_rotate(xh.float(), ql.rot), ql.act_scale) @ ql.quantized_weight_float()).to(torch.float16)
+                assert torch.equal(ql(xh), want)
+    ref, s_ref = got[("cpu", "float32")]
+    out, s = got[("cuda", "float32")]
+    assert abs(s / s_ref - 1) < 1e-4 and (out - ref).abs().max() < 2e-2 * ref.abs().max()
