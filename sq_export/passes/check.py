@@ -28,7 +28,7 @@ from sq_export.onnxio.write import save_model
 from sq_export.passes import RULES
 from sq_export.passes._graph import Violation, find_norms, nodes_of
 from sq_export.passes.fold_smoothing import Fold, fold_graph
-from sq_export.passes.registry import run_checks
+from sq_export.passes.registry import attach_metadata, run_checks
 
 # --target as the export spells it (tensorrt, ort) and the rule sets' own names (trt, ort)
 CHECK_TARGETS = {"tensorrt": "trt", "trt": "trt", "ort": "ort", "onnxruntime": "ort"}
@@ -155,9 +155,8 @@ def summarize(model: ir.Model, violations: list[Violation]) -> dict:
 
 def check_model(model: ir.Model, target: str = "trt") -> list[Violation]:
     """Every registered graph check (sq_export.passes.registry) that applies to `target`. The model's sq_export.*
-    metadata is handed to the checks in `graph.meta["sq_export.metadata"]` (prefix_kv reads the prefix length)."""
-    model.graph.meta["sq_export.metadata"] = {k.removeprefix("sq_export."): v for k, v in model.metadata_props.items()
-                                              if k.startswith("sq_export.")}
+    metadata is handed to the checks (registry.attach_metadata: prefix_kv reads the prefix length, rotation the block)."""
+    attach_metadata(model)
     return run_checks(model.graph, target)
 
 

@@ -24,9 +24,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from sq_export.passes._graph import Violation, attr_int, const_array, const_shape, is_const, label, nodes_of
-from sq_export.passes.registry import graph_check
+from sq_export.passes.registry import graph_check, graph_metadata
 
-META_KEY = "sq_export.metadata"  # graph.meta entry check_model fills with the model's sq_export.* metadata
 THROUGH = ("Expand", "Concat", "Identity", "Cast", "Tile")
 
 
@@ -83,7 +82,7 @@ def prefix_concats(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value]]:
     "PFX004": "outlier prefix: a decode graph's initial past (prefix_outliers.* initializers) missing or misshapen",
 }, order=60)
 def find_prefix_problems(graph: ir.Graph, target: str = "trt") -> list[Violation]:
-    meta = graph.meta.get(META_KEY) or {}
+    meta = graph_metadata(graph)
     if "prefix_length" not in meta:
         return []
     try:

@@ -65,6 +65,20 @@ def rules() -> dict[str, str]:
     return out
 
 
+META_KEY = "sq_export.metadata"  # graph.meta entry holding the model's sq_export.* metadata while checks run
+
+
+def attach_metadata(model: ir.Model) -> None:
+    """Hand the model's sq_export.* metadata to the checks, in graph.meta[META_KEY] (keys without the prefix)."""
+    model.graph.meta[META_KEY] = {k.removeprefix("sq_export."): v for k, v in model.metadata_props.items()
+                                  if k.startswith("sq_export.")}
+
+
+def graph_metadata(graph: ir.Graph) -> dict:
+    """The sq_export.* metadata attach_metadata handed over ({} when none)."""
+    return graph.meta.get(META_KEY) or {}
+
+
 def run_checks(graph: ir.Graph, target: str = "trt") -> list:
     """Every registered check that applies to `target`, in registration order."""
     out = []
@@ -88,7 +102,6 @@ class CheckPass(ir.passes.InPlacePass):
         self.violations: list = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        model.graph.meta["sq_export.metadata"] = {k.removeprefix("sq_export."): v for k, v in model.metadata_props.items()
-                                                  if k.startswith("sq_export.")}
+        attach_metadata(model)
         self.violations = self.check.find(model.graph, self.target)
         return ir.passes.PassResult(model, modified=False)

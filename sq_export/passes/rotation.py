@@ -20,9 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_export.passes._graph import Violation, const_array, const_shape, is_const, label, nodes_of
-from sq_export.passes.registry import graph_check
+from sq_export.passes.registry import graph_check, graph_metadata
 
-META_KEY = "sq_export.metadata"  # graph.meta entry check_model fills with the model's sq_export.* metadata
 THROUGH = ("Reshape", "Identity", "Cast", "Flatten")
 
 
@@ -42,7 +41,7 @@ def _feeds_quantize(value: ir.Value, depth: int = 4) -> bool:
     "ROT003": "--rotate-down graph: a rotation does not feed a QuantizeLinear",
 }, order=70)
 def find_rotation_problems(graph: ir.Graph, target: str = "trt") -> list[Violation]:
-    meta = graph.meta.get(META_KEY) or {}
+    meta = graph_metadata(graph)
     if not meta.get("rotate_down"):
         return []
     try:
