@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 
 from sq_export.errors import BadInput
+from sq_export.quant.recipe import validate_rotate_down
 
 
 def hadamard(b: int) -> torch.Tensor:
     """The orthonormal Sylvester Hadamard matrix of order `b` (a power of two), float32 (symmetric: H = Hᵀ = H⁻¹)."""
-    if b < 2 or b & (b - 1):
-        raise BadInput(f"--rotate-down {b}: the block must be a power of two, at least 2")
+    validate_rotate_down(b)
     h = torch.ones(1, 1)
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -37,7 +37,7 @@ def block_rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.unflatten(-1, (x.shape[-1] // b, b)), h).flatten(-2)
 
 
-def targets(model, family) -> list[str]:
+def targets(family) -> list[str]:
     """The Linears whose input is rotated: each layer's MLP output Linear (Family.mlp_out)."""
     return [family.layer_prefix(i) + family.mlp_out for i in range(family.num_layers())]
 
@@ -45,10 +45,11 @@ def targets(model, family) -> list[str]:
 def check_block(model, names: list[str], b: int) -> torch.Tensor:
     """H_b, after checking that every named Linear's input width is a multiple of `b` (one line naming the first that
     is not)."""
+    from sq_export.modeling import weight_oi
+
     h = hadamard(b)
     for n in names:
-        mod = model.get_submodule(n)
-        k = mod.in_features if hasattr(mod, "in_features") else mod.weight.shape[0]  # Conv1D keeps [in, out]
+        k = weight_oi(model.get_submodule(n)).shape[1]
         if k % b:
             raise BadInput(f"--rotate-down {b}: {n} takes {k} inputs, not a multiple of {b}: choose a power of two dividing {k}")
     return h
@@ -88,10 +89,10 @@ def rotate_inputs(model, names: list[str], h: torch.Tensor, maxima: dict[str, fl
             continue
         w = ql.w_kn  # [K, N]
         hh = h.to(device=w.device)
-        rw = torch.matmul(hh.t(), w.float().unflatten(0, (w.shape[0] // hh.shape[0], hh.shape[0]))).flatten(0, 1)
+        rw = block_rotate(w.float().t(), hh).t()  # Rᵀ·W = (Wᵀ·R)ᵀ
         ql.w_kn = torch.nn.Parameter(rw.to(w.dtype).contiguous(), requires_grad=False)
         ql.w_scale = weight_scale(ql.w_kn, per_channel)
-        ql.rot = hh.to(torch.float32)
+        ql.rot = hh
         if ql.act == "static":
             ql.act_scale = float(max(float(scale_from_amax(maxima[n])), 1e-8))
         done.append(n)

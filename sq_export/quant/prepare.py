@@ -153,7 +153,7 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
         from sq_export.quant import hadamard
 
         t = time.perf_counter()
-        rot_names = hadamard.targets(model, family)
+        rot_names = hadamard.targets(family)
         h = hadamard.check_block(model, rot_names, recipe.rotate_down)
         if calib is None:
             raise BadInput("--rotate-down calibrates the rotated inputs' ranges: it needs calibration windows")

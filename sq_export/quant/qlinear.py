@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sq_export.modeling import abs_max, is_conv1d
+from sq_export.quant.hadamard import block_rotate
 from sq_export.quant.recipe import ACT_MODES
 
 QMIN, QMAX = -128, 127
@@ -91,11 +92,7 @@ class QLinear(nn.Module):
         self.register_buffer("rot", None)
 
     def _rotated(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rot is None:
-            return x
-        from sq_export.quant.hadamard import block_rotate
-
-        return block_rotate(x, self.rot.to(x.dtype))
+        return x if self.rot is None else block_rotate(x, self.rot.to(x.dtype))
 
     def quantized_weight(self) -> torch.Tensor:
         wq = torch.fake_quantize_per_channel_affine(self.w_kn, self.w_scale, self.w_zero, 1, QMIN, QMAX)

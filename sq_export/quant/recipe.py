@@ -142,9 +142,7 @@ class Recipe:
         if self.act != "static" and self.clip not in (None, "max"):
             raise BadInput(f"--clip sets static activation ranges; it has no effect with --act {self.act}")
         if self.rotate_down is not None:
-            b = self.rotate_down
-            if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1):
-                raise BadInput(f"--rotate-down {b!r}: the block must be a power of two, at least 2 (e.g. 64)")
+            validate_rotate_down(self.rotate_down)
             if self.mode == "fp":
                 raise BadInput("--rotate-down applies to quantized modes (naive, sq), not --mode fp")
             if self.clip not in (None, "max"):
@@ -176,6 +174,13 @@ class Recipe:
         if self.rotate_down:
             parts.append(f"down_proj input rotated (Hadamard blocks of {self.rotate_down})")
         return ", ".join(parts)
+
+
+def validate_rotate_down(b) -> int:
+    """The --rotate-down block size: a power of two, at least 2 (BadInput naming it otherwise)."""
+    if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1):
+        raise BadInput(f"--rotate-down {b!r}: the block must be a power of two, at least 2 (e.g. 64)")
+    return b
 
 
 def validate_alpha(alpha) -> float:
