@@ -106,8 +106,8 @@ def export_decode_onnx(model, family, path, *, weights: str = "int8", target: st
     if prefix is not None:
         constants = {}
         for i, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
-            constants[PREFIX_INIT.format(i=i, kv="key")] = k.detach().float().contiguous().numpy()
-            constants[PREFIX_INIT.format(i=i, kv="value")] = v.detach().float().contiguous().numpy()
+            constants[PREFIX_INIT.format(i=i, kv="key")] = k.detach().float().cpu().contiguous().numpy()
+            constants[PREFIX_INIT.format(i=i, kv="value")] = v.detach().float().cpu().contiguous().numpy()
     return export_onnx(model, family, path, weights=weights, target=target, meta=meta, exporter=exporter, constants=constants)
 
 
