@@ -74,3 +74,17 @@ def test_rotation_that_skips_the_quantize_is_rot003(rotated):
     # (the Reshape after the rotation is dead now; the rest of the graph is untouched)
     got = _rules(m)
     assert "ROT003" in got and "ROT001" in got
+
+
+def test_a_down_proj_kept_in_float_is_not_rotated_and_the_graph_says_so(tiny_dirs, small_text, tmp_path):
+    """--rotate-down with a fallback that keeps a down_proj in float: that Linear is not rotated, the graph records
+    how many are (sq_export.rotated_linears) and passes; a count that does not match what the graph computes is
+    ROT001 (before the record, the check wanted one rotation per layer and failed such a graph)."""
+    model, tok = sq.load_model(tiny_dirs("llama"))
+    calib = sq.calibrate(model, tok, small_text / "calib.txt", **CAL)
+    qm = sq.quantize(model, calib, sq.Recipe(rotate_down=32, fallback="model.layers.1.mlp.down_proj"))
+    path = sq.export_onnx(qm, tmp_path / "fb.onnx", weights="qdq").path
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert meta["sq_export.rotated_linears"] == "1" and _rules(path) == []
+    assert len(_rotation_inits(onnx.load(str(path)))) == 1
+    assert _rules(_set_meta(onnx.load(str(path)), "rotated_linears", "2")) == ["ROT001"]

@@ -418,4 +418,7 @@ def test_run_with_the_down_proj_rotation(tiny_dirs, texts, tmp_path):
     assert "sq_export.rotate_down" not in meta("sq")
     with pytest.raises(SystemExit):
         main(["-q", "run", str(tiny_dirs("llama")), "-o", str(tmp_path / "s"), "--stream", "--rotate-down", "x"])
-    assert run(tiny_dirs("llama"), tmp_path / "s", texts, "--stream", "--rotate-down", "32") == 2  # refused in one line
+    # streamed too: the smoothed folder's record names the rotated Linears (tests/test_stream.py checks what they compute)
+    assert run(tiny_dirs("llama"), tmp_path / "s", texts, "--stream", "--rotate-down", "32", "--until", "smooth") == 0
+    recs = list((tmp_path / "s").rglob("sq_quant.json"))
+    assert len(recs) == 1 and json.loads(recs[0].read_text())["rotated"] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]

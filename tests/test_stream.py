@@ -260,3 +260,52 @@ def test_streamed_refusals_close_the_checkpoint(tiny_dirs, small_text, tmp_path,
             api.quantize_streamed(folder, tmp_path / "q", r, tokenizer=tok, device="cpu")
         assert closed and not (tmp_path / "q").exists()
         closed.clear()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_rotate_down_matches_the_whole_model(family, tiny_dirs, small_text, tmp_path):
+    """--rotate-down streamed: the rotated inputs' ranges are measured on each smoothed layer (inputs from the float
+    layers before it, where the whole-model path has the smoothed ones: equal up to float rounding); every other
+    decision is the whole-model path's. The record names the rotated Linears and each reader rotates them: the loaded
+    model computes what the whole-model one does, perplexity_streamed agrees with it, and the graph exported from
+    placeholders (Rᵀ·W computed when written) has the loaded export's bytes and passes the rotation check."""
+    from sq_export.quant import hadamard
+    from sq_export.quant.qlinear import QLinear
+    from sq_export.stream.perplexity import perplexity_streamed
+    from sq_export.stream.quantize import read_quant_record
+
+    folder = str(tiny_dirs(family))
+    r = make_recipe("default", calib=_calib(small_text), fallback="1", rotate_down=32)  # the tiny MLPs are 128 wide; 2 layers
+    model, tok = api.load_model(folder, device="cpu")
+    qm = api.quantize(model, None, r, tokenizer=tok)
+    res = api.quantize_streamed(folder, tmp_path / "s", r, tokenizer=tok, device="cpu")
+    p = qm.prepared
+    assert res.alpha_per_group == p.alpha_per_group and res.fp16_layers == p.fp16_layers and res.quantized == p.quantized
+    targets = set(hadamard.targets(p.family))
+    rotated = [n for n in hadamard.targets(p.family) if n in set(p.quantized)]
+    assert rotated and read_quant_record(tmp_path / "s")["rotated"] == rotated
+    for n in p.quantized:
+        want = qm.model.get_submodule(n).act_scale
+        if n in targets:  # measured on the rotated input: not the unrotated maximum's scale
+            assert res.scales[n] == pytest.approx(want, rel=1e-5) and res.scales[n] != pytest.approx(float(p.act_max[n].max()) / 127, rel=1e-3), n
+        else:
+            assert res.scales[n] == want, n
+    qs = api.load_quantized(tmp_path / "s", device="cpu")
+    for n in rotated:
+        a, b = qs.model.get_submodule(n), qm.model.get_submodule(n)
+        assert isinstance(a, QLinear) and a.rot is not None and torch.equal(a.rot, b.rot) and torch.allclose(a.w_kn, b.w_kn, atol=1e-6), n
+    ids = torch.as_tensor(np.asarray(api.calibrate(model, tok, small_text / "calib.txt", samples=2, seq_len=SEQ).ids[: 2 * SEQ]).reshape(2, SEQ))
+    with torch.no_grad():
+        la, lb = qs.model(input_ids=ids).logits, qm.model(input_ids=ids).logits
+    assert torch.nn.functional.cosine_similarity(la.flatten(), lb.flatten(), dim=0) > 0.9999
+    text_ids = np.asarray(tok(open(small_text / "eval.txt").read())["input_ids"])
+    ps = perplexity_streamed(tmp_path / "s", text_ids, seq_len=SEQ, max_tokens=4 * SEQ, device="cpu")
+    pl = api.perplexity(qs, tok, small_text / "eval.txt", seq_len=SEQ, max_tokens=4 * SEQ)
+    assert ps["perplexity"] == pytest.approx(pl["perplexity"], rel=1e-5)
+    ql = api.load_quantized(tmp_path / "s", lazy=True)
+    for w in ("int8", "qdq16"):
+        a, b = tmp_path / f"loaded_{w}.onnx", tmp_path / f"lazy_{w}.onnx"
+        api.export_onnx(qs, a, weights=w)
+        api.export_onnx(ql, b, weights=w)
+        assert a.read_bytes() == b.read_bytes(), w
+        api.check(b).raise_for_violations()

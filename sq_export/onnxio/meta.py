@@ -42,7 +42,7 @@ def graph_metadata(source_model: str, prep, calibration: str, family=None) -> di
         meta["clip"] = r.clip
     if prep.alpha_per_group:
         meta["alpha_per_group"] = json.dumps(prep.alpha_per_group, sort_keys=True)
-    meta.update({k: v for k, v in prep.graph_meta.items() if k in ("quantize_attention", "quantize_lm_head", "lm_head_alpha", "rotate_down")})
+    meta.update({k: v for k, v in prep.graph_meta.items() if k in ("quantize_attention", "quantize_lm_head", "lm_head_alpha", "rotate_down", "rotated_linears")})
     pre = getattr(prep, "prefix", None)
     if pre is not None:  # the outlier prefix the graph runs after (sq_export.quant.prefix; check: passes/prefix_kv.py)
         meta["prefix_outliers"] = ",".join(str(t) for t in pre.tokens)

@@ -6,8 +6,9 @@ Reshape → MatMul with a constant [B, B] orthonormal block → Reshape, feeding
 graph that lost a rotation (or kept one too many) computes another model, silently: its weights no longer match
 their inputs.
 
-    ROT001  the number of rotations (MatMul with a constant [B, B] feeding a QuantizeLinear) is not one per layer
-            (one per Softmax: attention layers)
+    ROT001  the number of rotations (MatMul with a constant [B, B] feeding a QuantizeLinear) is not the number of
+            rotated Linears the graph records (`sq_export.rotated_linears`: a Linear the fallback kept in float is not
+            rotated), or without that record not one per layer (one per Softmax: attention layers)
     ROT002  a rotation's constant is not orthonormal (H·Hᵀ ≠ I)
     ROT003  a MatMul with a constant [B, B] block does not feed a QuantizeLinear (the rotated input is not quantized)
 
@@ -60,9 +61,10 @@ def find_rotation_problems(graph: ir.Graph, target: str = "trt") -> list[Violati
         a = const_array(h)
         if a is None or not np.allclose(a.astype(np.float64) @ a.astype(np.float64).T, np.eye(b), atol=1e-3):
             out.append(Violation("ROT002", label(mm), f"the rotation block {h.name} is not orthonormal"))
-    layers = len(nodes_of(graph, "Softmax"))
-    if found != layers:
+    recorded = meta.get("rotated_linears")
+    want = int(recorded) if recorded and recorded.isdigit() else len(nodes_of(graph, "Softmax"))
+    if found != want:
+        why = f"the {want} rotated Linears the graph records" if recorded else f"one per layer ({want} Softmax)"
         out.append(Violation("ROT001", "<graph>", f"{found} input rotations of [{b}, {b}] blocks feed a QuantizeLinear, "
-                             f"expected one per layer ({layers} Softmax): the down_proj weights hold Rᵀ·W, so each "
-                             "needs its input rotated"))
+                             f"expected {why}: those Linears' weights hold Rᵀ·W, so each needs its input rotated"))
     return out

@@ -76,24 +76,34 @@ def rotated_maxima(model, names: list[str], h: torch.Tensor, batches, batch_size
     return amax
 
 
-def rotate_inputs(model, names: list[str], h: torch.Tensor, maxima: dict[str, float], per_channel: bool = True) -> list[str]:
-    """Give each named QLinear the input rotation: its weight becomes Rᵀ·W (a new tensor: the float Linear it views
-    stays as it was, for the fallback), its per-channel weight scales are recomputed, its static input scale is
-    max|x·R| / 127. Linears left in float (not QLinears) are skipped. Returns the names rotated."""
-    from sq_export.quant.qlinear import QLinear, scale_from_amax, weight_scale
+def rotate_qlinear(ql, h: torch.Tensor, per_channel: bool = True, amax: float | None = None, w_kn: torch.Tensor | None = None) -> None:
+    """Give QLinear `ql` the input rotation diag(h, ..., h): its weight becomes Rᵀ·W (a new tensor: the float Linear
+    it views stays as it was, for the fallback; `w_kn` given: that tensor instead, e.g. a placeholder whose values
+    are Rᵀ·W, sq_export.stream.lazy), its per-channel weight scales are recomputed, and with `amax` (max|x·R| on
+    calibration) its static input scale becomes amax / 127 (None: the scale it has, e.g. a recorded one, stays)."""
+    from sq_export.quant.qlinear import scale_from_amax, weight_scale
+
+    w = ql.w_kn  # [K, N]
+    hh = h.to(device=w.device)
+    if w_kn is None:
+        w_kn = block_rotate(w.float().t(), hh).t().to(w.dtype).contiguous()  # Rᵀ·W = (Wᵀ·R)ᵀ
+    ql.w_kn = torch.nn.Parameter(w_kn, requires_grad=False)
+    ql.w_scale = weight_scale(ql.w_kn, per_channel)
+    ql.rot = hh
+    if amax is not None and ql.act == "static":
+        ql.act_scale = float(max(float(scale_from_amax(amax)), 1e-8))
+
+
+def rotate_inputs(model, names: list[str], h: torch.Tensor, maxima: dict[str, float] | None, per_channel: bool = True) -> list[str]:
+    """rotate_qlinear on each named QLinear of `model` (with its rotated input maximum from `maxima`; None: the
+    static scales they have stay, as when a layer-streamed record's are loaded). Linears left in float (not QLinears)
+    are skipped. Returns the names rotated."""
+    from sq_export.quant.qlinear import QLinear
 
     done = []
     for n in names:
         ql = model.get_submodule(n)
-        if not isinstance(ql, QLinear):
-            continue
-        w = ql.w_kn  # [K, N]
-        hh = h.to(device=w.device)
-        rw = block_rotate(w.float().t(), hh).t()  # Rᵀ·W = (Wᵀ·R)ᵀ
-        ql.w_kn = torch.nn.Parameter(rw.to(w.dtype).contiguous(), requires_grad=False)
-        ql.w_scale = weight_scale(ql.w_kn, per_channel)
-        ql.rot = hh
-        if ql.act == "static":
-            ql.act_scale = float(max(float(scale_from_amax(maxima[n])), 1e-8))
-        done.append(n)
+        if isinstance(ql, QLinear):
+            rotate_qlinear(ql, h, per_channel, None if maxima is None else maxima[n])
+            done.append(n)
     return done

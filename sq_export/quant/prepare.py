@@ -179,7 +179,10 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
         info["fallback"] = {k: v for k, v in r.items() if k != "fp16_layers"}
         quantized = [n for n in quantized if n not in set(fp16)]
         times["fallback_s"] = time.perf_counter() - t
-    graph_meta = {"rotate_down": str(recipe.rotate_down)} if rot is not None else {}
+    graph_meta = {}
+    if rot is not None:  # the fallback's float Linears are not rotated: the graph check counts the rotated ones
+        kept = set(quantized)
+        graph_meta = {"rotate_down": str(recipe.rotate_down), "rotated_linears": str(sum(n in kept for n in rotated))}
     if recipe.quantize_attention:
         from sq_export.quant.attention import quantize_attention
 

@@ -169,7 +169,6 @@ class RunOptions:
             ("--quantize-lm-head", self.quantize_lm_head, "run without --stream"),
             ("--act-scales", self.act_scales, "leave it out (--stream calibrates as it goes)"),
             ("--prefix-outliers", self.prefix_outliers, "run without --stream"),
-            ("--rotate-down", self.rotate_down, "run without --stream"),
         ):
             if given:
                 raise BadInput(f"{flag} is not available with --stream (it needs the whole model): {alt}")

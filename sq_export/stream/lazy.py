@@ -40,6 +40,7 @@ class LazyWeights:
         self.ckpt = ckpt
         self.by_storage: dict[int, tuple[str, torch.Tensor]] = {}
         self.real_storages: set[int] = set()  # the model's real tensors (norms, biases, scales, buffers)
+        self.transforms: dict[int, tuple] = {}  # derived placeholders: {storage pointer: (source view, function)}
 
     def captured(self, t: torch.Tensor, name: str):
         """What the exporter's captured parameter `t` becomes: an ir.LazyTensor of the checkpoint's values when it is
@@ -56,7 +57,8 @@ class LazyWeights:
                                shape=ir.Shape(tuple(t.shape)), name=name)
             # the type the checkpoint stores it in (its header's; no data read): a float16 one is exact in float16,
             # which the compact float graph (--mode fp --weights qdq16) then knows without reading it
-            stored = STORED_TYPES.get(self.ckpt.stored_dtype(src[0]))
+            derived = src[1].untyped_storage().data_ptr() in self.transforms
+            stored = None if derived else STORED_TYPES.get(self.ckpt.stored_dtype(src[0]))
             if stored is not None:
                 lt.meta[SOURCE_DTYPE] = getattr(ir.DataType, stored)
             return lt
@@ -77,6 +79,15 @@ class LazyWeights:
         self.by_storage[t.untyped_storage().data_ptr()] = (name, t)
         return t
 
+    def derived(self, src: torch.Tensor, fn, tag: str) -> torch.Tensor:
+        """A placeholder of `src`'s shape whose values are fn(the values of placeholder (view) `src`), computed when
+        it is read (`real`): a weight the model uses transformed (--rotate-down's Rᵀ·W), still one tensor in memory
+        at a time. Its checkpoint type is not recorded (the transformed values are not the stored ones)."""
+        name, _ = self.source_of(src)
+        t = self.placeholder(f"{name}:{tag}", tuple(src.shape))
+        self.transforms[t.untyped_storage().data_ptr()] = (src, fn)
+        return t
+
     def source_of(self, t: torch.Tensor):
         """(checkpoint name, placeholder) when `t` is a placeholder or a view of one, else None."""
         try:
@@ -87,7 +98,8 @@ class LazyWeights:
     def real(self, t: torch.Tensor) -> torch.Tensor:
         """The checkpoint's values of placeholder (view) `t`, float32, contiguous, in `t`'s shape."""
         name, ph = self.source_of(t)
-        base = self.ckpt.tensor(name, "cpu", torch.float32)
+        d = self.transforms.get(ph.untyped_storage().data_ptr())
+        base = d[1](self.real(d[0])).float().contiguous() if d else self.ckpt.tensor(name, "cpu", torch.float32)
         if base.shape != ph.shape:
             raise RuntimeError(f"{name}: checkpoint shape {list(base.shape)} != placeholder {list(ph.shape)}")
         off = t.storage_offset() - ph.storage_offset()
@@ -149,11 +161,20 @@ def load_lazy(folder: str | Path, rec: dict):
     with the scales in `rec` (sq_quant.json) and their weight scales computed from the checkpoint's weights, one at
     a time."""
     from sq_export.quant.qlinear import quantize_model, weight_scale
-    from sq_export.stream.quantize import act_scales_of, recipe_from_json
+    from sq_export.stream.quantize import act_scales_of, recipe_from_json, rotation_of
 
     model, fam, lw = load_float_lazy(folder)
     recipe = recipe_from_json(rec["recipe"])
     quantized = quantize_model(model, rec["quantized"], recipe.act, act_scales_of(rec), recipe.per_channel)
+    rot = rotation_of(rec)
+    if rot is not None:  # --rotate-down: each rotated QLinear's weight a placeholder of Rᵀ·W, computed when written
+        from sq_export.quant.hadamard import block_rotate, rotate_qlinear
+
+        names, h = rot
+        for n in names:
+            q = model.get_submodule(n)
+            w = lw.derived(q.w_kn, lambda w_kn, h=h: block_rotate(w_kn.t(), h).t(), "rotated")
+            rotate_qlinear(q, h, recipe.per_channel, w_kn=w)
     # the scales QLinear computed from the placeholder, now from the real weight; each tensor opens and closes its
     # file (Checkpoint.reading() would keep every page read mapped: the checkpoint's size in RSS)
     for n in quantized:

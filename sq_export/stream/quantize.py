@@ -20,6 +20,13 @@ What needs more than one layer, and is refused here with the reason:
 - `--quantize-attention` and `--quantize-lm-head` calibrate on the quantized model's forward (a second streamed
   pass over the quantized layers; not implemented).
 The float-equivalence check is per layer (float32, the first cached batch) instead of the whole-model logits.
+
+`--rotate-down B` streams: after layer i is smoothed, the cached batches run through it once more and the range
+of its MLP output Linear's rotated input (max|x·R|, sq_export.quant.hadamard) becomes that Linear's static scale,
+as `prepare` measures it on the smoothed model (its inputs there come from the smoothed layers before it, here from
+the float ones: equal up to float rounding, not bit-identical). The checkpoint keeps the weights unrotated (it is
+still the float model); sq_quant.json names the Linears whose input is rotated ("rotated"), and every reader of the
+record (api.load_quantized, lazy export, perplexity_streamed) rotates them when it builds the QLinears.
 """
 
 from __future__ import annotations
@@ -59,6 +66,18 @@ def act_scales_of(rec: dict) -> dict[str, float]:
     return {n: float(v) for n, v in rec["act_scales"].items()}
 
 
+def rotation_of(rec: dict):
+    """(names, H_B) of a record whose MLP output Linears' inputs are rotated (--rotate-down B, sq_quant.json's
+    "rotated"), else None: its readers give those QLinears the rotation (hadamard.rotate_inputs / rotate_qlinear)
+    with the recorded scales."""
+    names = rec.get("rotated")
+    if not names:
+        return None
+    from sq_export.quant.hadamard import hadamard
+
+    return list(names), hadamard(int(rec["recipe"]["rotate_down"]))
+
+
 def check_streamable(recipe: Recipe) -> None:
     if recipe.mode == "fp":
         raise BadInput("streamed quantization needs a quantized recipe (naive or sq), not --mode fp")
@@ -74,9 +93,6 @@ def check_streamable(recipe: Recipe) -> None:
                        "available streamed; use the whole-model path")
     if recipe.act_scales:
         raise BadInput("streamed quantization calibrates as it goes: --act-scales is for the whole-model path")
-    if recipe.rotate_down:
-        raise BadInput("--rotate-down is not available streamed yet (its rotated ranges need a pass of their own): "
-                       "use the whole-model path")
 
 
 @dataclass
@@ -161,10 +177,10 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
     from sq_export.decoder_layers import layer_input
     from sq_export.quant.equivalence import check_layer_unchanged, layer_output_f32
     from sq_export.quant.fallback import least_sqnr, linear_sqnr
-    from sq_export.quant.qlinear import QLinear, static_scales
+    from sq_export.quant.qlinear import QLinear, scale_from_amax, static_scales
     from sq_export.quant.reservoir import input_keys, new_reservoir, rows_for
     from sq_export.quant.smooth import apply_smoothing_groups, divisors
-    from sq_export.stream.calibrate import calibrate_layer, layer_linears, open_stream
+    from sq_export.stream.calibrate import calibrate_layer, layer_linears, open_stream, rotated_layer_maxima
     from sq_export.stream.writer import ShardWriter
     from sq_export.textdata import calibration_samples
 
@@ -181,6 +197,16 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
     fam = ls.family
     alpha = recipe.alpha if recipe.alpha is not None else fam.default_alpha
     bad = [n for n in fb[1] if n not in set(fam.quantized_linears())] if fb and fb[0] == "names" else []
+    rot_h, rot_targets = None, set()
+    if recipe.rotate_down and not bad and alpha != "kl":
+        from sq_export.quant import hadamard
+
+        rot_targets = set(hadamard.targets(fam))
+        try:
+            rot_h = hadamard.check_block(ls.model, sorted(rot_targets), recipe.rotate_down)
+        except BadInput:
+            ls.close()
+            raise
     if bad or alpha == "kl":  # refused before any work; the stream's files are closed first
         ls.close()
         if bad:
@@ -204,9 +230,10 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
                 if key not in layer_keys:
                     w.add(key, ls.ckpt.tensor(key))
             w.flush("model-rest.safetensors")
-            # the maxima given and no row sample needed: the float-equivalence check's batch (the first) is all that
-            # runs through the layers
-            ls.capture(batches[: o.batch_size] if given is not None and res is None else batches, o.batch_size)
+            # the maxima given and no row sample or rotated range needed: the float-equivalence check's batch (the
+            # first) is all that runs through the layers
+            few = given is not None and res is None and rot_h is None
+            ls.capture(batches[: o.batch_size] if few else batches, o.batch_size)
             times["capture_s"] = round(time.perf_counter() - t0, 2)
             for i in progress.bar(range(ls.num_layers), desc="quantize (streamed)", unit="layer"):
                 layer = ls.load(i)
@@ -239,12 +266,18 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
                     sc, ratio = clipped_scales(fam, sm, res, divs, clip, names)
                     scales.update(sc)
                     clip_ratio.update(ratio)
+                rot_i = [n for n in names if n in rot_targets]
+                if rot_i:  # the rotated inputs' ranges, on the smoothed layer: they replace those Linears' scales
+                    rmax = rotated_layer_maxima(ls, i, layer, rot_i, rot_h)
+                    scales.update({n: float(max(float(scale_from_amax(rmax[n])), 1e-8)) for n in rot_i})
                 if fb is not None and fb[0] == "n":
                     divs = divisors(fam, factors, pairs)
                     for n in names:
                         lin = ls.model.get_submodule(n)
-                        sens[n] = linear_sqnr(lin, QLinear(lin, recipe.act, scales.get(n), recipe.per_channel),
-                                              rows_for(res, fam, n), divs.get(n))
+                        ql = QLinear(lin, recipe.act, scales.get(n), recipe.per_channel)
+                        if n in rot_targets:
+                            hadamard.rotate_qlinear(ql, rot_h, recipe.per_channel)
+                        sens[n] = linear_sqnr(lin, ql, rows_for(res, fam, n), divs.get(n))
                 for name, key in _checkpoint_keys(ls, ls.layer_name(i)):
                     w.add(key, ls.model.get_parameter(name) if _is_param(ls.model, name) else ls.model.get_buffer(name))
                 w.flush(f"model-layer-{i:05d}.safetensors")
@@ -276,6 +309,8 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
                       "act_scales": {n: scales[n] for n in all_names}, "calibration": o.label(), "calibration_meta": meta,
                       "max_layer_change": worst, "dtype": str(ls.dtype).removeprefix("torch."),
                       "tune": {"clip_ratio": clip_ratio} if clip_ratio else {}}
+            if rot_h is not None:  # the quantized ones (a fallback Linear stays float, unrotated)
+                record["rotated"] = [n for n in hadamard.targets(fam) if n in set(quantized)]
             (tmp / QUANT_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     finally:
         ls.close()
