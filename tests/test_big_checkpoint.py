@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,9 +77,13 @@ def test_bench_big_stages_on_a_small_checkpoint(tmp_path, capsys):
                  ["compare", str(tmp_path / "w"), str(tmp_path / "s")],
                  ["quantize", str(ck), "-o", str(tmp_path / "q"), *small],
                  ["export", str(tmp_path / "q"), "-o", str(tmp_path / "sq.onnx")],
-                 ["ppl", str(tmp_path / "q"), "--device", "cpu", "--max-tokens", "256"]):
+                 ["ppl", str(tmp_path / "q"), "--device", "cpu", "--max-tokens", "256"],
+                 ["quantize", str(ck), "-o", str(tmp_path / "qr"), "--rotate-down", "64", *small],  # the 7B-width rotation cost
+                 ["export", str(tmp_path / "qr"), "-o", str(tmp_path / "sqr.onnx"), "--lazy"]):
         assert bench.main(argv) == 0
         recs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert recs[2]["equal"] and recs[2]["same_bytes"]
     assert recs[3]["quantized"] == 14 and recs[4]["weights_kept_float32"] == 0 and recs[5]["perplexity"] > 1
     assert all(r["peak_rss_mib"] > 0 for r in recs)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "sqr.onnx"), load_external_data=False).metadata_props}
+    assert meta["sq_export.rotate_down"] == "64" and meta["sq_export.rotated_linears"] == "2"

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default="default")
     ap.add_argument("--fallback", default="none")
     ap.add_argument("--alpha", default=None)
+    ap.add_argument("--rotate-down", type=int, default=None, metavar="B", help="quantize: rotate the down_proj inputs (sq_export.quant.hadamard)")
     ap.add_argument("--weights", default="qdq16")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--cache-device", default=None)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
                    same_bytes=(Path(a.paths[0]) / ACT_SCALES_FILE).read_bytes() == (Path(a.paths[1]) / ACT_SCALES_FILE).read_bytes())
     elif a.stage == "quantize":
         r = make_recipe(a.recipe, calib=CalibOptions(None, a.samples, a.seq_len, a.batch), fallback=a.fallback,
-                        alpha=a.alpha)
+                        alpha=a.alpha, rotate_down=a.rotate_down)
         res = api.quantize_streamed(a.paths[0], a.output, r, device=a.device, dtype=a.model_dtype, cache_device=a.cache_device)
         rec.update(times=res.times, max_layer_change=res.max_layer_change, quantized=len(res.quantized),
                    fp16_layers=len(res.fp16_layers), alpha_groups=len(res.alpha_per_group or {}))
