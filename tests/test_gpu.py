@@ -163,3 +163,31 @@ def test_rotate_down_on_the_gpu_matches_the_cpu(tiny_dirs, small_text):
     ref, s_ref = got[("cpu", "float32")]
     out, s = got[("cuda", "float32")]
     assert abs(s / s_ref - 1) < 1e-4 and (out - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+def test_streamed_rotate_down_on_the_gpu(tiny_dirs, small_text, tmp_path):
+    """`--rotate-down` layer-streamed on the GPU (the 7B path): the rotated ranges measured on each smoothed layer
+    as on the CPU (float32 both, within reduction order), in float16 within the half-model bounds; the folder's
+    export from placeholders carries the rotation."""
+    import onnx
+
+    from sq_export.quant.recipe import CalibOptions, make_recipe
+
+    folder = str(tiny_dirs("llama"))
+    tok = api.load_tokenizer(folder)
+    r = make_recipe("default", calib=CalibOptions(str(small_text / "calib.txt"), SAMPLES, SEQ, BATCH), fallback="none", rotate_down=32,
+                    alpha=0.85)  # a fixed α: the search may choose another α per group for the half model
+    got, dirs = {}, {}
+    for k, (dev, dtype) in enumerate((("cpu", "float32"), ("cuda", "float32"), ("cuda", "float16"))):
+        dirs[(dev, dtype)] = tmp_path / f"q{k}"
+        got[(dev, dtype)] = api.quantize_streamed(folder, dirs[(dev, dtype)], r, tokenizer=tok, device=dev, dtype=dtype).scales
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    for n in names:
+        ref = got[("cpu", "float32")][n]
+        assert abs(got[("cuda", "float32")][n] / ref - 1) < 1e-4, n
+        assert abs(got[("cuda", "float16")][n] / ref - 1) < 5e-2, n
+    out = tmp_path / "g.onnx"
+    api.export_onnx(api.load_quantized(dirs[("cuda", "float16")], lazy=True), out, weights="qdq16")
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert meta["sq_export.rotated_linears"] == "2"
+    api.check(out).raise_for_violations()
