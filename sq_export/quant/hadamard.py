@@ -55,6 +55,14 @@ def check_block(model, names: list[str], b: int) -> torch.Tensor:
     return h
 
 
+def max_hook(amax: dict, name: str, h: torch.Tensor):
+    """A forward pre-hook that raises amax[name] to max|x·R| of the Linear's input x (float32), R = diag(h, ..., h)."""
+    def hook(mod, args):
+        x = args[0].float()
+        amax[name] = max(amax[name], float(block_rotate(x, h.to(x.device)).abs().max()))
+    return hook
+
+
 @torch.no_grad()
 def rotated_maxima(model, names: list[str], h: torch.Tensor, batches, batch_size: int = 4) -> dict[str, float]:
     """max|x·R| of each named Linear's input over `batches` ([n, L] token ids) through `model` as it is now (the
@@ -62,12 +70,7 @@ def rotated_maxima(model, names: list[str], h: torch.Tensor, batches, batch_size
     from sq_export.quant.calibrate import run_decoder
 
     amax = {n: 0.0 for n in names}
-
-    def hook(mod, args, n):
-        x = args[0].float()
-        amax[n] = max(amax[n], float(block_rotate(x, h.to(x.device)).abs().max()))
-
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
+    hooks = [model.get_submodule(n).register_forward_pre_hook(max_hook(amax, n, h)) for n in names]
     try:
         run_decoder(model, batches, batch_size, desc="rotated ranges")
     finally:

@@ -63,18 +63,11 @@ def rotated_layer_maxima(ls, i: int, layer, names: list[str], h: torch.Tensor) -
     """max|x·R| of the named Linears' inputs of decoder layer `i` (loaded, as it is now: smoothed) over every cached
     batch, R = diag(h, ..., h): the layer-streamed form of sq_export.quant.hadamard.rotated_maxima. The outputs are
     not kept (the next layer's inputs are the float ones calibrate_layer returned)."""
-    from sq_export.quant.hadamard import block_rotate
+    from sq_export.quant.hadamard import max_hook
 
     amax = {n: 0.0 for n in names}
-
-    def hook(n):
-        def f(mod, args):
-            x = args[0].float()
-            amax[n] = max(amax[n], float(block_rotate(x, h.to(x.device)).abs().max()))
-        return f
-
     pre = len(ls.family.layer_prefix(i))
-    hooks = [layer.get_submodule(n[pre:]).register_forward_pre_hook(hook(n)) for n in names]
+    hooks = [layer.get_submodule(n[pre:]).register_forward_pre_hook(max_hook(amax, n, h)) for n in names]
     try:
         for b in range(len(ls.hidden)):
             args, kw = ls.layer_args(i, b)
