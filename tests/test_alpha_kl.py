@@ -34,13 +34,14 @@ def _kl_of(model, fam, calib, qmodel):
     return s(qmodel)
 
 
-@pytest.mark.parametrize("prefix", [None, ("ids", [1, 7, 9])])
-def test_alpha_kl_scores_the_model_prepare_builds(prefix):
+@pytest.mark.parametrize("prefix, rotate", [(None, None), (("ids", [1, 7, 9]), None), (("ids", [1, 7, 9]), 32)])
+def test_alpha_kl_scores_the_model_prepare_builds(prefix, rotate):
     model, fam = _model()
     ids = token_batches(1, 1200, seed=6)[0]
     calib = calibrate_ids(model, fam, ids, OPTS, prefix=prefix)
     spec = None if prefix is None else "ids:1,7,9"
-    qm = api.quantize(model, calib, make_recipe("default", calib=OPTS, fallback="none", alpha="kl", prefix_outliers=spec), copy=True)
+    qm = api.quantize(model, calib, make_recipe("default", calib=OPTS, fallback="none", alpha="kl", prefix_outliers=spec,
+                                                rotate_down=rotate), copy=True)
     prep = qm.prepared
     assert prep.alpha == "kl" and P.installed(model) is None
     rec = prep.tune["alpha_kl"]
@@ -56,6 +57,8 @@ def test_alpha_kl_scores_the_model_prepare_builds(prefix):
     assert by_kind["model.layers.*.input_layernorm"] == by_kind["model.layers.*.post_attention_layernorm"] == {fam.default_alpha}
     assert all(len(k["kl"]) == len(A.KL_ALPHA_GRID) for k in rec["kinds"].values())
     assert rec["final_kl"] <= rec["start_kl"]
+    # with --rotate-down every trial is rotated as the delivered model is (rotated ranges included)
+    assert rec.get("rotate_down") == rotate and (qm.model.get_submodule("model.layers.0.mlp.down_proj").rot is not None) == bool(rotate)
     # the search's trials are the model prepare delivers: its KL is the recorded one (prefix cache and scales included)
     assert _kl_of(model, fam, calib, qm.model) == pytest.approx(rec["final_kl"], rel=1e-4, abs=1e-7)
     # and replaying the decisions gives the same model without searching

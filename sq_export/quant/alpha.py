@@ -105,14 +105,17 @@ def group_kind(source: str) -> str:
 
 @torch.no_grad()
 def search_alpha_kl(model, family, act_max, score, linear_pairs: bool, start: float, *, per_channel=True, grid=None,
-                    min_gain=None, prefix=None, norms: bool = False) -> tuple[dict, dict]:
+                    min_gain=None, prefix=None, norms: bool = False, rotate=None) -> tuple[dict, dict]:
     """({group source: α}, record): coordinate search over group kinds (the Linear→Linear pair kinds; with `norms`
     then the norm kinds too), each kind's α on `grid` (default KL_ALPHA_GRID) for all its layers at once, the others
     held, starting from `start` everywhere (a kind not searched stays there); a trial is a copy of `model` (unsmoothed float) smoothed with those α, every Linear static
     W8A8 (scales from `act_max`), scored by `score` (fallback.KLScore, its float reference already taken: mean KL to
     the float model on calibration-split windows). A kind keeps its best α only when that lowers the KL by more than
     `min_gain` (default KL_ALPHA_MIN_GAIN) of the current KL: smaller differences are the windows' noise. `prefix`:
-    the outlier prefix (its cache is recomputed for each smoothed copy, as prepare does)."""
+    the outlier prefix (its cache is recomputed for each smoothed copy, as prepare does). `rotate`: (Linear names, H,
+    windows, batch size) of --rotate-down: each trial rotates those Linears' inputs as prepare does (their rotated
+    ranges measured on the smoothed copy over `windows`), so the α chosen is the best one with the rotation (without
+    it, SmolLM2's up→down pairs chose 0.95, and 0.85 is better once the down_proj inputs are rotated)."""
     from sq_export.quant import prefix as prefix_mod
     from sq_export.quant.prepare import working_copy
     from sq_export.quant.qlinear import quantize_model, static_scales
@@ -132,12 +135,21 @@ def search_alpha_kl(model, family, act_max, score, linear_pairs: bool, start: fl
         f = apply_smoothing(m, family, act_max, alphas, linear_pairs=linear_pairs)
         if prefix is not None:
             prefix_mod.install(m, prefix_mod.compute_prefix(m, prefix.tokens, info=prefix.info))
+        rmax = None
+        if rotate is not None:  # the rotated ranges on the smoothed float copy, as prepare measures them
+            from sq_export.quant.hadamard import rotated_maxima
+
+            rmax = rotated_maxima(m, rotate[0], rotate[1], rotate[2], rotate[3])
         quantize_model(m, names, "static", static_scales(smoothed_act_max(act_max, family, f, linear_pairs), names), per_channel)
+        if rmax is not None:
+            from sq_export.quant.hadamard import rotate_inputs
+
+            rotate_inputs(m, rotate[0], rotate[1], rmax, per_channel)
         return float(score(m))
 
     cur_alpha = {g.source: float(start) for g in groups}
     cur = trial(cur_alpha)
-    record = {"start": float(start), "start_kl": cur, "kinds": {}}
+    record = {"start": float(start), "start_kl": cur, "kinds": {}, **({"rotate_down": int(rotate[1].shape[0])} if rotate is not None else {})}
     for kind, sources in kinds.items():
         a0 = cur_alpha[sources[0]]
         tried = {a0: cur}

@@ -118,8 +118,15 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
         elif alpha == "kl":  # one α per pair kind, by the KL to the float model on the fallback's scoring windows
             kl_score = fallback.KLScore(calib.scoring_windows(fallback.FALLBACK_WINDOWS), layers_path=family.layers_path)
             kl_score.reference(model)
+            rot_search = None
+            if recipe.rotate_down:  # each trial with the rotation, so the α chosen is the best one with it
+                from sq_export.quant import hadamard
+
+                rn = hadamard.targets(family)
+                rot_search = (rn, hadamard.check_block(model, rn, recipe.rotate_down), calib.windows(), recipe.calib.batch_size)
             alpha_per_group, info["alpha_kl"] = alpha_search.search_alpha_kl(
-                model, family, act_max, kl_score, recipe.linear_pairs, family.default_alpha, per_channel=recipe.per_channel, prefix=pre)
+                model, family, act_max, kl_score, recipe.linear_pairs, family.default_alpha, per_channel=recipe.per_channel,
+                prefix=pre, rotate=rot_search)
             times["alpha_search_s"] = time.perf_counter() - t
         a = alpha_per_group if alpha in ("auto", "kl") else alpha
 
