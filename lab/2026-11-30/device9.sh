@@ -20,7 +20,9 @@
 #          parallel (bench_trt --build-only --labels), then timed alone (--reuse).
 #   rot7b  issues 15/17: what the rotation's online MatMul costs at Llama-2-7B width. The 4-layer 7B-wide stack's FP16,
 #          INT8 and INT8 + --rotate-down 64 engines (streamed quantization on the GPU, lazy export; level 3, built in
-#          parallel), timed in one bench_trt --engines run; ncu kernel lists of INT8 with and without the rotation;
+#          parallel), timed in one bench_trt --engines run beside issue 15's exporter levers (attention Q/DQ + INT8 LM
+#          head, plain and with FP16 INT8-GEMM outputs; INT8 without the norm prescale); ncu kernel lists of INT8 with
+#          and without the rotation;
 #          then the three decode-step graphs (past 512, batch 1 and 8, level 3): issue 15's decode ratio at 7B width.
 #   gpu    torch-side GPU tests (first run of test_streamed_rotate_down_on_the_gpu)
 DRIVER=lab/2026-11-30/device9.sh
@@ -78,6 +80,10 @@ job_rot7b() {
   step "$D" ckpt python3 tools/make_big_checkpoint.py --shape llama2-7b --layers 4 -o "$C/l4" -q || return 1
   step "$D" export_fp python3 -m sq_export -q export "$C/l4" --mode fp --weights qdq16 --stream -o "$T/fp.onnx" --json &
   step "$D" export_fp_dec python3 -m sq_export -q export "$C/l4" --mode fp --weights qdq16 --stream --decode -o "$T/fp_dec.onnx" --json &
+  # issue 15's exporter levers on the same stack: attention Q/DQ + INT8 LM head (whole model on the GPU: the
+  # streamed path does not calibrate them), built plain and with FP16 INT8-GEMM outputs
+  step "$D" export_sqa python3 -m sq_export -q export "$C/l4" --weights qdq16 --device cuda --samples 64 --fallback none \
+      --quantize-attention --quantize-lm-head -o "$T/sqa.onnx" --json &
   local q
   for q in "sq" "sqr --rotate-down 64"; do
     set -- $q
@@ -90,11 +96,16 @@ print(json.dumps({"onnx": str(r.path), "bytes": r.bytes, "nodes": r.nodes}))' "$
   wait
   need_kit || return 1
   local B="-m sq_export -q build --batch 1:4:8 --seq 1:256:512 --opt-level 3 --json" e
-  for e in "fp16 fp 0" "int8 sq $G1" "int8 sqr 0"; do
+  # sqnp: sq without the norm prescale (norms are pinned to FP32, so the prescale's extra max-reduction per norm may
+  # be redundant: its cost is what this measures; accuracy to be checked on SmolLM2 if it pays)
+  for e in "fp16 fp 0 fp3" "int8 sq $G1 sq3" "int8 sqr 0 sqr3" "int8 sqa $G1 sqa3" "int8 sq $G1 sqnp3 --no-prescale-norms"; do
     set -- $e
-    ( export CUDA_VISIBLE_DEVICES=$3; trtpy $B --precision $1 "$T/$2.onnx" -o "$T/${2}3.engine" > "$D/build_$2.json" 2> "$D/build_$2.err"
-      echo "$(date +%T) build ${2}3 rc $? $(tail -n 1 "$D/build_$2.err")" >> "$D/log" ) &
+    ( export CUDA_VISIBLE_DEVICES=$3; trtpy $B --precision $1 "$T/$2.onnx" -o "$T/$4.engine" "${@:5}" > "$D/build_$4.json" 2> "$D/build_$4.err"
+      echo "$(date +%T) build $4 rc $? $(tail -n 1 "$D/build_$4.err")" >> "$D/log" ) &
   done
+  ( export CUDA_VISIBLE_DEVICES=0; PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$T/fp.onnx" "$T/sqa.onnx" --opt-level 3 --shape 4x256 \
+      --large 8x512 --int8-gemm-output fp16 --build-only --labels int8 --workdir "$T/o16" > "$D/build_sqa_o16.log" 2>&1
+    echo "$(date +%T) build sqa3_o16 rc $?" >> "$D/log"; cp "$T/o16/bench_int8.engine" "$T/sqa3_o16.engine" ) &
   local Q="--decode --batches 1,8 --past 512 --kv-fp16 --opt-level 3 --workdir $T/bd"
   for e in "fp16 $G1" "int8 0" "int8:sqr_dec $G1"; do
     set -- $e
@@ -105,7 +116,8 @@ print(json.dumps({"onnx": str(r.path), "bytes": r.bytes, "nodes": r.nodes}))' "$
   wait
   cp "$T"/*.engine.json "$D/" 2>/dev/null; rm -rf "$C"
   export CUDA_VISIBLE_DEVICES=0
-  PYTHONPATH=$ROOT trtpy tools/bench_trt.py --engines "$T/fp3.engine" "$T/sq3.engine" "$T/sqr3.engine" --shape 4x256 --large 8x512 \
+  PYTHONPATH=$ROOT trtpy tools/bench_trt.py --engines "$T/fp3.engine" "$T/sq3.engine" "$T/sqr3.engine" "$T/sqa3.engine" \
+      "$T/sqa3_o16.engine" "$T/sqnp3.engine" --shape 4x256 --large 8x512 \
       --cuda-graph --json "$D/bench.json" > "$D/bench.log" 2>&1
   echo "$(date +%T) prefill bench rc $?" >> "$D/log"
   PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$T/fp_dec.onnx" "$T/sq_dec.onnx" "$T/sqr_dec.onnx" $Q --reuse --cuda-graph \
