@@ -68,7 +68,7 @@ job_klr() {
       echo "$(date +%T) klr decode build $l rc $?" >> "$D/log" ) &
   done
   wait
-  ( export CUDA_VISIBLE_DEVICES=0
+  ( export CUDA_VISIBLE_DEVICES=$G1  # timed on GPU 1: rot7b times on GPU 0
     PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$M/fp_dec.onnx" "$M/klr_dec.onnx" $Q --reuse --cuda-graph --json "$D/bench_decode.json" > "$D/bench_decode.log" 2>&1
     PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$M/fp.onnx" "$M/klr.onnx" $P --reuse --cuda-graph --json "$D/bench_prefill.json" > "$D/bench_prefill.log" 2>&1 )
   echo "$(date +%T) klr benches done" >> "$D/log"
