@@ -188,9 +188,9 @@ def load_quantized(folder: str | Path, *, device: str | None = None, dtype: str 
     them and reads each weight from the checkpoint when it writes it (sq_export.stream.lazy: the same bytes, host
     memory ≈ one weight; the model computes nothing meaningful, so nothing but `export_onnx` may use it)."""
     from sq_export.families import family_for
+    from sq_export.quant import hadamard
     from sq_export.quant.prepare import Prepared
-    from sq_export.quant.qlinear import quantize_model
-    from sq_export.stream.quantize import QUANT_FILE, act_scales_of, read_quant_record, recipe_from_json, rotation_of
+    from sq_export.stream.quantize import QUANT_FILE, quantize_as_recorded, read_quant_record, recipe_from_json
 
     rec = read_quant_record(folder)
     if rec is None:
@@ -205,13 +205,8 @@ def load_quantized(folder: str | Path, *, device: str | None = None, dtype: str 
     else:
         model, _ = load_model(folder, with_tokenizer=False, device=device, dtype=dtype)
         fam = family_for(model)
-        quantized = quantize_model(model, rec["quantized"], recipe.act, act_scales_of(rec), recipe.per_channel)
-        rot = rotation_of(rec)
-        if rot is not None:  # the recorded scales are the rotated inputs' already
-            from sq_export.quant.hadamard import rotate_inputs
-
-            rotate_inputs(model, rot[0], rot[1], None, recipe.per_channel)
-    graph_meta = {"rotate_down": str(recipe.rotate_down), "rotated_linears": str(len(rec["rotated"]))} if rec.get("rotated") else {}
+        quantized = quantize_as_recorded(model, rec)
+    graph_meta = hadamard.metadata(recipe.rotate_down, len(rec["rotated"])) if rec.get("rotated") else {}
     prep = Prepared(model, fam, recipe, rec["alpha"], quantized, {}, None, None, rec.get("max_layer_change"),
                     rec.get("alpha_per_group"), list(rec["fp16_layers"]), rec.get("tune") or {}, graph_meta)
     return QuantizedModel(model, fam, recipe, prep, None, rec["source_model"])

@@ -117,6 +117,7 @@ def search_alpha_kl(model, family, act_max, score, linear_pairs: bool, start: fl
     ranges measured on the smoothed copy over `windows`), so the α chosen is the best one with the rotation (without
     it, SmolLM2's up→down pairs chose 0.95, and 0.85 is better once the down_proj inputs are rotated)."""
     from sq_export.quant import prefix as prefix_mod
+    from sq_export.quant.hadamard import rotate_inputs, rotated_maxima
     from sq_export.quant.prepare import working_copy
     from sq_export.quant.qlinear import quantize_model, static_scales
     from sq_export.quant.smooth import apply_smoothing, smoothed_act_max
@@ -135,15 +136,10 @@ def search_alpha_kl(model, family, act_max, score, linear_pairs: bool, start: fl
         f = apply_smoothing(m, family, act_max, alphas, linear_pairs=linear_pairs)
         if prefix is not None:
             prefix_mod.install(m, prefix_mod.compute_prefix(m, prefix.tokens, info=prefix.info))
-        rmax = None
-        if rotate is not None:  # the rotated ranges on the smoothed float copy, as prepare measures them
-            from sq_export.quant.hadamard import rotated_maxima
-
-            rmax = rotated_maxima(m, rotate[0], rotate[1], rotate[2], rotate[3])
+        # with the rotation: its ranges on the smoothed float copy, as prepare measures them
+        rmax = rotated_maxima(m, *rotate) if rotate is not None else None
         quantize_model(m, names, "static", static_scales(smoothed_act_max(act_max, family, f, linear_pairs), names), per_channel)
         if rmax is not None:
-            from sq_export.quant.hadamard import rotate_inputs
-
             rotate_inputs(m, rotate[0], rotate[1], rmax, per_channel)
         return float(score(m))
 

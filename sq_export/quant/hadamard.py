@@ -79,12 +79,25 @@ def rotated_maxima(model, names: list[str], h: torch.Tensor, batches, batch_size
     return amax
 
 
+def rotated_scale(amax: float) -> float:
+    """The static input scale of a rotated input whose calibrated max|x·R| is `amax` (as QLinear stores scales)."""
+    from sq_export.quant.qlinear import scale_from_amax
+
+    return float(max(float(scale_from_amax(amax)), 1e-8))
+
+
+def metadata(block: int, rotated: int) -> dict[str, str]:
+    """The graph metadata of a rotated model: the block size and how many Linears are rotated (passes/rotation.py
+    counts the rotations against it: a Linear the fallback kept in float is not rotated)."""
+    return {"rotate_down": str(block), "rotated_linears": str(rotated)}
+
+
 def rotate_qlinear(ql, h: torch.Tensor, per_channel: bool = True, amax: float | None = None, w_kn: torch.Tensor | None = None) -> None:
     """Give QLinear `ql` the input rotation diag(h, ..., h): its weight becomes Rᵀ·W (a new tensor: the float Linear
     it views stays as it was, for the fallback; `w_kn` given: that tensor instead, e.g. a placeholder whose values
     are Rᵀ·W, sq_export.stream.lazy), its per-channel weight scales are recomputed, and with `amax` (max|x·R| on
     calibration) its static input scale becomes amax / 127 (None: the scale it has, e.g. a recorded one, stays)."""
-    from sq_export.quant.qlinear import scale_from_amax, weight_scale
+    from sq_export.quant.qlinear import weight_scale
 
     w = ql.w_kn  # [K, N]
     hh = h.to(device=w.device)
@@ -94,7 +107,7 @@ def rotate_qlinear(ql, h: torch.Tensor, per_channel: bool = True, amax: float | 
     ql.w_scale = weight_scale(ql.w_kn, per_channel)
     ql.rot = hh
     if amax is not None and ql.act == "static":
-        ql.act_scale = float(max(float(scale_from_amax(amax)), 1e-8))
+        ql.act_scale = rotated_scale(amax)
 
 
 def rotate_inputs(model, names: list[str], h: torch.Tensor, maxima: dict[str, float] | None, per_channel: bool = True) -> list[str]:

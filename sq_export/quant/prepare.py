@@ -106,6 +106,12 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
         act_max, res = calib.act_max, calib.reservoir
         if recipe.needs_rows() and res is None:
             raise BadInput("this recipe (alpha auto, clip or fallback) needs a calibration row sample: calibrate with rows")
+    rot_names = rot_h = None
+    if recipe.rotate_down:  # the Linears whose input is rotated and the block (their widths checked before any work)
+        from sq_export.quant import hadamard
+
+        rot_names = hadamard.targets(family)
+        rot_h = hadamard.check_block(model, rot_names, recipe.rotate_down)
     factors = delta = alpha_per_group = None
     info = {}
     if recipe.mode == "sq":
@@ -118,12 +124,8 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
         elif alpha == "kl":  # one α per pair kind, by the KL to the float model on the fallback's scoring windows
             kl_score = fallback.KLScore(calib.scoring_windows(fallback.FALLBACK_WINDOWS), layers_path=family.layers_path)
             kl_score.reference(model)
-            rot_search = None
-            if recipe.rotate_down:  # each trial with the rotation, so the α chosen is the best one with it
-                from sq_export.quant import hadamard
-
-                rn = hadamard.targets(family)
-                rot_search = (rn, hadamard.check_block(model, rn, recipe.rotate_down), calib.windows(), recipe.calib.batch_size)
+            # with --rotate-down each trial is rotated, so the α chosen is the best one with the rotation
+            rot_search = (rot_names, rot_h, calib.windows(), recipe.calib.batch_size) if rot_names else None
             alpha_per_group, info["alpha_kl"] = alpha_search.search_alpha_kl(
                 model, family, act_max, kl_score, recipe.linear_pairs, family.default_alpha, per_channel=recipe.per_channel,
                 prefix=pre, rotate=rot_search)
@@ -156,15 +158,11 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
     # not a copy), so the float and the quantized weights are one tensor either way
     float_linears = {n: model.get_submodule(n) for n in names} if fb is not None else {}
     rot = None
-    if recipe.rotate_down:  # the rotated inputs' ranges, on the smoothed float model (after the prefix, if any)
-        from sq_export.quant import hadamard
-
+    if rot_names:  # the rotated inputs' ranges, on the smoothed float model (after the prefix, if any)
         t = time.perf_counter()
-        rot_names = hadamard.targets(family)
-        h = hadamard.check_block(model, rot_names, recipe.rotate_down)
         if calib is None:
             raise BadInput("--rotate-down calibrates the rotated inputs' ranges: it needs calibration windows")
-        rot = (rot_names, h, hadamard.rotated_maxima(model, rot_names, h, calib.windows(), recipe.calib.batch_size))
+        rot = (rot_names, rot_h, hadamard.rotated_maxima(model, rot_names, rot_h, calib.windows(), recipe.calib.batch_size))
         times["rotate_calibrate_s"] = time.perf_counter() - t
     quantized = quantize_model(model, names, recipe.act, scales, recipe.per_channel)
     if rot is not None:
@@ -189,7 +187,7 @@ def prepare(model, family, recipe: Recipe, calib: Calibration | None, fallback_s
     graph_meta = {}
     if rot is not None:  # the fallback's float Linears are not rotated: the graph check counts the rotated ones
         kept = set(quantized)
-        graph_meta = {"rotate_down": str(recipe.rotate_down), "rotated_linears": str(sum(n in kept for n in rotated))}
+        graph_meta = hadamard.metadata(recipe.rotate_down, sum(n in kept for n in rotated))
     if recipe.quantize_attention:
         from sq_export.quant.attention import quantize_attention
 

@@ -25,27 +25,18 @@ def perplexity_streamed(folder: str | Path, ids, seq_len: int = 512, max_tokens:
     import torch
 
     from sq_export.measure.perplexity import PerplexityAccumulator, chunk_tokens
-    from sq_export.quant.qlinear import quantize_model
     from sq_export.stream.calibrate import layer_linears, open_stream
-    from sq_export.stream.quantize import act_scales_of, read_quant_record, recipe_from_json, rotation_of
+    from sq_export.stream.quantize import quantize_as_recorded, read_quant_record
 
     rec = read_quant_record(folder)  # a quantize_streamed folder: its layers run as static QLinears
     chunks = [c[None] for c in chunk_tokens(ids, seq_len, max_tokens)]
     ls = open_stream(folder, device, dtype)
     try:
         ls.capture(chunks)
-        if rec:
-            recipe, scales, quantized = recipe_from_json(rec["recipe"]), act_scales_of(rec), set(rec["quantized"])
-            rot = rotation_of(rec)
         for i in progress.bar(range(ls.num_layers), desc="perplexity (streamed)", unit="layer"):
             layer = ls.load(i)
             if rec:  # swapped inside the loaded layer (the same module object)
-                names = [n for n in layer_linears(ls.family, i) if n in quantized]
-                quantize_model(ls.model, names, recipe.act, scales, recipe.per_channel)
-                if rot is not None:
-                    from sq_export.quant.hadamard import rotate_inputs
-
-                    rotate_inputs(ls.model, [n for n in names if n in set(rot[0])], rot[1], None, recipe.per_channel)
+                quantize_as_recorded(ls.model, rec, layer_linears(ls.family, i))
             outs = ls.forward(i, layer)
             ls.free(i)
             ls.advance(outs)

@@ -78,6 +78,24 @@ def rotation_of(rec: dict):
     return list(names), hadamard(int(rec["recipe"]["rotate_down"]))
 
 
+def quantize_as_recorded(model, rec: dict, names=None) -> list[str]:
+    """Swap the record's quantized Linears (those among `names`, when given: a streamed layer's) in `model` for static
+    QLinears with the recorded scales, and give those the record names the input rotation (their recorded scales are
+    the rotated inputs' already). Returns the names swapped."""
+    from sq_export.quant.hadamard import rotate_inputs
+    from sq_export.quant.qlinear import quantize_model
+
+    recipe = recipe_from_json(rec["recipe"])
+    recorded = set(rec["quantized"])
+    want = rec["quantized"] if names is None else [n for n in names if n in recorded]
+    quantized = quantize_model(model, want, recipe.act, act_scales_of(rec), recipe.per_channel)
+    rot = rotation_of(rec)
+    if rot is not None:
+        done = set(quantized)
+        rotate_inputs(model, [n for n in rot[0] if n in done], rot[1], None, recipe.per_channel)
+    return quantized
+
+
 def check_streamable(recipe: Recipe) -> None:
     if recipe.mode == "fp":
         raise BadInput("streamed quantization needs a quantized recipe (naive or sq), not --mode fp")
@@ -176,8 +194,9 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
     from sq_export.quant.clip import clipped_scales
     from sq_export.decoder_layers import layer_input
     from sq_export.quant.equivalence import check_layer_unchanged, layer_output_f32
+    from sq_export.quant import hadamard
     from sq_export.quant.fallback import least_sqnr, linear_sqnr
-    from sq_export.quant.qlinear import QLinear, scale_from_amax, static_scales
+    from sq_export.quant.qlinear import QLinear, static_scales
     from sq_export.quant.reservoir import input_keys, new_reservoir, rows_for
     from sq_export.quant.smooth import apply_smoothing_groups, divisors
     from sq_export.stream.calibrate import calibrate_layer, layer_linears, open_stream, rotated_layer_maxima
@@ -197,21 +216,17 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
     fam = ls.family
     alpha = recipe.alpha if recipe.alpha is not None else fam.default_alpha
     bad = [n for n in fb[1] if n not in set(fam.quantized_linears())] if fb and fb[0] == "names" else []
-    rot_h, rot_targets = None, set()
-    if recipe.rotate_down and not bad and alpha != "kl":
-        from sq_export.quant import hadamard
-
-        rot_targets = set(hadamard.targets(fam))
-        try:
-            rot_h = hadamard.check_block(ls.model, sorted(rot_targets), recipe.rotate_down)
-        except BadInput:
-            ls.close()
-            raise
-    if bad or alpha == "kl":  # refused before any work; the stream's files are closed first
-        ls.close()
+    rot_names = hadamard.targets(fam) if recipe.rotate_down else []  # the Linears whose input is rotated
+    try:  # refused before any work; the stream's files are closed first
         if bad:
             raise BadInput(f"--fallback: {bad[0]} is not a quantized Linear of this model (e.g. {fam.quantized_linears()[0]})")
-        raise BadInput("--alpha kl scores the whole model: not available layer-streamed (use --alpha auto or a number)")
+        if alpha == "kl":
+            raise BadInput("--alpha kl scores the whole model: not available layer-streamed (use --alpha auto or a number)")
+        rot_h = hadamard.check_block(ls.model, rot_names, recipe.rotate_down) if rot_names else None
+    except BadInput:
+        ls.close()
+        raise
+    rot_targets = set(rot_names)
     searched = dict(alpha) if isinstance(alpha, dict) else None
     if searched is not None:
         alpha = "auto"
@@ -269,7 +284,7 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
                 rot_i = [n for n in names if n in rot_targets]
                 if rot_i:  # the rotated inputs' ranges, on the smoothed layer: they replace those Linears' scales
                     rmax = rotated_layer_maxima(ls, i, layer, rot_i, rot_h)
-                    scales.update({n: float(max(float(scale_from_amax(rmax[n])), 1e-8)) for n in rot_i})
+                    scales.update({n: hadamard.rotated_scale(rmax[n]) for n in rot_i})
                 if fb is not None and fb[0] == "n":
                     divs = divisors(fam, factors, pairs)
                     for n in names:
@@ -310,7 +325,8 @@ def quantize_streamed(folder: str | Path, out: str | Path, ids: np.ndarray, reci
                       "max_layer_change": worst, "dtype": str(ls.dtype).removeprefix("torch."),
                       "tune": {"clip_ratio": clip_ratio} if clip_ratio else {}}
             if rot_h is not None:  # the quantized ones (a fallback Linear stays float, unrotated)
-                record["rotated"] = [n for n in hadamard.targets(fam) if n in set(quantized)]
+                kept = set(quantized)
+                record["rotated"] = [n for n in rot_names if n in kept]
             (tmp / QUANT_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     finally:
         ls.close()
