@@ -386,3 +386,22 @@ def test_eval_tokens_of_a_graph_and_its_segment_chain(tiny_dirs, tmp_path, capsy
     assert json.loads(p.stdout.strip().splitlines()[-1])["perplexity"] == got["sq.onnx"]["perplexity"]
     assert main(["eval", str(d), "--tokens", str(t)]) == 2
     assert "expected an .onnx graph, a TensorRT engine" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_prefix_and_rotation_graphs_segment(tiny_dirs, tmp_path, decode):
+    """Issue 17's best graph (outlier prefix + rotated down_proj inputs) cuts like any other: its shapes stay
+    inferable through the rotation's Reshapes (a dynamic Reshape there once made the residual stream untypable at
+    every cut) and the chain gives the whole graph's outputs bit for bit, prefix and all."""
+    out = tmp_path / "pr.onnx"
+    rc = main(["-q", "export", str(tiny_dirs("llama")), "--prefix-outliers", "2", "--smooth-pairs", "--alpha", "0.85",
+               "--fallback", "none", "--rotate-down", "16", "--samples", "4", "--weights", "qdq", "-o", str(out)]
+              + (["--decode"] if decode else []))
+    assert rc == 0
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert meta.get("sq_export.rotated_linears") and meta.get("sq_export.prefix_length"), sorted(meta)
+    man = split(out, segments=2)
+    ref, got = _whole_and_chain(out, man["path"])
+    assert set(got) == set(ref) and len(ref) == (1 + 2 * 2 if decode else 1)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)

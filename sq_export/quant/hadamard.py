@@ -34,7 +34,8 @@ def hadamard(b: int) -> torch.Tensor:
 def block_rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """x·diag(h, ..., h) over x's last dimension (a multiple of h's order), as the graph computes it."""
     b = h.shape[0]
-    return torch.matmul(x.unflatten(-1, (x.shape[-1] // b, b)), h).flatten(-2)
+    # -1 and the trailing constants keep the graph's Reshape shapes inferable (ONNX shape inference, segments)
+    return torch.matmul(x.reshape(*x.shape[:-1], -1, b), h).reshape(*x.shape[:-1], -1)
 
 
 def targets(family) -> list[str]:
