@@ -1,5 +1,5 @@
 #!/bin/bash
-# Prepared 2026-11-30 ~05:40 UTC for the NEXT lease (not yet run). nvidia-h200-x2 preferred (on one H200: G1=0).
+# Prepared 2026-11-30 ~05:40 UTC; ran 2026-11-30 07:38-08:07 UTC (the ninth lease; logs9/, lab README). nvidia-h200-x2 preferred (on one H200: G1=0).
 # TensorRT 8.6 kit from .trtkit2. EVERY kit call carries stage.sh and MANIFEST beside its part:
 #   bash lab/2026-11-30/device9.sh kit rot7b gpu           carry [.trtkit2/stage.sh, .trtkit2/MANIFEST, .trtkit2/part_00]
 #   bash .trtkit2/stage.sh                                 carry [stage.sh, MANIFEST, part_0k], k = 01..06;
@@ -13,11 +13,11 @@
 # matches the calling shell's own command line.
 # Jobs:
 #   klr    issue 17: SmolLM2, every Linear INT8, prefix + pairs + alpha 0.85 + --rotate-down 64 (PyTorch +0.09 %, ONNX
-#          Runtime +0.13 % vs FP32 on 16,384 tokens). Its INT8 engine (level 0, batch 1, seq 256) against the plain
-#          float graph and its own graph in ONNX Runtime, perplexity on 16 x 256 held-out tokens (compare
-#          --perplexity: the issue's "through the TensorRT 8.6 INT8 engine" row); its prefill (4 x 256, 8 x 512) and
-#          decode-step (past 512, batch 1 and 8) speed against the FP16 engine at level 3, each engine built in
-#          parallel (bench_trt --build-only --labels), then timed alone (--reuse).
+#          Runtime +0.13 % vs FP32 on 16,384 tokens). Its INT8 engine as 6 segment engines (split, built at once,
+#          level 3; revised 2026-11-30 07:55 UTC: a whole build takes 17 min) against the plain float graph and its own
+#          graph in ONNX Runtime, perplexity on 16 x 256 held-out tokens (compare --perplexity: the issue's "through
+#          the TensorRT 8.6 INT8 engine" row); its prefill (4 x 256, 8 x 512) speed against the FP16 segment chain and
+#          its decode-step (past 512, batch 1 and 8) speed against FP16 at level 3.
 #   rot7b  issues 15/17: what the rotation's online MatMul costs at Llama-2-7B width. The 4-layer 7B-wide stack's FP16,
 #          INT8 and INT8 + --rotate-down 64 engines (streamed quantization on the GPU, lazy export; level 3, built in
 #          parallel), timed in one bench_trt --engines run beside issue 15's exporter levers (attention Q/DQ + INT8 LM
@@ -52,25 +52,33 @@ job_klr() {
   log "klr exports done: $(ls "$M")"
   [ -f "$M/klr.onnx" ] || { echo "$(date +%T) klr export failed: $(tail -n 1 "$D/klr.export.err")" >> "$D/log"; return 1; }
   need_kit || return 1
-  local P="--shape 4x256 --large 8x512 --opt-level 3 --workdir $M/bp" Q="--decode --batches 1,8 --past 512 --kv-fp16 --opt-level 3 --workdir $M/bd"
-  ( export CUDA_VISIBLE_DEVICES=$G1  # the accuracy engine first: the long pole
-    trtpy -m sq_export -q build "$M/klr.onnx" -o "$M/klr.engine" --batch 1:1:1 --seq 1:256:256 --opt-level 0 --json > "$D/klr.build.json" 2> "$D/klr.build.err"
-    echo "$(date +%T) klr engine build rc $? $(tail -c 200 "$D/klr.build.json")" >> "$D/log"
+  # the accuracy engine first, as 6 segment engines of 5 layers built at once (a whole SmolLM2 INT8 build takes
+  # ~17 min on TensorRT 8.6; the rotation's Reshapes keep the shapes inferable since 2026-11-30, so it cuts)
+  local B="-m sq_export -q build --batch 1:4:8 --seq 1:256:512 --opt-level 3 --jobs 6 --gpus $G1 --json"
+  ( export PYTHONPATH=$ROOT
+    trtpy -m sq_export -q split "$M/klr.onnx" --segments 6 --json > "$D/klr.split.json" 2>&1
+    trtpy $B "$M/klr.segments.json" -o "$M/klr_e.segments.json" > "$D/klr.build.json" 2> "$D/klr.build.err"
+    echo "$(date +%T) klr segment engines rc $? $(tail -n 1 "$D/klr.build.err" | cut -c1-300)" >> "$D/log"
     cp "$M/t.npz" "$D/"
-    trtpy -m sq_export compare "$M/fp.onnx" "$M/klr.onnx" "$M/klr.engine" --tokens "$M/t.npz" --perplexity --batches 0 \
+    trtpy -m sq_export compare "$M/fp.onnx" "$M/klr.onnx" "$M/klr_e.segments.json" --tokens "$M/t.npz" --perplexity --batches 0 \
         --min-cosine -1 --min-top1 0 --json > "$D/compare.json" 2> "$D/compare.err"
     echo "$(date +%T) klr compare rc $? $(tail -c 600 "$D/compare.json")" >> "$D/log" ) &
-  local l
-  for l in fp16 int8; do  # the speed engines, built side by side (bench_trt's own builds are sequential)
-    ( export CUDA_VISIBLE_DEVICES=0; PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$M/fp.onnx" "$M/klr.onnx" $P --build-only --labels $l > "$D/bp_$l.log" 2>&1
-      echo "$(date +%T) klr prefill build $l rc $?" >> "$D/log" ) &
-    ( export CUDA_VISIBLE_DEVICES=$G1; PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$M/fp_dec.onnx" "$M/klr_dec.onnx" $Q --build-only --labels $l > "$D/bd_$l.log" 2>&1
+  ( export PYTHONPATH=$ROOT  # the FP16 reference cut the same way (speed: chain vs chain)
+    trtpy -m sq_export -q split "$M/fp.onnx" --segments 6 --json > "$D/fp.split.json" 2>&1
+    trtpy ${B/--gpus $G1/--gpus 0} --precision fp16 "$M/fp.segments.json" -o "$M/fp_e.segments.json" > "$D/fp.build.json" 2> "$D/fp.build.err"
+    echo "$(date +%T) fp segment engines rc $? $(tail -n 1 "$D/fp.build.err" | cut -c1-300)" >> "$D/log" ) &
+  local Q="--decode --batches 1,8 --past 512 --kv-fp16 --opt-level 3 --workdir $M/bd" l
+  for l in fp16 int8; do  # the decode engines (~3 min each), built side by side
+    ( export CUDA_VISIBLE_DEVICES=0; PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$M/fp_dec.onnx" "$M/klr_dec.onnx" $Q --build-only --labels $l > "$D/bd_$l.log" 2>&1
       echo "$(date +%T) klr decode build $l rc $?" >> "$D/log" ) &
   done
   wait
   ( export CUDA_VISIBLE_DEVICES=$G1  # timed on GPU 1: rot7b times on GPU 0
+    PYTHONPATH=$ROOT trtpy tools/bench_trt.py --engines "$M/fp_e.segments.json" "$M/klr_e.segments.json" --shape 4x256 --large 8x512 \
+        --cuda-graph --json "$D/bench_prefill.json" > "$D/bench_prefill.log" 2>&1
+    echo "$(date +%T) klr prefill bench rc $?" >> "$D/log"
     PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$M/fp_dec.onnx" "$M/klr_dec.onnx" $Q --reuse --cuda-graph --json "$D/bench_decode.json" > "$D/bench_decode.log" 2>&1
-    PYTHONPATH=$ROOT trtpy tools/bench_trt.py "$M/fp.onnx" "$M/klr.onnx" $P --reuse --cuda-graph --json "$D/bench_prefill.json" > "$D/bench_prefill.log" 2>&1 )
+    echo "$(date +%T) klr decode bench rc $?" >> "$D/log" )
   echo "$(date +%T) klr benches done" >> "$D/log"
 }
 
