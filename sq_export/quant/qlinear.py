@@ -127,8 +127,9 @@ class QLinear(nn.Module):
             return y.to(x.dtype)
         if x.dtype != self.w_kn.dtype:
             # a float16 model (export --dtype fp16; w_kn and the scales stay float32): fake quantization in float32
-            # between Casts, which sq_export.passes.fp16_qdq turns into float16 Q/DQ (opset 19) with the same grid
-            y = torch.matmul(self.quant_input(self._rotated(x.float())).to(x.dtype), self.quantized_weight().to(x.dtype))
+            # between Casts, which sq_export.passes.fp16_qdq turns into float16 Q/DQ (opset 19) with the same grid; a
+            # rotation runs in the model's float16 before the Cast (as TensorRT runs it), so the Cast feeds the Q
+            y = torch.matmul(self.quant_input(self._rotated(x).float()).to(x.dtype), self.quantized_weight().to(x.dtype))
             return y if self.bias is None else y + self.bias.to(x.dtype)
         y = torch.matmul(self.quant_input(self._rotated(x)), self.quantized_weight())
         return y if self.bias is None else y + self.bias
