@@ -119,3 +119,41 @@ def test_generate_refuses_prefill_engine(tmp_path, capsys):
     np.savez(pf, prompts=FIX["prompts"])
     assert main(["-q", "generate", str(eng), "--prompts-file", str(pf), "--max-new-tokens", "2"]) == 2
     assert "not a decode engine" in capsys.readouterr().err
+
+
+def test_generate_engine_starts_from_the_outlier_prefix(tmp_path, capsys):
+    """A decode graph exported with an outlier prefix carries its float KV cache as initializers no node reads (the
+    initial past, sq_export.export.decode): `generate ENGINE` reads it from the engine's source graph and starts every
+    sequence from it, as ONNX Runtime's greedy loop does with the graph (here the INT8 fixture with a random prefix of
+    2 slots; the engine's profile starts the past at 1, which the prefix covers, so no pad slot is added)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sq_export.export.decode import read_prefix
+    from sq_export.measure.generate import greedy_onnx
+
+    m = onnx.load(str(G / "decode_llama_sq.onnx"))
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        for kv in ("key", "value"):
+            m.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((1, 2, 2, 16)).astype(np.float32), f"prefix_outliers.{i}.{kv}"))
+    p = m.metadata_props.add()
+    p.key, p.value = "sq_export.prefix_length", "2"
+    src = tmp_path / "pre.onnx"
+    onnx.save(m, str(src))
+    eng = tmp_path / "pre.engine"
+    side = build_engine(src, eng, precision="int8", **PROFILE)
+    assert side["graph"]["prefix_length"] == 2
+    pre = read_prefix(src)
+    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    want = [greedy_onnx(sess, pr[None], 8, prefix=pre)[0] for pr in FIX["prompts"]]
+    pf = tmp_path / "prompts.npz"
+    np.savez(pf, prompts=FIX["prompts"], reference=np.stack(want))
+    assert main(["-q", "generate", str(eng), "--prompts-file", str(pf), "--max-new-tokens", "8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["agreement_with_reference"]["token_agreement_pct"] >= 75.0, res  # INT8 engine vs its graph in ORT
+    with EngineDecoder(eng, prefix=pre) as dec:
+        assert dec.check_fits(FIX["prompts"][:1], 8) == 0  # the prefix fills the profile's minimum past
+    # the prefix matters here (so the agreement above needs it fed): without it ONNX Runtime decodes other tokens
+    plain = [greedy_onnx(sess, pr[None], 8, pad_slots=1)[0] for pr in FIX["prompts"]]
+    assert sum(int((a != b).sum()) for a, b in zip(plain, want)) >= 8

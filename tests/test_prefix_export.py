@@ -118,6 +118,9 @@ def test_decode_graph_starts_from_the_prefix_as_its_initial_past(prefixed, tmp_p
     assert len(pre) == 4 and pre["past_key_values.0.key"].shape == (1, 2, 3, 16)
     np.testing.assert_array_equal(pre["past_key_values.1.value"], qm.prepared.prefix.values[1].numpy())
     assert api.check(path).violations == []
+    from sq_export.engine.trt_compat import graph_facts
+
+    assert graph_facts(path).prefix_length == 3  # in the engine sidecar: `generate ENGINE` knows to start from it
     prompts = token_batches(2, 6, seed=11)
     want = greedy_torch(qm.model, prompts, 8)  # PyTorch: the installed prefix fills the empty cache
     sess = ort_session(str(path))

@@ -59,6 +59,17 @@ def _engine_source_onnx(engine_path):
         return None
 
 
+def _engine_prefix_length(engine_path) -> int:
+    """The outlier prefix length its build sidecar records for the graph (0: none, or no sidecar)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return int(json.loads(Path(str(engine_path) + ".json").read_text()).get("graph", {}).get("prefix_length") or 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def _tokenizer(args, meta):
     from sq_export.errors import BadInput
     from sq_export.modeling import load_tokenizer
@@ -116,15 +127,17 @@ def run(args):
                 raise BadInput(f"{'engine' if is_engine else 'ONNX file'} {args.model} not found")
             src_onnx = _engine_source_onnx(args.model) if is_engine else args.model
             meta = read_metadata(src_onnx) if src_onnx and Path(src_onnx).is_file() else {}
-            if is_engine and meta.get("prefix_length"):
-                raise BadInput(f"{args.model} was built from a graph with an outlier prefix: TensorRT decoding does not "
-                               "start from it yet; generate with the .onnx (ONNX Runtime)")
+            if is_engine and not meta and _engine_prefix_length(args.model):
+                raise BadInput(f"{args.model} was built from a graph with an outlier prefix, whose KV cache lives in that "
+                               f"graph: put the .onnx the engine was built from beside it ({src_onnx or 'its sidecar names none'})")
             if is_engine:
                 from sq_export.engine.generate import EngineDecoder
                 from sq_export.engine.run import polygraphy_logging
+                from sq_export.export.decode import read_prefix
 
                 stack.enter_context(polygraphy_logging("ERROR"))
-                gen = stack.enter_context(EngineDecoder(args.model))
+                prefix = read_prefix(src_onnx) if meta.get("prefix_length") else None  # the decode's initial past
+                gen = stack.enter_context(EngineDecoder(args.model, prefix=prefix))
                 res.update({"backend": "tensorrt"})
             else:
                 gen = _OrtGenerator(args.model, args.threads)

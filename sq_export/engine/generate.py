@@ -24,11 +24,15 @@ from sq_export.kvcache import agreement, greedy, output_names, past_names
 class EngineDecoder:
     """A TensorRT decode engine as a `step(feed) -> outputs` callable; use as a context manager."""
 
-    def __init__(self, engine_path):
-        """`engine_path`: an engine, or a segment manifest (its engines run as one chain, sq_export.engine.chain)."""
+    def __init__(self, engine_path, prefix: dict | None = None):
+        """`engine_path`: an engine, or a segment manifest (its engines run as one chain, sq_export.engine.chain).
+        `prefix`: the outlier prefix of the graph it was built from ({past input name: [1, kv_heads, P, head_dim]},
+        sq_export.export.decode.read_prefix): every sequence starts from it as its past."""
         from sq_export.engine.run import open_runner
 
         self.path = str(engine_path)
+        self.prefix = prefix or None
+        self.prefix_len = next(iter(prefix.values())).shape[2] if prefix else 0
         self._runner = open_runner(engine_path, name=Path(self.path).name)  # deserializes the engine(s) now
         self.runner = None
 
@@ -64,17 +68,19 @@ class EngineDecoder:
         return {k: np.array(v) for k, v in self.runner.infer(fed).items()}
 
     def check_fits(self, ids: np.ndarray, max_new_tokens: int) -> int:
-        """Cache slots to pad with; BadInput when the prompt and new tokens do not fit the profile."""
+        """Cache slots to pad with (the profile's minimum past beyond the prefix); BadInput when the prefix, the prompt and
+        the new tokens do not fit the profile."""
         b, s = ids.shape
-        pad = max(0, self.past_min)
+        pad = max(0, self.past_min - self.prefix_len)
         if b > self.batch_max:
             raise BadInput(f"batch {b} exceeds the engine profile's batch max {self.batch_max}: rebuild with `sq-export build --batch`")
         if s > self.seq_max:
             raise BadInput(f"prompt of {s} tokens exceeds the engine profile's seq max {self.seq_max}: rebuild with a larger `--seq` max")
-        need = pad + s + max_new_tokens - 1
+        need = pad + self.prefix_len + s + max_new_tokens - 1
         if need > self.past_max:
+            pre = f"outlier prefix ({self.prefix_len}) + " if self.prefix_len else ""
             raise BadInput(
-                f"prompt ({s}) + new tokens ({max_new_tokens}) need a past length of {need}, the engine profile allows "
+                f"{pre}prompt ({s}) + new tokens ({max_new_tokens}) need a past length of {need}, the engine profile allows "
                 f"{self.past_max}: rebuild with a larger `--past` max or generate fewer tokens"
             )
         return pad
@@ -83,7 +89,7 @@ class EngineDecoder:
         ids = np.asarray(ids, dtype=np.int64)
         pad = self.check_fits(ids, max_new_tokens)
         return greedy(self, ids, max_new_tokens, n_layers=self.n_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
-                      kv_dtype=self.kv_dtype, eos_token_id=eos_token_id, pad_slots=pad)
+                      kv_dtype=self.kv_dtype, eos_token_id=eos_token_id, pad_slots=pad, prefix=self.prefix)
 
 
 def load_prompts(path) -> dict:

@@ -122,6 +122,7 @@ class GraphFacts:
     qdq_scale_dtypes: tuple = ()  # dtypes of the Q/DQ scales ("FLOAT", "FLOAT16", ...)
     opset: int = 0
     int8_fp16: bool | None = None  # the graph's metadata sq_export.int8_fp16 (the exporter's family default), if any
+    prefix_length: int = 0  # sq_export.prefix_length: an outlier prefix the decode runtime must start from
 
     @property
     def has_qdq(self) -> bool:
@@ -203,7 +204,8 @@ def graph_facts_from_model(model) -> GraphFacts:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
             opset = int(o.version)
-    flag = {p.key: p.value for p in model.metadata_props}.get("sq_export.int8_fp16")
+    meta = {p.key: p.value for p in model.metadata_props}
+    flag = meta.get("sq_export.int8_fp16")
     return GraphFacts(
         inputs=inputs,
         input_shapes=shapes,
@@ -215,6 +217,7 @@ def graph_facts_from_model(model) -> GraphFacts:
         qdq_scale_dtypes=tuple(sorted(scale_types)),
         opset=opset,
         int8_fp16=None if flag in (None, "") else flag not in ("0", "false", "False"),
+        prefix_length=int(meta.get("sq_export.prefix_length") or 0),
     )
 
 
