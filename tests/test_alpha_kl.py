@@ -41,7 +41,7 @@ def test_alpha_kl_scores_the_model_prepare_builds(prefix, rotate):
     calib = calibrate_ids(model, fam, ids, OPTS, prefix=prefix)
     spec = None if prefix is None else "ids:1,7,9"
     qm = api.quantize(model, calib, make_recipe("default", calib=OPTS, fallback="none", alpha="kl", prefix_outliers=spec,
-                                                rotate_down=rotate), copy=True)
+                                                rotate_down=rotate or "none"), copy=True)
     prep = qm.prepared
     assert prep.alpha == "kl" and P.installed(model) is None
     rec = prep.tune["alpha_kl"]

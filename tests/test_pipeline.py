@@ -75,7 +75,8 @@ def assert_complete(out):
     for mode in MODES:
         assert ev["perplexity"]["onnxruntime"][mode] == pytest.approx(ev["perplexity"]["pytorch"][mode], rel=2e-3)
     assert json.loads((out / "check.json").read_text())["ok"] is True
-    assert ev["recipes"]["sq"] == "SmoothQuant W8A8, norm + pair smoothing, alpha auto (per group), fallback auto (max 10%)"
+    assert ev["recipes"]["sq"] == ("SmoothQuant W8A8, norm + pair smoothing, alpha auto (per group), fallback auto (max 10%), "
+                                   "down_proj input rotated (Hadamard blocks of 64)")
     md = (out / "report.md").read_text()
     assert "default recipe (delivered)" in md and "paper recipe" in md  # leads with the delivered recipe
     assert "Size, SmoothQuant vs FP32: graph " in md
@@ -395,7 +396,7 @@ def test_run_with_an_outlier_prefix(tiny_dirs, texts, tmp_path):
 def test_run_with_the_down_proj_rotation(tiny_dirs, texts, tmp_path):
     """`run --rotate-down 32`: the delivered model's down_proj inputs rotated (its graph carries the rotation and the
     metadata; ONNX Runtime = PyTorch), the paper and naive baselines without it; the export and eval stages record
-    the option, so a run without it into the same folder redoes them."""
+    the option, so a run with `--rotate-down none` into the same folder redoes them."""
     import onnx
 
     out = tmp_path / "rot"
@@ -413,7 +414,7 @@ def test_run_with_the_down_proj_rotation(tiny_dirs, texts, tmp_path):
     assert "down_proj input rotated" in ev["recipes"]["sq"]
     m = manifest(out)
     assert m["stages"]["export"]["options"]["rotate_down"] == 32 and m["stages"]["eval"]["options"]["rotate_down"] == 32
-    assert run(tiny_dirs("llama"), out, texts, "--fallback", "none") == 0
+    assert run(tiny_dirs("llama"), out, texts, "--fallback", "none", "--rotate-down", "none") == 0
     assert {"export", "eval"} <= set(manifest(out)["last_run"]["ran"])
     assert "sq_export.rotate_down" not in meta("sq")
     with pytest.raises(SystemExit):

@@ -38,7 +38,7 @@ def add_recipe(p, modes=True, runtime=True):
     p.add_argument("--max-fallback", default=None, metavar="N|PCT", help="--fallback auto: at most N Linears, or PCT of the quantized Linears (default 10%%)")
     p.add_argument("--prefix-outliers", default=None, metavar="none|auto|N|ids:ID,...|text:S", help="run every sequence after a constant KV-cache prefix (PrefixQuant): auto (the paper's choice: the token ids most often over 64x the median token at the down_proj inputs of the calibration windows, position 0 excluded, then BOS), N tokens (N-1 such ids, then BOS), explicit ids or a text; its float KV cache is computed once, the first token's massive activation (attention sink) then never runs through the quantized layers, and static scales are calibrated without it (default: none)")
     if runtime:
-        p.add_argument("--rotate-down", type=int, default=None, metavar="B", help="rotate the input of each layer's MLP output Linear (down_proj) by a block Hadamard of order B (a power of two, e.g. 64) before it is quantized, the inverse folded into its weight (exact in float): spreads the remaining outliers over channels so the static per-tensor range fits (issue 17: SmolLM2 every Linear INT8 after --prefix-outliers auto with --alpha 0.85, +0.09%% of the float model in PyTorch, +0.13%% in ONNX Runtime, docs/ACCURACY.md); an online transform: one float MatMul of B x B blocks per layer before the down_proj's QuantizeLinear (B/N of its multiply-adds; FP16 in TensorRT). eval/export/run/API, --stream too")
+        p.add_argument("--rotate-down", type=_rotate_down, default=None, metavar="B|none", help="rotate the input of each layer's MLP output Linear (down_proj) by a block Hadamard of order B (a power of two) before it is quantized, the inverse folded into its weight (exact in float): spreads the remaining outliers over channels so the static per-tensor range fits (default recipe: 64, none with --clip; none: no rotation). Issue 17: SmolLM2 every Linear INT8 after --prefix-outliers auto with --alpha 0.85, +0.09%% of the float model in PyTorch, +0.13%% in ONNX Runtime, docs/ACCURACY.md. An online transform: one float MatMul of B x B blocks per layer before the down_proj's QuantizeLinear (B/N of its multiply-adds); TensorRT 8.6 then runs the down_proj as an FP16 GEMM on the quantized values (docs/TENSORRT.md). eval/export/run/API, --stream too")
     p.add_argument("--act-scales", metavar="FILE", help="use saved act scales (act_scales.safetensors or a mit-han-lab .pt) instead of calibrating")
     p.add_argument("--weight-granularity", choices=["channel", "tensor"], default="channel", help="INT8 weight scales per output channel (default) or per tensor")
     if runtime:
@@ -84,6 +84,17 @@ def _alpha(v: str):
         import argparse
 
         raise argparse.ArgumentTypeError(f"{v!r} is neither a number in [0, 1], 'default', 'auto' nor 'kl'") from None
+
+
+def _rotate_down(v: str):
+    if v.strip().lower() in ("none", "off"):
+        return "none"
+    try:
+        return int(v)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{v!r} is neither a power of two (e.g. 64) nor 'none'") from None
 
 
 def recipe_from(args, act="static"):
