@@ -71,6 +71,31 @@ def test_prefix_with_positions_and_decoding_continues_after_it():
     torch.testing.assert_close(o2.logits, full[:, 8:], atol=2e-5, rtol=0)
 
 
+def test_a_float_model_with_a_prefix_takes_no_statistics(monkeypatch):
+    """`--mode fp --prefix-outliers ...` needs the prefix (its tokens and float KV cache), not the maxima: no pass
+    over the calibration windows (it took minutes on SmolLM2's 512 default windows), the same prefix as a quantized
+    recipe's calibration chooses; calibrate_for asks for no statistics exactly when the recipe is float."""
+    from sq_export.quant import calibrate as C
+    from sq_export.quant.recipe import make_recipe
+
+    model, fam = make_tiny("llama")
+    ids = token_batches(1, 600, seed=4)[0]
+    opts = CalibOptions(None, 4, 32)
+    full = C.calibrate_ids(model, fam, ids, opts, prefix=("auto", None))
+    calls = []
+    monkeypatch.setattr(C, "calibrate", lambda *a, **k: calls.append(1) or {})
+    cal = C.calibrate_ids(model, fam, ids, opts, prefix=("auto", None), stats=False)
+    assert not calls and cal.act_max == {} and cal.prefix.tokens == full.prefix.tokens and full.act_max
+    for a, b in zip(cal.prefix.keys + cal.prefix.values, full.prefix.keys + full.prefix.values):
+        torch.testing.assert_close(a, b)
+    seen = []
+    monkeypatch.setattr("sq_export.textdata.token_ids", lambda *a, **k: ids)
+    monkeypatch.setattr(C, "calibrate_ids", lambda *a, **k: seen.append(k["stats"]))
+    for preset in ("fp", "default"):
+        C.calibrate_for(model, fam, None, make_recipe(preset, calib=opts, prefix_outliers="auto"))
+    assert seen == [False, True]
+
+
 def test_calibration_leaves_the_prefix_activations_out():
     from sq_export.quant.calibrate import calibrate_ids
 

@@ -206,13 +206,14 @@ class Calibration:
 
 
 def calibrate_ids(model, family, ids: np.ndarray, options: CalibOptions | None = None, *, rows: int | None = None,
-                  act_scales: str | None = None, prefix=None, tokenizer=None) -> Calibration:
+                  act_scales: str | None = None, prefix=None, tokenizer=None, stats: bool = True) -> Calibration:
     """Calibrate `model` on windows of the token stream `ids`. `rows`: also keep a row sample of that many rows per
     Linear input. `act_scales`: take the maxima from that file (validated against the model); a row sample, if
     asked for, still needs the pass over the windows. `prefix`: an outlier prefix spec (recipe.parse_prefix) or an
     OutlierPrefix: the tokens are chosen on the calibration windows (float model, no prefix), their float KV cache
     computed, and the statistics taken with every window running after it (the prefix's own activations are not
-    part of them: they never run at inference); `model` is left without it."""
+    part of them: they never run at inference); `model` is left without it. `stats=False` (a float model with a
+    prefix): only the prefix, no pass over the windows (the maxima stay empty)."""
     from sq_export.quant import prefix as prefix_mod
     from sq_export.quant.reservoir import new_reservoir
     from sq_export.textdata import calibration_samples
@@ -234,6 +235,8 @@ def calibrate_ids(model, family, ids: np.ndarray, options: CalibOptions | None =
         pre = prefix_mod.compute_prefix(model, tokens, tokenizer, {**info, "seconds": round(time.perf_counter() - t, 1)})
     if pre is not None:
         meta["prefix_outliers"] = list(pre.tokens)
+    if not stats:
+        return Calibration({}, None, ids, o, {**meta, "statistics": "none (float model)"}, prefix=pre)
     if act_scales and res is None:
         act = load_act_scales(act_scales)
         validate_act_scales(act, model, family, f"act scales {act_scales}")
@@ -256,4 +259,5 @@ def calibrate_for(model, family, tokenizer, recipe) -> Calibration:
 
     ids = token_ids(tokenizer, recipe.calib.calib_text, "calib")
     return calibrate_ids(model, family, ids, recipe.calib, rows=recipe.reservoir_rows if recipe.needs_rows() else None,
-                         act_scales=recipe.act_scales, prefix=recipe.prefix_spec(), tokenizer=tokenizer)
+                         act_scales=recipe.act_scales, prefix=recipe.prefix_spec(), tokenizer=tokenizer,
+                         stats=recipe.mode != "fp")
