@@ -116,8 +116,9 @@ def test_recipes_presets_and_overrides():
     assert sq.make_recipe("default", alpha="default").alpha is None
     assert sq.make_recipe("paper", alpha="0.7").alpha == 0.7
     assert "attention Q/DQ" in sq.make_recipe("default", linear_pairs=False, quantize_attention=True).describe()
-    # the default rotates the down_proj inputs where that applies (a quantized mode with max ranges); none turns it off
+    # the default rotates the down_proj inputs where that applies (SmoothQuant with max ranges); none turns it off
     assert r.rotate_down == 64 and p.rotate_down is None and sq.Recipe.naive().rotate_down is None
+    assert sq.Recipe(mode="naive", fallback=None).rotate_down is None and sq.Recipe(mode="naive", rotate_down=32).rotate_down == 32
     assert sq.Recipe.fp().rotate_down is None and sq.make_recipe("default", mode="fp", fallback="none").rotate_down is None
     assert sq.make_recipe("default", clip="p99.9").rotate_down is None
     assert sq.make_recipe("default", rotate_down="none").rotate_down is None and sq.Recipe(rotate_down=128).rotate_down == 128

@@ -83,12 +83,12 @@ class Recipe:
     prefix_outliers: str | None = None
     # --rotate-down B: the MLP output Linear's input rotated by a block Hadamard of order B before it is quantized
     # (an online transform; sq_export.quant.hadamard); None or "none": no rotation; "default": DEFAULT_ROTATE_DOWN
-    # where it applies (a quantized mode with max ranges), else none — resolved when the recipe is made
+    # where it applies (SmoothQuant with max ranges), else none — resolved when the recipe is made
     rotate_down: int | str | None = "default"
 
     def __post_init__(self):
         if self.rotate_down == "default":
-            self.rotate_down = DEFAULT_ROTATE_DOWN if self.mode != "fp" and self.clip in (None, "max") else None
+            self.rotate_down = DEFAULT_ROTATE_DOWN if self.mode == "sq" and self.clip in (None, "max") else None
         elif isinstance(self.rotate_down, str) and self.rotate_down.strip().lower() in ("none", "off"):
             self.rotate_down = None
 
