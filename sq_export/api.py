@@ -137,9 +137,8 @@ def calibrate(model, tokenizer=None, texts=None, *, samples: int = 512, seq_len:
         o = CalibOptions(None if texts is None or not isinstance(texts, (str, Path)) else str(texts), samples, seq_len, batch_size)
     fam = family_for(model)
     ids = text_ids(tokenizer, texts, "calib")
-    # a float model (recipe fp) needs only its prefix, not the statistics
     return calibrate_ids(model, fam, ids, o, rows=rows, act_scales=act_scales, prefix=prefix, tokenizer=tokenizer,
-                         stats=recipe is None or recipe.mode != "fp")
+                         stats=recipe is None or recipe.needs_statistics())
 
 
 def calibrate_streamed(model: str | Path, tokenizer=None, texts=None, *, samples: int = 512, seq_len: int = 512,

@@ -49,6 +49,11 @@ def _as_set(eos) -> set:
     return set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
 
 
+def prefix_length(prefix: dict | None) -> int:
+    """Cache slots of an outlier prefix {past input name: [1, kv_heads, P, head_dim]} (0 for none)."""
+    return int(next(iter(prefix.values())).shape[2]) if prefix else 0
+
+
 def greedy(step, ids: np.ndarray, max_new_tokens: int, *, n_layers: int, kv_heads: int, head_dim: int,
            kv_dtype=np.float32, eos_token_id=None, pad_slots: int = 0, prefix: dict | None = None) -> np.ndarray:
     """Greedy decoding through a decode graph: prefill the prompt, then one token per step with the cache.
@@ -60,9 +65,8 @@ def greedy(step, ids: np.ndarray, max_new_tokens: int, *, n_layers: int, kv_head
     x = np.asarray(ids, dtype=np.int64)
     b = x.shape[0]
     past = {f"{PAST_PREFIX}{i}.{kv}": np.zeros((b, kv_heads, pad_slots, head_dim), kv_dtype) for i in range(n_layers) for kv in ("key", "value")}
-    P = 0
+    P = prefix_length(prefix)
     if prefix:
-        P = next(iter(prefix.values())).shape[2]
         past = {k: np.concatenate([v, np.broadcast_to(prefix[k], (b, *prefix[k].shape[1:])).astype(kv_dtype)], axis=2) for k, v in past.items()}
     mask = np.concatenate([np.zeros((b, pad_slots), np.int64), np.ones((b, P), np.int64), np.ones_like(x)], axis=1)
     step_in = x

@@ -40,8 +40,19 @@ def add_parser(sub):
     return p
 
 
-def _engine_source_onnx(engine_path):
+def _engine_sidecar(engine_path) -> dict:
+    """The build sidecar (ENGINE.json) of a single engine; {} when it is missing or unreadable."""
     import json
+    from pathlib import Path
+
+    try:
+        side = json.loads(Path(str(engine_path) + ".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return side if isinstance(side, dict) else {}
+
+
+def _engine_source_onnx(engine_path):
     from pathlib import Path
 
     from sq_export.onnxio.segments import is_manifest, read_manifest
@@ -52,22 +63,12 @@ def _engine_source_onnx(engine_path):
             return str(Path(onnx_man["path"]).parent / onnx_man["source"])
         except Exception:
             return None
-    side = Path(str(engine_path) + ".json")
-    try:
-        return json.loads(side.read_text()).get("onnx")
-    except (OSError, ValueError):
-        return None
+    return _engine_sidecar(engine_path).get("onnx")
 
 
 def _engine_prefix_length(engine_path) -> int:
     """The outlier prefix length its build sidecar records for the graph (0: none, or no sidecar)."""
-    import json
-    from pathlib import Path
-
-    try:
-        return int(json.loads(Path(str(engine_path) + ".json").read_text()).get("graph", {}).get("prefix_length") or 0)
-    except (OSError, ValueError, AttributeError):
-        return 0
+    return int((_engine_sidecar(engine_path).get("graph") or {}).get("prefix_length") or 0)
 
 
 def _tokenizer(args, meta):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from sq_export.errors import BadInput
-from sq_export.kvcache import agreement, greedy, output_names, past_names
+from sq_export.kvcache import agreement, greedy, output_names, past_names, prefix_length
 
 
 class EngineDecoder:
@@ -32,7 +32,7 @@ class EngineDecoder:
 
         self.path = str(engine_path)
         self.prefix = prefix or None
-        self.prefix_len = next(iter(prefix.values())).shape[2] if prefix else 0
+        self.prefix_len = prefix_length(prefix)
         self._runner = open_runner(engine_path, name=Path(self.path).name)  # deserializes the engine(s) now
         self.runner = None
 

@@ -260,4 +260,4 @@ def calibrate_for(model, family, tokenizer, recipe) -> Calibration:
     ids = token_ids(tokenizer, recipe.calib.calib_text, "calib")
     return calibrate_ids(model, family, ids, recipe.calib, rows=recipe.reservoir_rows if recipe.needs_rows() else None,
                          act_scales=recipe.act_scales, prefix=recipe.prefix_spec(), tokenizer=tokenizer,
-                         stats=recipe.mode != "fp")
+                         stats=recipe.needs_statistics())

@@ -118,6 +118,10 @@ class Recipe:
     def prefix_spec(self):
         return parse_prefix(self.prefix_outliers)
 
+    def needs_statistics(self) -> bool:
+        """Whether calibration must measure activation maxima (a float model needs at most its outlier prefix)."""
+        return self.mode != "fp"
+
     def needs_calibration(self) -> bool:
         return self.prefix_spec() is not None or self.mode == "sq" or (self.mode == "naive" and self.act == "static") or self.needs_rows() \
             or (self.mode != "fp" and (self.quantize_attention or self.quantize_lm_head))
